@@ -1,0 +1,218 @@
+"""DeepSeek-V4 attention: shared-KV MQA over a sliding window plus compressed entries, with sinks.
+
+Spec 1.3-1.5; V4 report section 2.3.
+
+    c  = RMSNorm(x W_qa)                     query latent (also feeds the lightning indexer)
+    q  = RoPE(rmsnorm_per_head(c W_qb))      [B,S,H,D], RoPE on the last rd channels
+    kv = RoPE(RMSNorm(x W_kv))               [B,S,D], ONE vector per token, used as key and value
+    keys(t) = window {t-W+1..t}  U  compressed entries: all complete ones (HCA, or CSA in the
+              dense warm-up) or the indexer's top-k of the complete ones (CSA)
+    p = softmax over keys(t) with a learnable per-head sink logit in the denominator
+    o = RoPE^{-1}_t( sum p * kv )            inverse rotation at the query position
+    y = W_ob [ W_oa[g] o_g ]_g               grouped low-rank output projection
+
+Implementation notes (why it looks like this):
+* MQA with K == V lets every head share one key matrix, so heads fold into the matmul's row
+  dimension ([B, S*H, D] @ [B, D, keys]) instead of materialising per-head keys.
+* The window part is computed blockwise: queries in blocks of W attend to a 2W key span (the
+  previous block and their own), so cost is O(S*W) rather than O(S^2). The same code serves
+  training (the span before position 0 is masked) and cached prefill (the span before the chunk
+  is the ring buffer, reordered chronologically).
+* The window and compressed parts are two partial softmaxes sharing one log-normaliser (with
+  the sink), so nothing is concatenated along the key axis.
+* CSA top-k is applied as a mask over all compressed entries (dense scores, exact); this is the
+  fastest choice at the sizes a CPU trains; a gather-based kernel is the GPU-scale path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CSA, HCA, ModelConfig
+from .cache import LayerCache
+from .compressor import Compressor
+from .context import ForwardContext
+from .indexer import Indexer, indexer_kl, select_topk
+from .norm import RMSNorm, rms_normalize
+from .rope import apply_rope, inv_frequencies, rope_angles
+
+NEG = -1e30  # finite "minus infinity" for masks: keeps logsumexp gradients NaN-free
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        c = config
+        self.layer_type = layer_type
+        self.h, self.d, self.rd, self.w = c.num_attention_heads, c.head_dim, c.qk_rope_head_dim, c.sliding_window
+        self.groups, self.o_rank, self.eps = c.o_groups, c.o_lora_rank, c.rms_norm_eps
+        self.rate = c.compress_rate(layer_type)
+        self.index_topk = c.index_topk
+        self.wq_a = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.wq_b = nn.Linear(c.q_lora_rank, self.h * self.d, bias=False)
+        self.wkv = nn.Linear(c.hidden_size, self.d, bias=False)
+        self.kv_norm = RMSNorm(self.d, c.rms_norm_eps)
+        self.wo_a = nn.Linear(self.h * self.d // self.groups, self.groups * self.o_rank, bias=False)
+        self.wo_b = nn.Linear(self.groups * self.o_rank, c.hidden_size, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(self.h, dtype=torch.float32))
+        self.compressor = self.indexer = None
+        if layer_type in (CSA, HCA):
+            self.compressor = Compressor(c.hidden_size, self.d, self.rate, layer_type == CSA, self.rd, c.rms_norm_eps)
+        if layer_type == CSA:
+            self.indexer = Indexer(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim, self.rate,
+                                   self.rd, c.rms_norm_eps)
+        # sliding-window-only layers use the main RoPE; compressed layers the YaRN-scaled one
+        if layer_type in (CSA, HCA):
+            inv = inv_frequencies(self.rd, c.compress_rope_theta, c.yarn)
+        else:
+            inv = inv_frequencies(self.rd, c.rope_theta, None)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: LayerCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        cos, sin = rope_angles(ctx.positions, self.inv_freq)
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(b, s, self.h, self.d)
+        q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+
+        if cache is not None and ctx.start is None:
+            q_blocks, keys_t, win_bias = self._window_step(q, kv, ctx.positions[:, 0], cache)
+        else:
+            q_blocks, keys_t, win_bias = self._window_blocks(q, kv, ctx, cache)
+        comp, comp_bias, index_info = (None, None, None)
+        if self.compressor is not None:
+            comp, comp_bias, index_info = self._compressed(x, qr, cos, sin, ctx, cache)
+        out, p_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        if index_info is not None and ctx.collect_indexer:
+            scores, allowed = index_info
+            ctx.aux["indexer"].append(indexer_kl(scores, p_comp, allowed))
+
+        o = apply_rope(out, cos, sin, inverse=True)  # [B,S,H,D]
+        o = o.reshape(b, s, self.groups, -1)
+        wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)
+        o = torch.einsum("bsgi,gri->bsgr", o, wo_a)
+        return self.wo_b(o.flatten(2))
+
+    # ------------------------------------------------------------ window part
+    def _window_blocks(self, q, kv, ctx: ForwardContext, cache: LayerCache | None):
+        """Blockwise window attention layout for a chunk starting at ctx.start (same for all rows).
+
+        Returns q blocks [B, nb, Bq*H, D], key blocks transposed [B, nb, D, Bq+W] and the additive
+        mask [B|1, nb, Bq, Bq+W]."""
+        b, s = kv.shape[:2]
+        w, start = self.w, ctx.start or 0
+        bq = min(w, s)
+        nb = -(-s // bq)
+        pad = nb * bq - s
+        if cache is not None:
+            # ring slots in chronological order: index j <-> position start - W + j
+            order = (torch.arange(w, device=kv.device) + start - w) % w
+            ring = cache.window[:b, order].to(kv.dtype)
+            key_valid = torch.arange(w, device=kv.device) + start - w >= 0
+        else:
+            ring = kv.new_zeros(b, w, self.d)
+            key_valid = torch.zeros(w, dtype=torch.bool, device=kv.device)
+        keys = torch.cat([ring, kv, kv.new_zeros(b, pad, self.d)], dim=1)  # [B, W + nb*bq, D]
+        key_valid = torch.cat([key_valid, torch.ones(s + pad, dtype=torch.bool, device=kv.device)])
+        keys_t = keys.unfold(1, bq + w, bq)  # [B, nb, D, bq+W]
+        valid_blocks = key_valid.unfold(0, bq + w, bq)  # [nb, bq+W]
+        u = torch.arange(bq, device=kv.device).unsqueeze(1)
+        v = torch.arange(bq + w, device=kv.device).unsqueeze(0)
+        in_window = (v >= u + 1) & (v <= u + w)  # relative distance u - v + W in [0, W-1]
+        allowed = in_window.unsqueeze(0) & valid_blocks.unsqueeze(1)  # [nb, bq, bq+W]
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=kv.device).masked_fill(~allowed, NEG)
+        qp = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
+        q_blocks = qp.reshape(b, nb, bq * self.h, self.d)
+        if cache is not None:  # remember the last W tokens of the chunk
+            keep = min(s, w)
+            slots = (torch.arange(s - keep, s, device=kv.device) + start) % w
+            cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
+        return q_blocks, keys_t, bias.unsqueeze(0)
+
+    def _window_step(self, q, kv, pos, cache: LayerCache):
+        """One token per row at per-row positions: the ring itself is the key set."""
+        b, w = kv.shape[0], self.w
+        rows = torch.arange(b, device=kv.device)
+        cache.window[rows, pos % w] = kv[:, 0].to(cache.window.dtype)
+        j = torch.arange(w, device=kv.device)
+        slot_pos = pos.unsqueeze(1) - ((pos.unsqueeze(1) - j) % w)  # position held by slot j
+        bias = torch.zeros(b, w, dtype=torch.float32, device=kv.device).masked_fill(slot_pos < 0, NEG)
+        keys_t = cache.window[:b].to(kv.dtype).transpose(1, 2).unsqueeze(1)  # [B,1,D,W]
+        return q.reshape(b, 1, self.h, self.d), keys_t, bias[:, None, None, :]
+
+    # -------------------------------------------------------- compressed part
+    def _compressed(self, x, qr, cos, sin, ctx: ForwardContext, cache: LayerCache | None):
+        """Compressed entries [B,N,D] and their additive mask [B,S,N] (plus indexer info)."""
+        b, s = x.shape[:2]
+        m = self.rate
+        comp_inv = self.inv_freq
+        if cache is None:
+            entries = self.compressor.full(x, comp_inv)
+        elif ctx.start is not None:
+            self.compressor.chunk(x, cache.compressor, ctx.start, comp_inv)
+            entries = cache.compressor.entries[:b, : (ctx.start + s) // m]
+        else:
+            pos = ctx.positions[:, 0]
+            self.compressor.step(x, cache.compressor, pos, comp_inv)
+            entries = cache.compressor.entries[:b, : int((pos + 1).max()) // m]
+        n = entries.shape[1]
+        e = torch.arange(n, device=x.device)
+        visible = (e + 1) * m <= ctx.positions.unsqueeze(-1) + 1  # [B,S,N]
+        allowed, index_info = visible, None
+        if self.indexer is not None:
+            keys = self._index_keys(x, ctx, cache, n)  # always: the cached indexer state must advance
+        if self.indexer is not None and n:
+            # the indexer never back-propagates into the trunk: it is trained by its own KL loss
+            scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, keys)
+            if not ctx.dense_csa:
+                allowed = select_topk(scores.detach(), visible, self.index_topk)
+            index_info = (scores, allowed)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, NEG)
+        return entries, bias, index_info
+
+    def _index_keys(self, x, ctx: ForwardContext, cache: LayerCache | None, n: int) -> torch.Tensor:
+        comp = self.indexer.compressor
+        if cache is None:
+            return comp.full(x.detach(), self.inv_freq)
+        if ctx.start is not None:
+            comp.chunk(x, cache.indexer, ctx.start, self.inv_freq)
+        else:
+            comp.step(x, cache.indexer, ctx.positions[:, 0], self.inv_freq)
+        return cache.indexer.entries[: x.shape[0], :n]
+
+    # ------------------------------------------------------------- the math
+    def _attend(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
+        """Joint sink-softmax over the window blocks and the compressed entries.
+
+        q_blocks: [B, nb, Bq*H, D] (the decode step is nb = Bq = 1); keys_t: [B, nb, D, Kw];
+        win_bias: broadcastable to [B, nb, Bq, Kw]; comp: [B, N, D]; comp_bias: [B, S, N]."""
+        h, d = self.h, self.d
+        scale = d**-0.5
+        b, nb = q_blocks.shape[:2]
+        bq = q_blocks.shape[2] // h
+        logits_w = torch.matmul(q_blocks, keys_t).float() * scale  # [B, nb, bq*H, Kw]
+        logits_w = logits_w.unflatten(2, (bq, h)) + win_bias.unsqueeze(-2)  # [B,nb,bq,H,Kw]
+        lse = torch.logsumexp(logits_w, dim=-1).flatten(1, 2)[:, :s]  # [B,S,H]
+        sink = self.attn_sink.float()
+        lse = torch.logaddexp(lse, sink)
+        q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
+        if comp is not None and comp.shape[1]:
+            logits_c = torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype)).float() * scale
+            logits_c = logits_c.unflatten(1, (s, h)) + comp_bias.unsqueeze(2)  # [B,S,H,N]
+            lse = torch.logaddexp(lse, torch.logsumexp(logits_c, dim=-1))
+        else:
+            logits_c = None
+        lse_blocks = F.pad(lse, (0, 0, 0, nb * bq - s)).unflatten(1, (nb, bq)) if nb * bq != s else lse.unflatten(1, (nb, bq))
+        p_w = torch.exp(logits_w - lse_blocks.unsqueeze(-1))  # [B,nb,bq,H,Kw]
+        out = torch.matmul(p_w.flatten(2, 3).to(keys_t.dtype), keys_t.transpose(-1, -2))  # [B,nb,bq*H,D]
+        out = out.flatten(1, 2)[:, : s * h].unflatten(1, (s, h))  # [B,S,H,D]
+        p_c = None
+        if logits_c is not None:
+            p_c = torch.exp(logits_c - lse.unsqueeze(-1))
+            out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
+        return out, p_c

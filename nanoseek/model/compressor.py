@@ -1,0 +1,144 @@
+"""KV compressors of CSA (overlapping, m=4) and HCA (m'=128): learned softmax pooling of windows.
+
+Spec 1.4; V4 report eqs. 9-12 (CSA) and 20-23 (HCA).
+
+For every token the compressor projects the hidden state to a value C and a gate Z (both in
+fp32, as the reference does). A window of m tokens becomes one compressed KV entry
+
+    entry_i = RMSNorm( sum_j softmax_j(Z_j + B_j) * C_j ),   RoPE at position m*i,
+
+with the softmax taken over the window, per channel, and B a learned position bias ("ape").
+CSA uses *overlapping* windows: projections are 2d wide; entry i pools 2m slots, the first
+half of window i-1's channels (`[:d]`) and the second half of window i's channels (`[d:]`), so
+each entry sees 2m tokens with stride m. Window -1 contributes nothing (gate -inf).
+
+Three ways to run it, all producing bit-compatible entries:
+* `full`: a whole sequence at once (training / uncached forward); incomplete tail dropped.
+* `chunk`: a multi-token chunk appended to a decode cache (prefill, chunked prefill); all rows
+  start at the same position.
+* `step`: one token per row, rows at different positions (batched decode), like the official
+  state machine: the partial window lives in `state.kv/gate[:, m:]` (overlap) and the previous
+  full window in `state.kv/gate[:, :m]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import apply_rope, rope_angles
+
+
+class Compressor(nn.Module):
+    def __init__(self, hidden_size: int, head_dim: int, rate: int, overlap: bool, rope_dim: int, eps: float):
+        super().__init__()
+        self.d, self.m, self.overlap, self.rope_dim = head_dim, rate, overlap, rope_dim
+        coff = 2 if overlap else 1
+        self.wkv = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.wgate = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.ape = nn.Parameter(torch.zeros(rate, coff * head_dim, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, eps)
+
+    # ----------------------------------------------------------------- pieces
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 value and gate projections [B, S, coff*d] (autocast off: the reference runs in fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv=None, prev_gate=None) -> torch.Tensor:
+        """kv/gate [B, n, m, coff*d] (gate already includes ape) -> pooled [B, n, d] fp32.
+
+        prev_kv/prev_gate [B, m, coff*d]: the window before the first one (overlap only)."""
+        if not self.overlap:
+            return (kv * gate.softmax(dim=2)).sum(dim=2)
+        d, m = self.d, self.m
+        b, n = kv.shape[:2]
+        first_kv = kv.new_zeros(b, 1, m, d) if prev_kv is None else prev_kv[:, None, :, :d]
+        first_gate = gate.new_full((b, 1, m, d), float("-inf")) if prev_gate is None else prev_gate[:, None, :, :d]
+        # slots 0..m-1: previous window's first half; slots m..2m-1: this window's second half
+        kv2 = torch.cat([torch.cat([first_kv, kv[:, :-1, :, :d]], dim=1), kv[..., d:]], dim=2)
+        gate2 = torch.cat([torch.cat([first_gate, gate[:, :-1, :, :d]], dim=1), gate[..., d:]], dim=2)
+        return (kv2 * gate2.softmax(dim=2)).sum(dim=2)
+
+    def finish(self, pooled: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> torch.Tensor:
+        """RMSNorm + RoPE at each entry's window-start position. pooled [B,n,d], positions [B,n]."""
+        entries = self.norm(pooled.to(dtype))
+        cos, sin = rope_angles(positions, inv_freq)
+        return apply_rope(entries, cos, sin)
+
+    # ------------------------------------------------------------------ modes
+    def full(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Whole sequence from position 0 -> entries [B, S // m, d]."""
+        b, s, _ = x.shape
+        n = s // self.m
+        if n == 0:
+            return x.new_zeros(b, 0, self.d)
+        kv, gate = self.project(x[:, : n * self.m])
+        kv = kv.unflatten(1, (n, self.m))
+        gate = gate.unflatten(1, (n, self.m)) + self.ape
+        positions = (torch.arange(n, device=x.device) * self.m).expand(b, n)
+        return self.finish(self.pool(kv, gate), positions, inv_freq, x.dtype)
+
+    def chunk(self, x: torch.Tensor, state, start: int, inv_freq: torch.Tensor) -> tuple[int, int]:
+        """Append a chunk starting at absolute position `start` (same for all rows) to `state`.
+
+        Writes the newly completed entries into state.entries and returns (first, count)."""
+        b, s, _ = x.shape
+        m = self.m
+        off = m if self.overlap else 0
+        r = start % m  # tokens of the current window already buffered
+        kv, gate = self.project(x)
+        gate = gate + self.ape[(torch.arange(s, device=x.device) + start) % m]
+        seq_kv = torch.cat([state.kv[:b, off : off + r], kv], dim=1)
+        seq_gate = torch.cat([state.gate[:b, off : off + r], gate], dim=1)
+        n = (r + s) // m
+        first = start // m
+        if n:
+            usable = n * m
+            w_kv = seq_kv[:, :usable].unflatten(1, (n, m))
+            w_gate = seq_gate[:, :usable].unflatten(1, (n, m))
+            prev_kv = prev_gate = None
+            if self.overlap and first > 0:
+                prev_kv, prev_gate = state.kv[:b, :m], state.gate[:b, :m]
+            pooled = self.pool(w_kv, w_gate, prev_kv, prev_gate)
+            positions = ((torch.arange(n, device=x.device) + first) * m).expand(b, n)
+            state.entries[:b, first : first + n] = self.finish(pooled, positions, inv_freq, x.dtype).to(
+                state.entries.dtype
+            )
+            if self.overlap:  # the last complete window becomes the overlap state
+                state.kv[:b, :m] = seq_kv[:, usable - m : usable]
+                state.gate[:b, :m] = seq_gate[:, usable - m : usable]
+            seq_kv, seq_gate = seq_kv[:, usable:], seq_gate[:, usable:]
+        rem = seq_kv.shape[1]
+        state.kv[:b, off : off + rem] = seq_kv
+        state.gate[:b, off : off + rem] = seq_gate
+        return first, n
+
+    def step(self, x: torch.Tensor, state, pos: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        """One token per row at per-row positions `pos` [B]; completes an entry where (pos+1) % m == 0."""
+        b = x.shape[0]
+        m = self.m
+        off = m if self.overlap else 0
+        rows = torch.arange(b, device=x.device)
+        slot = pos % m
+        kv, gate = self.project(x[:, 0])
+        state.kv[rows, off + slot] = kv
+        state.gate[rows, off + slot] = gate + self.ape[slot]
+        closing = (pos + 1) % m == 0
+        if not bool(closing.any()):
+            return
+        cur_kv, cur_gate = state.kv[:b, off:].unsqueeze(1), state.gate[:b, off:].unsqueeze(1)
+        if self.overlap:
+            pooled = self.pool(cur_kv, cur_gate, state.kv[:b, :m], state.gate[:b, :m])
+        else:
+            pooled = self.pool(cur_kv, cur_gate)
+        entry_idx = pos // m
+        entries = self.finish(pooled, (entry_idx * m).unsqueeze(1), inv_freq, x.dtype)[:, 0]
+        sel = rows[closing]
+        state.entries[sel, entry_idx[closing]] = entries[closing].to(state.entries.dtype)
+        if self.overlap:
+            state.kv[sel, :m] = state.kv[sel, m:]
+            state.gate[sel, :m] = state.gate[sel, m:]

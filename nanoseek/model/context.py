@@ -1,0 +1,27 @@
+"""Per-call state threaded through the blocks of one forward pass (no global state).
+
+`positions` are absolute token positions [B, S]. `cache` is None for an uncached forward
+(training, scoring) or a DecodeCache; `start` is then the common start position of a
+multi-token chunk, or None for a one-token step with per-row positions. The `collect_*` flags
+ask blocks to record auxiliary training quantities into `aux`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import DecodeCache
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    cache: DecodeCache | None = None
+    start: int | None = 0
+    dense_csa: bool = False  # indexer warm-up: CSA attends to every complete entry
+    collect_balance: bool = False  # record router statistics for the sequence-wise balance loss
+    collect_indexer: bool = False  # record indexer KL terms
+    aux: dict = field(default_factory=lambda: {"balance": [], "indexer": []})

@@ -1,0 +1,82 @@
+"""Lightning indexer of CSA: scores compressed entries per query, deterministic top-k, KL loss.
+
+Spec 1.5; V4 report eqs. 13-17; DeepSeek-V3.2 DSA training recipe for the loss.
+
+    q^I[t,h] = RoPE(c_t W_Iq)                      (c = the normalised query latent of attention)
+    K^I[s]   = overlapping compressor at index_head_dim over the same windows as CSA
+    w[t,h]   = (x_t W_w) / sqrt(n_heads)
+    I[t,s]   = sum_h w[t,h] * ReLU(q^I[t,h] . K^I[s]) / sqrt(index_head_dim)
+
+Each query keeps the `index_topk` highest-scoring *complete* entries. Ties are broken toward the
+most recent entry (a stable sort over the entry axis in reverse order), so a cached decode, which
+scores one query at a time, selects exactly what the full forward selects; about a quarter of
+the scores are exactly 0 at random init because of the ReLU, so ties are common.
+
+Training (the part transformers leaves out): the indexer's inputs are detached and it is trained
+by `indexer_kl`, KL(p || softmax(I)) where p is the main attention's probability mass on the
+compressed entries, summed over heads and L1-normalised (detached target). In the dense warm-up
+phase p covers all complete entries; in the sparse phase only the selected ones.
+(The Hadamard rotation and FP4 fake-quantisation of the reference are QAT details; in full
+precision the rotation is exactly orthogonal and cancels in q.k, so it is omitted.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compressor import Compressor
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, hidden_size: int, q_lora_rank: int, n_heads: int, head_dim: int, rate: int,
+                 rope_dim: int, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+        self.compressor = Compressor(hidden_size, head_dim, rate, overlap=True, rope_dim=rope_dim, eps=eps)
+
+    def scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+        """Index scores I [B, S, N] in fp32 for queries (x, qr) against entry keys [B, N, dI]."""
+        b, s, _ = x.shape
+        q = apply_rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        dots = torch.matmul(q.float().flatten(1, 2), keys.float().transpose(1, 2))  # [B, S*H, N]
+        dots = F.relu(dots).unflatten(1, (s, self.n_heads)) * self.head_dim**-0.5
+        w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, H]
+        return torch.einsum("bshn,bsh->bsn", dots, w)
+
+
+def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean selection mask [B, S, N]: the k best visible entries per query.
+
+    Ties go to the most recent entry. When a query sees at most k entries, all are selected
+    (no sort needed)."""
+    n = scores.shape[-1]
+    if n <= k:
+        return visible
+    masked = scores.masked_fill(~visible, float("-inf"))
+    # reverse the entry axis so that a stable descending sort prefers larger indices on ties
+    order = torch.sort(masked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen = torch.zeros_like(visible)
+    chosen.scatter_(-1, n - 1 - order, True)
+    return chosen & visible
+
+
+def indexer_kl(index_scores: torch.Tensor, attn_probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(I)) over the allowed entries, averaged over queries that have any.
+
+    index_scores [B,S,N] (with grad); attn_probs [B,S,H,N] (detached); allowed [B,S,N] bool."""
+    p = attn_probs.detach().float().sum(dim=2).masked_fill(~allowed, 0.0)
+    total = p.sum(-1, keepdim=True)
+    has = (allowed.any(-1)) & (total[..., 0] > 0)
+    if not bool(has.any()):
+        return index_scores.sum() * 0.0
+    p = p / total.clamp_min(1e-30)
+    logq = torch.log_softmax(index_scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    logq = logq.masked_fill(~allowed, 0.0)
+    kl = (p * (torch.log(p.clamp_min(1e-30)) - logq)).masked_fill(~allowed, 0.0).sum(-1)
+    return kl[has].mean()

@@ -1,0 +1,178 @@
+"""DeepSeek-V4 mixture of experts: sqrt-softplus router with aux-loss-free bias, hash routing.
+
+Spec 1.6; V4 report section 2.1; DeepSeek-V3 (arXiv:2412.19437) section 2.1.2 for balancing.
+
+    s   = sqrt(softplus(x W_g^T))                       fp32 affinity per expert
+    idx = topk(s + b)           (learned routing)       b: balancing bias, NOT trained by gradients
+    idx = tid2eid[token_id]     (hash layers)           a fixed, balanced token -> experts table
+    w   = s[idx] / sum(s[idx]) * route_scale
+    y   = sum_k w_k E_k(x) + Shared(x),   E(x) = W2( silu(min(W1 x, L)) * clamp(W3 x, -L, L) )
+
+Balancing without an auxiliary loss: after each optimizer step the trainer calls
+`update_bias(load)` which moves b_i by `speed * sign(mean_load - load_i)` (under-loaded experts
+become more attractive). A small sequence-wise balance loss alpha * sum_i f_i P_i is available
+through the forward context (spec 1.6).
+
+Experts are stored stacked ([E, out, in]) so they can be computed as a grouped matmul: the
+token->expert assignments are sorted by expert once, each expert multiplies one contiguous slice
+(a loop over experts, never over tokens), and results are scattered back with index_add.
+On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import HASH_MOE, ModelConfig
+from .context import ForwardContext
+
+
+def balanced_hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    """tid2eid [vocab, k]: k distinct experts per token, every expert used equally often.
+
+    Tokens are visited in a seeded random order; the r-th token gets experts
+    (r*k + j) mod E for j < k, so expert loads over the vocabulary differ by at most one and
+    neighbouring token ids do not share experts systematically."""
+    if top_k > n_experts:
+        raise ValueError("top_k > n_experts")
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.empty(vocab_size, dtype=torch.long)
+    rank[torch.randperm(vocab_size, generator=g)] = torch.arange(vocab_size)
+    return (rank.unsqueeze(1) * top_k + torch.arange(top_k)) % n_experts
+
+
+def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig, is_hash: bool):
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.scoring, self.route_scale, self.is_hash = config.scoring_func, config.routed_scaling_factor, is_hash
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if is_hash:
+            self.register_buffer("tid2eid", balanced_hash_table(config.vocab_size, self.n_experts, self.top_k))
+            self.bias = None
+        else:
+            # the aux-loss-free balancing bias: a buffer, so no optimizer ever touches it
+            self.register_buffer("bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
+        """x [N, D] -> (weights [N,k] fp32, indices [N,k], scores [N,E] fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = score_fn(F.linear(x.float(), self.weight.float()), self.scoring)
+        if self.is_hash:
+            if input_ids is None:
+                raise ValueError("hash-routed MoE layers need the input token ids")
+            idx = self.tid2eid[input_ids.reshape(-1)].long()
+        else:
+            idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.scoring != "softmax":
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, idx, scores
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class Experts(nn.Module):
+    """E routed experts as stacked weights w1/w3 [E, I, D], w2 [E, D, I]."""
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.n, self.limit = n, limit
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_tok, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.n).tolist()
+        xs = x[token]  # tokens sorted by expert: each expert reads one contiguous slice
+        outs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            xe = xs[start : start + c]
+            h = swiglu(F.linear(xe, self.w1[e]), F.linear(xe, self.w3[e]), self.limit)
+            outs.append(F.linear(h, self.w2[e]))
+            start += c
+        ys = torch.cat(outs) if outs else xs
+        ys = ys * weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
+        return torch.zeros(n_tok, x.shape[1], dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, mlp_type: str):
+        super().__init__()
+        self.is_hash = mlp_type == HASH_MOE
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.gate = Gate(config, self.is_hash)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                               config.swiglu_limit)
+        self.shared_experts = SharedExpert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
+        # expert load observed since the last bias update (tokens routed to each expert)
+        self.register_buffer("load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        w, idx, scores = self.gate(flat, ctx.input_ids)
+        if self.training and not self.is_hash:
+            self.load += torch.bincount(idx.reshape(-1), minlength=self.n_experts).float()
+        if ctx.collect_balance and not self.is_hash:
+            ctx.aux["balance"].append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
+        routed = self.experts(flat, idx, w)
+        return (routed.to(x.dtype) + self.shared_experts(flat)).view(b, s, d)
+
+    @torch.no_grad()
+    def update_bias(self, speed: float, load: torch.Tensor | None = None) -> None:
+        """b_i += speed * sign(mean(load) - load_i); resets the accumulated load."""
+        if self.is_hash:
+            return
+        load = self.load if load is None else load
+        if float(load.sum()) > 0:
+            self.gate.bias += speed * torch.sign(load.mean() - load)
+        self.load.zero_()
+
+
+def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """sum_i f_i P_i per sequence, averaged over the batch (the caller multiplies by alpha).
+
+    idx [B,S,k] selected experts, scores [B,S,E] affinities.
+    f_i = E/(k*S) * #tokens routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}."""
+    b, s, k = idx.shape
+    e = scores.shape[-1]
+    counts = torch.zeros(b, e, device=idx.device, dtype=torch.float32).scatter_add_(
+        1, idx.reshape(b, -1), torch.ones(b, s * k, device=idx.device)
+    )
+    f = counts * (e / (k * s))
+    p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(-1).mean()

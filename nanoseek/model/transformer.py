@@ -1,0 +1,280 @@
+"""The DeepSeek-V4 transformer: embedding -> mHC blocks -> hyper head -> RMSNorm -> LM head, + MTP.
+
+Spec section 1; V4 report section 2.
+
+    X0 = Emb(ids) repeated into hc_mult streams            [B, S, n, d]
+    for each block:  X = HC_attn(X, Attention(RMSNorm(.)));  X = HC_ffn(X, MoE(RMSNorm(.)))
+    logits = Head(RMSNorm(HyperHead(X)))                   (untied head)
+    MTP k:  X^k = Block_k( W_e RMSNorm(Emb(t_{i+k})) + W_h RMSNorm(X^{k-1}_i) ) -> predicts t_{i+k+1}
+            through its own hyper head and norm and the shared head.
+
+Usage:
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    logits = model(input_ids)                                   # [B, S, vocab]
+    terms = model.loss(input_ids, labels)                       # LossTerms: .loss, .ce, .mtp, ...
+    cache = model.new_cache(batch_size=2, max_len=4096)
+    logits = model(prompt_ids, cache=cache)                     # prefill (any length)
+    logits = model(next_ids[:, None], cache=cache)              # decode, one token per row
+    model.save_pretrained("out/"); Transformer.from_pretrained("out/")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .cache import DecodeCache
+from .context import ForwardContext
+from .hyper_connections import HyperConnection, HyperHead
+from .moe import MoE
+from .norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, mlp_type: str):
+        super().__init__()
+        c = config
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c, layer_type)
+        self.ffn = MoE(c, mlp_type)
+        self.hc_attn = HyperConnection(c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        self.hc_ffn = HyperConnection(c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, streams: torch.Tensor, ctx: ForwardContext, cache=None) -> torch.Tensor:
+        x, post, comb = self.hc_attn.collapse(streams)
+        streams = self.hc_attn.expand(self.attn(self.attn_norm(x), ctx, cache), streams, post, comb)
+        x, post, comb = self.hc_ffn.collapse(streams)
+        return self.hc_ffn.expand(self.ffn(self.ffn_norm(x), ctx), streams, post, comb)
+
+
+class MTPBlock(Block):
+    """One multi-token-prediction module (spec 1.7): embeds the next token, mixes it with the
+    previous depth's streams, runs one full block, and predicts one token further."""
+
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__(config, layer_type, "moe")
+        c = config
+        self.e_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.h_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hc_head = HyperHead(c.hidden_size, c.hc_mult, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext, cache=None):
+        """streams [B,S,n,d] (previous depth), next_embeds [B,S,d] -> (new streams, final hidden [B,S,d])."""
+        x = self.e_proj(self.enorm(next_embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        streams = super().forward(x, ctx, cache)
+        return streams, self.norm(self.hc_head(streams))
+
+
+@dataclass
+class LossTerms:
+    """Training objective, each term reported separately (floats via .item() are the caller's)."""
+
+    loss: torch.Tensor  # weighted total: ce + mtp_weight*mtp + balance_alpha*balance + indexer_weight*indexer
+    ce: torch.Tensor  # main next-token cross-entropy (nats / token)
+    mtp: torch.Tensor  # mean MTP cross-entropy over depths
+    balance: torch.Tensor  # sequence-wise balance term sum_i f_i P_i (mean over routed layers)
+    indexer: torch.Tensor  # indexer KL (mean over CSA layers)
+    n_tokens: int  # supervised tokens of the main loss
+    logits: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(c, lt, mt) for lt, mt in zip(c.layer_types, c.mlp_layer_types)
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hc_head = HyperHead(c.hidden_size, c.hc_mult, c.hc_eps, c.rms_norm_eps)
+        self.head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPBlock(c, lt) for lt in c.mtp_layer_types)
+        self.dense_csa = False  # indexer warm-up switch (trainer sets it); see Attention
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Our own initialisation (the paper leaves it open): N(0, 0.02) for projections, with
+        output projections scaled by 1/sqrt(2*layers) (GPT-2 style) so the residual streams
+        start at a stable scale; norms at 1, sinks / position biases / mHC biases at 0, mHC
+        gates at 1, balancing bias at 0. No-op for parameters on the meta device."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * max(1, self.config.num_hidden_layers))
+
+        def normal_(t, s):
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(s).to(t.dtype))
+
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif leaf in ("attn_sink", "ape", "base"):
+                p.zero_()
+            elif leaf == "scale":
+                p.fill_(1.0)
+            elif any(k in name for k in ("wo_b", "experts.w2", "shared_experts.w2")):
+                normal_(p, out_std)
+            else:
+                normal_(p, std)
+        for m in self.modules():
+            if isinstance(m, MoE) and m.gate.bias is not None:
+                m.gate.bias.zero_()
+
+    # --------------------------------------------------------- forward
+    def _context(self, input_ids, cache: DecodeCache | None, **kw) -> ForwardContext:
+        b, s = input_ids.shape
+        dev = input_ids.device
+        if cache is None:
+            positions = torch.arange(s, device=dev).expand(b, s)
+            return ForwardContext(positions=positions, input_ids=input_ids, cache=None, start=0,
+                                  dense_csa=self.dense_csa, **kw)
+        if cache.batch_size != b:
+            raise ValueError(f"cache was allocated for batch {cache.batch_size}, got batch {b}")
+        if s == 1:
+            if bool((cache.pos + 1 > cache.max_len).any()):
+                raise ValueError(f"cache is full (max_len={cache.max_len})")
+            return ForwardContext(positions=cache.pos.unsqueeze(1), input_ids=input_ids, cache=cache, start=None,
+                                  dense_csa=self.dense_csa, **kw)
+        start = cache.uniform_start()
+        if start + s > cache.max_len:
+            raise ValueError(f"cache max_len={cache.max_len} too small for {start + s} tokens")
+        positions = (torch.arange(s, device=dev) + start).expand(b, s)
+        return ForwardContext(positions=positions, input_ids=input_ids, cache=cache, start=start,
+                              dense_csa=self.dense_csa, **kw)
+
+    def hidden_streams(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Final residual streams [B,S,n,d] before the hyper head."""
+        x = self.embed(input_ids)
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, ctx, ctx.cache.layers[i] if ctx.cache is not None else None)
+        return streams
+
+    def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.hc_head(streams))
+        return self.head(h).float()
+
+    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] in fp32. With a cache, consumes the tokens and advances it."""
+        ctx = self._context(input_ids, cache)
+        logits = self.logits_from_streams(self.hidden_streams(input_ids, ctx))
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        return logits
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, mtp_weight: float = 0.3,
+             balance_alpha: float = 1e-4, indexer_weight: float = 1.0, return_logits: bool = False,
+             ignore_index: int = -100) -> LossTerms:
+        """The training objective with every term reported separately.
+
+        labels[b, t] is the target for position t (next token), `ignore_index` to skip; by default
+        labels = input_ids shifted left. MTP depth k at position t predicts labels[b, t+k].
+        The indexer KL is computed in every CSA layer (its gradient reaches only the indexer)."""
+        if labels is None:
+            labels = F.pad(input_ids[:, 1:], (0, 1), value=ignore_index)
+        want_idx = indexer_weight > 0 and any(l.attn.indexer is not None for l in self.layers)
+        ctx = self._context(input_ids, None, collect_balance=balance_alpha > 0, collect_indexer=want_idx)
+        streams = self.hidden_streams(input_ids, ctx)
+        logits = self.logits_from_streams(streams)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        n_tokens = int((labels != ignore_index).sum())
+        zero = logits.new_zeros(())
+        mtp_losses = []
+        if mtp_weight > 0 and len(self.mtp):
+            mtp_losses = self._mtp_losses(input_ids, labels, streams, ctx, ignore_index)
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
+        bal = ctx.aux["balance"]
+        balance = torch.stack(bal).mean() if bal else zero
+        idx_terms = ctx.aux["indexer"]
+        indexer = torch.stack(idx_terms).mean() if idx_terms else zero
+        total = ce + mtp_weight * mtp + balance_alpha * balance + indexer_weight * indexer
+        return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits if return_logits else None)
+
+    def _mtp_losses(self, input_ids, labels, streams, ctx: ForwardContext, ignore_index: int):
+        """Depth k (1-based) sees streams of positions 0..S-1-k and the embeddings of tokens
+        t+k, and predicts labels[t+k] (= token t+k+1)."""
+        losses = []
+        s = input_ids.shape[1]
+        for k, block in enumerate(self.mtp, start=1):
+            if s - k <= 0:
+                break
+            nxt = self.embed(input_ids[:, k:])
+            sub = ForwardContext(positions=ctx.positions[:, : s - k], input_ids=input_ids[:, k:], cache=None,
+                                 start=0, dense_csa=ctx.dense_csa, collect_balance=ctx.collect_balance,
+                                 collect_indexer=ctx.collect_indexer, aux=ctx.aux)
+            streams, h = block(streams[:, : s - k], nxt, sub)
+            logits = self.head(h).float()
+            target = labels[:, k:]
+            if bool((target != ignore_index).any()):
+                losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index))
+        return losses
+
+    # ---------------------------------------------------- cache & balance
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> DecodeCache:
+        p = self.embed.weight
+        return DecodeCache.allocate(self.config, self.config.layer_types, batch_size, max_len,
+                                    dtype=dtype or p.dtype, device=device or p.device)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_router_bias(self, speed: float = 1e-3) -> None:
+        """Aux-loss-free balancing: apply the sign rule to every routed layer with the load observed
+        since the last call (sum the `load` buffers across data-parallel ranks before calling)."""
+        for m in self.moe_layers():
+            m.update_bias(speed)
+
+    # ---------------------------------------------------- parameters
+    def num_parameters(self, activated: bool = False, include_mtp: bool = True) -> int:
+        return count_parameters(self.config, activated=activated, include_mtp=include_mtp)
+
+    # ---------------------------------------------------- checkpoints
+    def save_pretrained(self, path: str | os.PathLike, **kw) -> None:
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
+                        **kw) -> "Transformer":
+        from ..checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, **kw)
+
+
+def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True) -> int:
+    """Parameter count from the config alone (meta device: no memory). `activated` counts the
+    parameters one token uses: top-k routed experts + the shared one, and excludes the
+    embedding table (a lookup, as DeepSeek counts); the MTP module is excluded from activated."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") and (activated or not include_mtp):
+            continue
+        n = p.numel()
+        if activated and ".experts.w" in name:
+            n = n // config.n_routed_experts * config.num_experts_per_tok
+        if activated and name == "embed.weight":
+            continue
+        total += n
+    return total
