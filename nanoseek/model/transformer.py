@@ -263,8 +263,9 @@ class Transformer(nn.Module):
 
 def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True) -> int:
     """Parameter count from the config alone (meta device: no memory). `activated` counts the
-    parameters one token uses: top-k routed experts + the shared one, and excludes the
-    embedding table (a lookup, as DeepSeek counts); the MTP module is excluded from activated."""
+    parameters one token uses: top-k routed experts + the shared one, without the embedding
+    table (a lookup) and without the MTP module, which is the convention under which the V4
+    release reports 284B/13B (Flash) and 1.6T/49B (Pro)."""
     with torch.device("meta"):
         model = Transformer(config)
     total = 0

@@ -1,0 +1,93 @@
+"""Cache exactness: prefill + token-by-token decode equals the full forward (issue test 2)."""
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+
+from .conftest import perturbed
+
+
+def model_with_topk(topk: int) -> Transformer:
+    torch.manual_seed(0)
+    return perturbed(Transformer(ModelConfig.from_preset("tiny", index_topk=topk)), seed=7).eval()
+
+
+@pytest.mark.parametrize("topk", [64, 3])  # 3 < the 22 CSA entries of 90 tokens: real selection
+@pytest.mark.parametrize("prefill", [1, 6, 37])
+def test_prefill_then_decode_equals_full_forward(topk, prefill):
+    model = model_with_topk(topk)
+    ids = torch.randint(0, model.config.vocab_size, (2, 90), generator=torch.Generator().manual_seed(topk))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_len=96)
+        outs = [model(ids[:, :prefill], cache=cache)]
+        for t in range(prefill, ids.shape[1]):
+            outs.append(model(ids[:, t : t + 1], cache=cache))
+    got = torch.cat(outs, dim=1)
+    assert cache.pos.tolist() == [90, 90]
+    assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_equals_full_forward():
+    model = model_with_topk(3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(3, 90)
+        got = torch.cat([model(ids[:, a : a + 13], cache=cache) for a in range(0, 90, 13)], dim=1)
+    assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_rows_at_different_positions_decode_together():
+    """Continuous batching: rows prefilled separately (different lengths) decode in one batch."""
+    model = model_with_topk(3)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, model.config.vocab_size, (1, 60), generator=g)
+    b = torch.randint(0, model.config.vocab_size, (1, 45), generator=g)
+    with torch.no_grad():
+        batch_cache = model.new_cache(2, 80)
+        for row, seq, plen in ((0, a, 41), (1, b, 22)):
+            single = model.new_cache(1, 80)
+            model(seq[:, :plen], cache=single)
+            batch_cache.copy_row_(row, single)
+        assert batch_cache.pos.tolist() == [41, 22]
+        steps = []
+        for t in range(19):
+            step_ids = torch.stack([a[0, 41 + t], b[0, 22 + t]]).unsqueeze(1)
+            steps.append(model(step_ids, cache=batch_cache))
+        got = torch.cat(steps, dim=1)
+        ref_a = model(a[:, :60])[0, 41:60]
+        ref_b = model(b[:, :41])[0, 22:41]
+    assert (got[0] - ref_a).abs().max().item() <= 1e-4
+    assert (got[1] - ref_b).abs().max().item() <= 1e-4
+
+
+def test_topk_ties_prefer_most_recent_entry():
+    from nanoseek.model.indexer import select_topk
+
+    scores = torch.tensor([[[0.0, 5.0, 0.0, 0.0, 1.0, 0.0]]])
+    visible = torch.tensor([[[True, True, True, True, True, False]]])
+    chosen = select_topk(scores, visible, 3)
+    # 5.0 and 1.0, then the latest visible zero (index 3); never the invisible index 5
+    assert chosen[0, 0].tolist() == [False, True, False, True, True, False]
+
+
+def test_cache_errors_are_clear():
+    model = model_with_topk(3)
+    cache = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(2, 17, dtype=torch.long), cache=cache)
+    cache.pos[1] = 3
+    with pytest.raises(ValueError, match="same position"):
+        model(torch.zeros(2, 4, dtype=torch.long), cache=cache)
+
+
+def test_cache_bytes_match_info_formula():
+    from nanoseek.model.info import cache_bytes
+
+    model = model_with_topk(3)
+    cache = model.new_cache(1, 4096)
+    assert cache.nbytes() == cache_bytes(model.config, 4096, dtype_bytes=4)
+    # the sliding window is a ring: its size does not grow with the context
+    assert cache_bytes(model.config, 8192) - cache_bytes(model.config, 4096) < cache_bytes(model.config, 4096)
