@@ -16,6 +16,9 @@ import sys
 # `func` on the parsers it adds; the function receives the parsed `argparse.Namespace`.
 _COMMAND_MODULES = (
     "nanoseek.model.info",
+    "nanoseek.eval.cli",
+    "nanoseek.data.cli",
+    "nanoseek.demo",
 )
 
 

@@ -117,12 +117,15 @@ class Experts(nn.Module):
         xs = x[token]  # tokens sorted by expert: each expert reads one contiguous slice
         outs = []
         start = 0
+        # unbind once: indexing w[e] per expert would make autograd build a full-size zero
+        # gradient for every expert (O(E^2) memory traffic); unbind's backward is one stack
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         for e, c in enumerate(counts):
             if c == 0:
                 continue
             xe = xs[start : start + c]
-            h = swiglu(F.linear(xe, self.w1[e]), F.linear(xe, self.w3[e]), self.limit)
-            outs.append(F.linear(h, self.w2[e]))
+            h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), self.limit)
+            outs.append(F.linear(h, w2[e]))
             start += c
         ys = torch.cat(outs) if outs else xs
         ys = ys * weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with the pinned CPU build of torch, nanoseek
+# (editable) and its test dependencies. Safe to re-run; does nothing that is already done.
+#
+#   bash scripts/setup.sh            # runtime + test dependencies
+#   NANOSEEK_NO_DEV=1 bash scripts/setup.sh   # runtime only
+#
+# torch is installed FIRST and pinned (torch==2.13.0): an unpinned torch on a CPU-only Linux
+# machine would pull a multi-GB CUDA build. On a GPU machine install the CUDA build of the same
+# version before running this script (see README); the pin is then already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.') else 1)" 2>/dev/null; then
+    echo "[setup] installing torch==2.13.0"
+    "${PIP[@]}" install "torch==2.13.0"
+fi
+extra="[dev]"
+[ "${NANOSEEK_NO_DEV:-0}" = "1" ] && extra=""
+echo "[setup] installing nanoseek${extra} (editable)"
+"${PIP[@]}" install -e ".${extra}"
+if [ -f scripts/setup_sandbox.sh ]; then
+    bash scripts/setup_sandbox.sh || echo "[setup] sandbox isolation tools unavailable; see docs/eval.md"
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, nanoseek; print("torch", torch.__version__, "| nanoseek", nanoseek.__version__)')"
