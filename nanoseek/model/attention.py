@@ -110,8 +110,9 @@ class Attention(nn.Module):
         nb = -(-s // bq)
         pad = nb * bq - s
         if cache is not None:
-            # ring slots in chronological order: index j <-> position start - W + j
-            order = (torch.arange(w, device=kv.device) + start - w) % w
+            # the W positions before the chunk, oldest first; ring slot of position p is p % R
+            ring_size = cache.window.shape[1]
+            order = (torch.arange(w, device=kv.device) + start - w) % ring_size
             ring = cache.window[:b, order].to(kv.dtype)
             key_valid = torch.arange(w, device=kv.device) + start - w >= 0
         else:
@@ -128,21 +129,24 @@ class Attention(nn.Module):
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=kv.device).masked_fill(~allowed, NEG)
         qp = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
         q_blocks = qp.reshape(b, nb, bq * self.h, self.d)
-        if cache is not None:  # remember the last W tokens of the chunk
-            keep = min(s, w)
-            slots = (torch.arange(s - keep, s, device=kv.device) + start) % w
+        if cache is not None:  # remember the chunk's last R tokens (R > W leaves room for rollback)
+            ring_size = cache.window.shape[1]
+            keep = min(s, ring_size)
+            slots = (torch.arange(s - keep, s, device=kv.device) + start) % ring_size
             cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
         return q_blocks, keys_t, bias.unsqueeze(0)
 
     def _window_step(self, q, kv, pos, cache: LayerCache):
         """One token per row at per-row positions: the ring itself is the key set."""
         b, w = kv.shape[0], self.w
+        ring_size = cache.window.shape[1]
         rows = torch.arange(b, device=kv.device)
-        cache.window[rows, pos % w] = kv[:, 0].to(cache.window.dtype)
-        j = torch.arange(w, device=kv.device)
-        slot_pos = pos.unsqueeze(1) - ((pos.unsqueeze(1) - j) % w)  # position held by slot j
-        bias = torch.zeros(b, w, dtype=torch.float32, device=kv.device).masked_fill(slot_pos < 0, NEG)
-        keys_t = cache.window[:b].to(kv.dtype).transpose(1, 2).unsqueeze(1)  # [B,1,D,W]
+        cache.window[rows, pos % ring_size] = kv[:, 0].to(cache.window.dtype)
+        j = torch.arange(ring_size, device=kv.device)
+        slot_pos = pos.unsqueeze(1) - ((pos.unsqueeze(1) - j) % ring_size)  # latest position held by slot j
+        visible = (slot_pos >= 0) & (slot_pos > pos.unsqueeze(1) - w)
+        bias = torch.zeros(b, ring_size, dtype=torch.float32, device=kv.device).masked_fill(~visible, NEG)
+        keys_t = cache.window[:b].to(kv.dtype).transpose(1, 2).unsqueeze(1)  # [B,1,D,R]
         return q.reshape(b, 1, self.h, self.d), keys_t, bias[:, None, None, :]
 
     # -------------------------------------------------------- compressed part

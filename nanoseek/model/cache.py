@@ -28,6 +28,7 @@ class CompressorState:
     kv: torch.Tensor  # [B, coff*m, coff*d] fp32 projections of buffered tokens
     gate: torch.Tensor  # [B, coff*m, coff*d] fp32 gates (+ape) of buffered tokens; -inf = empty
     entries: torch.Tensor  # [B, max_len // m, d] compressed entries
+    last_chunk: tuple | None = None  # (start, kv, gate) of the last multi-token chunk, for rollback
 
     @classmethod
     def allocate(cls, batch: int, rate: int, head_dim: int, overlap: bool, max_len: int, dtype, device):
@@ -61,48 +62,58 @@ class DecodeCache:
     layers: list[LayerCache]
     pos: torch.Tensor  # [B] tokens consumed per row
     max_len: int
-    extra: dict = field(default_factory=dict)
+    spec_tokens: int = 0  # extra ring slots so that this many rejected tokens can be rolled back
+    mtp_layers: list[LayerCache] = field(default_factory=list)  # one sliding-window ring per MTP depth
+    mtp_pos: list[torch.Tensor] = field(default_factory=list)  # [B] positions consumed per MTP depth
 
     @classmethod
     def allocate(cls, config: ModelConfig, layer_types: list[str], batch: int, max_len: int,
-                 dtype=torch.float32, device=None) -> "DecodeCache":
+                 dtype=torch.float32, device=None, spec_tokens: int = 0,
+                 mtp_layer_types: list[str] = ()) -> "DecodeCache":
+        ring = config.sliding_window + spec_tokens
         layers = []
-        for t in layer_types:
-            lc = LayerCache(window=torch.zeros(batch, config.sliding_window, config.head_dim, dtype=dtype, device=device))
+        for t in list(layer_types) + list(mtp_layer_types):
+            lc = LayerCache(window=torch.zeros(batch, ring, config.head_dim, dtype=dtype, device=device))
             if t in (CSA, HCA):
                 rate = config.compress_rate(t)
                 lc.compressor = CompressorState.allocate(batch, rate, config.head_dim, t == CSA, max_len, dtype, device)
                 if t == CSA:
                     lc.indexer = CompressorState.allocate(batch, rate, config.index_head_dim, True, max_len, dtype, device)
             layers.append(lc)
-        return cls(layers=layers, pos=torch.zeros(batch, dtype=torch.long, device=device), max_len=max_len)
+        n_main = len(layer_types)
+        return cls(layers=layers[:n_main], pos=torch.zeros(batch, dtype=torch.long, device=device),
+                   max_len=max_len, spec_tokens=spec_tokens, mtp_layers=layers[n_main:],
+                   mtp_pos=[torch.zeros(batch, dtype=torch.long, device=device) for _ in mtp_layer_types])
 
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+        return sum(t.numel() * t.element_size() for lc in self.layers + self.mtp_layers for t in lc.tensors())
 
-    def uniform_start(self) -> int:
-        """The common position of all rows (required for multi-token calls)."""
-        p = self.pos
-        if p.numel() and bool((p != p[0]).any()):
-            raise ValueError(
-                "multi-token forward with a cache needs all rows at the same position "
-                f"(got positions {p.tolist()}); feed tokens one at a time or prefill rows separately"
-            )
-        return int(p[0]) if p.numel() else 0
+    def states(self) -> list[CompressorState]:
+        return [s for lc in self.layers for s in (lc.compressor, lc.indexer) if s is not None]
+
+    def snapshot(self) -> dict:
+        """What a rollback needs: positions and the (small) compressor buffers. The window ring
+        needs no copy as long as at most `spec_tokens` tokens are rolled back."""
+        return {"pos": self.pos.clone(), "mtp_pos": [p.clone() for p in self.mtp_pos],
+                "states": [(s.kv.clone(), s.gate.clone()) for s in self.states()]}
 
     def copy_row_(self, dst: int, src: "DecodeCache", src_row: int = 0) -> None:
         """Copy one row of another cache (e.g. a request prefilled alone) into row `dst`."""
-        for a, b in zip(self.layers, src.layers):
+        for a, b in zip(self.layers + self.mtp_layers, src.layers + src.mtp_layers):
             for ta, tb in zip(a.tensors(), b.tensors()):
                 ta[dst].copy_(tb[src_row])
         self.pos[dst] = src.pos[src_row]
+        for a, b in zip(self.mtp_pos, src.mtp_pos):
+            a[dst] = b[src_row]
 
     def reset_row_(self, row: int) -> None:
-        for lc in self.layers:
+        for p in self.mtp_pos:
+            p[row] = 0
+        for lc in self.layers + self.mtp_layers:
             lc.window[row].zero_()
             for s in (lc.compressor, lc.indexer):
                 if s is not None:

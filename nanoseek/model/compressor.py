@@ -85,13 +85,20 @@ class Compressor(nn.Module):
     def chunk(self, x: torch.Tensor, state, start: int, inv_freq: torch.Tensor) -> tuple[int, int]:
         """Append a chunk starting at absolute position `start` (same for all rows) to `state`.
 
-        Writes the newly completed entries into state.entries and returns (first, count)."""
-        b, s, _ = x.shape
+        Writes the newly completed entries into state.entries and returns (first, count). The
+        chunk's projections are remembered in `state.last_chunk` so that a speculative-decoding
+        rollback can re-absorb only the accepted prefix (see DecodeCache.rollback)."""
+        kv, gate = self.project(x)
+        gate = gate + self.ape[(torch.arange(x.shape[1], device=x.device) + start) % self.m]
+        state.last_chunk = (start, kv, gate)
+        return self.absorb(kv, gate, state, start, inv_freq, x.dtype)
+
+    def absorb(self, kv: torch.Tensor, gate: torch.Tensor, state, start: int, inv_freq: torch.Tensor, dtype):
+        """Feed projected tokens (gate already includes ape) into the state; pool completed windows."""
+        b, s = kv.shape[:2]
         m = self.m
         off = m if self.overlap else 0
         r = start % m  # tokens of the current window already buffered
-        kv, gate = self.project(x)
-        gate = gate + self.ape[(torch.arange(s, device=x.device) + start) % m]
         seq_kv = torch.cat([state.kv[:b, off : off + r], kv], dim=1)
         seq_gate = torch.cat([state.gate[:b, off : off + r], gate], dim=1)
         n = (r + s) // m
@@ -104,8 +111,8 @@ class Compressor(nn.Module):
             if self.overlap and first > 0:
                 prev_kv, prev_gate = state.kv[:b, :m], state.gate[:b, :m]
             pooled = self.pool(w_kv, w_gate, prev_kv, prev_gate)
-            positions = ((torch.arange(n, device=x.device) + first) * m).expand(b, n)
-            state.entries[:b, first : first + n] = self.finish(pooled, positions, inv_freq, x.dtype).to(
+            positions = ((torch.arange(n, device=kv.device) + first) * m).expand(b, n)
+            state.entries[:b, first : first + n] = self.finish(pooled, positions, inv_freq, dtype).to(
                 state.entries.dtype
             )
             if self.overlap:  # the last complete window becomes the overlap state

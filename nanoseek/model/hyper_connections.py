@@ -56,7 +56,8 @@ class HyperConnection(nn.Module):
         """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n])."""
         n = self.n
         flat = rms_normalize(streams.flatten(-2), self.norm_eps)
-        mix = F.linear(flat, self.fn.float())
+        with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+            mix = F.linear(flat, self.fn.float())
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base.split([n, n, n * n])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.hc_eps
@@ -85,5 +86,7 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         flat = rms_normalize(streams.flatten(-2), self.norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.fn.float()) * self.scale + self.base) + self.hc_eps
+        with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+            mix = F.linear(flat, self.fn.float())
+        pre = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps
         return (pre.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)

@@ -138,26 +138,28 @@ class Transformer(nn.Module):
                 m.gate.bias.zero_()
 
     # --------------------------------------------------------- forward
-    def _context(self, input_ids, cache: DecodeCache | None, **kw) -> ForwardContext:
+    def _context(self, input_ids, cache: DecodeCache | None, pos: torch.Tensor | None = None, **kw) -> ForwardContext:
+        """Positions and cache mode for a call: uncached (from 0), a multi-token chunk (all rows at
+        the same start) or a one-token step (per-row positions). `pos` defaults to cache.pos."""
         b, s = input_ids.shape
         dev = input_ids.device
+        common = dict(input_ids=input_ids, cache=cache, dense_csa=self.dense_csa, **kw)
         if cache is None:
-            positions = torch.arange(s, device=dev).expand(b, s)
-            return ForwardContext(positions=positions, input_ids=input_ids, cache=None, start=0,
-                                  dense_csa=self.dense_csa, **kw)
-        if cache.batch_size != b:
-            raise ValueError(f"cache was allocated for batch {cache.batch_size}, got batch {b}")
+            return ForwardContext(positions=torch.arange(s, device=dev).expand(b, s), start=0, **common)
+        pos = cache.pos if pos is None else pos
+        if pos.shape[0] != b:
+            raise ValueError(f"cache was allocated for batch {pos.shape[0]}, got batch {b}")
+        if bool((pos + s > cache.max_len).any()):
+            raise ValueError(f"cache max_len={cache.max_len} too small for {int(pos.max()) + s} tokens (cache is full)")
         if s == 1:
-            if bool((cache.pos + 1 > cache.max_len).any()):
-                raise ValueError(f"cache is full (max_len={cache.max_len})")
-            return ForwardContext(positions=cache.pos.unsqueeze(1), input_ids=input_ids, cache=cache, start=None,
-                                  dense_csa=self.dense_csa, **kw)
-        start = cache.uniform_start()
-        if start + s > cache.max_len:
-            raise ValueError(f"cache max_len={cache.max_len} too small for {start + s} tokens")
-        positions = (torch.arange(s, device=dev) + start).expand(b, s)
-        return ForwardContext(positions=positions, input_ids=input_ids, cache=cache, start=start,
-                              dense_csa=self.dense_csa, **kw)
+            return ForwardContext(positions=pos.unsqueeze(1), start=None, **common)
+        if pos.numel() and bool((pos != pos[0]).any()):
+            raise ValueError(
+                "multi-token forward with a cache needs all rows at the same position "
+                f"(got positions {pos.tolist()}); feed tokens one at a time or prefill rows separately"
+            )
+        start = int(pos[0]) if pos.numel() else 0
+        return ForwardContext(positions=(torch.arange(s, device=dev) + start).expand(b, s), start=start, **common)
 
     def hidden_streams(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Final residual streams [B,S,n,d] before the hyper head."""
@@ -171,13 +173,70 @@ class Transformer(nn.Module):
         h = self.norm(self.hc_head(streams))
         return self.head(h).float()
 
-    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
-        """Logits [B, S, vocab] in fp32. With a cache, consumes the tokens and advances it."""
+    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False):
+        """Logits [B, S, vocab] in fp32 (and the final residual streams [B,S,n,d] if asked, the MTP
+        module's input). With a cache, consumes the tokens and advances it."""
         ctx = self._context(input_ids, cache)
-        logits = self.logits_from_streams(self.hidden_streams(input_ids, ctx))
+        streams = self.hidden_streams(input_ids, ctx)
+        logits = self.logits_from_streams(streams)
         if cache is not None:
             cache.pos += input_ids.shape[1]
-        return logits
+        return (logits, streams) if return_streams else logits
+
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: DecodeCache | None = None,
+                    depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module: streams [B,S,n,d] of positions p..p+S-1 and the tokens at p+1..p+S ->
+        (logits [B,S,vocab] predicting the tokens at p+2..p+S+1, the module's output streams).
+
+        With a cache (allocated with `with_mtp=True`) the module keeps its own sliding-window ring
+        and position (`cache.mtp_pos[depth]`), like a main layer. For speculative decoding the same
+        module can be applied recursively, feeding its output streams back (as vLLM does)."""
+        block = self.mtp[depth]
+        if cache is None:
+            ctx = self._context(next_ids, None)
+            layer_cache = None
+        else:
+            if not cache.mtp_layers:
+                raise ValueError("this cache has no MTP state: allocate it with new_cache(..., with_mtp=True)")
+            ctx = self._context(next_ids, cache, pos=cache.mtp_pos[depth])
+            layer_cache = cache.mtp_layers[depth]
+        new_streams, h = block(streams, self.embed(next_ids), ctx, layer_cache)
+        if cache is not None:
+            cache.mtp_pos[depth] += next_ids.shape[1]
+        return self.head(h).float(), new_streams
+
+    @torch.no_grad()
+    def rollback(self, cache: DecodeCache, snapshot: dict, keep: int) -> None:
+        """Undo a multi-token call made after `snapshot = cache.snapshot()`, keeping only its first
+        `keep` tokens (speculative decoding: the accepted prefix of a verified draft).
+
+        Compressor buffers are restored and the kept tokens' projections re-absorbed (exact);
+        window rings need no restore because new_cache(spec_tokens=K) leaves K spare slots."""
+        start = snapshot["pos"]
+        if bool((cache.pos != cache.pos[0]).any()) or bool((start != start[0]).any()):
+            raise ValueError("rollback needs all rows at the same position")
+        consumed = int(cache.pos[0] - start[0])
+        if not 0 <= keep <= consumed:
+            raise ValueError(f"keep={keep} outside [0, {consumed}]")
+        if consumed - keep > cache.spec_tokens:
+            raise ValueError(f"rolling back {consumed - keep} tokens needs new_cache(spec_tokens>={consumed - keep})")
+        s0 = int(start[0])
+        states = cache.states()
+        modules = [c for layer in self.layers for c in (layer.attn.compressor,
+                   layer.attn.indexer.compressor if layer.attn.indexer is not None else None) if c is not None]
+        inv = [layer.attn.inv_freq for layer in self.layers for c in (layer.attn.compressor,
+               layer.attn.indexer) if c is not None]
+        for state, module, inv_freq, (kv0, gate0) in zip(states, modules, inv, snapshot["states"]):
+            chunk = state.last_chunk
+            if consumed and (chunk is None or chunk[0] != s0 or chunk[1].shape[1] != consumed):
+                raise ValueError("rollback must directly follow one multi-token call made after the snapshot")
+            state.kv.copy_(kv0)
+            state.gate.copy_(gate0)
+            if keep:
+                module.absorb(chunk[1][:, :keep], chunk[2][:, :keep], state, s0, inv_freq, state.entries.dtype)
+        cache.pos.copy_(start + keep)
+        for p, p0 in zip(cache.mtp_pos, snapshot["mtp_pos"]):
+            p.copy_(torch.minimum(p, p0 + keep))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, mtp_weight: float = 0.3,
              balance_alpha: float = 1e-4, indexer_weight: float = 1.0, return_logits: bool = False,
@@ -228,10 +287,15 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------- cache & balance
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> DecodeCache:
+                  device: torch.device | str | None = None, spec_tokens: int = 0,
+                  with_mtp: bool = False) -> DecodeCache:
+        """Preallocated decode state for `batch_size` rows of up to `max_len` tokens.
+        spec_tokens: how many rejected draft tokens `rollback` must be able to undo;
+        with_mtp: also keep state for the MTP modules (speculative drafting)."""
         p = self.embed.weight
         return DecodeCache.allocate(self.config, self.config.layer_types, batch_size, max_len,
-                                    dtype=dtype or p.dtype, device=device or p.device)
+                                    dtype=dtype or p.dtype, device=device or p.device, spec_tokens=spec_tokens,
+                                    mtp_layer_types=self.config.mtp_layer_types if with_mtp else ())
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -91,3 +91,56 @@ def test_cache_bytes_match_info_formula():
     assert cache.nbytes() == cache_bytes(model.config, 4096, dtype_bytes=4)
     # the sliding window is a ring: its size does not grow with the context
     assert cache_bytes(model.config, 8192) - cache_bytes(model.config, 4096) < cache_bytes(model.config, 4096)
+
+
+def test_rollback_after_verification_equals_never_having_seen_the_rejected_tokens():
+    """Speculative decoding support: verify a draft in one call, keep a prefix, continue."""
+    model = model_with_topk(3)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 80), generator=g)
+    junk = torch.randint(0, model.config.vocab_size, (2, 80), generator=g)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 96, spec_tokens=6)
+        outs = [model(ids[:, :30], cache=cache)]
+        t = 30
+        for keep in (3, 0, 6, 1, 2, 4):  # accepted prefix lengths, crossing CSA/HCA window ends
+            snap = cache.snapshot()
+            draft = torch.cat([ids[:, t : t + keep], junk[:, t + keep : t + 6]], dim=1)  # 6 tokens, 6-keep wrong
+            verified = model(draft, cache=cache)
+            model.rollback(cache, snap, keep)
+            outs.append(verified[:, :keep])
+            t += keep
+        assert cache.pos.tolist() == [t, t]
+        while t < 80:
+            outs.append(model(ids[:, t : t + 1], cache=cache))
+            t += 1
+    assert (torch.cat(outs, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_rollback_refuses_more_than_the_spare_ring():
+    model = model_with_topk(3)
+    cache = model.new_cache(1, 64, spec_tokens=2)
+    with torch.no_grad():
+        model(torch.zeros(1, 20, dtype=torch.long), cache=cache)
+        snap = cache.snapshot()
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="spec_tokens"):
+            model.rollback(cache, snap, 1)
+
+
+def test_cached_mtp_equals_uncached_mtp():
+    model = model_with_topk(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, streams = model(ids, return_streams=True)
+        ref, _ = model.mtp_forward(streams[:, :-1], ids[:, 1:])  # uncached, like training
+        cache = model.new_cache(2, 64, with_mtp=True)
+        outs = [model.mtp_forward(streams[:, :20], ids[:, 1:21], cache=cache)[0]]
+        for t in range(20, 49):
+            outs.append(model.mtp_forward(streams[:, t : t + 1], ids[:, t + 1 : t + 2], cache=cache)[0])
+    assert (torch.cat(outs, 1) - ref).abs().max().item() <= 1e-4
+    # and it is the MTP loss's prediction: depth-1 logits at t predict token t+2
+    t = model.loss(ids, mtp_weight=1.0, balance_alpha=0, indexer_weight=0)
+    ce = torch.nn.functional.cross_entropy(ref[:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+    assert torch.allclose(t.mtp, ce, atol=1e-5)

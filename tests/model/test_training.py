@@ -115,3 +115,16 @@ def test_moe_matches_per_token_reference():
             acc = acc + w[t, j] * (moe.experts.w2[e] @ h)
         ref.append(acc)
     assert torch.allclose(y[0], torch.stack(ref), atol=1e-5)
+
+
+def test_bf16_autocast_training_step_is_finite_and_close():
+    torch.manual_seed(0)
+    model = perturbed(Transformer(ModelConfig.from_preset("tiny"))).train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 48))
+    ref = model.loss(ids).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.loss(ids)
+    terms.loss.backward()
+    assert abs(terms.loss.item() - ref) < 0.1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.layers[0].hc_attn.fn.grad.dtype == torch.float32
