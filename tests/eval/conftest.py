@@ -1,0 +1,44 @@
+"""Fixtures for the eval tests: sandboxes for every isolation level that works on this machine.
+
+Levels that do not work here are skipped with the probe's reason, so the suite says plainly
+which isolation it exercised. On the project's machines `scripts/setup_sandbox.sh` installs
+bubblewrap, and both `bwrap` and `unshare` are tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from nanoseek.eval.sandbox import Limits, Sandbox, probe
+
+ISOLATED = ("bwrap", "unshare")
+
+
+def make_sandbox(level: str, **limits) -> Sandbox:
+    ok, why = probe(level)
+    if not ok:
+        pytest.skip(f"isolation {level!r} unavailable here: {why}")
+    return Sandbox(level, warn=False, limits=dataclasses.replace(Limits(), **limits))
+
+
+@pytest.fixture(params=ISOLATED)
+def isolated(request) -> Sandbox:
+    """A sandbox with OS isolation (namespaces); 1.5 s program timeout keeps the suite fast."""
+    return make_sandbox(request.param, timeout_s=1.5, grace_s=1.5)
+
+
+@pytest.fixture(params=ISOLATED + ("none",))
+def any_level(request) -> Sandbox:
+    return make_sandbox(request.param, timeout_s=1.5, grace_s=1.5)
+
+
+@pytest.fixture(scope="session")
+def best_sandbox() -> Sandbox:
+    """The strongest level here (used by the scoring tests)."""
+    return Sandbox("auto", warn=False)
+
+
+IS_ROOT = os.geteuid() == 0

@@ -1,0 +1,441 @@
+"""The sandbox: basic behaviour, and an adversarial suite of programs that try to escape, hang
+the evaluator, or be reported "passed" without running their test to the end.
+
+Every attack is run for each isolation level that works here (bwrap and unshare with
+namespaces; a subset also with no isolation, where the verdict protocol alone must hold).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import textwrap
+import time
+
+import pytest
+
+from nanoseek.eval.sandbox import (LEVELS, IsolationUnavailable, Job, Limits, Sandbox,
+                                   _parse_verdicts, run_program)
+
+from .conftest import IS_ROOT, make_sandbox
+
+
+def stages(solution: str, test: str, preimport=()) -> Job:
+    """A solution (untrusted) followed by its test (trusted), like a HumanEval program."""
+    return Job(stages=[{"source": textwrap.dedent(solution), "filename": "<solution>", "trusted": False},
+                       {"source": textwrap.dedent(test), "filename": "<test>", "trusted": True}],
+               preimport=list(preimport))
+
+
+DOUBLE_TEST = "assert f(2) == 4\nassert f(3) == 6\n"
+
+
+# ------------------------------------------------------------------------------------ basics
+
+def test_passing_program_and_output(any_level):
+    r = any_level.run("import sys\nprint('hello')\nprint('err', file=sys.stderr)")
+    assert r.status == "passed", r
+    assert r.stdout == "hello\n" and r.stderr == "err\n"
+    assert r.isolation == any_level.isolation
+    assert r.returncode == 0
+
+
+def test_exception_syntax_error_and_files(any_level):
+    r = any_level.run("raise ValueError('boom')")
+    assert r.status == "failed" and r.detail == "ValueError: boom"
+    assert "Traceback" in r.stderr
+    r = any_level.run("def f(:\n  pass")
+    assert r.status == "failed" and r.detail.startswith("SyntaxError")
+    r = any_level.run(Job(source="print(open('data.txt').read().upper())", files={"data.txt": "abc"}))
+    assert r.status == "passed" and r.stdout == "ABC\n"
+
+
+def test_correct_and_wrong_solutions_with_trusted_test(any_level):
+    ok = any_level.run(stages("def f(x):\n    return 2 * x\n", DOUBLE_TEST))
+    bad = any_level.run(stages("def f(x):\n    return x + 2\n", DOUBLE_TEST))
+    assert ok.status == "passed", ok
+    assert bad.status == "failed" and bad.detail.startswith("AssertionError")
+
+
+def test_environment_is_scrubbed(any_level, monkeypatch):
+    token = secrets.token_hex(8)
+    monkeypatch.setenv("NANOSEEK_TEST_SECRET", token)
+    r = any_level.run("import os\nprint(sorted(os.environ.items()))")
+    assert r.status == "passed"
+    assert token not in r.stdout and "NANOSEEK_TEST_SECRET" not in r.stdout
+    env = dict(eval(r.stdout))
+    assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "OMP_NUM_THREADS", "PWD", "OLDPWD",
+                        "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LC_CTYPE"}
+
+
+def test_each_program_gets_a_fresh_working_directory(any_level):
+    a = any_level.run("import os\nprint(os.getcwd(), sorted(os.listdir('.')))\nopen('left.txt','w').write('x')")
+    b = any_level.run("import os\nprint(sorted(os.listdir('.')))")
+    assert a.status == b.status == "passed"
+    assert "left.txt" not in b.stdout
+
+
+def test_pool_runs_in_parallel_and_keeps_order(best_sandbox):
+    jobs = [Job(source=f"print({i} * {i})") for i in range(12)]
+    res = best_sandbox.run_many(jobs, workers=3)
+    assert [r.stdout.strip() for r in res] == [str(i * i) for i in range(12)]
+    seen = sorted(i for i, _ in best_sandbox.map(jobs[:5], workers=2))
+    assert seen == list(range(5))
+
+
+def test_run_program_convenience():
+    r = run_program("print(sum(range(10)))", timeout_s=5)
+    assert r.status == "passed" and r.stdout == "45\n"
+    assert r.isolation in LEVELS
+
+
+def test_sandbox_start_failure_is_error_not_failed():
+    sb = Sandbox("none", warn=False, python="/nonexistent/python3")
+    r = sb.run("print(1)")
+    assert r.status == "error"
+
+
+def test_require_isolation_refuses_weaker_levels():
+    with pytest.raises(IsolationUnavailable, match="required"):
+        Sandbox("none", require="bwrap", warn=False)
+    with pytest.raises(ValueError):
+        Sandbox("chroot-ish", warn=False)
+    best = Sandbox("auto", warn=False).isolation
+    assert Sandbox("auto", require=best, warn=False).isolation == best
+
+
+def test_weak_isolation_is_announced(capsys):
+    Sandbox("none")
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_verdict_parser_ignores_lines_without_the_nonce():
+    nonce = "ab" * 16
+    started, v = _parse_verdicts(b"started\n" + b"cd" * 16 + b"\tpassed\t\n" + nonce.encode()
+                                 + b"\tfailed\tAssertionError: a\\nb\n", nonce)
+    assert started and v == [("failed", "AssertionError: a\nb")]
+    assert _parse_verdicts(b"passed\n", nonce) == (False, [])
+
+
+# ------------------------------------------------------- adversarial: no false pass (any level)
+
+EARLY_EXITS = {
+    "sys.exit(0) before the asserts": "import sys\ndef f(x):\n    return 0\nsys.exit(0)\n",
+    "os._exit(0) before the asserts": "import os\ndef f(x):\n    return 0\nos._exit(0)\n",
+    "raise SystemExit": "def f(x):\n    return 0\nraise SystemExit(0)\n",
+    "raise KeyboardInterrupt": "def f(x):\n    return 0\nraise KeyboardInterrupt\n",
+    "os._exit inside the candidate": "import os\ndef f(x):\n    os._exit(0)\n",
+    "sys.exit inside the candidate": "import sys\ndef f(x):\n    sys.exit(0)\n",
+    "SIGKILL self": "import os, signal\ndef f(x):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    "SIGTERM self": "import os, signal\ndef f(x):\n    os.kill(os.getpid(), signal.SIGTERM)\n",
+    "SIGSEGV via abort": "import os\ndef f(x):\n    os.abort()\n",
+    "kill the parent": ("import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                        "except OSError:\n    pass\ndef f(x):\n    return 0\n"),
+    "atexit exit 0": "import atexit, os\natexit.register(os._exit, 0)\ndef f(x):\n    return 0\n",
+    "exception hiding in __del__": ("class X:\n    def __del__(self):\n        import os; os._exit(0)\n"
+                                    "x = X()\ndef f(x):\n    return 0\n"),
+    "fake success markers on stdout and every fd": (
+        "import os\nprint('passed')\nprint('ALL TESTS PASSED')\n"
+        "for fd in range(3, 64):\n    try:\n"
+        "        os.write(fd, b'started\\n' + b'0' * 32 + b'\\tpassed\\t\\npassed\\n')\n"
+        "    except OSError:\n        pass\n"
+        "def f(x):\n    return 0\n"),
+    "close every fd (correct solution)": (
+        "import os\nos.closerange(0, 4096)\ndef f(x):\n    return 2 * x\n"),
+    "monkeypatch builtins before the test": (
+        "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = None\n"
+        "def f(x):\n    return 0\n"),
+    "replace exec and compile": (
+        "import builtins\nbuiltins.exec = lambda *a, **k: None\n"
+        "builtins.compile = lambda *a, **k: compile('pass', 'x', 'exec')\ndef f(x):\n    return 0\n"),
+    "redefine check": "def check(candidate):\n    return True\ndef f(x):\n    return 0\n",
+    "swallow the test in a string": "def f(x):\n    return 0\n_ = '''\n",
+    "swallow the test in a dead block": "def f(x):\n    return 0\nif False:\n",
+    "trace function jumps over the asserts": (
+        "import sys\n"
+        "def f(x):\n"
+        "    caller = sys._getframe(1)\n"
+        "    def tracer(frame, event, arg):\n"
+        "        if event == 'line' and frame is caller:\n"
+        "            frame.f_lineno = caller.f_code.co_firstlineno + 4\n"
+        "        return tracer\n"
+        "    caller.f_trace = tracer\n"
+        "    caller.f_trace_lines = True\n"
+        "    sys.settrace(tracer)\n"
+        "    return 0\n"),
+}
+
+# Uses abs() and a check function, so builtins patches and line jumps would matter.
+TAMPER_TEST = """
+def check(candidate):
+    candidate(1)
+    assert abs(candidate(2) - 4) < 1e-9
+    assert candidate(3) == 6
+    return
+check(f)
+"""
+
+
+def test_no_false_pass(any_level):
+    # All attacks go through the pool at once (they are independent programs).
+    names = list(EARLY_EXITS)
+    results = any_level.run_many([stages(EARLY_EXITS[n], TAMPER_TEST) for n in names], workers=3)
+    wrong = {n: r for n, r in zip(names, results) if r.status not in ("failed", "timeout", "memory")}
+    assert not wrong, wrong
+
+
+def test_builtins_patched_during_the_test_is_caught(any_level):
+    sol = """
+    def f(x):
+        import builtins
+        builtins.abs = lambda v: 0.0   # re-patched on every call, after the harness restored it
+        return 6 if x == 3 else 0      # wrong for x == 2; only the fake abs() hides it
+    """
+    r = any_level.run(stages(sol, TAMPER_TEST))
+    assert r.status == "failed" and "tampered" in r.detail, r
+
+
+def test_patching_the_tests_modules_is_caught(any_level):
+    test = "import math\nassert math.isclose(f(2), 4)\n"
+    patch_attr = "import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 0\n"
+    swap_module = ("import sys, types\nm = types.ModuleType('math')\nm.isclose = lambda *a, **k: True\n"
+                   "sys.modules['math'] = m\ndef f(x):\n    return 0\n")
+    patch_in_call = "def f(x):\n    import math\n    math.isclose = lambda *a, **k: True\n    return 0\n"
+    for sol in (patch_attr, swap_module, patch_in_call):
+        r = any_level.run(stages(sol, test, preimport=["math"]))
+        assert r.status == "failed", (sol, r)
+    # the same test with an honest solution passes: the checks do not reject normal programs
+    assert any_level.run(stages("def f(x):\n    return 2.0 * x\n", test, ["math"])).status == "passed"
+
+
+def test_infinite_loop_times_out_without_hanging(any_level):
+    sb = Sandbox(any_level.isolation, warn=False, limits=Limits(timeout_s=0.5, grace_s=0.5))
+    t0 = time.monotonic()
+    r = sb.run("while True:\n    pass\n")
+    assert r.status == "timeout"
+    assert time.monotonic() - t0 < 0.5 + 0.5 + 2
+
+
+def test_timeout_survives_signal_games(any_level):
+    any_level = Sandbox(any_level.isolation, warn=False, limits=Limits(timeout_s=0.5, grace_s=0.5))
+    src = ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+           "signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+           "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n")
+    t0 = time.monotonic()
+    r = any_level.run(src)
+    assert r.status == "timeout", r
+    assert time.monotonic() - t0 < any_level.limits.timeout_s + any_level.limits.grace_s + 2
+    r = any_level.run("try:\n    import time; time.sleep(1000)\nexcept BaseException:\n    "
+                      "import time; time.sleep(1000)\n")
+    assert r.status == "timeout", r
+
+
+def test_memory_bomb(any_level):
+    sb = Sandbox(any_level.isolation, warn=False,
+                 limits=Limits(timeout_s=5, grace_s=2, memory_mb=512))
+    r = sb.run("x = bytearray(8 * 1024 ** 3)\nprint('allocated')")
+    assert r.status == "memory" and "allocated" not in r.stdout, r
+    r = sb.run("chunks = []\nwhile True:\n    chunks.append(b'x' * (16 * 1024 ** 2))\n")
+    assert r.status == "memory", r
+
+
+def test_huge_output_is_cut_off(any_level):
+    sb = Sandbox(any_level.isolation, warn=False,
+                 limits=Limits(timeout_s=10, grace_s=2, file_mb=4, max_output_bytes=1000))
+    t0 = time.monotonic()
+    r = sb.run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n")
+    assert r.status == "failed" and "File too large" in r.detail, r
+    assert len(r.stdout) < 1200 and "output truncated" in r.stdout
+    assert time.monotonic() - t0 < 10  # cut by the file-size limit, not by the timeout
+    r = sb.run("print('y' * 5000)")
+    assert r.status == "passed" and r.stdout.startswith("y" * 1000) and "truncated: 5001 bytes" in r.stdout
+
+
+def test_job_and_nonce_are_not_reachable_from_the_program(any_level):
+    src = """
+    import os
+    found = []
+    for fd in range(0, 256):
+        try:
+            os.lseek(fd, 0, 0)
+            data = os.read(fd, 1 << 20)
+        except OSError:
+            continue
+        found.append((fd, data[:200]))
+    print(os.listdir('/proc/self/fd'))
+    print(any(b'stages' in d or b'nonce' in d for _, d in found))
+    """
+    r = any_level.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    assert r.stdout.splitlines()[-1] == "False"
+
+
+# ------------------------------------------------- adversarial: containment (isolated levels)
+
+def test_no_network(isolated):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    src = f"""
+    import socket
+    for addr in [("127.0.0.1", {port}), ("10.0.0.1", 80), ("1.1.1.1", 53)]:
+        try:
+            socket.create_connection(addr, timeout=0.5).close()
+            print("connected", addr)
+        except OSError as e:
+            print("blocked", addr, e)
+    print(sorted(n for _, n in socket.if_nameindex()))
+    """
+    try:
+        r = isolated.run(textwrap.dedent(src))
+        assert r.status == "passed", r
+        assert "connected" not in r.stdout, r.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_no_write_outside_the_working_directory(isolated, tmp_path):
+    target = tmp_path / "open"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    token = secrets.token_hex(6)
+    paths = [str(target / "escaped.txt"), f"/tmp/nanoseek-escape-{token}",
+             f"/var/tmp/nanoseek-escape-{token}", os.path.join(os.getcwd(), f"escape-{token}"),
+             "/usr/nanoseek-escape-" + token]
+    src = f"""
+    for p in {paths!r}:
+        try:
+            with open(p, "w") as f:
+                f.write("escaped")
+            print("wrote", p)
+        except OSError as e:
+            print("blocked", p, type(e).__name__)
+    """
+    r = isolated.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    for p in paths:
+        assert not os.path.exists(p), p
+    assert "wrote /tmp" not in r.stdout or isolated.isolation == "bwrap"  # bwrap: private /tmp
+
+
+def test_cannot_read_the_evaluators_environment(isolated):
+    # /proc/<pid>/environ exposes a process's *initial* environment: the program looks for the
+    # evaluator's (this test process's) there and everywhere else it can.
+    with open("/proc/self/environ", "rb") as f:
+        entries = [e.decode("utf-8", "replace") for e in f.read().split(b"\0") if e]
+    clean = {"PATH", "HOME", "TMPDIR", "LANG", "OMP_NUM_THREADS", "PWD", "OLDPWD",
+             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LC_CTYPE", "SHLVL", "_"}
+    secrets_ = [e for e in entries if e.split("=", 1)[0] not in clean and len(e) >= 8]
+    if not secrets_:
+        pytest.skip("this test process has no distinctive environment variable to look for")
+    src = f"""
+    import os
+    seen = [repr(dict(os.environ))]
+    pids = [p for p in os.listdir('/proc') if p.isdigit()] + [str(os.getppid()), '{os.getpid()}']
+    for pid in pids:
+        for name in ('environ', 'cmdline'):
+            try:
+                seen.append(open(f'/proc/{{pid}}/{{name}}', 'rb').read().decode('latin-1'))
+            except OSError:
+                pass
+    print('\\n'.join(seen))
+    """
+    r = isolated.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    leaked = [e for e in secrets_ if e in r.stdout or e in r.stderr]
+    assert not leaked, leaked
+
+
+def _processes_with(arg: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if arg.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def test_daemonised_children_do_not_survive(isolated):
+    secs = f"{os.getpid() % 1000 + 1000}.{secrets.randbelow(10 ** 6):06d}"
+    src = f"""
+    import os, subprocess
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            subprocess.Popen(["sleep", "{secs}"], start_new_session=True)
+            os._exit(0)
+        os._exit(0)
+    import time; time.sleep(0.3)
+    """
+    r = isolated.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    deadline = time.monotonic() + 3
+    while _processes_with(secs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(secs) == []
+
+
+def test_fork_bomb_is_contained(isolated):
+    isolated = Sandbox(isolated.isolation, warn=False, limits=Limits(timeout_s=1.0, grace_s=1.0))
+    t0 = time.monotonic()
+    r = isolated.run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    assert r.status in ("timeout", "failed"), r
+    assert time.monotonic() - t0 < isolated.limits.timeout_s + isolated.limits.grace_s + 5
+    after = isolated.run("print('still works')")
+    assert after.stdout == "still works\n", after
+
+
+def test_kill_everything_only_kills_the_sandbox(isolated):
+    r = isolated.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nimport time; time.sleep(0.5)\n"
+                     "print('survived')\n")
+    # kill(-1) reaches only processes in the sandbox's pid namespace (the evaluator lives on)
+    assert r.status != "passed" or "survived" in r.stdout
+    assert isolated.run("print('ok')").stdout == "ok\n"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="checks the root-specific case")
+def test_root_inside_has_no_capabilities(isolated):
+    src = ("caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')]\nprint(caps[0].split()[1])")
+    r = isolated.run(src)
+    assert r.status == "passed" and int(r.stdout.strip(), 16) == 0, r
+
+
+def test_no_isolation_keeps_the_evaluator_alive_when_the_parent_is_killed():
+    # With no namespaces, the program's parent is a shell between it and us.
+    sb = make_sandbox("none", timeout_s=2, grace_s=1)
+    r = sb.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time; time.sleep(0.2)")
+    assert r.status == "failed"
+    assert sb.run("print('alive')").stdout == "alive\n"
+
+
+def test_writable_space_is_bounded(isolated):
+    # Files in a tmpfs live in RAM, which RLIMIT_AS does not count: every writable place must
+    # have a size limit (workdir_mb) or be read-only.
+    sb = Sandbox(isolated.isolation, warn=False,
+                 limits=Limits(timeout_s=10, grace_s=2, workdir_mb=16, file_mb=4))
+    src = """
+    import os
+    for d in ('.', '/tmp', '/dev/shm', '/dev', '/var/tmp', os.path.expanduser('~')):
+        n = 0
+        try:
+            for i in range(64):
+                with open(os.path.join(d, f'fill{i}'), 'wb') as f:
+                    f.write(b'x' * (2 << 20))
+                n += 2
+        except OSError:
+            pass
+        print(d, n)
+    """
+    r = sb.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    written = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in r.stdout.splitlines()}
+    assert written and all(mb <= 16 for mb in written.values()), written
