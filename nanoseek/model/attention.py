@@ -126,6 +126,12 @@ class Attention(nn.Module):
         v = torch.arange(bq + w, device=kv.device).unsqueeze(0)
         in_window = (v >= u + 1) & (v <= u + w)  # relative distance u - v + W in [0, W-1]
         allowed = in_window.unsqueeze(0) & valid_blocks.unsqueeze(1)  # [nb, bq, bq+W]
+        if ctx.doc_ids is not None:  # per-document attention for packed rows
+            doc = ctx.doc_ids
+            key_doc = torch.cat([doc.new_full((b, w), -1), doc, doc.new_full((b, pad), -2)], dim=1)
+            query_doc = F.pad(doc, (0, pad), value=-3).view(b, nb, bq)
+            same = query_doc.unsqueeze(-1) == key_doc.unfold(1, bq + w, bq).unsqueeze(2)
+            allowed = allowed.unsqueeze(0) & same  # [B, nb, bq, bq+W]
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=kv.device).masked_fill(~allowed, NEG)
         qp = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
         q_blocks = qp.reshape(b, nb, bq * self.h, self.d)
@@ -134,7 +140,7 @@ class Attention(nn.Module):
             keep = min(s, ring_size)
             slots = (torch.arange(s - keep, s, device=kv.device) + start) % ring_size
             cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
-        return q_blocks, keys_t, bias.unsqueeze(0)
+        return q_blocks, keys_t, bias if bias.dim() == 4 else bias.unsqueeze(0)
 
     def _window_step(self, q, kv, pos, cache: LayerCache):
         """One token per row at per-row positions: the ring itself is the key set."""
@@ -155,6 +161,8 @@ class Attention(nn.Module):
         b, s = x.shape[:2]
         m = self.rate
         comp_inv = self.inv_freq
+        if cache is None and ctx.doc_ids is not None:
+            return self._compressed_packed(x, qr, cos, sin, ctx)
         if cache is None:
             entries = self.compressor.full(x, comp_inv)
         elif ctx.start is not None:
@@ -172,6 +180,25 @@ class Attention(nn.Module):
             keys = self._index_keys(x, ctx, cache, n)  # always: the cached indexer state must advance
         if self.indexer is not None and n:
             # the indexer never back-propagates into the trunk: it is trained by its own KL loss
+            scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, keys)
+            if not ctx.dense_csa:
+                allowed = select_topk(scores.detach(), visible, self.index_topk)
+            index_info = (scores, allowed)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, NEG)
+        return entries, bias, index_info
+
+    def _compressed_packed(self, x, qr, cos, sin, ctx: ForwardContext):
+        """The uncached compressed part for packed rows: entries of a document are visible only to
+        later queries of the same document."""
+        entries, ends, valid = self.compressor.packed(x, ctx.positions, ctx.doc_ids, self.inv_freq)
+        s = x.shape[1]
+        entry_doc = ctx.doc_ids.gather(1, ends.clamp(max=max(s - 1, 0)))
+        t = torch.arange(s, device=x.device)
+        visible = (valid.unsqueeze(1) & (ends.unsqueeze(1) <= t.view(1, -1, 1))
+                   & (ctx.doc_ids.unsqueeze(-1) == entry_doc.unsqueeze(1)))  # [B,S,N]
+        allowed, index_info = visible, None
+        if self.indexer is not None and entries.shape[1]:
+            keys, _, _ = self.indexer.compressor.packed(x.detach(), ctx.positions, ctx.doc_ids, self.inv_freq)
             scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, keys)
             if not ctx.dense_csa:
                 allowed = select_topk(scores.detach(), visible, self.index_topk)

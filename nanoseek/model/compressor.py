@@ -82,6 +82,41 @@ class Compressor(nn.Module):
         positions = (torch.arange(n, device=x.device) * self.m).expand(b, n)
         return self.finish(self.pool(kv, gate), positions, inv_freq, x.dtype)
 
+    def packed(self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, inv_freq: torch.Tensor):
+        """Per-document compression of packed rows (V4 report 3.5.3): windows start at each
+        document's first token, a document's incomplete tail is dropped, the overlap never reaches
+        into the previous document. positions [B,S] are document-relative.
+
+        Returns entries [B,N,d] (N = most complete windows in a row), ends [B,N] (row index of
+        each window's last token; S for padding) and valid [B,N]."""
+        b, s, _ = x.shape
+        m, d = self.m, self.d
+        t = torch.arange(s, device=x.device).expand(b, s)
+        is_end = positions % m == m - 1
+        n = int(is_end.sum(1).max()) if s else 0
+        if n == 0:
+            return x.new_zeros(b, 0, d), t.new_full((b, 0), s), is_end.new_zeros(b, 0)
+        ends = torch.where(is_end, t, s).sort(dim=1).values[:, :n]
+        valid = ends < s
+        ends_c = ends.clamp(max=s - 1)
+        kv, gate = self.project(x)
+        rows = torch.arange(b, device=x.device)[:, None, None]
+        idx = (ends_c.unsqueeze(-1) - (m - 1) + torch.arange(m, device=x.device)).clamp(min=0)  # [B,N,m]
+        w_kv, w_gate = kv[rows, idx], gate[rows, idx] + self.ape
+        end_pos = positions.gather(1, ends_c)
+        if self.overlap:
+            has_prev = (valid & (end_pos >= 2 * m - 1))[..., None, None]  # previous window in the same doc
+            pidx = (idx - m).clamp(min=0)
+            p_kv = kv[rows, pidx][..., :d].masked_fill(~has_prev, 0.0)
+            p_gate = (gate[rows, pidx] + self.ape)[..., :d].masked_fill(~has_prev, float("-inf"))
+            kv2 = torch.cat([p_kv, w_kv[..., d:]], dim=2)
+            gate2 = torch.cat([p_gate, w_gate[..., d:]], dim=2)
+            pooled = (kv2 * gate2.softmax(dim=2)).sum(dim=2)
+        else:
+            pooled = (w_kv * w_gate.softmax(dim=2)).sum(dim=2)
+        entries = self.finish(pooled, end_pos - (m - 1), inv_freq, x.dtype)
+        return entries, ends, valid
+
     def chunk(self, x: torch.Tensor, state, start: int, inv_freq: torch.Tensor) -> tuple[int, int]:
         """Append a chunk starting at absolute position `start` (same for all rows) to `state`.
 

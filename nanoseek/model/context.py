@@ -2,7 +2,9 @@
 
 `positions` are absolute token positions [B, S]. `cache` is None for an uncached forward
 (training, scoring) or a DecodeCache; `start` is then the common start position of a
-multi-token chunk, or None for a one-token step with per-row positions. The `collect_*` flags
+multi-token chunk, or None for a one-token step with per-row positions. With `doc_ids`
+(uncached only), attention and compression stay inside each document and positions restart
+at every document's first token. The `collect_*` flags
 ask blocks to record auxiliary training quantities into `aux`.
 """
 
@@ -19,6 +21,7 @@ from .cache import DecodeCache
 class ForwardContext:
     positions: torch.Tensor
     input_ids: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None  # [B,S] document id per position (packed training rows)
     cache: DecodeCache | None = None
     start: int | None = 0
     dense_csa: bool = False  # indexer warm-up: CSA attends to every complete entry

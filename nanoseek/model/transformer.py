@@ -145,7 +145,12 @@ class Transformer(nn.Module):
         dev = input_ids.device
         common = dict(input_ids=input_ids, cache=cache, dense_csa=self.dense_csa, **kw)
         if cache is None:
+            doc_ids = kw.get("doc_ids")
+            if doc_ids is not None:
+                return ForwardContext(positions=document_positions(doc_ids), start=0, **common)
             return ForwardContext(positions=torch.arange(s, device=dev).expand(b, s), start=0, **common)
+        if kw.get("doc_ids") is not None:
+            raise ValueError("doc_ids (packed documents) is a training feature: not supported with a cache")
         pos = cache.pos if pos is None else pos
         if pos.shape[0] != b:
             raise ValueError(f"cache was allocated for batch {pos.shape[0]}, got batch {b}")
@@ -173,10 +178,12 @@ class Transformer(nn.Module):
         h = self.norm(self.hc_head(streams))
         return self.head(h).float()
 
-    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False):
+    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False,
+                doc_ids: torch.Tensor | None = None):
         """Logits [B, S, vocab] in fp32 (and the final residual streams [B,S,n,d] if asked, the MTP
-        module's input). With a cache, consumes the tokens and advances it."""
-        ctx = self._context(input_ids, cache)
+        module's input). With a cache, consumes the tokens and advances it. `doc_ids` [B,S]
+        (uncached): packed documents attend and compress only within themselves."""
+        ctx = self._context(input_ids, cache, doc_ids=doc_ids)
         streams = self.hidden_streams(input_ids, ctx)
         logits = self.logits_from_streams(streams)
         if cache is not None:
@@ -238,18 +245,21 @@ class Transformer(nn.Module):
         for p, p0 in zip(cache.mtp_pos, snapshot["mtp_pos"]):
             p.copy_(torch.minimum(p, p0 + keep))
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, mtp_weight: float = 0.3,
-             balance_alpha: float = 1e-4, indexer_weight: float = 1.0, return_logits: bool = False,
-             ignore_index: int = -100) -> LossTerms:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, doc_ids: torch.Tensor | None = None,
+             mtp_weight: float = 0.3, balance_alpha: float = 1e-4, indexer_weight: float = 1.0,
+             return_logits: bool = False, ignore_index: int = -100) -> LossTerms:
         """The training objective with every term reported separately.
 
         labels[b, t] is the target for position t (next token), `ignore_index` to skip; by default
         labels = input_ids shifted left. MTP depth k at position t predicts labels[b, t+k].
-        The indexer KL is computed in every CSA layer (its gradient reaches only the indexer)."""
+        The indexer KL is computed in every CSA layer (its gradient reaches only the indexer).
+        `doc_ids` [B,S]: packed documents (per-document attention, compression and positions;
+        MTP targets that cross a document boundary are ignored)."""
         if labels is None:
             labels = F.pad(input_ids[:, 1:], (0, 1), value=ignore_index)
         want_idx = indexer_weight > 0 and any(l.attn.indexer is not None for l in self.layers)
-        ctx = self._context(input_ids, None, collect_balance=balance_alpha > 0, collect_indexer=want_idx)
+        ctx = self._context(input_ids, None, doc_ids=doc_ids, collect_balance=balance_alpha > 0,
+                            collect_indexer=want_idx)
         streams = self.hidden_streams(input_ids, ctx)
         logits = self.logits_from_streams(streams)
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
@@ -275,12 +285,16 @@ class Transformer(nn.Module):
             if s - k <= 0:
                 break
             nxt = self.embed(input_ids[:, k:])
+            doc = ctx.doc_ids
             sub = ForwardContext(positions=ctx.positions[:, : s - k], input_ids=input_ids[:, k:], cache=None,
                                  start=0, dense_csa=ctx.dense_csa, collect_balance=ctx.collect_balance,
-                                 collect_indexer=ctx.collect_indexer, aux=ctx.aux)
+                                 collect_indexer=ctx.collect_indexer, aux=ctx.aux,
+                                 doc_ids=None if doc is None else doc[:, : s - k])
             streams, h = block(streams[:, : s - k], nxt, sub)
             logits = self.head(h).float()
             target = labels[:, k:]
+            if doc is not None:  # the module at t must not predict across a document boundary
+                target = target.masked_fill(doc[:, : s - k] != doc[:, k:], ignore_index)
             if bool((target != ignore_index).any()):
                 losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index))
         return losses
@@ -323,6 +337,15 @@ class Transformer(nn.Module):
         from ..checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, **kw)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of every token inside its document ([B,S] doc ids -> [B,S], 0 at each doc start)."""
+    b, s = doc_ids.shape
+    t = torch.arange(s, device=doc_ids.device).expand(b, s)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
 
 
 def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True) -> int:
