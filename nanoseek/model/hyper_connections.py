@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import rms_normalize
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -33,6 +32,13 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     result is (approximately) doubly stochastic.
     """
     m = torch.softmax(logits, dim=-1) + eps
+    if not (torch.is_grad_enabled() and m.requires_grad):
+        # inference: the same arithmetic in place (half the kernel launches, no allocations)
+        m.div_(m.sum(dim=-2, keepdim=True).add_(eps))
+        for _ in range(iters - 1):
+            m.div_(m.sum(dim=-1, keepdim=True).add_(eps))
+            m.div_(m.sum(dim=-2, keepdim=True).add_(eps))
+        return m
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         m = m / (m.sum(dim=-1, keepdim=True) + eps)
@@ -55,15 +61,13 @@ class HyperConnection(nn.Module):
     def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n])."""
         n = self.n
-        flat = rms_normalize(streams.flatten(-2), self.norm_eps)
-        with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
-            mix = F.linear(flat, self.fn.float())
+        mix = _normalized_mix(streams, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base.split([n, n, n * n])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * self.scale[1] + post_b)
         comb = sinkhorn((comb_w * self.scale[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
-        x = (pre.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)
+        x = _weighted_sum(pre, streams)
         return x, post, comb
 
     @staticmethod
@@ -85,8 +89,22 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        flat = rms_normalize(streams.flatten(-2), self.norm_eps)
-        with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
-            mix = F.linear(flat, self.fn.float())
+        mix = _normalized_mix(streams, self.fn, self.norm_eps)
         pre = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps
-        return (pre.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)
+        return _weighted_sum(pre, streams)
+
+
+def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """(flat @ fn^T) * rsqrt(mean(flat^2) + eps) in fp32: the RMS scaling commutes with the
+    matmul, so it is applied to the few mix outputs instead of the 4d-wide input (spec 1.2.2)."""
+    flat = streams.flatten(-2).float()
+    with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+        mix = F.linear(flat, fn.float())
+    return mix * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j X_j as one batched [1,n] @ [n,d] product: weights [...,n], streams [...,n,d]."""
+    with torch.autocast(device_type=streams.device.type, enabled=False):
+        out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
+    return out.to(streams.dtype)
