@@ -65,15 +65,19 @@ def official_cache_bytes(config: ModelConfig, context: int) -> int:
 
 
 def describe(config: ModelConfig, context: int, dtype: str = "bfloat16") -> dict:
-    from .transformer import count_parameters
+    import torch
 
-    total = count_parameters(config)
-    active = count_parameters(config, activated=True)
+    from .transformer import Transformer, count_parameters
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = count_parameters(config, model=model)
+    active = count_parameters(config, activated=True, model=model)
     nbytes = cache_bytes(config, context, DTYPE_BYTES[dtype])
     return {
         "config": config.to_dict(),
         "parameters_total": total,
-        "parameters_total_without_mtp": count_parameters(config, include_mtp=False),
+        "parameters_total_without_mtp": count_parameters(config, include_mtp=False, model=model),
         "parameters_activated": active,
         "context": context,
         "cache_dtype": dtype,

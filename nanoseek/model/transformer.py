@@ -348,13 +348,15 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
 
 
-def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True) -> int:
+def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True,
+                     model: "Transformer | None" = None) -> int:
     """Parameter count from the config alone (meta device: no memory). `activated` counts the
     parameters one token uses: top-k routed experts + the shared one, without the embedding
     table (a lookup) and without the MTP module, which is the convention under which the V4
-    release reports 284B/13B (Flash) and 1.6T/49B (Pro)."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    release reports 284B/13B (Flash) and 1.6T/49B (Pro). Pass `model` to reuse a built one."""
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(config)
     total = 0
     for name, p in model.named_parameters():
         if name.startswith("mtp.") and (activated or not include_mtp):
