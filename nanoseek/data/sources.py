@@ -1,0 +1,826 @@
+"""Where source code comes from: directories, git checkouts, wheels/sdists, JSONL/Parquet tables,
+and the embedded default corpus (this interpreter's standard library + site-packages).
+
+Used by `nanoseek data build --source ...` (docs/data.md). A source is turned into *tasks* in
+the main process (cheap: directory walks, stat calls, archive/table names) and each task is
+read into `RawDoc`s by a worker process (`read_task`), so the expensive reading and cleaning
+runs in parallel while the order of documents stays deterministic.
+
+Source specs accepted by `parse_source` (a prefix forces the kind, otherwise it is inferred):
+    default                       the embedded default: stdlib + site-packages of this Python
+    stdlib | site-packages        one half of it
+    dir:PATH    / PATH (a dir)    a project, a git checkout, or a folder of projects / archives
+    archive:PATH / *.whl *.zip *.tar.gz *.tgz *.tar.bz2 *.tar.xz *.tar
+    table:PATH  / *.parquet *.jsonl *.jsonl.gz, or a directory holding only such files
+
+Every document carries a *group* (its repository or package): the train/val split is made by
+group, never by file. Language is detected from the extension, or from the shebang line of an
+extension-less file.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import shutil
+import site
+import subprocess
+import sysconfig
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.data import licenses
+
+# --------------------------------------------------------------------------------------------
+# Languages
+
+EXT_LANG = {
+    ".py": "python", ".pyi": "python", ".pyw": "python",
+    ".pyx": "cython", ".pxd": "cython", ".pxi": "cython",
+    ".c": "c", ".h": "c",
+    ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".c++": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
+    ".h++": "cpp", ".ipp": "cpp", ".tpp": "cpp", ".inl": "cpp",
+    ".cu": "cuda", ".cuh": "cuda",
+    ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript",
+    ".ts": "typescript", ".tsx": "typescript", ".mts": "typescript", ".cts": "typescript",
+    ".rs": "rust", ".go": "go", ".java": "java",
+    ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".ksh": "shell",
+    ".kt": "kotlin", ".kts": "kotlin", ".scala": "scala", ".swift": "swift", ".cs": "csharp",
+    ".rb": "ruby", ".php": "php", ".lua": "lua", ".jl": "julia", ".zig": "zig", ".sql": "sql",
+}
+LANGUAGES = tuple(sorted(set(EXT_LANG.values())))
+_SHEBANG_LANG = {
+    "python": "python", "python2": "python", "python3": "python", "pypy": "python", "pypy3": "python",
+    "sh": "shell", "bash": "shell", "zsh": "shell", "ksh": "shell", "dash": "shell",
+    "node": "javascript", "nodejs": "javascript", "deno": "typescript", "ts-node": "typescript",
+    "ruby": "ruby", "php": "php", "lua": "lua",
+}
+# Names used for languages by table datasets (The Stack: "Python", "C++", "C#", ...).
+_LANG_ALIASES = {"c++": "cpp", "c#": "csharp", "js": "javascript", "ts": "typescript", "bash": "shell",
+                 "sh": "shell", "shellscript": "shell", "golang": "go", "py": "python", "cuda c++": "cuda"}
+
+
+def lang_from_path(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1].lower()
+    dot = name.rfind(".")
+    return EXT_LANG.get(name[dot:]) if dot > 0 else None
+
+
+def lang_from_shebang(head: bytes) -> str | None:
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].decode("latin-1").strip().split()
+    if not line:
+        return None
+    prog = line[0].rsplit("/", 1)[-1]
+    if prog == "env":
+        args = [a for a in line[1:] if not a.startswith("-") and "=" not in a]
+        prog = args[0] if args else ""
+    prog = re.sub(r"[\d.]+$", "", prog) or prog
+    return _SHEBANG_LANG.get(prog) or _SHEBANG_LANG.get(prog.rstrip("0123456789."))
+
+
+def normalize_lang(name: str | None) -> str | None:
+    if not name:
+        return None
+    low = name.strip().lower()
+    low = _LANG_ALIASES.get(low, low)
+    return low if low in LANGUAGES else None
+
+
+# --------------------------------------------------------------------------------------------
+# Path rules: vendored / minified / generated files
+
+VENDORED_DIRS = frozenset({
+    "node_modules", "bower_components", "vendor", "vendored", "_vendor", "third_party", "third-party",
+    "thirdparty", "3rdparty", "site-packages", "dist-packages", "__pycache__",
+})
+_MINIFIED = re.compile(r"[.\-]min\.(js|mjs|css)$|\.bundle\.js$|\.packed\.js$", re.IGNORECASE)
+_GENERATED_NAME = re.compile(r"_pb2(_grpc)?\.pyi?$|\.pb\.(go|h|cc)$|\.pb\.gw\.go$|_generated\.\w+$|\.g\.dart$"
+                             r"|\.designer\.cs$|_string\.go$", re.IGNORECASE)
+
+
+def path_reason(rel: str) -> str | None:
+    """Why a file is skipped from its path alone (vendored / minified / generated), or None."""
+    parts = rel.split("/")
+    for d in parts[:-1]:
+        if d in VENDORED_DIRS or (d.startswith(".") and d not in (".", "..")) or d.endswith((".dist-info", ".egg-info")):
+            return "vendored"
+    name = parts[-1]
+    if _MINIFIED.search(name):
+        return "minified"
+    if _GENERATED_NAME.search(name):
+        return "auto_generated"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Documents and tasks
+
+@dataclass
+class RawDoc:
+    """A file as read from a source, before cleaning. `data` is bytes (files) or str (tables)."""
+
+    group: str
+    path: str
+    lang: str
+    license: str | None
+    source: str
+    data: bytes | str
+    size: int
+    where: str = ""     # where a person finds it: a path, ARCHIVE!member or TABLE row
+
+
+@dataclass
+class Skip:
+    """A file dropped while reading (reason as in the manifest), with a human-readable message."""
+
+    reason: str
+    size: int
+    where: str
+    message: str = ""
+
+
+@dataclass
+class FileRef:
+    path: str      # absolute path on disk
+    rel: str       # path recorded in the corpus (relative to the group root)
+    group: str
+    license: str | None
+    source: str
+    size: int
+    lang: str
+
+
+@dataclass
+class Task:
+    """A unit of work for one worker: a batch of files, an archive, or a slice of a table."""
+
+    kind: str                  # "files" | "archive" | "parquet" | "jsonl"
+    source: str
+    files: list[FileRef] = field(default_factory=list)
+    path: str = ""
+    part: int = 0              # parquet row group
+    start: int = 0             # jsonl byte range
+    end: int = -1
+    est_bytes: int = 0
+
+
+@dataclass
+class SourceSpec:
+    kind: str    # "default" | "stdlib" | "site-packages" | "dir" | "archive" | "table"
+    path: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.kind if not self.path else f"{self.kind}:{self.path}"
+
+
+ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
+TABLE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".ndjson")
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Turn a `--source` argument into a SourceSpec (see module docstring)."""
+    if spec in ("default", "stdlib", "site-packages"):
+        return SourceSpec(spec)
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("dir", "archive", "table", "git"):
+        path = os.path.abspath(os.path.expanduser(rest))
+        kind = "dir" if kind == "git" else kind
+    else:
+        path = os.path.abspath(os.path.expanduser(spec))
+        low = path.lower()
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"source not found: {path}")
+        if os.path.isdir(path):
+            kind = "table" if _is_table_dir(path) else "dir"
+        elif low.endswith(ARCHIVE_SUFFIXES):
+            kind = "archive"
+        elif low.endswith(TABLE_SUFFIXES):
+            kind = "table"
+        else:
+            raise ValueError(f"cannot tell what kind of source {spec!r} is: expected a directory, an archive "
+                             f"({', '.join(ARCHIVE_SUFFIXES)}), a table ({', '.join(TABLE_SUFFIXES)}) or 'default'")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"source not found: {path}")
+    return SourceSpec(kind, path)
+
+
+def _is_table_dir(path: str) -> bool:
+    tables = code = 0
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            low = f.lower()
+            if low.endswith(TABLE_SUFFIXES):
+                tables += 1
+            elif lang_from_path(low) or low.endswith(ARCHIVE_SUFFIXES):
+                code += 1
+    return tables > 0 and code == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Directory walking (.gitignore aware)
+
+_PROJECT_MARKERS = (".git", "pyproject.toml", "setup.py", "setup.cfg", "package.json", "Cargo.toml", "go.mod",
+                    "pom.xml", "build.gradle", "CMakeLists.txt", "Makefile", "README.md", "README.rst", "README")
+
+
+def _is_project_root(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(n in _PROJECT_MARKERS or licenses.LICENSE_FILE_RE.match(n) for n in names)
+
+
+def _git_files(root: str) -> list[str] | None:
+    """Tracked + untracked-but-not-ignored files of a git checkout (None if git can't say)."""
+    if not os.path.exists(os.path.join(root, ".git")) or shutil.which("git") is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, timeout=300, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return sorted({p for p in out.decode("utf-8", "surrogateescape").split("\0") if p})
+
+
+def _walk(root: str):
+    """Yield relative paths of regular files under root, honouring nested .gitignore files."""
+    git = _git_files(root)
+    if git is not None:
+        yield from git
+        return
+    try:
+        from pathspec import GitIgnoreSpec
+    except ImportError:  # pragma: no cover - pathspec is a runtime dependency
+        GitIgnoreSpec = None
+
+    def rec(d: str, rel: str, specs: list):
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return
+        if GitIgnoreSpec is not None and any(e.name == ".gitignore" for e in entries):
+            try:
+                with open(os.path.join(d, ".gitignore"), encoding="utf-8", errors="replace") as f:
+                    specs = specs + [(rel, GitIgnoreSpec.from_lines(f.read().splitlines()))]
+            except OSError:
+                pass
+        for e in entries:
+            r = f"{rel}{e.name}"
+            is_dir = e.is_dir(follow_symlinks=False)
+            if is_dir and (e.name == ".git" or os.path.exists(os.path.join(e.path, "pyvenv.cfg"))):
+                continue  # git metadata and virtualenvs are never part of a project's source
+            ignored = False
+            for base, spec in specs:
+                sub = r[len(base):] + ("/" if is_dir else "")
+                if spec.match_file(sub):
+                    ignored = True
+            if ignored:
+                continue
+            if is_dir:
+                yield from rec(e.path, r + "/", specs)
+            elif e.is_file(follow_symlinks=False):
+                yield r
+
+    yield from rec(root, "", [])
+
+
+def _dir_license(root: str) -> str | None:
+    """License of a project from its license file(s) or manifest."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return None
+    for n in names:
+        if n in ("pyproject.toml", "package.json", "Cargo.toml", "setup.cfg"):
+            try:
+                lic = licenses.from_manifest(n, Path(root, n).read_text(encoding="utf-8", errors="replace"))
+            except OSError:
+                lic = None
+            if lic:
+                return lic
+    for n in names:
+        if licenses.LICENSE_FILE_RE.match(n) and os.path.isfile(os.path.join(root, n)):
+            try:
+                lic = licenses.from_text(Path(root, n).read_text(encoding="utf-8", errors="replace"))
+            except OSError:
+                lic = None
+            if lic:
+                return lic
+    return None
+
+
+@dataclass
+class Enumerated:
+    """What the main process learns while listing a source."""
+
+    tasks: list[Task] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)     # decided from the path / size alone
+    not_code: int = 0                                     # files that are not source code at all
+
+
+def _add_file(out: Enumerated, abs_path: str, rel: str, group: str, lic: str | None, source: str,
+              limits: "SizeLimits", shebang: bool = True) -> FileRef | None:
+    lang = lang_from_path(rel)
+    if lang is None:
+        name = rel.rsplit("/", 1)[-1]
+        if not shebang or "." in name:
+            out.not_code += 1
+            return None
+    try:
+        st = os.lstat(abs_path)
+    except OSError as e:
+        out.skips.append(Skip("unreadable", 0, abs_path, str(e)))
+        return None
+    if not os.path.isfile(abs_path) or os.path.islink(abs_path):
+        out.not_code += 1
+        return None
+    if lang is None:  # an extension-less file is code only if it is a script with a shebang
+        try:
+            with open(abs_path, "rb") as f:
+                lang = lang_from_shebang(f.read(256))
+        except OSError:
+            lang = None
+        if lang is None:
+            out.not_code += 1
+            return None
+    reason = path_reason(rel)
+    if reason:
+        out.skips.append(Skip(reason, st.st_size, abs_path))
+        return None
+    if st.st_size > limits.max_bytes:
+        out.skips.append(Skip("too_large", st.st_size, abs_path))
+        return None
+    if st.st_size < limits.min_bytes and lang is not None:
+        out.skips.append(Skip("too_small", st.st_size, abs_path))
+        return None
+    return FileRef(abs_path, rel, group, lic, source, st.st_size, lang)
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    min_bytes: int = 32
+    max_bytes: int = 1 << 20
+
+
+def _enumerate_dir(spec: SourceSpec, limits: SizeLimits, out: Enumerated) -> list[FileRef]:
+    root = spec.path.rstrip("/")
+    refs: list[FileRef] = []
+    label = spec.label
+    if _is_project_root(root):
+        projects = [(root, os.path.basename(root))]
+    else:
+        projects = []
+        for e in sorted(os.scandir(root), key=lambda e: e.name):
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in VENDORED_DIRS:
+                projects.append((e.path, e.name))
+    for proj, group in projects:
+        lic = _dir_license(proj)
+        for rel in _walk(proj):
+            abs_path = os.path.join(proj, rel)
+            if rel.lower().endswith(ARCHIVE_SUFFIXES):  # a wheelhouse: read each archive in place
+                out.tasks.append(Task("archive", label, path=abs_path, est_bytes=_file_size(abs_path)))
+                continue
+            ref = _add_file(out, abs_path, rel, group, lic, label, limits)
+            if ref:
+                refs.append(ref)
+    if not projects or projects[0][0] != root:
+        # Loose files directly under a folder of projects form their own group.
+        for e in sorted(os.scandir(root), key=lambda e: e.name):
+            if e.is_file(follow_symlinks=False):
+                if e.name.lower().endswith(ARCHIVE_SUFFIXES):
+                    out.tasks.append(Task("archive", label, path=e.path, est_bytes=_file_size(e.path)))
+                    continue
+                ref = _add_file(out, e.path, e.name, os.path.basename(root), None, label, limits)
+                if ref:
+                    refs.append(ref)
+    return refs
+
+
+def _file_size(p: str) -> int:
+    try:
+        return os.path.getsize(p)
+    except OSError:
+        return 0
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def site_packages_dirs() -> list[str]:
+    dirs = []
+    for d in list(site.getsitepackages()) + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []):
+        d = os.path.realpath(d)
+        if os.path.isdir(d) and d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _enumerate_stdlib(limits: SizeLimits, out: Enumerated) -> list[FileRef]:
+    root = stdlib_dir()
+    refs = []
+    # Installed packages and compiled extension modules are not the standard library's source;
+    # config-3.x holds the interpreter's build files.
+    skip_top = {"site-packages", "dist-packages", "lib-dynload", "__pycache__"}
+    for dirpath, dirs, files in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        if not rel_dir:
+            dirs[:] = [d for d in dirs if d not in skip_top and not d.startswith("config-")]
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            rel = rel_dir + f
+            top = rel.split("/", 1)[0]
+            group = "stdlib/" + (top.rsplit(".", 1)[0] if "/" not in rel else top)
+            ref = _add_file(out, os.path.join(dirpath, f), rel, group, "PSF-2.0", "stdlib", limits, shebang=False)
+            if ref:
+                refs.append(ref)
+    return refs
+
+
+def _dist_name(meta_text: str, fallback: str) -> str:
+    m = re.search(r"^Name:\s*(.+)$", meta_text, re.MULTILINE)
+    name = m.group(1).strip() if m else fallback
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_dists(sp: str) -> tuple[dict[str, tuple[str, str | None]], dict[str, tuple[str, str | None]]]:
+    """Map each installed file (relative path) and top-level name -> (distribution, license)."""
+    by_file: dict[str, tuple[str, str | None]] = {}
+    by_top: dict[str, tuple[str, str | None]] = {}
+    for info in sorted(Path(sp).glob("*.dist-info")) + sorted(Path(sp).glob("*.egg-info")):
+        meta_path = info / ("METADATA" if info.suffix == ".dist-info" else "PKG-INFO")
+        try:
+            meta = meta_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        dist = _dist_name(meta, info.name.split("-")[0])
+        lic = licenses.from_metadata(meta)
+        if not lic:
+            for lf in sorted(info.rglob("*")):
+                if lf.is_file() and licenses.LICENSE_FILE_RE.match(lf.name):
+                    lic = licenses.from_text(lf.read_text(encoding="utf-8", errors="replace"))
+                    if lic:
+                        break
+        record = info / "RECORD"
+        if record.is_file():
+            with open(record, newline="", encoding="utf-8", errors="replace") as f:
+                for row in csv.reader(f):
+                    if row and not row[0].startswith(".."):
+                        by_file[row[0].replace("\\", "/")] = (dist, lic)
+        top = info / "top_level.txt"
+        if top.is_file():
+            for t in top.read_text(encoding="utf-8", errors="replace").split():
+                by_top.setdefault(t, (dist, lic))
+    return by_file, by_top
+
+
+def _enumerate_site_packages(limits: SizeLimits, out: Enumerated) -> list[FileRef]:
+    refs = []
+    for sp in site_packages_dirs():
+        by_file, by_top = _installed_dists(sp)
+        for dirpath, dirs, files in os.walk(sp):
+            rel_dir = os.path.relpath(dirpath, sp)
+            rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.endswith((".dist-info", ".egg-info")))
+            for f in sorted(files):
+                rel = rel_dir + f
+                top = rel.split("/", 1)[0]
+                dist, lic = by_file.get(rel) or by_top.get(top.split(".")[0]) or (top.split(".")[0], None)
+                ref = _add_file(out, os.path.join(dirpath, f), rel, dist, lic, "site-packages", limits, shebang=False)
+                if ref:
+                    refs.append(ref)
+    return refs
+
+
+def _enumerate_table(spec: SourceSpec, out: Enumerated, chunk_bytes: int) -> None:
+    paths = []
+    if os.path.isdir(spec.path):
+        for dirpath, dirs, files in os.walk(spec.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(TABLE_SUFFIXES)]
+    else:
+        paths = [spec.path]
+    for p in paths:
+        size = _file_size(p)
+        if p.lower().endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+
+                n = pq.ParquetFile(p).metadata.num_row_groups
+            except Exception as e:  # noqa: BLE001 - any pyarrow failure means a broken file
+                out.skips.append(Skip("unreadable", size, p, f"cannot open Parquet file: {e}"))
+                continue
+            for rg in range(n):
+                out.tasks.append(Task("parquet", spec.label, path=p, part=rg, est_bytes=size // max(n, 1)))
+        elif p.lower().endswith(".gz"):
+            out.tasks.append(Task("jsonl", spec.label, path=p, start=0, end=-1, est_bytes=size * 4))
+        else:
+            for start in range(0, max(size, 1), chunk_bytes):
+                out.tasks.append(Task("jsonl", spec.label, path=p, start=start, end=min(size, start + chunk_bytes),
+                                      est_bytes=min(size, start + chunk_bytes) - start))
+
+
+def enumerate_sources(specs: list[SourceSpec], limits: SizeLimits, chunk_bytes: int = 4 << 20,
+                      chunk_files: int = 512) -> tuple[list[FileRef], Enumerated]:
+    """List every source. Returns loose file refs (to be batched by the caller) and the rest."""
+    out = Enumerated()
+    refs: list[FileRef] = []
+    for spec in specs:
+        if spec.kind in ("default", "stdlib"):
+            refs += _enumerate_stdlib(limits, out)
+        if spec.kind in ("default", "site-packages"):
+            refs += _enumerate_site_packages(limits, out)
+        if spec.kind == "dir":
+            refs += _enumerate_dir(spec, limits, out)
+        elif spec.kind == "archive":
+            out.tasks.append(Task("archive", spec.label, path=spec.path, est_bytes=_file_size(spec.path)))
+        elif spec.kind == "table":
+            _enumerate_table(spec, out, chunk_bytes)
+    return refs, out
+
+
+def batch_files(refs: list[FileRef], chunk_bytes: int = 4 << 20, chunk_files: int = 512) -> list[Task]:
+    tasks, cur, size = [], [], 0
+    for r in refs:
+        cur.append(r)
+        size += r.size
+        if size >= chunk_bytes or len(cur) >= chunk_files:
+            tasks.append(Task("files", cur[0].source, files=cur, est_bytes=size))
+            cur, size = [], 0
+    if cur:
+        tasks.append(Task("files", cur[0].source, files=cur, est_bytes=size))
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------
+# Reading (runs in worker processes)
+
+def read_task(task: Task, limits: SizeLimits):
+    """Yield RawDoc / Skip items for one task. Never raises on bad input."""
+    if task.kind == "files":
+        yield from _read_files(task, limits)
+    elif task.kind == "archive":
+        yield from _read_archive(task, limits)
+    elif task.kind == "parquet":
+        yield from _read_parquet(task, limits)
+    elif task.kind == "jsonl":
+        yield from _read_jsonl(task, limits)
+    else:  # pragma: no cover
+        raise ValueError(task.kind)
+
+
+def _read_files(task: Task, limits: SizeLimits):
+    for ref in task.files:
+        try:
+            with open(ref.path, "rb") as f:
+                data = f.read(limits.max_bytes + 1)
+        except OSError as e:
+            yield Skip("unreadable", ref.size, ref.path, str(e))
+            continue
+        if len(data) > limits.max_bytes:  # grew since it was listed
+            yield Skip("too_large", len(data), ref.path)
+            continue
+        yield RawDoc(ref.group, ref.rel, ref.lang, ref.license, ref.source, data, len(data), ref.path)
+
+
+def _archive_group(name: str, meta: str | None) -> str:
+    base = os.path.basename(name)
+    for suf in ARCHIVE_SUFFIXES:
+        if base.lower().endswith(suf):
+            base = base[: -len(suf)]
+            break
+    fallback = re.split(r"-(?=\d)", base, maxsplit=1)[0]
+    return _dist_name(meta, fallback) if meta else re.sub(r"[-_.]+", "-", fallback).lower()
+
+
+def _read_archive(task: Task, limits: SizeLimits):
+    """Read a wheel / sdist / source archive in place (nothing is extracted to disk)."""
+    path = task.path
+    members: list[tuple[str, bytes]] = []    # candidate code files
+    side: dict[str, bytes] = {}              # metadata and license files, by path
+    too_big: list[tuple[str, int]] = []
+    budget = 8 * limits.max_bytes * 64       # cap on bytes read from one archive (zip bombs)
+    size = _file_size(path)
+
+    def wanted_side(name: str) -> bool:
+        parts = name.split("/")
+        leaf = parts[-1]
+        shallow = len(parts) <= 2 or (len(parts) == 3 and parts[1].endswith((".dist-info", ".egg-info")))
+        return shallow and (leaf in ("METADATA", "PKG-INFO", "pyproject.toml", "package.json", "Cargo.toml",
+                                     "setup.cfg") or bool(licenses.LICENSE_FILE_RE.match(leaf))) or (
+            ".dist-info/licenses/" in name)
+
+    try:
+        if path.lower().endswith((".whl", ".zip")):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    name = info.filename
+                    if wanted_side(name):
+                        side[name] = zf.read(info)[: 1 << 20]
+                    if lang_from_path(name) is None:
+                        continue
+                    if info.file_size > limits.max_bytes:
+                        too_big.append((name, info.file_size))
+                        continue
+                    budget -= info.file_size
+                    if budget < 0:
+                        yield Skip("too_large", info.file_size, f"{path}!{name}", "archive read budget exhausted")
+                        continue
+                    members.append((name, zf.read(info)))
+        else:
+            with tarfile.open(path, mode="r:*") as tf:
+                for m in tf:  # streaming: one pass over the compressed file
+                    if not m.isfile():
+                        continue
+                    name = m.name
+                    if wanted_side(name):
+                        side[name] = tf.extractfile(m).read(1 << 20)
+                    if lang_from_path(name) is None:
+                        continue
+                    if m.size > limits.max_bytes:
+                        too_big.append((name, m.size))
+                        continue
+                    budget -= m.size
+                    if budget < 0:
+                        yield Skip("too_large", m.size, f"{path}!{name}", "archive read budget exhausted")
+                        continue
+                    members.append((name, tf.extractfile(m).read()))
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, ValueError, RuntimeError) as e:
+        yield Skip("unreadable", size, path, f"cannot read archive: {type(e).__name__}: {e}")
+        return
+
+    meta = next((v.decode("utf-8", "replace") for k, v in sorted(side.items())
+                 if k.endswith(("/METADATA", "/PKG-INFO")) or k in ("METADATA", "PKG-INFO")), None)
+    lic = licenses.from_metadata(meta) if meta else None
+    if not lic:
+        for k in sorted(side):
+            leaf = k.rsplit("/", 1)[-1]
+            if leaf in ("pyproject.toml", "package.json", "Cargo.toml", "setup.cfg"):
+                lic = licenses.from_manifest(leaf, side[k].decode("utf-8", "replace"))
+                if lic:
+                    break
+    if not lic:
+        for k in sorted(side):
+            if licenses.LICENSE_FILE_RE.match(k.rsplit("/", 1)[-1]):
+                lic = licenses.from_text(side[k].decode("utf-8", "replace"))
+                if lic:
+                    break
+    group = _archive_group(path, meta)
+    label = f"{task.source}!{os.path.basename(path)}" if task.source != f"archive:{path}" else task.source
+    for name, n in too_big:
+        if path_reason(name) is None:
+            yield Skip("too_large", n, f"{path}!{name}")
+    for name, data in members:
+        reason = path_reason(name)
+        if reason:
+            yield Skip(reason, len(data), f"{path}!{name}")
+            continue
+        lang = lang_from_path(name)
+        if len(data) < limits.min_bytes:
+            yield Skip("too_small", len(data), f"{path}!{name}")
+            continue
+        yield RawDoc(group, name, lang, lic, label, data, len(data), f"{path}!{name}")
+
+
+_COLUMNS = {
+    "content": ("content", "text", "code", "source"),
+    "path": ("path", "max_stars_repo_path", "file_path", "filepath", "filename"),
+    "repo": ("repo", "repo_name", "max_stars_repo_name", "repository", "package"),
+    "license": ("license", "licenses", "max_stars_repo_licenses", "detected_licenses", "license_type"),
+    "lang": ("lang", "language"),
+}
+
+
+def _pick(columns, role: str) -> str | None:
+    return next((c for c in _COLUMNS[role] if c in columns), None)
+
+
+def _row_license(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        parts = [licenses.normalize(str(x)) for x in v if x]
+        if not parts or any(p is None for p in parts):
+            return None
+        return parts[0] if len(parts) == 1 else " AND ".join(f"({p})" if " " in p else p for p in parts)
+    return licenses.normalize(str(v))
+
+
+def _table_rows(task: Task, rows, where: str, limits: SizeLimits):
+    table = os.path.basename(task.path).split(".")[0]
+    for i, rec in rows:
+        content = rec.get("content")
+        if not isinstance(content, str):
+            yield Skip("unreadable", 0, f"{where} row {i}", "missing or non-text content column")
+            continue
+        path = str(rec.get("path") or f"row{i}")
+        repo = rec.get("repo")
+        if not repo:
+            repo = f"{table}/{path.split('/', 1)[0]}" if "/" in path else table
+        lang = normalize_lang(rec.get("lang")) or lang_from_path(path) or lang_from_shebang(content[:256].encode())
+        size = len(content.encode("utf-8", "surrogatepass"))
+        if lang is None:
+            yield Skip("not_code", size, f"{where} row {i}")
+            continue
+        reason = path_reason(path)
+        if reason:
+            yield Skip(reason, size, f"{where}:{path}")
+            continue
+        if size > limits.max_bytes:
+            yield Skip("too_large", size, f"{where}:{path}")
+            continue
+        if size < limits.min_bytes:
+            yield Skip("too_small", size, f"{where}:{path}")
+            continue
+        yield RawDoc(str(repo), path, lang, _row_license(rec.get("license")), task.source, content, size,
+                     f"{where}:{path}")
+
+
+def _read_parquet(task: Task, limits: SizeLimits):
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(task.path)
+        names = pf.schema_arrow.names
+        cols = {role: _pick(names, role) for role in _COLUMNS}
+        if cols["content"] is None:
+            yield Skip("unreadable", _file_size(task.path), task.path,
+                       f"Parquet file has no content column (looked for {', '.join(_COLUMNS['content'])})")
+            return
+        tbl = pf.read_row_group(task.part, columns=[c for c in cols.values() if c])
+        data = {role: tbl.column(c).to_pylist() for role, c in cols.items() if c}
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for corrupt files
+        yield Skip("unreadable", task.est_bytes, f"{task.path}#rg{task.part}", f"broken Parquet data: {e}")
+        return
+    n = len(data["content"])
+    base = task.part << 32
+    rows = ((base + i, {role: col[i] for role, col in data.items()}) for i in range(n))
+    yield from _table_rows(task, rows, f"{task.path}#rg{task.part}", limits)
+
+
+def _read_jsonl(task: Task, limits: SizeLimits):
+    try:
+        if task.path.lower().endswith(".gz"):
+            with gzip.open(task.path, "rb") as f:
+                buf = f.read()
+            start = 0
+        else:
+            with open(task.path, "rb") as f:
+                # A chunk owns the lines that *start* inside [start, end).
+                start = task.start
+                if start > 0:
+                    f.seek(start - 1)
+                    if f.read(1) != b"\n":
+                        f.readline()
+                    start = f.tell()
+                else:
+                    f.seek(0)
+                if start >= task.end:
+                    return
+                buf = f.read(task.end - start)
+                if not buf.endswith(b"\n"):
+                    buf += f.readline()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        yield Skip("unreadable", task.est_bytes, task.path, f"cannot read JSONL: {e}")
+        return
+
+    def rows():
+        offset = start
+        for line in buf.splitlines(keepends=True):
+            at = offset
+            offset += len(line)
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                yield at, {"_error": str(e)}
+                continue
+            if not isinstance(rec, dict):
+                yield at, {"_error": "record is not a JSON object"}
+                continue
+            out = {}
+            for role in _COLUMNS:
+                c = _pick(rec, role)
+                out[role] = rec.get(c) if c else None
+            yield at, out
+
+    where = task.path
+    for i, rec in rows():
+        if "_error" in rec:
+            yield Skip("unreadable", 0, f"{where} @byte {i}", f"invalid JSON line: {rec['_error']}")
+            continue
+        yield from _table_rows(task, [(i, rec)], where, limits)
