@@ -173,14 +173,15 @@ def _bwrap_argv(limits: Limits) -> list[str]:
             argv += ["--ro-bind", d, d]
     for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/alternatives"):
         argv += ["--ro-bind-try", f, f]
-    for p in _python_paths():
-        argv += ["--ro-bind", p, p]
     # Every writable place is a size-limited tmpfs: files written there live in RAM, which
-    # RLIMIT_AS does not count.
+    # RLIMIT_AS does not count. The tmpfs mounts come before the interpreter's read-only binds:
+    # bwrap applies mounts in order, and a virtual environment may live under /tmp.
     argv += ["--proc", "/proc", "--dev", "/dev",
              "--size", str(limits.workdir_mb * 1024 * 1024), "--tmpfs", "/dev/shm",
-             "--size", str(limits.workdir_mb * 1024 * 1024), "--tmpfs", "/tmp",
-             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
+             "--size", str(limits.workdir_mb * 1024 * 1024), "--tmpfs", "/tmp"]
+    for p in _python_paths():
+        argv += ["--ro-bind", p, p]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
     for k, v in _clean_env("/tmp").items():
         argv += ["--setenv", k, v]
     return argv + ["--"]
