@@ -1,0 +1,106 @@
+"""Sampling: per-request parameters and next-token selection from logits.
+
+    params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, top_k=50, seed=1234)
+    g = params.make_generator()
+    token, logprob, top = sample_row(logits_row, params, g)
+
+Greedy decoding is `temperature == 0` (argmax; ties go to the lowest id, as torch.argmax does).
+Otherwise logits are divided by the temperature, cut to the `top_k` most likely tokens, then to
+the smallest set whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020,
+"The Curious Case of Neural Text Degeneration"), and one token is drawn with the request's own
+`torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
+
+Reported log-probabilities are those of the model's distribution (log_softmax of the raw
+logits, temperature 1), as OpenAI's API reports them, not of the truncated sampling distribution.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # generation ends on these ids (not included in the output)
+    stop_strings: tuple[str, ...] = ()  # needs a tokenizer; the output text is cut before the match
+    logprobs: bool = False  # report the chosen token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+        if self.top_logprobs:
+            self.logprobs = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self) -> torch.Generator:
+        """A CPU generator for this request: seeded if a seed was given, from the OS otherwise."""
+        g = torch.Generator(device="cpu")
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        g.manual_seed(int(seed) & ((1 << 63) - 1))
+        return g
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature-scaled logits [V] with everything outside top-k / top-p set to -inf."""
+    x = logits.float() / temperature
+    v = x.shape[-1]
+    if 0 < top_k < v:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Keep a token if the mass strictly before it is < top_p (so the first token always stays).
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop = before >= top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               logprobs_row: torch.Tensor | None = None):
+    """Pick one token from logits [V]; returns (token, logprob or None, top list or None)."""
+    if params.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        x = filter_logits(logits, params.temperature, params.top_k, params.top_p)
+        probs = torch.softmax(x, dim=-1)
+        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return (token, *token_logprobs(logits, token, params, logprobs_row))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, params: SamplingParams, logprobs_row=None):
+    """(logprob of `token`, [(id, logprob)] of the top alternatives) if the request asked for them."""
+    if not params.logprobs:
+        return None, None
+    lp = logprobs_row if logprobs_row is not None else torch.log_softmax(logits.float(), dim=-1)
+    top = None
+    if params.top_logprobs:
+        vals, ids = torch.topk(lp, params.top_logprobs)
+        top = list(zip(ids.tolist(), vals.tolist()))
+    return float(lp[token]), top

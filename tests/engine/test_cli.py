@@ -1,0 +1,54 @@
+"""`nanoseek generate` / `nanoseek chat` in-process on a saved tiny model + tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoseek import chat_format
+from nanoseek.cli import main
+from nanoseek.engine import fill_in_middle, generate_full
+from tests.engine.fixtures import save_model_dir
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "model"
+    model, tok = save_model_dir(d)
+    return d, model, tok
+
+
+def test_generate_prompt_and_fim(saved, capsys):
+    d, model, tok = saved
+    prompt = "def add(a, b):\n"
+    assert main(["generate", "--model", str(d), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    want = generate_full(model, [tok.bos_id] + tok.encode(prompt), 8, tokenizer=tok)[0].text
+    out = capsys.readouterr()
+    assert out.out == prompt + want + "\n"
+    assert "tok/s" in out.err
+    assert main(["generate", "--model", str(d), "--fim-prefix", "x = ", "--fim-suffix", "\n",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == fill_in_middle(model, tok, "x = ", "\n", max_new_tokens=6) + "\n"
+
+
+def test_generate_errors(saved, tmp_path, capsys):
+    assert main(["generate", "--model", str(saved[0])]) == 2
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+
+
+def test_chat_session(saved, monkeypatch, capsys):
+    d, model, tok = saved
+    lines = iter(["/think", "hello", "there", "", "/think", "/reset", "bye", "", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(d), "--max-new-tokens", "5"]) == 0
+    cap = capsys.readouterr()
+    assert "[thinking mode on]" in cap.err and "[thinking mode off]" in cap.err
+    assert "[conversation cleared]" in cap.err
+    # turn 1: multi-line message in thinking mode; turn 2: after /reset, a fresh chat-mode prompt
+    first = generate_full(model, tok.encode(chat_format.encode_messages(
+        [{"role": "user", "content": "hello\nthere"}], thinking_mode="thinking"), allow_special=True), 5,
+        tokenizer=tok)[0].text
+    second = generate_full(model, tok.encode(chat_format.encode_messages(
+        [{"role": "user", "content": "bye"}]), allow_special=True), 5, tokenizer=tok)[0].text
+    assert cap.out == "assistant> " + first.replace("</think>", "\n--- answer ---\n") + "\n" \
+        + "assistant> " + second + "\n"

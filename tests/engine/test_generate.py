@@ -1,0 +1,174 @@
+"""generate / generate_stream / FIM against independent oracles (full uncached forwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import generate, generate_stream
+from nanoseek.engine import fill_in_middle, fim_prompt, generate_full
+from nanoseek.engine.sampling import filter_logits
+
+# Prompt lengths straddle the tiny preset's sliding window (16) and compression rates (4, 8).
+LENGTHS = (3, 11, 29)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [0] + torch.randint(32, 1024, (n - 1,), generator=g).tolist()
+
+
+@torch.no_grad()
+def oracle_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Argmax of a full uncached forward over the whole sequence, one token at a time."""
+    ids, out, lps = list(ids), [], []
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        t = int(logits.argmax())
+        out.append(t)
+        lps.append(float(torch.log_softmax(logits, -1)[t]))
+        ids.append(t)
+    return out, lps
+
+
+def test_greedy_matches_uncached_argmax_and_logprobs(model):
+    for i, n in enumerate(LENGTHS):
+        p = prompt(n, i)
+        want, want_lp = oracle_greedy(model, p, 12)
+        got, lp = generate(model, p, 12, stop_on_eos=False, logprobs=True, chunk_size=8)  # chunked prefill
+        assert got == want
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_batched_ragged_prompts_equal_each_alone(model):
+    ps = [prompt(n, 10 + i) for i, n in enumerate(LENGTHS)]
+    batched = generate(model, ps, 10, stop_on_eos=False)
+    assert isinstance(batched, list) and len(batched) == len(ps)
+    for p, b in zip(ps, batched):
+        assert b == generate(model, p, 10, stop_on_eos=False)
+    # Sampling too: row i uses seed + i, whatever else is in the batch.
+    sampled = generate(model, ps, 10, temperature=1.0, seed=7, stop_on_eos=False)
+    for i, p in enumerate(ps):
+        assert sampled[i] == generate(model, p, 10, temperature=1.0, seed=7 + i, stop_on_eos=False)
+
+
+def test_tensor_input_shapes(model):
+    p = prompt(9, 3)
+    one = generate(model, torch.tensor(p), 5, stop_on_eos=False)
+    two = generate(model, torch.tensor([p, p]), 5, stop_on_eos=False)
+    assert two == [one, one]
+    with pytest.raises(ValueError):
+        generate(model, [], 5)
+
+
+def test_seeded_sampling_reproducible(model):
+    p = prompt(11, 4)
+    kw = dict(temperature=1.0, top_p=0.9, top_k=50, stop_on_eos=False)
+    a = generate(model, p, 16, seed=123, **kw)
+    b = generate(model, p, 16, seed=123, **kw)
+    c = generate(model, p, 16, seed=124, **kw)
+    assert a == b
+    assert a != c
+    assert len(a) == 16
+
+
+def test_degenerate_sampling_equals_greedy(model):
+    p = prompt(11, 5)
+    greedy = generate(model, p, 8, stop_on_eos=False)
+    assert generate(model, p, 8, temperature=0.7, top_k=1, seed=1, stop_on_eos=False) == greedy
+    assert generate(model, p, 8, temperature=0.7, top_p=1e-6, seed=2, stop_on_eos=False) == greedy
+
+
+def test_filter_logits():
+    x = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
+    k2 = filter_logits(x, 1.0, top_k=2)
+    assert torch.isfinite(k2).tolist() == [False, True, True, False, False]
+    probs = torch.softmax(x, -1)  # sorted: 3.0 (.64), 2.0 (.24), 1.0 (.09), ...
+    keep = torch.isfinite(filter_logits(x, 1.0, top_p=float(probs[1] + 0.01))).tolist()
+    assert keep == [False, True, True, False, False]  # .64 < p, .64+.24 >= p -> two tokens
+    assert torch.isfinite(filter_logits(x, 1.0, top_p=0.5)).sum() == 1
+    assert torch.allclose(filter_logits(x, 2.0), x / 2)
+
+
+def test_stop_token_ids(model):
+    p = prompt(11, 6)
+    full = generate(model, p, 12, stop_on_eos=False)
+    stop_tok = full[5]
+    k = full.index(stop_tok)
+    res = generate_full(model, p, 12, stop=[stop_tok], stop_on_eos=False)[0]
+    assert res.tokens == full[:k]
+    assert res.finish_reason == "stop"
+    assert generate_full(model, p, 12, stop_on_eos=False)[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_text_and_tokens(model, tok):
+    p = [tok.bos_id] + tok.encode("def fib(n):\n")
+    full = generate_full(model, p, 24, tokenizer=tok, stop_on_eos=False)[0]
+    text = full.text
+    assert text == tok.decode(full.tokens)
+    # A stop string that starts in the middle of the text (spanning whatever token boundary).
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = text.find(stop)
+    res = generate_full(model, p, 24, stop=[stop, "\x00never"], tokenizer=tok, stop_on_eos=False)[0]
+    assert res.finish_reason == "stop"
+    assert res.text == text[:cut]
+    kept = tok.decode(res.tokens)
+    assert text[:cut].startswith(kept) and res.tokens == full.tokens[:len(res.tokens)]
+    # exactly the tokens whose text lies entirely before the match are kept
+    assert len(tok.decode(full.tokens[:len(res.tokens) + 1])) > cut
+    # streaming never shows text that the final answer drops
+    streamed = "".join(ev.text for ev in generate_stream(model, p, 24, stop=[stop], tokenizer=tok,
+                                                         stop_on_eos=False))
+    assert streamed == text[:cut]
+    with pytest.raises(ValueError):
+        generate(model, p, 4, stop=["x"])  # stop strings need a tokenizer
+
+
+def test_stream_matches_generate(model, tok):
+    ps = [prompt(n, 20 + i) for i, n in enumerate(LENGTHS)]
+    want = generate_full(model, ps, 9, tokenizer=tok, logprobs=True, stop_on_eos=False)
+    got = {i: [] for i in range(len(ps))}
+    text = {i: "" for i in range(len(ps))}
+    ends = {}
+    for ev in generate_stream(model, ps, 9, tokenizer=tok, stop_on_eos=False):
+        assert ev.index not in ends, "no event after a row's final one"
+        got[ev.index] += ev.tokens
+        text[ev.index] += ev.text
+        if ev.finish_reason:
+            ends[ev.index] = ev.finish_reason
+    for i, w in enumerate(want):
+        assert got[i] == w.tokens and text[i] == w.text and ends[i] == "length"
+        assert len(w.logprobs) == len(w.tokens)
+    assert want[0].cache_bytes > 0
+
+
+def test_eos_stops_by_default(model):
+    p = prompt(11, 8)
+    full = generate(model, p, 6, stop_on_eos=False)
+    eos = model.config.eos_token_id
+    k = full.index(eos) if eos in full else None
+    got = generate(model, p, 6)
+    assert got == (full[:k] if k is not None else full)
+    assert eos not in got
+
+
+def test_cache_capacity_finishes_with_length(model):
+    p = prompt(11, 9)
+    res = generate_full(model, p, 50, max_len=16, stop_on_eos=False)[0]
+    assert res.finish_reason == "length" and len(res.tokens) == 16 - 11 + 1
+    assert res.tokens == generate(model, p, 6, stop_on_eos=False)
+
+
+def test_fim_prompt_layout_and_middle(model, tok):
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    ids = fim_prompt(tok, prefix, suffix)
+    assert ids == ([tok.bos_id, tok.fim_begin_id] + tok.encode(prefix) + [tok.fim_hole_id] + tok.encode(suffix)
+                   + [tok.fim_end_id])
+    from nanoseek.data.tokenizer import FIM_LAYOUTS
+    want = (FIM_LAYOUTS["psm"].replace("<BOS>", tok.decode([tok.bos_id])).replace("{middle}<EOS>", "")
+            .format(prefix=prefix, suffix=suffix))
+    assert tok.decode(ids) == want
+    # special strings inside the code are plain text, not FIM control tokens
+    assert tok.fim_hole_id not in fim_prompt(tok, "<｜fim▁hole｜>", "")[2:-2]
+    middle = fill_in_middle(model, tok, prefix, suffix, max_new_tokens=8)
+    assert middle == tok.decode(generate(model, ids, 8, tokenizer=tok))
