@@ -46,6 +46,16 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def mix_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int, eps: float):
+    """mix [..., 2n+n*n] -> pre [..., n], post [..., n], comb [..., n, n] (spec 1.2 step 3)."""
+    pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.split([n, n, n * n])
+    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
+    post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+    comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), iters, eps)
+    return pre, post, comb
+
+
 class HyperConnection(nn.Module):
     """One mHC site. Parameters are named like the official checkpoint (`hc_attn_fn` etc. are
     views of these, see `Block`)."""
@@ -58,15 +68,14 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.zeros(mix, dtype=torch.float32))
         self.scale = nn.Parameter(torch.ones(3, dtype=torch.float32))
 
+    # the elementwise part (about 120 tiny kernels, mostly Sinkhorn); Transformer.compile_kernels()
+    # replaces it per instance with a torch.compile'd version that fuses them into a few
+    mix_weights = staticmethod(lambda *a: mix_weights(*a))
+
     def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n])."""
-        n = self.n
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
-        pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
-        pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post_w * self.scale[1] + post_b)
-        comb = sinkhorn((comb_w * self.scale[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
+        pre, post, comb = self.mix_weights(mix, self.scale, self.base, self.n, self.iters, self.hc_eps)
         x = _weighted_sum(pre, streams)
         return x, post, comb
 

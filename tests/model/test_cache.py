@@ -144,3 +144,17 @@ def test_cached_mtp_equals_uncached_mtp():
     t = model.loss(ids, mtp_weight=1.0, balance_alpha=0, indexer_weight=0)
     ce = torch.nn.functional.cross_entropy(ref[:, :-1].flatten(0, 1), ids[:, 2:].flatten())
     assert torch.allclose(t.mtp, ce, atol=1e-5)
+
+
+def test_compiled_kernels_give_the_same_logits():
+    model = model_with_topk(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        eager = model(ids)
+        model.compile_kernels()
+        compiled = model(ids)
+        cache = model.new_cache(2, 48)
+        model(ids[:, :30], cache=cache)
+        step = model(ids[:, 30:31], cache=cache)
+    assert (compiled - eager).abs().max().item() <= 1e-4
+    assert (step[:, 0] - eager[:, 30]).abs().max().item() <= 1e-4
