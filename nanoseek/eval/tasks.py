@@ -85,9 +85,12 @@ class HumanEvalFimTask:
     ks: tuple[int, ...] = (1,)
     workers: int | None = None
     progress: bool = True
+    limit: int | None = None  # the first `limit` tasks of each subset (a quick smoke eval)
 
     def build_prompts(self) -> list[dict]:
-        return fim.build_prompts(self.subsets, fmt=self.fmt)
+        if self.limit is None:
+            return fim.build_prompts(self.subsets, fmt=self.fmt)
+        return [p for sub in self.subsets for p in fim.build_prompts((sub,), fmt=self.fmt)[: self.limit]]
 
     def postprocess(self, completion: str, prompt: dict) -> str:
         return completion  # the middle ends where the model emits end-of-text
