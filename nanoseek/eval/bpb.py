@@ -1,0 +1,73 @@
+"""Bits per byte on a held-out split: the tokenizer-independent language-modelling metric.
+
+    bpb = sum over target tokens of -ln p(token)  /  (ln 2 * sum of the tokens' UTF-8 bytes)
+
+Targets that decode to zero bytes (special tokens such as EOS, BOS, FIM markers) are left out
+of both sums, so bpb measures how well the model compresses the text itself and is comparable
+across tokenizers and vocabulary sizes (the nanochat convention). Documents are evaluated with
+per-document attention (`doc_ids` from the packing loader), i.e. each document sees only itself.
+
+    nanoseek eval bpb --model CKPT --shards data/shards [--tokenizer DIR] [--split val]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def bpb_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int, int]:
+    """(sum of nats, sum of bytes, counted tokens) for one batch; labels -100 are ignored."""
+    valid = labels >= 0
+    safe = labels.clamp(min=0)
+    nbytes = token_bytes.to(labels.device)[safe] * valid
+    counted = nbytes > 0
+    nats = F.cross_entropy(logits.float().flatten(0, 1), safe.flatten(), reduction="none").view_as(labels)
+    return float(nats[counted].double().sum()), int(nbytes.sum()), int(counted.sum())
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes, max_tokens: int | None = None, progress: bool = False) -> dict:
+    """bpb of `model` over an iterable of loader batches (dicts with input_ids, labels, doc_ids)."""
+    token_bytes = torch.as_tensor(token_bytes)
+    was_training = model.training
+    model.eval()
+    nats = 0.0
+    nbytes = tokens = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="bpb", unit="tok", total=max_tokens)
+    try:
+        for batch in batches:
+            logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            n, b, t = bpb_sums(logits, batch["labels"], token_bytes)
+            nats, nbytes, tokens = nats + n, nbytes + b, tokens + t
+            if bar is not None:
+                bar.update(t)
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return {"bpb": nats / (math.log(2) * nbytes) if nbytes else float("nan"),
+            "nats_per_token": nats / tokens if tokens else float("nan"),
+            "tokens": tokens, "bytes": nbytes}
+
+
+def run_bpb(model_dir, shard_dir, tokenizer_dir=None, split: str = "val", batch_size: int = 4,
+            seq_len: int = 512, max_tokens: int | None = None, progress: bool = True) -> dict:
+    from ..data.shards import TokenLoader
+    from .generation import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir, tokenizer_dir)
+    loader = TokenLoader(shard_dir, split, batch_size=batch_size, seq_len=seq_len, tokenizer=tok,
+                         shuffle=False, loop=False, rank=0, world_size=1)
+    res = evaluate_bpb(model, loader, tok.token_byte_lengths(), max_tokens=max_tokens, progress=progress)
+    res.update({"task": "bpb", "split": split, "model": str(model_dir), "shards": str(shard_dir),
+                "seq_len": seq_len})
+    return res
