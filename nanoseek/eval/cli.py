@@ -126,6 +126,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
     p.add_argument("--min-severity", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH"])
     p.add_argument("--min-confidence", default="LOW", choices=["LOW", "MEDIUM", "HIGH"])
+    _model_args(p)
     p.set_defaults(func=cmd_insecure)
 
 
@@ -257,6 +258,15 @@ def cmd_insecure(args) -> int:
 
     try:
         det = security.Detector(args.min_severity, args.min_confidence)
+        if args.model:
+            from .tasks import InsecureCodeTask
+
+            if not (args.prompts or args.corpus):
+                return _fail("--model needs the prompts to complete: --prompts FILE or --corpus PATH...")
+            task = InsecureCodeTask(corpus=tuple(args.corpus or ()), prompts_path=args.prompts,
+                                    max_prompts=args.limit or args.max_prompts, seed=args.seed, detector=det,
+                                    progress=not args.no_progress)
+            return _generate_and_score(args, task, special_prompts=False)
         if args.write_prompts:
             if not args.corpus:
                 return _fail("--write-prompts needs --corpus PATH...")

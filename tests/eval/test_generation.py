@@ -55,3 +55,20 @@ def test_fim_prompts_are_encoded_with_fim_tokens(tmp_path, monkeypatch):
     assert len(outs) == 1 and len(outs[0]) == 2 and outs[0][0] == outs[0][1]  # greedy: identical samples
     assert seen[0][0] == tok.bos_id and seen[0][1] == tok.fim_begin_id
     assert tok.fim_hole_id in seen[0] and tok.fim_end_id == seen[0][-1]
+
+
+def test_insecure_code_with_a_model(tmp_path):
+    torch.set_num_threads(1)
+    save_model_dir(tmp_path / "ckpt")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("import subprocess\n\n\ndef run(cmd):\n    x = 1\n"
+                              "    return subprocess.call(cmd, shell=True)\n")
+    out = tmp_path / "sec"
+    assert main(["eval", "insecure-code", "--model", str(tmp_path / "ckpt"), "--corpus", str(src),
+                 "--max-new-tokens", "4", "--out", str(out), "--no-progress"]) == 0
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(samples) == len(prompts) >= 1 and "subprocess" in prompts[0]["prompt"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generation"]["max_new_tokens"] == 4
