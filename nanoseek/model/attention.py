@@ -175,17 +175,23 @@ class Attention(nn.Module):
         n = entries.shape[1]
         e = torch.arange(n, device=x.device)
         visible = (e + 1) * m <= ctx.positions.unsqueeze(-1) + 1  # [B,S,N]
-        allowed, index_info = visible, None
+        keys = None
         if self.indexer is not None:
             keys = self._index_keys(x, ctx, cache, n)  # always: the cached indexer state must advance
-        if self.indexer is not None and n:
+        return (entries, *self._select(x, qr, cos, sin, ctx, visible, keys if n else None))
+
+    def _select(self, x, qr, cos, sin, ctx: ForwardContext, visible, index_keys):
+        """Which visible entries each query attends to -> (additive mask [B,S,N], indexer info).
+        HCA (and CSA in the dense warm-up) attend to all visible entries; CSA to the indexer's top-k."""
+        allowed, index_info = visible, None
+        if index_keys is not None:
             # the indexer never back-propagates into the trunk: it is trained by its own KL loss
-            scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, keys)
+            scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, index_keys)
             if not ctx.dense_csa:
                 allowed = select_topk(scores.detach(), visible, self.index_topk)
             index_info = (scores, allowed)
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, NEG)
-        return entries, bias, index_info
+        return bias, index_info
 
     def _compressed_packed(self, x, qr, cos, sin, ctx: ForwardContext):
         """The uncached compressed part for packed rows: entries of a document are visible only to
@@ -196,15 +202,10 @@ class Attention(nn.Module):
         t = torch.arange(s, device=x.device)
         visible = (valid.unsqueeze(1) & (ends.unsqueeze(1) <= t.view(1, -1, 1))
                    & (ctx.doc_ids.unsqueeze(-1) == entry_doc.unsqueeze(1)))  # [B,S,N]
-        allowed, index_info = visible, None
+        keys = None
         if self.indexer is not None and entries.shape[1]:
-            keys, _, _ = self.indexer.compressor.packed(x.detach(), ctx.positions, ctx.doc_ids, self.inv_freq)
-            scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, keys)
-            if not ctx.dense_csa:
-                allowed = select_topk(scores.detach(), visible, self.index_topk)
-            index_info = (scores, allowed)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, NEG)
-        return entries, bias, index_info
+            keys = self.indexer.compressor.packed(x.detach(), ctx.positions, ctx.doc_ids, self.inv_freq)[0]
+        return (entries, *self._select(x, qr, cos, sin, ctx, visible, keys))
 
     def _index_keys(self, x, ctx: ForwardContext, cache: LayerCache | None, n: int) -> torch.Tensor:
         comp = self.indexer.compressor
