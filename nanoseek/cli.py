@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "nanoseek.eval.cli",
     "nanoseek.data.cli",
     "nanoseek.demo",
+    "nanoseek.train.cli",
     "nanoseek.engine.cli",
 )
 

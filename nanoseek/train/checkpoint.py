@@ -1,0 +1,158 @@
+"""Training checkpoints: atomic, keep-last-N, nothing unpickled.
+
+    RUN/checkpoints/step-00000100/
+        config.json, model.safetensors     the model, in nanoseek's interchange format
+                                           (loads with Transformer.from_pretrained)
+        train_state.safetensors            optimizer state, LR-schedule position, data-loader
+                                           positions, RNG states, trainer counters
+    >>> from nanoseek.train.checkpoint import latest_checkpoint, load_tree
+    >>> tree = load_tree(latest_checkpoint("runs/x") / "train_state.safetensors")
+
+Atomicity: a checkpoint is written under `checkpoints/.tmp-step-N-PID/`, every file fsync'ed,
+then the directory is renamed to `step-N` (rename is atomic on POSIX) and the parent fsync'ed.
+A `kill -9` at any moment therefore leaves either the old set of `step-*` directories or the
+old set plus one complete new one; leftover `.tmp-*` directories are ignored and swept by the
+next save.
+
+`train_state.safetensors` stores arbitrary nested state (dicts with int or str keys, lists,
+numbers, strings, tensors): tensors become safetensors entries, the structure is JSON in the
+file's metadata. Loading never runs pickle (the issue's `weights_only` requirement, met by
+construction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+STATE_FILE = "train_state.safetensors"
+_PREFIX = "step-"
+
+
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode_key(k), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def _encode_key(k):
+    if isinstance(k, (bool, int, str)):
+        return k
+    raise TypeError(f"checkpoint dict keys must be int or str, got {type(k).__name__}")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        raise ValueError("malformed checkpoint tree")
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_tree(obj, path: str | os.PathLike) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(obj, tensors)
+    save_file(tensors, str(path), metadata={"format": "nanoseek-train-state", "tree": json.dumps(tree)})
+
+
+def load_tree(path: str | os.PathLike):
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "nanoseek-train-state":
+            raise ValueError(f"{path} is not a nanoseek training-state file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _decode(json.loads(meta["tree"]), tensors)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(str(d), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(d)
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit() \
+                and (p / STATE_FILE).is_file() and (p / "config.json").is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, state: dict, keep_last: int = 3) -> Path:
+    """Atomically write checkpoint `step` (model + state tree) and prune to the newest keep_last."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):          # debris of an interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    save_tree(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    if final.exists():                          # re-saving the same step: move the old one aside first
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_model_state(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's state dict (internal names) from a checkpoint directory, exact dtypes kept."""
+    from nanoseek.checkpoint import official_to_state_dict, read_official_tensors
+
+    return official_to_state_dict(read_official_tensors(Path(ckpt_dir)))

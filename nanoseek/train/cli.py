@@ -1,0 +1,136 @@
+"""`nanoseek train`, `nanoseek report` and `nanoseek speedrun`: thin wrappers over trainer.py,
+report.py and speedrun.py (see docs/train.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from nanoseek.train.trainer import TrainConfig
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    kw = {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            kw[f.name] = v
+    if getattr(args, "prompt", None):
+        kw["sample_prompts"] = list(args.prompt)
+    if getattr(args, "no_progress", False):
+        kw["progress"] = False
+    if kw.get("model"):
+        kw.setdefault("depth", None)
+    return TrainConfig(**kw)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.train.trainer import train
+
+    try:
+        cfg = config_from_args(args)
+        if cfg.max_steps is None and cfg.minutes is None:
+            return _err("give --steps or --minutes")
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    if summary.get("checkpoint"):
+        val = summary.get("val") or {}
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"{summary['tok_per_s']:.0f} tok/s, val bpb {val.get('val_bpb', float('nan')):.4f}; "
+              f"checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nanoseek.train.report import write_report
+
+    try:
+        path = write_report(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    print(path)
+    return 0
+
+
+def _cmd_speedrun(args: argparse.Namespace) -> int:
+    from nanoseek.train.speedrun import speedrun
+
+    try:
+        speedrun(args.out, minutes=args.minutes, depth=args.depth, corpus_mb=args.corpus_mb,
+                 vocab_size=args.vocab_size, force_train=args.retrain)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--out", dest="run_dir", required=True, help="run directory (metrics, checkpoints, report)")
+    a("--shards", dest="shard_dir", required=True, help="token shards (nanoseek data tokenize)")
+    a("--tokenizer", dest="tokenizer_dir", help="tokenizer directory (for val bits-per-byte and samples)")
+    a("--model", help="preset name (tiny, small, ...) or a config/checkpoint directory")
+    a("--depth", type=int, help="scale dial (default 4): width, heads, experts, LR, batch follow from it")
+    a("--init-from", dest="init_from", help="start from the weights of this checkpoint directory")
+    a("--seq-len", dest="seq_len", type=int)
+    a("--micro-batch", dest="micro_batch", type=int, help="rows per micro-step per rank")
+    a("--batch-tokens", dest="batch_tokens", type=int, help="global tokens per optimizer step (accumulates)")
+    a("--steps", dest="max_steps", type=int)
+    a("--minutes", type=float, help="training-time budget (horizon fixed after a few timed steps)")
+    a("--lr", type=float)
+    a("--adamw-lr", dest="adamw_lr", type=float)
+    a("--weight-decay", dest="weight_decay", type=float)
+    a("--warmup-steps", dest="warmup_steps", type=int)
+    a("--decay-frac", dest="decay_frac", type=float)
+    a("--decay-shape", dest="decay_shape", choices=["cosine", "linear"])
+    a("--grad-clip", dest="grad_clip", type=float)
+    a("--mtp-weight", dest="mtp_weight", type=float)
+    a("--balance-alpha", dest="balance_alpha", type=float)
+    a("--indexer-weight", dest="indexer_weight", type=float)
+    a("--indexer-warmup-steps", dest="indexer_warmup_steps", type=int, help="dense CSA for the first N steps")
+    a("--bias-update-speed", dest="bias_update_speed", type=float)
+    a("--fim-rate", dest="fim_rate", type=float)
+    a("--seed", type=int)
+    a("--eval-every", dest="eval_every", type=int)
+    a("--eval-tokens", dest="eval_tokens", type=int)
+    a("--sample-every", dest="sample_every", type=int)
+    a("--prompt", action="append", help="sample prompt (repeatable)")
+    a("--ckpt-every", dest="ckpt_every", type=int)
+    a("--keep-last", dest="keep_last", type=int)
+    a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
+    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--autocast", choices=["auto", "bf16", "off"])
+    a("--compile", action="store_true", default=None)
+    a("--deterministic", action="store_true", default=None)
+    a("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2 fully_shard instead of DDP")
+    a("--peak-tflops", dest="peak_tflops", type=float, help="MFU denominator (default: measured)")
+    a("--no-progress", action="store_true")
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pre-train a DeepSeek-V4 model on token shards",
+                              description="Pre-train with the V4 recipe (Muon, MTP, bias balancing, indexer "
+                                          "warm-up). Runs under torchrun for DDP.")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("report", help="write report.md and plots for a training run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = subparsers.add_parser("speedrun", help="corpus -> tokenizer -> shards -> pre-training -> report, in one go")
+    p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
+    p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
+    p.add_argument("--corpus-mb", dest="corpus_mb", type=float, default=None,
+                   help="source MB to read for the corpus (default: 16 on CPU, 400 on GPU)")
+    p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None,
+                   help="tokenizer vocabulary (default: 4096 on CPU, 16384 on GPU)")
+    p.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
+    p.set_defaults(func=_cmd_speedrun)

@@ -1,0 +1,174 @@
+"""`nanoseek report RUN_DIR`: report.md with a table of the run and matplotlib PNG plots.
+
+    nanoseek report runs/speedrun/train
+    >>> from nanoseek.train.report import write_report
+    >>> write_report("runs/speedrun/train")      # -> runs/speedrun/train/report.md
+
+Reads what the trainer writes (metrics.jsonl, summary.json, train_config.json, samples.jsonl)
+and produces
+    report.md          config, parameters, tokens, time, final losses, val bpb, throughput, MFU,
+                       the last sample completions
+    loss.png           training loss terms (CE, MTP) per step, with validation loss points
+    bpb.png            validation bits-per-byte per step
+    expert_load.png    routed-expert load (share of tokens) per expert, per layer, at the end,
+                       and the max/mean imbalance of each layer over training
+and, when `nanoseek eval` results live below the run directory, an Evaluation section (a table
+per task, pass@k curve, per-problem pass-rate histogram; see nanoseek/eval/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill: skip it
+    return out
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _warmup(cfg: dict, steps) -> str:
+    """The warm-up the trainer applied: capped at a fifth of the run (trainer.py)."""
+    w = cfg.get("warmup_steps")
+    if w is None or not steps:
+        return str(w)
+    return str(min(w, max(1, steps // 5)))
+
+
+def make_plots(run_dir: Path, steps: list[dict], evals: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = [r["step"] for r in steps]
+        ax.plot(x, [r["ce"] for r in steps if "ce" in r] or [r["loss"] for r in steps], label="train CE", lw=1)
+        if all("mtp" in r for r in steps):
+            ax.plot(x, [r["mtp"] for r in steps], label="train MTP CE", lw=1, alpha=0.7)
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="val CE")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / token")
+        ax.set_title("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "loss.png", dpi=110)
+        plt.close(fig)
+        made.append("loss.png")
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([e["step"] for e in evals], [e["val_bpb"] for e in evals], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits per byte")
+        ax.set_title("validation bits per byte")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "bpb.png", dpi=110)
+        plt.close(fig)
+        made.append("bpb.png")
+    with_load = [r for r in steps if r.get("expert_load")]
+    if with_load:
+        last = with_load[-1]["expert_load"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, row in enumerate(last):
+            tot = sum(row) or 1
+            a1.plot(range(len(row)), [v / tot for v in row], "o-", label=f"routed layer {i}", lw=1)
+        a1.axhline(1 / len(last[0]), color="k", ls="--", lw=0.8, label="uniform")
+        a1.set_xlabel("expert")
+        a1.set_ylabel("share of routed tokens")
+        a1.set_title(f"expert load at step {with_load[-1]['step']}")
+        a1.legend(fontsize=7)
+        xs = [r["step"] for r in with_load]
+        for i in range(len(last)):
+            a2.plot(xs, [r["expert_imbalance"][i] for r in with_load], lw=1, label=f"layer {i}")
+        a2.set_xlabel("step")
+        a2.set_ylabel("max / mean load")
+        a2.set_title("expert-load imbalance")
+        a2.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "expert_load.png", dpi=110)
+        plt.close(fig)
+        made.append("expert_load.png")
+    return made
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    run = Path(run_dir)
+    recs = _read_jsonl(run / "metrics.jsonl")
+    if not recs:
+        raise FileNotFoundError(f"{run} has no metrics.jsonl: not a nanoseek training run (or it has not started)")
+    steps = [r for r in recs if "loss" in r and "event" not in r]
+    evals = [r for r in recs if r.get("event") == "eval"]
+    start = next((r for r in recs if r.get("event") == "start"), {})
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    cfg = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").is_file() else {}
+    samples = _read_jsonl(run / "samples.jsonl")
+    plots = make_plots(run, steps, evals)
+
+    last = steps[-1] if steps else {}
+    tail = steps[-10:]
+
+    def tail_mean(k):
+        vals = [r[k] for r in tail if k in r]
+        return sum(vals) / len(vals) if vals else None
+
+    rows = [
+        ("model", cfg.get("model") or f"depth {cfg.get('depth')}"),
+        ("parameters (total / activated)", f"{_fmt(start.get('params'))} / {_fmt(start.get('activated_params'))}"),
+        ("device / world size / autocast", f"{start.get('device', '-')} / {start.get('world', '-')} / {start.get('autocast', '-')}"),
+        ("sequence length / batch tokens", f"{cfg.get('seq_len', '-')} / {_fmt(start.get('batch_tokens'))}"),
+        ("steps / tokens", f"{_fmt(last.get('step'))} / {_fmt(last.get('tokens'))}"),
+        ("training time (s) / wall time (s)", f"{_fmt(summary.get('train_seconds'))} / {_fmt(summary.get('wall_seconds'))}"),
+        ("peak LR / schedule", f"{_fmt(cfg.get('lr'))} / warm-up {_warmup(cfg, last.get('step'))} steps, "
+                               f"{cfg.get('decay_shape')} decay over last {cfg.get('decay_frac')}"),
+        ("final train loss (mean of last 10 steps)", _fmt(tail_mean("loss"))),
+        ("  CE / MTP / balance / indexer KL", " / ".join(_fmt(tail_mean(k)) for k in ("ce", "mtp", "balance", "indexer"))),
+        ("val loss (nats/token)", _fmt(evals[-1]["val_loss"]) if evals else "-"),
+        ("**val bits per byte**", f"**{_fmt(evals[-1]['val_bpb'])}**" if evals else "-"),
+        ("throughput (tokens/s)", _fmt(summary.get("tok_per_s") or tail_mean("tok_per_s"))),
+        ("MFU", f"{100 * (summary.get('mfu') or tail_mean('mfu') or 0):.2f}% of "
+                f"{(start.get('peak_flops') or 0) / 1e12:.3g} TFLOP/s"),
+        ("expert imbalance max/mean (last step, per layer)", ", ".join(f"{v:.2f}" for v in last.get("expert_imbalance", []))),
+    ]
+    lines = [f"# Training report: {run.name}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines.append("")
+    for p in plots:
+        lines += [f"![{p[:-4]}]({p})", ""]
+    if samples:
+        final_step = samples[-1]["step"]
+        lines += [f"## Samples (greedy, step {final_step})", ""]
+        for s in [s for s in samples if s["step"] == final_step]:
+            lines += ["```python", s["prompt"] + s["completion"], "```", ""]
+    # results of `nanoseek eval ...` written inside the run directory (tables + pass@k plots)
+    from ..eval.report import eval_section
+
+    eval_lines, _ = eval_section(run)
+    lines += eval_lines
+    lines += ["## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", ""]
+    out = run / "report.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out

@@ -1,0 +1,63 @@
+"""Session fixtures for the trainer tests: a small synthetic Python corpus run through the real
+data pipeline (build -> tokenizer -> shards) once."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+
+def _module(rng: random.Random, i: int) -> str:
+    """Repetitive but not trivial Python, so a tiny model can learn something in a few steps."""
+    names = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
+    out = [f'"""Helpers number {i}."""', "", "import math", ""]
+    for _ in range(6):
+        f, a, b = rng.sample(names, 3)
+        op = rng.choice(["+", "-", "*"])
+        out += [f"def {f}_{rng.randint(0, 99)}({a}, {b}):",
+                f'    """Return {a} {op} {b}."""',
+                f"    {a} = {a} {op} {b}",
+                f"    for {b} in range({rng.randint(2, 9)}):",
+                f"        {a} += {b}",
+                f"    return {a}", ""]
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """(shard_dir, tokenizer_dir) of a ~150 KB corpus with a val split."""
+    from nanoseek.data.build import build_corpus
+    from nanoseek.data.shards import tokenize_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("train_data")
+    src = root / "src"
+    rng = random.Random(0)
+    for p in range(12):
+        pkg = src / f"pkg{p}"
+        pkg.mkdir(parents=True)
+        (pkg / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge, to any person\n")
+        for m in range(8):
+            (pkg / f"mod{m}.py").write_text(_module(rng, p * 100 + m))
+    corpus = root / "corpus"
+    build_corpus(corpus, [str(src)], workers=1, progress=False, decontaminate=False, near_dedup=False, license_policy="any",
+                 val_fraction=0.15, num_buckets=8, seed=0)
+    tok = root / "tokenizer"
+    train_tokenizer(corpus, 512, tok, progress=False)
+    shards = root / "shards"
+    tokenize_corpus(corpus, tok, shards, workers=1, progress=False)
+    return Path(shards), Path(tok)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core
+    machine OpenMP's spinning threads make steps 10-50x slower under contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

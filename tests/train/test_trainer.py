@@ -1,0 +1,199 @@
+"""The training loop (nanoseek/train/trainer.py): learning, bits-per-byte, exact resume, DDP,
+router-bias balancing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.moe import MoE
+from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree
+from nanoseek.train.objectives import PretrainObjective
+from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evaluate_bpb, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(train_data, run_dir, **kw) -> TrainConfig:
+    shards, tok = train_data
+    base = dict(run_dir=str(run_dir), shard_dir=str(shards), tokenizer_dir=None, model="tiny", depth=None,
+                seq_len=64, micro_batch=2, max_steps=4, lr=3e-3, warmup_steps=2, eval_every=0,
+                progress=False, tensorboard=False, peak_tflops=1.0, sample_prompts=[])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def records(run_dir) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+# ------------------------------------------------------------------------- bits per byte
+
+def test_bits_per_byte_hand_computed():
+    token_bytes = torch.tensor([0, 0, 0, 0, 0, 3, 0, 1])          # id 5: 3 bytes, id 7: 1 byte, 0: special
+    nats = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    targets = torch.tensor([5, 0, -100, 7])
+    n, b = bits_per_byte_sums(nats, targets, token_bytes)
+    # special (0-byte) and ignored targets leave both sums: (1 + 4) nats over (3 + 1) bytes
+    assert float(n) == 5.0 and float(b) == 4.0
+    assert float(n) / (math.log(2) * float(b)) == pytest.approx(5 / (4 * math.log(2)))
+
+
+def test_evaluate_bpb_of_uniform_model():
+    vocab = 8
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids, doc_ids=None):
+            return torch.zeros(*ids.shape, vocab) + self.w
+
+    token_bytes = torch.tensor([0, 1, 2, 3, 4, 1, 1, 2])
+    labels = torch.tensor([[1, 2, 0, -100], [3, 4, 7, 5]])
+    batch = {"input_ids": torch.zeros_like(labels), "labels": labels}
+    r = evaluate_bpb(Uniform(), [batch], token_bytes, Dist())
+    n_text = 6                                       # targets with bytes: 1,2,3,4,7,5
+    n_bytes = 1 + 2 + 3 + 4 + 2 + 1
+    assert r["val_bpb"] == pytest.approx(n_text * math.log(vocab) / (math.log(2) * n_bytes), rel=1e-6)
+    assert r["val_loss"] == pytest.approx(math.log(vocab), rel=1e-6)   # 7 supervised targets, all ln V
+    assert r["val_tokens"] == 7
+
+
+# ------------------------------------------------------------------------- learning
+
+def test_loss_decreases_and_run_outputs(train_data, tmp_path):
+    shards, tok = train_data
+    cfg = tiny_cfg(train_data, tmp_path / "run", max_steps=12, tokenizer_dir=str(tok),
+                   sample_prompts=["def alpha_1(beta, gamma):\n"], sample_tokens=8, indexer_warmup_steps=4)
+    s = train(cfg)
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    first, last = recs[0]["ce"], sum(r["ce"] for r in recs[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    # V4 recipe bits visible in the log: indexer warm-up phase, MTP weight drop at decay start
+    assert [r["dense_csa"] for r in recs[:5]] == [True] * 4 + [False]
+    assert recs[0]["mtp_weight"] == 0.3 and recs[-1]["mtp_weight"] == 0.1
+    assert all(r["mtp"] > 0 and r["indexer"] >= 0 and r["balance"] > 0 for r in recs)
+    assert len(recs[-1]["expert_imbalance"]) == 4      # tiny: 3 learned-routing layers + the MTP block's
+    assert 0 < s["val"]["val_bpb"] < 8 and s["val"]["val_tokens"] > 0
+    assert isinstance(s["samples"]["def alpha_1(beta, gamma):\n"], str)
+    # the checkpoint is a normal model directory, and the router bias moved (aux-loss-free update)
+    m = Transformer.from_pretrained(s["checkpoint"])
+    assert any(float(mod.gate.bias.abs().sum()) > 0 for mod in m.moe_layers() if not mod.is_hash)
+
+
+# ------------------------------------------------------------------------- resume
+
+class _Crash(PretrainObjective):
+    def __call__(self, model, batch, phase):
+        if phase["step"] == 4:
+            raise RuntimeError("simulated crash")
+        return super().__call__(model, batch, phase)
+
+
+def test_resume_is_bitwise_identical(train_data, tmp_path):
+    a, b = tmp_path / "straight", tmp_path / "crashed"
+    train(tiny_cfg(train_data, a, max_steps=6, ckpt_every=3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(train_data, b, max_steps=6, ckpt_every=3), objective=_Crash())
+    assert latest_checkpoint(b).name == "step-00000003"
+    train(tiny_cfg(train_data, b, max_steps=6, ckpt_every=3, resume=True))
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in rb] == list(range(1, 7))
+    for x, y in zip(ra, rb):
+        for k in ("loss", "ce", "mtp", "balance", "indexer", "grad_norm", "lr"):
+            assert x[k] == y[k], (x["step"], k, x[k], y[k])        # bitwise, not approximately
+        assert x["expert_load"] == y["expert_load"]
+    sa, sb = load_model_state(latest_checkpoint(a)), load_model_state(latest_checkpoint(b))
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ta = load_tree(latest_checkpoint(a) / "train_state.safetensors")
+    tb = load_tree(latest_checkpoint(b) / "train_state.safetensors")
+    assert ta["loaders"] == tb["loaders"] and ta["trainer"]["tokens"] == tb["trainer"]["tokens"]
+
+
+# ------------------------------------------------------------------------- balancing
+
+def test_bias_update_moves_load_toward_balance():
+    cfg = ModelConfig.from_preset("tiny")
+    moe = MoE(cfg, "moe").train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02)
+        moe.gate.weight[0] += 0.02           # skewed router: expert 0 attracts every token
+        for p in list(moe.experts.parameters()) + list(moe.shared_experts.parameters()):
+            p.normal_(0, 0.02)
+    x = torch.randn(2, 64, cfg.hidden_size).abs()
+
+    class Ctx:
+        input_ids = None
+        collect_balance = False
+
+    def imbalance() -> float:
+        with torch.no_grad():
+            moe(x, Ctx())
+        load = moe.load.clone()
+        return float(load.max() / load.mean()), load
+
+    before, load0 = imbalance()
+    assert load0[0] == load0.max() and before > 2.5
+    for _ in range(60):
+        moe.update_bias(0.02)                 # uses and resets the accumulated load
+        imbalance()
+    after, _ = imbalance()
+    assert after < before / 2, (before, after)
+    assert float(moe.gate.bias[0]) < 0 < float(moe.gate.bias[1:].max())
+
+
+# ------------------------------------------------------------------------- DDP
+
+@pytest.fixture(scope="module")
+def single_process_run(train_data, tmp_path_factory):
+    """One process, global batch 256 tokens = 2 accumulation micro-steps of 2 x 64."""
+    import torch as _torch
+
+    n = _torch.get_num_threads()
+    _torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("single")
+    train(tiny_cfg(train_data, run, max_steps=4, batch_tokens=256))
+    _torch.set_num_threads(n)
+    return records(run)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, single_process_run):
+    shards, _ = train_data
+    common = ["--shards", str(shards), "--model", "tiny", "--seq-len", "64", "--micro-batch", "2",
+              "--batch-tokens", "256", "--steps", "4", "--lr", "3e-3", "--warmup-steps", "2",
+              "--eval-every", "0", "--peak-tflops", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    port = "29517" if mode == "ddp" else "29518"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+           "-m", "nanoseek.cli", "train", "--out", str(tmp_path / "ddp"), *common]
+    if mode == "fsdp":
+        cmd.append("--fsdp")                              # parameters/grads/optimizer state sharded
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # one process, same global batch: its 2 accumulation micro-steps read the two ranks' data shards
+    rd, rs = records(tmp_path / "ddp"), single_process_run
+    assert len(rd) == len(rs) == 4
+    for x, y in zip(rd, rs):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+        assert x["expert_load"] == y["expert_load"]      # all-reduced load = one process' load
+    # written once (rank 0) and loadable in one process: as a model, and to resume the run
+    ckpt = latest_checkpoint(tmp_path / "ddp")
+    assert ckpt.name == "step-00000004"
+    Transformer.from_pretrained(ckpt)
+    s = train(tiny_cfg(train_data, tmp_path / "ddp", max_steps=5, batch_tokens=256, resume=True))
+    assert s["steps"] == 5 and [r["step"] for r in records(tmp_path / "ddp")] == [1, 2, 3, 4, 5]
