@@ -18,9 +18,7 @@ quality-per-compute comparison against a dense Llama model.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -29,16 +27,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.train.optim import OptimConfig, build_optimizer
 from nanoseek.train.trainer import measure_peak_flops, training_flops_per_token
 
-
-def median_time(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from bench_model import median_time  # benchmarks/ is on sys.path when run as a script
 
 
 def nanoseek_step(model, ids):
