@@ -90,7 +90,7 @@ class Attention(nn.Module):
         out, p_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s)
         if index_info is not None and ctx.collect_indexer:
             scores, allowed = index_info
-            ctx.aux["indexer"].append(indexer_kl(scores, p_comp, allowed))
+            ctx.aux.indexer.append(indexer_kl(scores, p_comp, allowed))
 
         o = apply_rope(out, cos, sin, inverse=True)  # [B,S,H,D]
         o = o.reshape(b, s, self.groups, -1)

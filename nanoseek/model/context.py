@@ -17,6 +17,16 @@ import torch
 from .cache import DecodeCache
 
 
+class AuxTerms:
+    """Per-call collector of auxiliary loss terms. A plain object on purpose: FSDP2's pre-forward
+    hook rebuilds dataclass / dict / list arguments of every wrapped block, which would hand each
+    block a private copy; an opaque object is passed through by reference."""
+
+    def __init__(self):
+        self.balance: list = []  # sequence-wise balance terms, one per routed MoE layer
+        self.indexer: list = []  # indexer KL terms, one per CSA layer
+
+
 @dataclass
 class ForwardContext:
     positions: torch.Tensor
@@ -27,4 +37,4 @@ class ForwardContext:
     dense_csa: bool = False  # indexer warm-up: CSA attends to every complete entry
     collect_balance: bool = False  # record router statistics for the sequence-wise balance loss
     collect_indexer: bool = False  # record indexer KL terms
-    aux: dict = field(default_factory=lambda: {"balance": [], "indexer": []})
+    aux: "AuxTerms" = field(default_factory=lambda: AuxTerms())

@@ -151,7 +151,7 @@ class MoE(nn.Module):
         if self.training and not self.is_hash:
             self.load += torch.bincount(idx.reshape(-1), minlength=self.n_experts).float()
         if ctx.collect_balance and not self.is_hash:
-            ctx.aux["balance"].append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
+            ctx.aux.balance.append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
         routed = self.experts(flat, idx, w)
         return (routed.to(x.dtype) + self.shared_experts(flat)).view(b, s, d)
 

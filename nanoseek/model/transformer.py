@@ -269,9 +269,9 @@ class Transformer(nn.Module):
         if mtp_weight > 0 and len(self.mtp):
             mtp_losses = self._mtp_losses(input_ids, labels, streams, ctx, ignore_index)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
-        bal = ctx.aux["balance"]
+        bal = ctx.aux.balance
         balance = torch.stack(bal).mean() if bal else zero
-        idx_terms = ctx.aux["indexer"]
+        idx_terms = ctx.aux.indexer
         indexer = torch.stack(idx_terms).mean() if idx_terms else zero
         total = ce + mtp_weight * mtp + balance_alpha * balance + indexer_weight * indexer
         return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits if return_logits else None)

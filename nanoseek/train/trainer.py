@@ -26,7 +26,7 @@ single process with A = 2 therefore sees exactly the data that 2 processes with 
 and their loss curves agree to float rounding (tested). Resuming needs the same D; a
 different D restarts the data stream (with a warning) but keeps model and optimizer.
 
-`--fsdp` (FSDP2 `fully_shard`, one unit for now, see the comment at the call) replaces DDP for models that do not fit
+`--fsdp` (FSDP2 `fully_shard`, one unit per block + the root) replaces DDP for models that do not fit
 one device: parameters, gradients and optimizer state are sharded; Muon gathers each sharded
 matrix's update for Newton-Schulz (optim.py); checkpoints gather full tensors and are the
 same files as unsharded runs, so they load at any world size with or without FSDP.
@@ -494,11 +494,12 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> dict:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        # FSDP2 with one unit (the objective wrapper, so its forward -- which calls
-        # model.loss -- gathers the parameters): parameters, gradients and optimizer state are
-        # sharded at rest. Not one unit per block: FSDP's pre-forward hook rebuilds dataclass
-        # arguments (torch.distributed.utils._apply_to_tensors), so each Block would receive a
-        # copy of the ForwardContext and its balance / indexer loss terms would be lost.
+        # FSDP2, one unit per block (main and MTP) plus the root (the objective wrapper, whose
+        # forward calls model.loss): only one block's parameters are gathered at a time.
+        # The auxiliary loss terms travel in ForwardContext.aux, an opaque object that FSDP's
+        # argument rebuilding passes by reference, so every block's terms reach the loss.
+        for block in list(model.layers) + list(model.mtp):
+            fully_shard(block)
         fully_shard(module)
     elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

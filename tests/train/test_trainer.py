@@ -190,6 +190,8 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, single_pro
     assert len(rd) == len(rs) == 4
     for x, y in zip(rd, rs):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+        for term in ("indexer", "balance"):                # per-block FSDP units keep every aux term
+            assert x[term] == pytest.approx(y[term], rel=1e-4, abs=1e-6)
         assert x["expert_load"] == y["expert_load"]      # all-reduced load = one process' load
     # written once (rank 0) and loadable in one process: as a model, and to resume the run
     ckpt = latest_checkpoint(tmp_path / "ddp")
