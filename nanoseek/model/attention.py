@@ -34,7 +34,7 @@ from ..config import CSA, HCA, ModelConfig
 from .cache import LayerCache
 from .compressor import Compressor
 from .context import ForwardContext
-from .indexer import Indexer, indexer_kl, select_topk
+from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
 from .norm import RMSNorm, rms_normalize
 from .rope import apply_rope, inv_frequencies, rope_angles
 
@@ -87,10 +87,12 @@ class Attention(nn.Module):
         comp, comp_bias, index_info = (None, None, None)
         if self.compressor is not None:
             comp, comp_bias, index_info = self._compressed(x, qr, cos, sin, ctx, cache)
-        out, p_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        out, p_comp, raw_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s)
         if index_info is not None and ctx.collect_indexer:
-            scores, allowed = index_info
+            scores, allowed, visible = index_info
             ctx.aux.indexer.append(indexer_kl(scores, p_comp, allowed))
+            picked = allowed if not ctx.dense_csa else select_topk(scores.detach(), visible, self.index_topk)
+            ctx.aux.indexer_recall.append(indexer_recall(raw_comp, visible, picked, self.index_topk))
 
         o = apply_rope(out, cos, sin, inverse=True)  # [B,S,H,D]
         o = o.reshape(b, s, self.groups, -1)
@@ -189,7 +191,7 @@ class Attention(nn.Module):
             scores = self.indexer.scores(x.detach(), qr.detach(), cos, sin, index_keys)
             if not ctx.dense_csa:
                 allowed = select_topk(scores.detach(), visible, self.index_topk)
-            index_info = (scores, allowed)
+            index_info = (scores, allowed, visible)
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, NEG)
         return bias, index_info
 
@@ -234,11 +236,11 @@ class Attention(nn.Module):
         lse = torch.logaddexp(lse, sink)
         q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
         if comp is not None and comp.shape[1]:
-            logits_c = torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype)).float() * scale
-            logits_c = logits_c.unflatten(1, (s, h)) + comp_bias.unsqueeze(2)  # [B,S,H,N]
+            raw_c = torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype)).float().unflatten(1, (s, h)) * scale
+            logits_c = raw_c + comp_bias.unsqueeze(2)  # [B,S,H,N]
             lse = torch.logaddexp(lse, torch.logsumexp(logits_c, dim=-1))
         else:
-            logits_c = None
+            logits_c = raw_c = None
         lse_blocks = F.pad(lse, (0, 0, 0, nb * bq - s)).unflatten(1, (nb, bq)) if nb * bq != s else lse.unflatten(1, (nb, bq))
         p_w = torch.exp(logits_w - lse_blocks.unsqueeze(-1))  # [B,nb,bq,H,Kw]
         out = torch.matmul(p_w.flatten(2, 3).to(keys_t.dtype), keys_t.transpose(-1, -2))  # [B,nb,bq*H,D]
@@ -247,4 +249,4 @@ class Attention(nn.Module):
         if logits_c is not None:
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
-        return out, p_c
+        return out, p_c, raw_c

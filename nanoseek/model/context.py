@@ -25,6 +25,7 @@ class AuxTerms:
     def __init__(self):
         self.balance: list = []  # sequence-wise balance terms, one per routed MoE layer
         self.indexer: list = []  # indexer KL terms, one per CSA layer
+        self.indexer_recall: list = []  # share of the true top-k entries the indexer picked, per CSA layer
 
 
 @dataclass

@@ -80,3 +80,19 @@ def indexer_kl(index_scores: torch.Tensor, attn_probs: torch.Tensor, allowed: to
     logq = logq.masked_fill(~allowed, 0.0)
     kl = (p * (torch.log(p.clamp_min(1e-30)) - logq)).masked_fill(~allowed, 0.0).sum(-1)
     return kl[has].mean()
+
+
+@torch.no_grad()
+def indexer_recall(raw_logits: torch.Tensor, visible: torch.Tensor, picked: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of the true top-k entries (by the main attention's head-summed probability over all
+    visible entries) that the indexer picked, averaged over queries that see any entry; a query
+    that sees at most k entries has recall 1. raw_logits [B,S,H,N] (scaled q.k, no mask)."""
+    p = torch.softmax(raw_logits.masked_fill(~visible.unsqueeze(2), float("-inf")), dim=-1)
+    mass = torch.nan_to_num(p).sum(dim=2).masked_fill(~visible, -1.0)  # [B,S,N]
+    has = visible.any(-1)
+    if not bool(has.any()):
+        return raw_logits.new_ones(())
+    kk = min(k, mass.shape[-1])
+    top = torch.zeros_like(visible).scatter_(-1, mass.topk(kk, dim=-1).indices, True) & visible
+    recall = (top & picked).sum(-1).float() / top.sum(-1).clamp(min=1)
+    return recall[has].mean()

@@ -87,6 +87,7 @@ class LossTerms:
     indexer: torch.Tensor  # indexer KL (mean over CSA layers)
     n_tokens: int  # supervised tokens of the main loss
     logits: torch.Tensor | None = None
+    indexer_recall: torch.Tensor | None = None  # mean share of the true top-k entries the indexer picks
 
 
 class Transformer(nn.Module):
@@ -274,7 +275,8 @@ class Transformer(nn.Module):
         idx_terms = ctx.aux.indexer
         indexer = torch.stack(idx_terms).mean() if idx_terms else zero
         total = ce + mtp_weight * mtp + balance_alpha * balance + indexer_weight * indexer
-        return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits if return_logits else None)
+        recall = torch.stack(ctx.aux.indexer_recall).mean() if ctx.aux.indexer_recall else None
+        return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits if return_logits else None, recall)
 
     def _mtp_losses(self, input_ids, labels, streams, ctx: ForwardContext, ignore_index: int):
         """Depth k (1-based) sees streams of positions 0..S-1-k and the embeddings of tokens

@@ -42,5 +42,8 @@ class PretrainObjective(Objective):
         t = model.loss(batch["input_ids"], batch.get("labels"), doc_ids=batch.get("doc_ids"),
                        mtp_weight=phase.get("mtp_weight", 0.3),
                        balance_alpha=self.balance_alpha, indexer_weight=self.indexer_weight)
-        return {"loss": t.loss, "ce": t.ce.detach(), "mtp": t.mtp.detach(), "balance": t.balance.detach(),
-                "indexer": t.indexer.detach()}
+        out = {"loss": t.loss, "ce": t.ce.detach(), "mtp": t.mtp.detach(), "balance": t.balance.detach(),
+               "indexer": t.indexer.detach()}
+        if t.indexer_recall is not None:  # present on every step of a model with CSA layers
+            out["indexer_recall"] = t.indexer_recall
+        return out

@@ -128,3 +128,20 @@ def test_bf16_autocast_training_step_is_finite_and_close():
     assert abs(terms.loss.item() - ref) < 0.1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.layers[0].hc_attn.fn.grad.dtype == torch.float32
+
+
+def test_indexer_recall_metric():
+    from nanoseek.model.indexer import indexer_recall
+
+    # one query, 4 visible entries; true head-summed mass ranks entries 2 > 0 > 3 > 1
+    raw = torch.log(torch.tensor([[[[0.3, 0.05, 0.5, 0.15]]]]))
+    visible = torch.ones(1, 1, 4, dtype=torch.bool)
+    assert indexer_recall(raw, visible, torch.tensor([[[True, False, True, False]]]), 2).item() == 1.0
+    assert indexer_recall(raw, visible, torch.tensor([[[False, True, True, False]]]), 2).item() == 0.5
+    # with at most k visible entries every pick is right
+    few = torch.tensor([[[True, True, False, False]]])
+    assert indexer_recall(raw, few, few, 2).item() == 1.0
+    torch.manual_seed(0)
+    model = perturbed(Transformer(ModelConfig.from_preset("tiny", index_topk=3))).train()
+    t = model.loss(torch.randint(0, model.config.vocab_size, (2, 64)))
+    assert 0.0 < t.indexer_recall.item() <= 1.0
