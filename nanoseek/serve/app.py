@@ -331,6 +331,42 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
         msg = str(e) if isinstance(e, (EngineError, APIError)) else f"internal error: {type(e).__name__}"
         return sse(error_body(msg, "server_error"))
 
+    def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def collect_all(request, streams, slot):
+        """A non-streaming request's results; the concurrency slot is released in any case."""
+        try:
+            return await collect(request, streams)
+        except EngineError as e:
+            raise APIError(500, str(e), type="server_error")
+        finally:
+            slot.release()
+
+    def sse_response(body, streams, slot, usage=None) -> StreamingResponse:
+        """The SSE tail every streaming endpoint shares: the body's chunks, an optional usage
+        chunk, `data: [DONE]`, errors as an SSE error event, and -- also when the client hangs up
+        -- cancelling the request's generations and releasing its concurrency slot."""
+
+        async def events():
+            try:
+                async for item in body:
+                    yield item
+                if usage is not None:
+                    yield sse(usage())
+                yield "data: [DONE]\n\n"
+            except (EngineError, APIError) as e:
+                yield sse_error(e)
+            finally:
+                for s in streams:
+                    s.cancel()
+                slot.release()
+                await body.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     def finish(reason: str) -> str:
         return "length" if reason == "length" else "stop"
 
@@ -419,12 +455,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}, off
 
         if not req.stream:
-            try:
-                results = await collect(request, streams)
-            except EngineError as e:
-                raise APIError(500, str(e), type="server_error")
-            finally:
-                slot.release()
+            results = await collect_all(request, streams, slot)
             choices, completion_tokens = [], 0
             for i, ds in enumerate(results):
                 text = "".join(d.text for d in ds)
@@ -439,34 +470,27 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def events():
-            completion_tokens, offsets = 0, [0] * len(streams)
-            try:
-                async for i, d in merged(streams):
-                    completion_tokens += len(d.tokens)
-                    if not d.tokens and not d.text and d.finish_reason is None:
-                        continue
-                    lp = None
-                    if nlp is not None:
-                        lp, offsets[i] = logprobs_obj(d, offsets[i])
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                               "choices": [{"index": i, "text": d.text, "logprobs": lp,
-                                            "finish_reason": finish(d.finish_reason) if d.finish_reason else None}]})
-                if include_usage:
-                    pt = prompt_tokens * req.n
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                               "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": completion_tokens,
-                                                        "total_tokens": pt + completion_tokens}})
-                yield "data: [DONE]\n\n"
-            except (EngineError, APIError) as e:
-                yield sse_error(e)
-            finally:  # also runs when the client hangs up: stop generating for it
-                for s in streams:
-                    s.cancel()
-                slot.release()
+        counted = {"completion_tokens": 0}
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def events():
+            offsets = [0] * len(streams)
+            async for i, d in merged(streams):
+                counted["completion_tokens"] += len(d.tokens)
+                if not d.tokens and not d.text and d.finish_reason is None:
+                    continue
+                lp = None
+                if nlp is not None:
+                    lp, offsets[i] = logprobs_obj(d, offsets[i])
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                           "choices": [{"index": i, "text": d.text, "logprobs": lp,
+                                        "finish_reason": finish(d.finish_reason) if d.finish_reason else None}]})
+
+        usage = None
+        if include_usage:
+            usage = lambda: {"id": cid, "object": "text_completion", "created": created,  # noqa: E731
+                             "model": cfg.model_name, "choices": [],
+                             "usage": usage_counts(prompt_tokens * req.n, counted["completion_tokens"])}
+        return sse_response(events(), streams, slot, usage)
 
     # ---- chat completions ------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
@@ -513,12 +537,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
                     for c in parsed["tool_calls"]]
 
         if not req.stream:
-            try:
-                results = await collect(request, streams)
-            except EngineError as e:
-                raise APIError(500, str(e), type="server_error")
-            finally:
-                slot.release()
+            results = await collect_all(request, streams, slot)
             choices, completion_tokens = [], 0
             for i, ds in enumerate(results):
                 text = "".join(d.text for d in ds)
@@ -544,46 +563,37 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                         "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
 
+        counted = {"completion_tokens": 0}
+
         async def events():
             splitters = [ChatStreamSplitter(mode) for _ in streams]
             texts = [""] * len(streams)
-            completion_tokens = 0
-            try:
-                for i in range(len(streams)):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                async for i, d in merged(streams):
-                    completion_tokens += len(d.tokens)
-                    texts[i] += d.text
-                    sp = splitters[i]
-                    lp = chat_logprobs([d]) if req.logprobs and d.tokens else None
-                    if d.finish_reason is None:
-                        delta = sp.feed(texts[i])
-                        if delta or lp:
-                            yield chunk(i, delta, logprobs=lp)
-                        continue
-                    parsed = chat_format.parse_completion(texts[i], mode)
-                    delta = sp.final(parsed)
-                    reason = finish(d.finish_reason)
-                    if parsed["tool_calls"]:
-                        delta["tool_calls"] = [dict(c, index=k) for k, c in enumerate(tool_calls_of(parsed))]
-                        reason = "tool_calls"
-                    yield chunk(i, delta, reason, logprobs=lp)
-                if include_usage:
-                    pt = len(ids) * req.n
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                               "model": cfg.model_name, "choices": [],
-                               "usage": {"prompt_tokens": pt, "completion_tokens": completion_tokens,
-                                         "total_tokens": pt + completion_tokens}})
-                yield "data: [DONE]\n\n"
-            except (EngineError, APIError) as e:
-                yield sse_error(e)
-            finally:  # also runs when the client hangs up: stop generating for it
-                for s in streams:
-                    s.cancel()
-                slot.release()
+            for i in range(len(streams)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, d in merged(streams):
+                counted["completion_tokens"] += len(d.tokens)
+                texts[i] += d.text
+                sp = splitters[i]
+                lp = chat_logprobs([d]) if req.logprobs and d.tokens else None
+                if d.finish_reason is None:
+                    delta = sp.feed(texts[i])
+                    if delta or lp:
+                        yield chunk(i, delta, logprobs=lp)
+                    continue
+                parsed = chat_format.parse_completion(texts[i], mode)
+                delta = sp.final(parsed)
+                reason = finish(d.finish_reason)
+                if parsed["tool_calls"]:
+                    delta["tool_calls"] = [dict(c, index=k) for k, c in enumerate(tool_calls_of(parsed))]
+                    reason = "tool_calls"
+                yield chunk(i, delta, reason, logprobs=lp)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        usage = None
+        if include_usage:
+            usage = lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,  # noqa: E731
+                             "model": cfg.model_name, "choices": [],
+                             "usage": usage_counts(len(ids) * req.n, counted["completion_tokens"])}
+        return sse_response(events(), streams, slot, usage)
 
     app.state.engine = engine
     app.state.config = cfg
