@@ -18,14 +18,21 @@ import torch
 import torch.nn.functional as F
 
 
+def bits_per_byte_sums(token_nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor):
+    """(sum of nats, sum of bytes) as float64 tensors over targets that stand for >= 1 byte of
+    text; -100 targets and zero-byte (special) targets are left out of both sums."""
+    t = targets.reshape(-1)
+    nb = token_bytes.to(t.device)[t.clamp_min(0)] * (t != -100)
+    keep = nb > 0
+    return token_nats.reshape(-1)[keep].double().sum(), nb.double().sum()
+
+
 def bpb_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int, int]:
-    """(sum of nats, sum of bytes, counted tokens) for one batch; labels -100 are ignored."""
-    valid = labels >= 0
-    safe = labels.clamp(min=0)
-    nbytes = token_bytes.to(labels.device)[safe] * valid
-    counted = nbytes > 0
-    nats = F.cross_entropy(logits.float().flatten(0, 1), safe.flatten(), reduction="none").view_as(labels)
-    return float(nats[counted].double().sum()), int(nbytes.sum()), int(counted.sum())
+    """(sum of nats, sum of bytes, counted tokens) for one batch of logits; labels -100 are ignored."""
+    nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    n, b = bits_per_byte_sums(nats, labels, token_bytes)
+    counted = int(((token_bytes.to(labels.device)[labels.clamp(min=0)] > 0) & (labels != -100)).sum())
+    return float(n), int(b), counted
 
 
 @torch.no_grad()

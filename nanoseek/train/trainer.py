@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.eval.bpb import bits_per_byte_sums
 from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree, save_checkpoint
 from nanoseek.train.objectives import Objective, PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, lr_schedule
@@ -163,18 +164,7 @@ def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Metrics pieces (pure functions: tested on their own)
-
-def bits_per_byte_sums(token_nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor):
-    """(sum of nats, sum of bytes) over targets that stand for >= 1 byte of text.
-
-    Targets with 0 bytes (special tokens: BOS/EOS/FIM markers) and ignored ones (-100) are
-    left out of both sums, so bpb measures text compression only and is comparable across
-    tokenizers: bpb = nats / (ln 2 * bytes)."""
-    t = targets.reshape(-1)
-    nb = token_bytes[t.clamp_min(0)] * (t != IGNORE_INDEX)
-    keep = nb > 0
-    return token_nats.reshape(-1)[keep].double().sum(), nb.double().sum()
-
+# bits_per_byte_sums lives with the bpb evaluation task (nanoseek/eval/bpb.py): one definition of bpb
 
 @torch.no_grad()
 def evaluate_bpb(model: nn.Module, batches, token_bytes: torch.Tensor, d: Dist | None = None,
