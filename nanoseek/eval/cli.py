@@ -118,7 +118,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bpb)
 
-    p = sub.add_parser("insecure-code", help="insecure-code rate of autocomplete samples (bandit)")
+    p = sub.add_parser("insecure-code", help="insecure-code rate of autocomplete samples (bandit + CodeShield)")
     _common(p)
     p.add_argument("--corpus", nargs="+", help="directories / .py / JSONL corpus files to build prompts from")
     p.add_argument("--prompts", help="prompts JSONL (from --write-prompts) the samples continue")
@@ -126,6 +126,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
     p.add_argument("--min-severity", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH"])
     p.add_argument("--min-confidence", default="LOW", choices=["LOW", "MEDIUM", "HIGH"])
+    p.add_argument("--detector", default="both", choices=["bandit", "codeshield", "both"],
+                   help="static detector(s): bandit, CodeShield (regex + semgrep rules), or both (default)")
     _model_args(p)
     p.set_defaults(func=cmd_insecure)
 
@@ -254,10 +256,22 @@ def cmd_bpb(args) -> int:
 
 def cmd_insecure(args) -> int:
     from . import security
+
+    try:
+        det = security.make_detector(args.detector, args.min_severity, args.min_confidence)
+    except security.CodeShieldUnavailable as e:
+        return _fail(f"{e} (or pass --detector bandit)")
+    try:
+        return _insecure(args, det)
+    finally:
+        det.close()
+
+
+def _insecure(args, det) -> int:
+    from . import security
     from .common import EvalInputError
 
     try:
-        det = security.Detector(args.min_severity, args.min_confidence)
         if args.model:
             from .tasks import InsecureCodeTask
 

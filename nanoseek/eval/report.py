@@ -107,7 +107,12 @@ def eval_section(run_dir: str | os.PathLike, plots: bool = True) -> tuple[list[s
                              f"{_f(sub.get('pass@1'))} |")
         elif task == "insecure-code":
             lines.append(f"insecure rate **{_f(s.get('insecure_rate'))}** "
-                         f"({s.get('n_insecure')} of {s.get('n_samples')} completions flagged)")
+                         f"({s.get('n_insecure')} of {s.get('n_samples')} completions flagged"
+                         + (f"; detector `{s['detector']}`" if s.get("detector") else "") + ")")
+            dets = s.get("per_detector") or {}
+            if dets:
+                lines += ["", "| detector | flagged | rate |", "|---|---|---|"]
+                lines += [f"| {d} | {v['n_insecure']} | {_f(v['rate'])} |" for d, v in dets.items()]
             per = s.get("per_cwe") or {}
             if per:
                 lines += ["", "| CWE | flagged | rate |", "|---|---|---|"]

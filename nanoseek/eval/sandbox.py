@@ -19,7 +19,10 @@ parent's), rlimits (CPU seconds, address space, file size, processes, open files
 dumps), a wall-clock timeout that kills the whole group, stdout/stderr written to files capped
 by RLIMIT_FSIZE (a program printing gigabytes is cut off, the evaluator reads a bounded prefix),
 and the verdict protocol of `_runner.py`: a program is "passed" only when the harness saw its
-last stage return and reported so with a per-run secret over a private pipe.
+last stage return and reported so with a per-run secret over a private pipe. Jobs with a test
+(a trusted stage) are also *guarded*: the secret lives only in an audit hook, the test runs in
+its own thread, and frame/gc/ctypes/`/proc`/bytecode introspection is denied, so a program
+cannot read the secret and forge a pass from inside the interpreter (see `_runner.py`).
 
 Statuses: passed / failed / timeout / memory / error ("error" = the sandbox itself could not
 start the program; everything the program does wrong is "failed", "timeout" or "memory").
@@ -157,6 +160,16 @@ def _python_paths() -> list[str]:
             continue
         out.append(p)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _trusted_dirs() -> tuple[str, ...]:
+    """Real paths (with a trailing slash) of the Python installation and its site-packages: the
+    only places a guarded program may load native extension modules and .pyc files from (see
+    `_runner.py`). They are read-only inside bwrap and unshare."""
+    cands = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), *_site_paths()}
+    return tuple(sorted({os.path.realpath(p).rstrip("/") + "/" for p in cands if p and os.path.isdir(p)}))
 
 
 def _bwrap_argv(limits: Limits) -> list[str]:
@@ -460,6 +473,7 @@ def _run_one(job: Job, lim: Limits, level: str, python: str) -> Result:
     payload = {
         "nonce": nonce,
         "sys_path": list(_site_paths()),
+        "trusted_dirs": list(_trusted_dirs()),
         "stages": job.stage_list(),
         "files": job.files,
         "mode": job.mode,

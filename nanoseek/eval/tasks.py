@@ -109,7 +109,7 @@ class InsecureCodeTask:
     max_new_tokens: int = 128
     max_prompts: int | None = 1000
     seed: int = 0
-    detector: security.Detector | None = None
+    detector: security.Detector | None = None  # or security.make_detector("both" | "codeshield")
     progress: bool = True
 
     def build_prompts(self) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from nanoseek.eval.bpb import bpb_sums, evaluate_bpb, run_bpb
@@ -25,7 +26,17 @@ def test_bpb_sums_hand_computed():
     assert math.isclose(res["bpb"], 2 * 3 / 5, rel_tol=1e-6)
 
 
-def test_run_bpb_on_shards_matches_a_direct_computation(tmp_path, shard_dir, tokenizer_dir):  # noqa: F811
+@pytest.fixture
+def one_thread():
+    # A tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    # waiting threads made each forward 10-50x slower (0.05 s -> 0.5-3 s).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_bpb_on_shards_matches_a_direct_computation(tmp_path, shard_dir, tokenizer_dir, one_thread):  # noqa: F811
     from nanoseek import ModelConfig, Transformer
     from nanoseek.data.shards import TokenLoader
     from nanoseek.data.tokenizer import load_tokenizer
@@ -34,13 +45,15 @@ def test_run_bpb_on_shards_matches_a_direct_computation(tmp_path, shard_dir, tok
     model = Transformer(ModelConfig.from_preset("tiny"))
     model.save_pretrained(tmp_path)
     tok = load_tokenizer(tokenizer_dir)
-    res = run_bpb(tmp_path, shard_dir, tokenizer_dir, batch_size=2, seq_len=64, progress=False)
+    # max_tokens keeps the test short (and checks that it stops after the batch that reaches it)
+    res = run_bpb(tmp_path, shard_dir, tokenizer_dir, batch_size=2, seq_len=64, max_tokens=1000,
+                  progress=False)
     # oracle: CE from log_softmax; bytes from the tokenizer's byte table, itself checked against
     # the UTF-8 length of decoded text
     table = tok.token_byte_lengths()
     sample = tok.encode("def f(x):\n    return x * 2  # émoji ✓\n")
     assert sum(int(table[i]) for i in sample) == len(tok.decode(sample).encode("utf-8"))
-    nats, nbytes = 0.0, 0
+    nats, nbytes, counted = 0.0, 0, 0
     loader = TokenLoader(shard_dir, "val", batch_size=2, seq_len=64, tokenizer=tok, shuffle=False, loop=False)
     model.eval()
     with torch.no_grad():
@@ -51,6 +64,9 @@ def test_run_bpb_on_shards_matches_a_direct_computation(tmp_path, shard_dir, tok
                 if n:
                     nats -= float(logp[b, t, y])
                     nbytes += n
-    assert res["bytes"] == nbytes > 0
+                    counted += 1
+            if counted >= 1000:
+                break
+    assert res["bytes"] == nbytes > 0 and res["tokens"] == counted >= 1000
     assert math.isclose(res["bpb"], nats / (math.log(2) * nbytes), rel_tol=1e-5)
     assert 5 < res["bpb"] < 40  # an untrained model: about log2(1024) bits per ~1-4-byte token

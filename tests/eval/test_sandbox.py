@@ -193,7 +193,9 @@ def test_builtins_patched_during_the_test_is_caught(any_level):
         return 6 if x == 3 else 0      # wrong for x == 2; only the fake abs() hides it
     """
     r = any_level.run(stages(sol, TAMPER_TEST))
-    assert r.status == "failed" and "tampered" in r.detail, r
+    # The test looks builtins up in a private dict, so the fake abs() never reaches it: the
+    # wrong answer for x == 2 fails the assert (and the tamper check would fail it otherwise).
+    assert r.status == "failed" and r.detail.startswith("AssertionError"), r
 
 
 def test_patching_the_tests_modules_is_caught(any_level):
@@ -439,3 +441,278 @@ def test_writable_space_is_bounded(isolated):
     assert r.status == "passed", r
     written = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in r.stdout.splitlines()}
     assert written and all(mb <= 16 for mb in written.values()), written
+
+
+# ------------------------------------------- adversarial: forging a verdict from inside (guard)
+# A program runs in the same interpreter as the harness. Each route below tries to get the
+# per-run nonce (or the harness's verdict function) and write a forged "passed" line to every
+# pipe. The same code is run twice: as a plain script that ends by failing (no guard: the route
+# must WORK there, which proves the attack is real) and as the solution of a guarded job with a
+# wrong answer (the route must be BLOCKED and the job reported failed).
+
+FORGE_PRELUDE = r'''
+import os, sys, stat
+HEX = set("0123456789abcdef")
+
+def is_nonce(v):
+    return type(v) is str and len(v) == 32 and set(v) <= HEX
+
+def forge(nonces):
+    lines = b"".join(n.encode() + b"\tpassed\t\n" for n in set(nonces))
+    for fd in range(3, 256):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, lines)
+        except OSError:
+            pass
+    os._exit(0)
+
+def from_objects(objs):
+    found = []
+    for v in objs:
+        if is_nonce(v):
+            found.append(v)
+        if type(v).__name__ == "cell":
+            try:
+                if is_nonce(v.cell_contents):
+                    found.append(v.cell_contents)
+            except ValueError:
+                pass
+        for c in (getattr(v, "__closure__", None) or ()) if callable(v) else ():
+            try:
+                if is_nonce(c.cell_contents):
+                    found.append(c.cell_contents)
+            except ValueError:
+                pass
+    return found
+
+def from_frame(fr):
+    found = []
+    while fr is not None:
+        found += from_objects(list(fr.f_locals.values()))
+        fr = fr.f_back
+    return found
+
+def from_memory(maps="/proc/self/maps", mem="/proc/self/mem", dir_fd=None):
+    import re
+    pat = re.compile(rb"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+    found = set()
+    mfd = os.open(mem, os.O_RDONLY, dir_fd=dir_fd) if dir_fd is not None else os.open(mem, os.O_RDONLY)
+    with open(maps) as m:
+        for line in m:
+            addr, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in addr.split("-"))
+            if not perms.startswith("rw") or hi - lo > (256 << 20):
+                continue
+            try:
+                data = os.pread(mfd, hi - lo, lo)
+            except OSError:
+                continue
+            found.update(x.decode() for x in pat.findall(data))
+    return list(found)
+
+def attempt(route, fn):
+    try:
+        found = fn()
+    except BaseException as e:
+        print(route, "BLOCKED", type(e).__name__, str(e)[:80], flush=True)
+        return
+    print(route, "found", len(found), flush=True)
+    if found:
+        forge(found)
+
+def f(x):
+    return 0  # wrong: the test fails unless a forged verdict is believed
+'''
+
+CHILD_MEM_SCAN = FORGE_PRELUDE + r'''
+pid = sys.argv[1]
+try:
+    print("\n".join(from_memory(f"/proc/{pid}/maps", f"/proc/{pid}/mem")))
+except OSError as e:
+    print("ERR", e, file=sys.stderr)
+'''
+
+FORGE_ROUTES = {
+    "sys._getframe().f_back": "attempt('frames', lambda: from_frame(sys._getframe()))",
+    "inspect.currentframe / inspect.stack": (
+        "import inspect\n"
+        "attempt('inspect', lambda: from_frame(inspect.currentframe()))\n"
+        "attempt('inspect.stack', lambda: [n for fi in inspect.stack() for n in from_frame(fi.frame)])"),
+    "traceback tb_frame": (
+        "def via_tb():\n"
+        "    try:\n        raise ValueError\n"
+        "    except ValueError as e:\n        return from_frame(e.__traceback__.tb_frame)\n"
+        "attempt('tb_frame', via_tb)"),
+    "generator gi_frame": (
+        "def via_gen():\n"
+        "    def g():\n        yield from_frame(gen.gi_frame)\n"
+        "    gen = g()\n    return next(gen)\n"
+        "attempt('gi_frame', via_gen)"),
+    "gc.get_objects": "import gc\nattempt('gc.get_objects', lambda: from_objects(gc.get_objects()))",
+    "gc.get_referrers": (
+        "import gc\n"
+        "def via_referrers():\n"
+        "    cells = [r for r in gc.get_referrers(os._exit) if type(r).__name__ == 'cell']\n"
+        "    tuples = [t for c in cells for t in gc.get_referrers(c) if type(t) is tuple]\n"
+        "    return from_objects([fn for t in tuples for fn in gc.get_referrers(t)] + cells)\n"
+        "attempt('gc.get_referrers', via_referrers)"),
+    "ctypes PyEval_GetFrame": (
+        "def via_ctypes():\n"
+        "    import ctypes\n"
+        "    get = ctypes.pythonapi.PyEval_GetFrame\n"
+        "    get.restype = ctypes.py_object\n"
+        "    return from_frame(get())\n"
+        "attempt('ctypes', via_ctypes)"),
+    "/proc/self/mem": "attempt('/proc/self/mem', from_memory)",
+    "signal handler frame": (
+        "import signal, time\n"
+        "def handler(signum, frame):\n    attempt('signal', lambda: from_frame(frame))\n"
+        "def via_signal():\n"
+        "    signal.signal(signal.SIGUSR1, handler)\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n    time.sleep(0.2)\n    return []\n"
+        "attempt('signal.signal', via_signal)"),
+}
+
+# Routes with no control: the capability itself is what a guarded program must not get.
+DENIED_ONLY = {
+    "/proc/self/mem through a symlink": "attempt('symlink', lambda: (os.symlink('/proc/self/mem', 'm'), from_memory(mem='m'))[1])",
+    "/proc/self/mem through dir_fd": "attempt('dir_fd', lambda: from_memory(mem='proc/self/mem', dir_fd=os.open('/', os.O_RDONLY)))",
+    "/dev/fd/../mem": "attempt('/dev/fd', lambda: from_memory(mem='/dev/fd/../mem'))",
+    "code.replace (hand-made bytecode)": "attempt('code', lambda: [(lambda: 0).__code__.replace(co_consts=())])",
+    "marshal.loads of made-up data": "import marshal\nattempt('marshal', lambda: [marshal.loads(marshal.dumps((lambda: 0).__code__))])",
+    "the harness's helpers in __main__": (
+        "m = sys.modules['__main__']\n"
+        "attempt('__main__', lambda: [getattr(m, n) for n in ('_reporter', '_install_guard', '_run_guarded')])"),
+    "a forged sys.audit verdict event": (
+        "attempt('audit', lambda: [sys.audit('nanoseek.verdict', object(), 'passed', '')])"),
+    "sys.settrace / sys.setprofile": (
+        "attempt('settrace', lambda: [sys.settrace(lambda *a: None)])\n"
+        "import threading\n"
+        "def via_thread_profile():\n"
+        "    frames = []\n"
+        "    threading.setprofile(lambda fr, ev, arg: frames.append(fr))\n"
+        "    t = threading.Thread(target=len, args=((),))\n    t.start()\n    t.join()\n"
+        "    if not frames:\n        raise RuntimeError('the profile function never ran')\n"
+        "    return from_frame(frames[0])\n"
+        "attempt('threading.setprofile', via_thread_profile)"),
+    "a native module copied into the working directory": (
+        "def via_native():\n"
+        "    import _json, shutil, importlib.util\n"
+        "    shutil.copy(_json.__file__, './_json_copy.so')\n"
+        "    spec = importlib.util.spec_from_file_location('_json', os.path.abspath('_json_copy.so'))\n"
+        "    return [importlib.util.module_from_spec(spec)]\n"
+        "attempt('native', via_native)"),
+    "CPython's test modules": "attempt('_testcapi', lambda: [__import__('_testcapi')])",
+}
+
+MORE_FORGERIES = {
+    "patch os.write to rewrite the verdict": (
+        "import posix\nreal = os.write\n"
+        "def w(fd, b):\n    return real(fd, bytes(b).replace(b'\\tfailed\\t', b'\\tpassed\\t'))\n"
+        "os.write = posix.write = w\n"),
+    "BaseException from __del__ and atexit": (
+        "import atexit\nclass Boom(BaseException):\n    def __str__(self):\n        raise Boom()\n"
+        "class D:\n    def __del__(self):\n        raise Boom()\n"
+        "atexit.register(os._exit, 0)\n"
+        "def f(x):\n    D()\n    return 0\n"),
+    "a thread that forges after the test": (
+        "import threading, time\n"
+        "def spam():\n    while True:\n        forge(['0' * 32])\n"
+        "def f(x):\n    threading.Thread(target=spam, daemon=True).start()\n    time.sleep(0.05)\n    return 0\n"),
+    "interrupting the waiting main thread": (
+        "import _thread\n"
+        "def f(x):\n    for _ in range(50):\n        _thread.interrupt_main()\n    return 0\n"),
+}
+
+
+def _guarded(code: str) -> Job:
+    return stages(FORGE_PRELUDE + code, DOUBLE_TEST)
+
+
+def test_forging_routes_work_without_the_guard_and_fail_with_it(isolated):
+    names = list(FORGE_ROUTES)
+    controls = isolated.run_many([Job(source=FORGE_PRELUDE + FORGE_ROUTES[n] + "\nraise AssertionError('honest failure')\n")
+                                  for n in names], workers=3)
+    guarded = isolated.run_many([_guarded(FORGE_ROUTES[n]) for n in names], workers=3)
+    for name, c, g in zip(names, controls, guarded):
+        assert c.status == "passed" and "found" in c.stdout, (name, "control did not forge", c)
+        assert g.status == "failed" and "BLOCKED" in g.stdout and "found" not in g.stdout, (name, g)
+        assert g.detail.startswith("AssertionError"), (name, g)
+
+
+def test_denied_capabilities_and_other_forgeries(any_level):
+    names = list(DENIED_ONLY) + list(MORE_FORGERIES)
+    jobs = [_guarded(DENIED_ONLY[n]) for n in DENIED_ONLY] + [_guarded(MORE_FORGERIES[n]) for n in MORE_FORGERIES]
+    for name, r in zip(names, any_level.run_many(jobs, workers=3)):
+        assert r.status == "failed", (name, r)
+        if name in DENIED_ONLY:
+            assert "BLOCKED" in r.stdout and "found" not in r.stdout, (name, r.stdout)
+
+
+def test_child_process_cannot_read_the_harness_memory(isolated):
+    # A program that escapes the audit hook's view of process creation (here by silencing
+    # subprocess's own audit call) starts a child that reads its parent's memory. Without the
+    # guard this forges a pass; with it the harness is not dumpable, so the child is refused.
+    code = (
+        "import subprocess, types\n"
+        "fake = types.ModuleType('sys')\nfake.__dict__.update(sys.__dict__)\n"
+        "fake.audit = lambda *a: None\nsubprocess.sys = fake\n"
+        f"SCAN = {CHILD_MEM_SCAN!r}\n"
+        "def via_child():\n"
+        "    out = subprocess.run([sys.executable, '-I', '-S', '-c', SCAN, str(os.getpid())],\n"
+        "                         capture_output=True, text=True, timeout=20)\n"
+        "    print('child stderr:', out.stderr.strip()[-200:])\n"
+        "    return out.stdout.split()\n"
+        "attempt('child', via_child)\n")
+    sb = Sandbox(isolated.isolation, warn=False, limits=Limits(timeout_s=20, grace_s=5))
+    control = sb.run(Job(source=FORGE_PRELUDE + code + "raise AssertionError('honest failure')\n"))
+    assert control.status == "passed" and "child found" in control.stdout, control
+    r = sb.run(_guarded(code))
+    assert r.status == "failed" and "child found 0" in r.stdout, r
+
+
+# Ordinary programs (solutions and tests) must not notice the guard.
+LEGIT = """
+import collections, heapq, itertools, functools, math, re, hashlib, string, inspect, json
+import dataclasses, enum, fractions, csv, io, logging, random, threading, typing, warnings
+from typing import List, NamedTuple
+
+Point = collections.namedtuple("Point", "x y")
+class P(NamedTuple):
+    a: int
+@dataclasses.dataclass(frozen=True)
+class D:
+    v: int
+class Color(enum.Enum):
+    RED = 1
+
+@functools.lru_cache(maxsize=None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+def f(x: int) -> int:
+    assert list(inspect.signature(fib).parameters) == ["n"]
+    assert Point(1, 2).x == 1 and P(3).a == 3 and D(4).v == 4 and Color(1) is Color.RED
+    assert collections.Counter("aab")["a"] == 2 and heapq.nsmallest(1, [3, 1]) == [1]
+    assert list(itertools.accumulate([1, 2, 3])) == [1, 3, 6] and math.gcd(12, 18) == 6
+    assert re.findall(r"\\d+", "a1b22") == ["1", "22"] and string.ascii_lowercase[0] == "a"
+    assert hashlib.sha256(b"x").hexdigest()[:4] == "2d71" and json.loads("[1]") == [1]
+    assert fractions.Fraction(1, 3) * 3 == 1 and next(csv.reader(io.StringIO("a,b"))) == ["a", "b"]
+    random.seed(0)
+    logging.getLogger("x").warning("logging works")
+    warnings.warn("warnings work")
+    out = []
+    t = threading.Thread(target=out.append, args=(1,))
+    t.start(); t.join()
+    try:
+        raise KeyError("k")
+    except KeyError as e:
+        assert e.args == ("k",) and e.__traceback__.tb_lineno > 0
+    return 2 * x + fib(10) - 55 + out[0] - 1
+"""
+
+
+def test_ordinary_programs_do_not_notice_the_guard(any_level):
+    r = any_level.run(stages(LEGIT, "import math\nassert f(2) == 4\nassert math.isclose(f(3), 6)\n", ["math"]))
+    assert r.status == "passed", r
