@@ -53,14 +53,45 @@ def newton_schulz(g: torch.Tensor, schedule=NS_SCHEDULE, eps: float = 1e-7, dtyp
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:  # iterate on the wide orientation: the Gram matrix X X^T is the smaller one
         x = x.mT
+    lead = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
     for (a, b, c), steps in schedule:
         for _ in range(steps):
-            gram = x @ x.mT
-            x = a * x + (b * gram + c * (gram @ gram)) @ x
+            gram = torch.bmm(x, x.mT)
+            # b G + c G G and a X + (...) X as two fused multiply-adds: the same arithmetic as
+            # a*x + (b*gram + c*gram@gram) @ x without four extra passes over the operands
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
+    x = x.reshape(*lead, *x.shape[-2:])
     if transpose:
         x = x.mT
     return x.to(g.dtype)
+
+
+# Newton-Schulz batch size. On CPUs, one 256 x 512 fp32 matrix (512 KiB) plus its Gram
+# matrices fits in L2; a batch of hundreds streams every iteration through memory and ran
+# 1.3-1.5x slower on the 2-core development machine (benchmarks/bench_train.py --muon-ab).
+# So the CPU path orthogonalises chunks of about NS_CPU_CHUNK_BYTES; GPUs take the
+# whole bucket in one batched call (kernel launches, not caches, are their bottleneck).
+NS_CPU_CHUNK_BYTES = 1 << 20
+
+
+def _ns_chunk(shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> int | None:
+    if device.type != "cpu":
+        return None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, NS_CPU_CHUNK_BYTES // (shape[0] * shape[1] * itemsize))
+
+
+def orthogonalize_batch(mats: torch.Tensor, chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """newton_schulz over a stack [k, n, m] of independent matrices, `chunk` at a time (None: all)."""
+    if chunk is None or chunk >= mats.shape[0]:
+        return newton_schulz(mats, dtype=dtype)
+    out = torch.empty_like(mats)
+    for i in range(0, mats.shape[0], chunk):
+        out[i:i + chunk] = newton_schulz(mats[i:i + chunk], dtype=dtype)
+    return out
 
 
 class Muon(torch.optim.Optimizer):
@@ -89,9 +120,10 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             nd = group["ns_dtype"]
-            # matrices of equal shape are orthogonalised together in one batched Newton-Schulz
+            # matrices of equal shape (up to a transpose: a tall n x m matrix is orthogonalised as
+            # its wide transpose, which Newton-Schulz does anyway) go through one batched call
             # (a model has many same-shaped projections; one bmm beats dozens of small mm calls)
-            buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, bool]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -102,21 +134,27 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(g)                                   # M_t = mu M_{t-1} + G_t
                 u = g.add(buf, alpha=mu) if group["nesterov"] else buf  # mu M_t + G_t
-                buckets.setdefault((tuple(p.shape[-2:]), p.device, p.dtype), []).append((p, u))
+                n, m = p.shape[-2:]
+                buckets.setdefault(((min(n, m), max(n, m)), p.device, p.dtype), []).append((p, u, n > m))
             for (shape, device, _), items in buckets.items():
                 dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if nd == "auto" \
                     else getattr(torch, nd)
                 # FSDP2 shards are DTensors: Newton-Schulz needs the whole matrix, so gather the
-                # update (momentum stays sharded), orthogonalise, keep this rank's slice
-                full = [_full(u) for _, u in items]
-                stacked = torch.cat([u.reshape(-1, *shape) for u in full])  # experts: one matrix each
-                ortho = newton_schulz(stacked, dtype=dtype)
-                scale = math.sqrt(max(shape)) * group["rms_scale"]
+                # update (momentum stays sharded), orthogonalise, keep this rank's slice.
+                # Experts [E, n, m] contribute E matrices each: every expert is its own matrix.
+                mats = []
+                for p, u, tall in items:
+                    u = _full(u).reshape(-1, *p.shape[-2:])
+                    mats.append(u.mT if tall else u)
+                stacked = torch.cat(mats)
+                ortho = orthogonalize_batch(stacked, _ns_chunk(shape, device, dtype), dtype)
+                scale = math.sqrt(shape[1]) * group["rms_scale"]      # sqrt(max(n, m)) * gamma
                 i = 0
-                for p, _ in items:
-                    n = p.numel() // (shape[0] * shape[1])
-                    o = _like(ortho[i:i + n].reshape(p.shape), p)
-                    i += n
+                for p, _, tall in items:
+                    k = p.numel() // (shape[0] * shape[1])
+                    o = ortho[i:i + k]
+                    i += k
+                    o = _like((o.mT if tall else o).reshape(p.shape), p)
                     if wd:
                         p.mul_(1 - lr * wd)                            # decoupled weight decay
                     p.add_(o, alpha=-lr * scale)
