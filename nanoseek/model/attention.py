@@ -173,7 +173,12 @@ class Attention(nn.Module):
         else:
             pos = ctx.positions[:, 0]
             self.compressor.step(x, cache.compressor, pos, comp_inv)
-            entries = cache.compressor.entries[:b, : int((pos + 1).max()) // m]
+            if torch.compiler.is_compiling():
+                # static shape: every entry slot, the ones not written yet are masked below
+                # (exactly zero weight); slicing to the longest row would need a host sync
+                entries = cache.compressor.entries[:b]
+            else:
+                entries = cache.compressor.entries[:b, : int((pos + 1).max()) // m]
         n = entries.shape[1]
         e = torch.arange(n, device=x.device)
         visible = (e + 1) * m <= ctx.positions.unsqueeze(-1) + 1  # [B,S,N]

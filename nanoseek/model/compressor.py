@@ -93,7 +93,9 @@ class Compressor(nn.Module):
         m, d = self.m, self.d
         t = torch.arange(s, device=x.device).expand(b, s)
         is_end = positions % m == m - 1
-        n = int(is_end.sum(1).max()) if s else 0
+        # N = s // m bounds every row's count of complete windows; extra slots are padding
+        # (valid=False, never visible), so N is static: no host sync, no dynamic shape
+        n = s // m
         if n == 0:
             return x.new_zeros(b, 0, d), t.new_full((b, 0), s), is_end.new_zeros(b, 0)
         ends = torch.where(is_end, t, s).sort(dim=1).values[:, :n]
@@ -170,7 +172,8 @@ class Compressor(nn.Module):
         state.kv[rows, off + slot] = kv
         state.gate[rows, off + slot] = gate + self.ape[slot]
         closing = (pos + 1) % m == 0
-        if not bool(closing.any()):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not bool(closing.any()):  # eager: skip the pooling on 3 of 4 steps
             return
         cur_kv, cur_gate = state.kv[:b, off:].unsqueeze(1), state.gate[:b, off:].unsqueeze(1)
         if self.overlap:
@@ -179,6 +182,19 @@ class Compressor(nn.Module):
             pooled = self.pool(cur_kv, cur_gate)
         entry_idx = pos // m
         entries = self.finish(pooled, (entry_idx * m).unsqueeze(1), inv_freq, x.dtype)[:, 0]
+        if compiling:
+            # torch.compile: no data-dependent branch or row selection; every row computes the
+            # entry and only closing rows write it (the others write back what they hold), so
+            # the step is one static-shape graph with the same results
+            entry_idx = entry_idx.clamp(max=state.entries.shape[1] - 1)
+            keep = closing.unsqueeze(1)
+            old = state.entries[rows, entry_idx]
+            state.entries[rows, entry_idx] = torch.where(keep, entries.to(state.entries.dtype), old)
+            if self.overlap:
+                keep = keep.unsqueeze(2)
+                state.kv[:b, :m] = torch.where(keep, state.kv[:b, m:], state.kv[:b, :m])
+                state.gate[:b, :m] = torch.where(keep, state.gate[:b, m:], state.gate[:b, :m])
+            return
         sel = rows[closing]
         state.entries[sel, entry_idx[closing]] = entries[closing].to(state.entries.dtype)
         if self.overlap:

@@ -73,13 +73,13 @@ def indexer_kl(index_scores: torch.Tensor, attn_probs: torch.Tensor, allowed: to
     p = attn_probs.detach().float().sum(dim=2).masked_fill(~allowed, 0.0)
     total = p.sum(-1, keepdim=True)
     has = (allowed.any(-1)) & (total[..., 0] > 0)
-    if not bool(has.any()):
-        return index_scores.sum() * 0.0
     p = p / total.clamp_min(1e-30)
     logq = torch.log_softmax(index_scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
     logq = logq.masked_fill(~allowed, 0.0)
     kl = (p * (torch.log(p.clamp_min(1e-30)) - logq)).masked_fill(~allowed, 0.0).sum(-1)
-    return kl[has].mean()
+    # a masked mean (0 when no query has entries) instead of kl[has].mean(): no data-dependent
+    # shape or branch, so torch.compile keeps it in the graph
+    return kl.masked_fill(~has, 0.0).sum() / has.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -90,9 +90,11 @@ def indexer_recall(raw_logits: torch.Tensor, visible: torch.Tensor, picked: torc
     p = torch.softmax(raw_logits.masked_fill(~visible.unsqueeze(2), float("-inf")), dim=-1)
     mass = torch.nan_to_num(p).sum(dim=2).masked_fill(~visible, -1.0)  # [B,S,N]
     has = visible.any(-1)
-    if not bool(has.any()):
-        return raw_logits.new_ones(())
     kk = min(k, mass.shape[-1])
+    if kk == 0:
+        return raw_logits.new_ones(())
     top = torch.zeros_like(visible).scatter_(-1, mass.topk(kk, dim=-1).indices, True) & visible
     recall = (top & picked).sum(-1).float() / top.sum(-1).clamp(min=1)
-    return recall[has].mean()
+    # masked mean, 1 when no query sees an entry (no data-dependent branch: see indexer_kl)
+    n_has = has.sum()
+    return torch.where(n_has > 0, recall.masked_fill(~has, 0.0).sum() / n_has.clamp(min=1), 1.0)

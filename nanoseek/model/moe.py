@@ -109,6 +109,31 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and idx.numel() <= self.gather_max:
+            return self.gathered(x, idx, weights)
+        return self.grouped(x, idx, weights)
+
+    # Under torch.compile, a decode step (a few tokens) takes a static-shape path: each token's k
+    # expert matrices are gathered and applied as batched matmuls, so the whole block stays one
+    # graph. Past `gather_max` token-expert pairs, copying N*k weight matrices costs more than
+    # the grouped pass reads, and the grouped pass runs eagerly (its shapes depend on the data;
+    # Transformer.compile_blocks calls it between two graphs in training).
+    gather_max = 16
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Static shapes: sum_k w_k E_{idx_k}(x) with the chosen experts' weights gathered."""
+        n_tok, k = idx.shape
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, D, 1]
+        h = swiglu(torch.bmm(self.w1[flat], xs), torch.bmm(self.w3[flat], xs), self.limit)
+        ys = torch.bmm(self.w2[flat], h).squeeze(-1) * weights.reshape(-1, 1).to(x.dtype)
+        return ys.view(n_tok, k, -1).sum(dim=1)
+
+    # the grouped pass has data-dependent shapes (tokens per expert): it stays out of compiled
+    # graphs (one graph break per MoE layer) instead of recompiling for every routing pattern
+    @torch.compiler.disable
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, one matmul per expert over its contiguous slice."""
         n_tok, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -145,15 +170,28 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        flat, w, idx = self.route(x, ctx)
+        return self.combine(x, flat, self.experts(flat, idx, w))
+
+    # route -> experts -> combine: the block calls the three separately under regional torch.compile
+    # (Transformer.compile_blocks), so the data-dependent grouped expert pass sits between two graphs
+    def route(self, x: torch.Tensor, ctx: ForwardContext):
+        """x [B,S,D] -> (flat [N,D], weights [N,k], expert ids [N,k]); counts load, records balance."""
         b, s, d = x.shape
         flat = x.reshape(-1, d)
         w, idx, scores = self.gate(flat, ctx.input_ids)
         if self.training and not self.is_hash:
-            self.load += torch.bincount(idx.reshape(-1), minlength=self.n_experts).float()
+            # a scatter into the fixed-size counter (bincount's output size is data-dependent
+            # to torch.compile; counts are exact in fp32 either way)
+            flat_idx = idx.reshape(-1)
+            self.load.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=self.load.dtype))
         if ctx.collect_balance and not self.is_hash:
             ctx.aux.balance.append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
-        routed = self.experts(flat, idx, w)
-        return (routed.to(x.dtype) + self.shared_experts(flat)).view(b, s, d)
+        return flat, w, idx
+
+    def combine(self, x: torch.Tensor, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Routed output + shared expert, back to x's shape [B,S,D]."""
+        return (routed.to(x.dtype) + self.shared_experts(flat)).view(x.shape)
 
     @torch.no_grad()
     def update_bias(self, speed: float, load: torch.Tensor | None = None) -> None:

@@ -20,8 +20,10 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import DecodeCache
-from .context import ForwardContext
+from .context import AuxTerms, ForwardContext
 from .hyper_connections import HyperConnection, HyperHead
 from .moe import MoE
 from .norm import RMSNorm
@@ -49,10 +51,22 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, streams: torch.Tensor, ctx: ForwardContext, cache=None) -> torch.Tensor:
+        *state, flat, w, idx = self.front(streams, ctx, cache)
+        return self.back(*state, flat, self.ffn.experts(flat, idx, w))
+
+    # front -> routed experts -> back: regional torch.compile (Transformer.compile_blocks) compiles
+    # front and back as two graphs and runs the data-dependent grouped expert pass between them
+    def front(self, streams: torch.Tensor, ctx: ForwardContext, cache=None):
+        """Attention sub-block, then the FFN's mHC collapse, norm and routing."""
         x, post, comb = self.hc_attn.collapse(streams)
         streams = self.hc_attn.expand(self.attn(self.attn_norm(x), ctx, cache), streams, post, comb)
         x, post, comb = self.hc_ffn.collapse(streams)
-        return self.hc_ffn.expand(self.ffn(self.ffn_norm(x), ctx), streams, post, comb)
+        x = self.ffn_norm(x)
+        return (streams, post, comb, x, *self.ffn.route(x, ctx))
+
+    def back(self, streams, post, comb, x, flat, routed) -> torch.Tensor:
+        """Shared expert + routed output, then the FFN's mHC expansion."""
+        return self.hc_ffn.expand(self.ffn.combine(x, flat, routed), streams, post, comb)
 
 
 class MTPBlock(Block):
@@ -71,8 +85,15 @@ class MTPBlock(Block):
 
     def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext, cache=None):
         """streams [B,S,n,d] (previous depth), next_embeds [B,S,d] -> (new streams, final hidden [B,S,d])."""
+        *state, flat, w, idx = self.front(streams, next_embeds, ctx, cache)
+        return self.back(*state, flat, self.ffn.experts(flat, idx, w))
+
+    def front(self, streams, next_embeds, ctx: ForwardContext, cache=None):
         x = self.e_proj(self.enorm(next_embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
-        streams = super().forward(x, ctx, cache)
+        return super().front(x, ctx, cache)
+
+    def back(self, *state):
+        streams = super().back(*state)
         return streams, self.norm(self.hc_head(streams))
 
 
@@ -158,6 +179,9 @@ class Transformer(nn.Module):
         if bool((pos + s > cache.max_len).any()):
             raise ValueError(f"cache max_len={cache.max_len} too small for {int(pos.max()) + s} tokens (cache is full)")
         if s == 1:
+            # contiguous ids: a compiled decode step guards on strides, and a sliced [B,1] id
+            # tensor (a prompt's last column) would otherwise compile a second graph
+            common["input_ids"] = input_ids.contiguous()
             return ForwardContext(positions=pos.unsqueeze(1), start=None, **common)
         if pos.numel() and bool((pos != pos[0]).any()):
             raise ValueError(
@@ -171,9 +195,39 @@ class Transformer(nn.Module):
         """Final residual streams [B,S,n,d] before the hyper head."""
         x = self.embed(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        run = self._block_runner(ctx)
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, ctx, ctx.cache.layers[i] if ctx.cache is not None else None)
+            streams = run(layer, streams, ctx, ctx.cache.layers[i] if ctx.cache is not None else None)
         return streams
+
+    def _block_runner(self, ctx: ForwardContext):
+        """The compiled block call (see compile_blocks) for uncached calls and one-token decode
+        steps; multi-token cached chunks (prefill) run eagerly: their start position is a Python
+        int that would recompile the graphs for every chunk, and prefill is not launch-bound."""
+        compiled = self.__dict__.get("_compiled_blocks")
+        if compiled is None or (ctx.cache is not None and ctx.start is not None):
+            return _call_block
+        if ctx.cache is not None:  # one-token decode: the whole block is one graph
+            return lambda block, *args: compiled(_decode_block, block)(block, *args)
+        collect = ctx.collect_balance or ctx.collect_indexer
+
+        def run(block, *args):
+            front, back = compiled(_block_front, block), compiled(_block_back, block)
+            aux = None
+            if collect:
+                # each compiled call gets an empty aux collector: dynamo guards on the lengths of
+                # lists a graph appends to, so a shared one would recompile for every layer
+                aux = AuxTerms()
+                args = tuple(dataclasses.replace(a, aux=aux) if a is ctx else a for a in args)
+            *state, flat, w, idx = front(block, *args)
+            out = back(block, *state, flat, block.ffn.experts(flat, idx, w))  # experts: eager
+            if aux is not None:
+                ctx.aux.balance += aux.balance
+                ctx.aux.indexer += aux.indexer
+                ctx.aux.indexer_recall += aux.indexer_recall
+            return out
+
+        return run
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.hc_head(streams))
@@ -292,7 +346,7 @@ class Transformer(nn.Module):
                                  start=0, dense_csa=ctx.dense_csa, collect_balance=ctx.collect_balance,
                                  collect_indexer=ctx.collect_indexer, aux=ctx.aux,
                                  doc_ids=None if doc is None else doc[:, : s - k])
-            streams, h = block(streams[:, : s - k], nxt, sub)
+            streams, h = self._block_runner(sub)(block, streams[:, : s - k], nxt, sub)
             logits = self.head(h).float()
             target = labels[:, k:]
             if doc is not None:  # the module at t must not predict across a document boundary
@@ -323,6 +377,52 @@ class Transformer(nn.Module):
         for m in self.moe_layers():
             m.update_bias(speed)
 
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None, fullgraph: bool = False,
+                       **options) -> "Transformer":
+        """Regional torch.compile (torchtitan-style, per block): blocks of the same kind (class,
+        layer type, MoE routing; see block_kind) share compiled functions (parameters are graph
+        inputs), so compile time grows with the number of block kinds (x grad mode), not with
+        depth; the embedding, head and loss stay eager. Each kind gets its own copy of the entry
+        points (its own dynamo cache), so a call checks one guard set, not every kind's graphs.
+
+        * Uncached calls (training, scoring): each block is two graphs, `Block.front` (attention
+          sub-block, mHC, norms, routing, load counter, balance / indexer terms) and `Block.back`
+          (shared expert, combine, mHC expansion), with static shapes (`dynamic=False`; the MTP
+          block's S-1 rows are one more static graph). Between them the MoE's grouped expert pass
+          runs eagerly: its shapes depend on the routing (tokens per expert).
+        * One-token decode steps: the whole block is one graph (experts gathered per token, static
+          shapes, cache writes in the graph), with automatic dynamic shapes (a second batch size
+          compiles one batch-generic graph per block kind instead of one per size).
+        * Prefill chunks (multi-token calls with a cache) stay eager.
+
+        `options` (e.g. fullgraph=True) go to torch.compile. Returns self; `uncompile_blocks()`
+        undoes it."""
+        raise_recompile_limits()
+        kw = dict(backend=backend, mode=mode, fullgraph=fullgraph, **options)
+        fns: dict = {}
+
+        def compiled(entry, block):
+            # one compiled copy of each entry point per block kind, each with its own code object:
+            # dynamo keeps its graph cache and guards per code object, so a decode step checks
+            # one guard set per block instead of scanning every kind's graphs in turn
+            key = (entry.__name__, block_kind(block))
+            if key not in fns:
+                code = entry.__code__.replace(co_name=f"{entry.__name__}_{len(fns)}")
+                fn = types.FunctionType(code, entry.__globals__, code.co_name)
+                fns[key] = torch.compile(fn, dynamic=None if entry is _decode_block else False, **kw)
+            return fns[key]
+
+        self.__dict__["_compiled_blocks"] = compiled
+        return self
+
+    def uncompile_blocks(self) -> "Transformer":
+        self.__dict__.pop("_compiled_blocks", None)
+        return self
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return "_compiled_blocks" in self.__dict__
+
     def compile_kernels(self) -> "Transformer":
         """torch.compile the mHC weight computation (Sinkhorn: ~40% of the kernels a decode step
         launches) into fused kernels. Costs ~30 s of compilation on first use per process;
@@ -351,6 +451,40 @@ class Transformer(nn.Module):
         from ..checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, **kw)
+
+
+def block_kind(block: nn.Module) -> tuple:
+    """What distinguishes the code paths of two blocks: class, attention type, MoE routing."""
+    return type(block).__name__, block.attn.layer_type, block.ffn.is_hash
+
+
+def _call_block(block: nn.Module, *args):
+    return block(*args)
+
+
+# The compiled entry points (compile_blocks makes one copy with its own code object per block
+# kind: dynamo keeps its graph cache per code object).
+def _block_front(block: nn.Module, *args):
+    return block.front(*args)
+
+
+def _block_back(block: nn.Module, *args):
+    return block.back(*args)
+
+
+def _decode_block(block: nn.Module, *args):
+    return block(*args)
+
+
+def raise_recompile_limits(limit: int = 64) -> None:
+    """Dynamo keeps at most `recompile_limit` (default 8) graphs per code object and silently falls
+    back to eager beyond it; grad modes, batch sizes and eval/train switches each add graphs to a
+    block kind's entry points, so raise the limit rather than risk a silent fallback."""
+    import torch._dynamo.config as dcfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dcfg, name, limit) < limit:
+            setattr(dcfg, name, limit)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""Benchmark: torch.compile (Transformer.compile_blocks, regional per-block compilation) vs eager.
+
+Two measurements, each eager vs compiled on the same weights in one process, runs alternating
+so that load drift on a shared machine hits both alike; only the printed ratios mean much:
+  * train: one training step of the full V4 objective (CE + MTP + balance + indexer KL, packed
+    documents) forward + backward, tokens/s; the optimizer step is excluded (compile does not
+    touch it). The first compiled step's time is reported as the compile time.
+  * decode: batch-1 greedy decode tokens/s after a --prompt-token prompt through the engine
+    (nanoseek.generate_stream, prefill excluded), eager vs compile=True; with --transformers
+    also transformers' generate on the same weights in the same run (the issue's baseline).
+
+    python benchmarks/bench_compile.py decode --preset small --threads 1            # ~10 min on 2 busy cores
+    python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
+    python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
+    python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
+
+Compilation is cached on disk by inductor (/tmp/torchinductor_$USER), so a second process
+compiles faster than the first; --fresh-cache measures a cold compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.engine import generate_stream
+
+
+def _batch(vocab: int, b: int, s: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    # packed rows as the trainer's loader makes them: a few documents per row
+    doc = (torch.rand(b, s, generator=g) < 4 / s).int().cumsum(1)
+    return ids, doc
+
+
+def bench_train(args) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(args.preset)
+    eager = Transformer(config)
+    compiled = copy.deepcopy(eager).compile_blocks(backend=args.backend)
+    ids, doc = _batch(config.vocab_size, args.batch, args.seq)
+    n_tok = ids.numel()
+
+    def step(model):
+        def run():
+            t = model.loss(ids, doc_ids=doc)
+            t.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return float(t.loss.detach())
+        return run
+
+    print(f"train step ({args.preset}, batch {args.batch}x{args.seq}, full objective fwd+bwd, "
+          f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
+    t0 = time.perf_counter()
+    loss_c = step(compiled)()
+    compile_s = time.perf_counter() - t0
+    loss_e = step(eager)()
+    print(f"  first compiled step (compilation): {compile_s:.1f} s; loss eager {loss_e:.5f} compiled {loss_c:.5f}",
+          flush=True)
+    times = {"eager": [], "compiled": []}
+    for _ in range(args.reps):
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            t = time.perf_counter()
+            step(model)()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in ("eager", "compiled"):
+        print(f"  {k:8s}: {n_tok / med[k]:8.1f} tok/s  (step {med[k] * 1e3:.0f} ms; runs "
+              f"{', '.join(f'{n_tok / t:.0f}' for t in times[k])})")
+    print(f"  ratio compiled / eager: {med['eager'] / med['compiled']:.2f}x")
+
+
+def bench_decode(args) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(args.preset)
+    eager = Transformer(config).eval()
+    compiled = copy.deepcopy(eager)
+    prompt = torch.randint(32, config.vocab_size, (args.prompt,)).tolist()
+    n = args.new_tokens
+
+    def once(model, compile_: bool):
+        stamps, toks = [], []
+        for ev in generate_stream(model, prompt, n, stop_on_eos=False, compile=compile_):
+            for t in ev.tokens:
+                stamps.append(time.perf_counter())
+                toks.append(t)
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), toks
+
+    print(f"batch-1 decode ({args.preset}, prompt {args.prompt} tokens, {n} new tokens, "
+          f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
+    compiled.compile_blocks(backend=args.backend)
+    t0 = time.perf_counter()
+    _, toks_c = once(compiled, True)
+    print(f"  first compiled generation (compilation + {n} tokens): {time.perf_counter() - t0:.1f} s", flush=True)
+    runs = {"eager": [], "compiled": [], "transformers": []}
+    _, toks_e = once(eager, False)
+    hf_run = None
+    if args.transformers:
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+
+        tmp = tempfile.mkdtemp()
+        eager.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.tensor([prompt])
+
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.stamps = []
+
+            def put(self, value):
+                self.stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        def hf_once():
+            clock = Clock()
+            with torch.no_grad():
+                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=config.eos_token_id, streamer=clock)
+            st = clock.stamps[1:]
+            return (len(st) - 1) / (st[-1] - st[0])
+
+        hf_run = hf_once
+
+    for _ in range(args.reps):
+        runs["eager"].append(once(eager, False)[0])
+        runs["compiled"].append(once(compiled, True)[0])
+        if hf_run is not None:
+            runs["transformers"].append(hf_run())
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    for k, v in med.items():
+        print(f"  {k:12s}: {v:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs[k])})")
+    print(f"  ratio compiled / eager: {med['compiled'] / med['eager']:.2f}x; "
+          f"greedy tokens identical: {toks_c == toks_e}")
+    if "transformers" in med:
+        print(f"  ratio eager / transformers: {med['eager'] / med['transformers']:.2f}x, "
+              f"compiled / transformers: {med['compiled'] / med['transformers']:.2f}x (target >= 4x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["train", "decode"])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--transformers", action="store_true", help="decode: also time transformers' generate")
+    ap.add_argument("--fresh-cache", action="store_true", help="use an empty inductor cache (cold compile)")
+    args = ap.parse_args()
+    if args.fresh_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (bench_train if args.what == "train" else bench_decode)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""torch.compile of the model (Transformer.compile_blocks): same numbers as eager, and the pieces
+documented as graph-break free stay so (fullgraph=True fails on any graph break).
+
+Compiled runs use backend="aot_eager" (dynamo + AOT autograd's functionalisation of the cache
+writes and the load counter, without inductor's code generation, which takes minutes on a small
+CPU); the fullgraph checks use backend="eager" (dynamo tracing only), which is what detects
+graph breaks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.context import ForwardContext
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+KINDS = {  # layer type -> MoE routing of that layer, one layer per kind
+    "sliding_attention": "hash_moe",
+    "compressed_sparse_attention": "moe",
+    "heavily_compressed_attention": "moe",
+}
+
+
+def _model(seed=0, kinds=tuple(KINDS), mtp=1, routing=None):
+    """A tiny model with one layer of each given kind. 3 Sinkhorn iterations instead of 20 keep
+    tracing cheap (the loop is unrolled into the graph); nothing else changes."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", num_hidden_layers=len(kinds), layer_types=list(kinds),
+                                  mlp_layer_types=routing or [KINDS[k] for k in kinds], hc_sinkhorn_iters=3,
+                                  num_nextn_predict_layers=mtp)
+    model = Transformer(cfg)
+    with torch.no_grad():  # non-zero mHC biases / sinks so that every path carries signal
+        for name, p in model.named_parameters():
+            if name.endswith(("base", "attn_sink", "ape")):
+                p.normal_(0, 0.1)
+    return model
+
+
+def _packed_batch(vocab, b=2, s=40):
+    ids = torch.randint(0, vocab, (b, s))
+    doc = torch.zeros(b, s, dtype=torch.int32)
+    doc[0, 13:] = 1
+    doc[1, 30:] = 2
+    return ids, doc
+
+
+def test_compiled_loss_and_grads_match_eager():
+    """One CSA layer (compressor, indexer scores / top-k / KL, learned routing with the load
+    counter and balance loss, grouped experts across the graph break) on packed documents:
+    AOT autograd's compiled backward gives eager's gradients. (One layer keeps the test cheap;
+    the other block kinds run the same code paths minus the compressor / indexer, and their
+    tracing is checked by the fullgraph tests below.)"""
+    model = _model(kinds=("compressed_sparse_attention",), mtp=0)
+    ids, doc = _packed_batch(model.config.vocab_size)
+
+    def run():
+        model.zero_grad()
+        for m in model.moe_layers():
+            m.load.zero_()
+        t = model.loss(ids, doc_ids=doc)
+        t.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loads = torch.stack([m.load.clone() for m in model.moe_layers()])
+        terms = torch.stack([t.loss, t.ce, t.mtp, t.balance, t.indexer, t.indexer_recall]).detach()
+        return terms, grads, loads
+
+    eager_terms, eager_grads, eager_loads = run()
+    model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: front/back have no break
+    comp_terms, comp_grads, comp_loads = run()
+    assert torch.isfinite(eager_terms).all() and eager_terms[4] > 0  # the indexer KL is live
+    torch.testing.assert_close(comp_terms, eager_terms, rtol=1e-5, atol=1e-6)
+    assert set(comp_grads) == set(eager_grads)
+    for n in eager_grads:
+        torch.testing.assert_close(comp_grads[n], eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert torch.equal(comp_loads, eager_loads) and comp_loads.sum() > 0  # load counter ran compiled
+    model.uncompile_blocks()
+    assert not model.blocks_compiled
+
+
+def test_compiled_decode_gives_eager_greedy_tokens():
+    """A batch of 2 rows at different positions (continuous batching) decoded greedily past
+    several compressed-entry boundaries and past the sliding window, eager vs compiled.
+    One CSA layer with hash routing: the window ring, both overlapping compressor state machines
+    (main and indexer) and the hash gate; HCA's simpler compressor is traced by the fullgraph
+    decode test below."""
+    model = _model(seed=1, kinds=("compressed_sparse_attention",), mtp=0, routing=["hash_moe"]).eval()
+    prompts = [torch.randint(0, model.config.vocab_size, (1, n)) for n in (21, 6)]
+
+    def greedy(steps=24):
+        cache = model.new_cache(2, 64)
+        row = model.new_cache(1, 64)
+        first = []
+        with torch.no_grad():
+            for r, p in enumerate(prompts):
+                row.reset_row_(0)
+                first.append(model(p, cache=row)[0, -1].argmax())
+                cache.copy_row_(r, row, 0)
+            tok = torch.stack(first)[:, None]
+            out, logits = [tok[:, 0].tolist()], []
+            for _ in range(steps):
+                lg = model(tok, cache=cache)[:, -1]
+                logits.append(lg)
+                tok = lg.argmax(-1, keepdim=True)
+                out.append(tok[:, 0].tolist())
+        return out, torch.stack(logits), cache
+
+    eager, eager_logits, eager_cache = greedy()
+    model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: the decode block has no break
+    compiled, comp_logits, comp_cache = greedy()
+    assert compiled == eager
+    torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager_cache.layers, comp_cache.layers):  # the cache state itself agrees
+        for ta, tb in zip(a.tensors(), b.tensors()):
+            torch.testing.assert_close(tb, ta, rtol=1e-4, atol=1e-5)
+
+
+def _fullgraph(fn):
+    return torch.compile(fn, backend="eager", fullgraph=True)
+
+
+def test_decode_block_is_one_graph():
+    """Every block kind's one-token decode step (attention with cache writes, compressor and
+    indexer state machines, mHC, gate, gathered experts) traces without a graph break."""
+    model = _model().eval()
+    cache = model.new_cache(2, 64)
+    cache.pos[:] = torch.tensor([7, 12])  # rows at different positions, one closing a window
+    tok = torch.randint(0, model.config.vocab_size, (2, 1))
+    ctx = model._context(tok, cache)
+    streams = model.embed(tok).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            out = _fullgraph(lambda s, c, lc, layer=layer: layer(s, c, lc))(streams, ctx, cache.layers[i])
+            assert out.shape == streams.shape and torch.isfinite(out).all()
+
+
+def test_training_block_halves_are_one_graph_each():
+    """In training mode (packed documents, balance and indexer terms collected) Block.front
+    (attention incl. compressor, indexer scores / top-k / KL / recall, mHC, norms, routing and
+    the load counter) and Block.back (shared expert, combine, mHC) trace without a graph break
+    for every block kind and the MTP block; the grouped expert pass between them is the one
+    documented eager piece."""
+    model = _model()
+    ids, doc = _packed_batch(model.config.vocab_size)
+    ctx = model._context(ids, None, doc_ids=doc, collect_indexer=True, collect_balance=True)
+    streams = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
+    front = _fullgraph(lambda block, *a: block.front(*a))
+    back = _fullgraph(lambda block, *a: block.back(*a))
+    for layer in model.layers:
+        sub = ForwardContext(**{**ctx.__dict__, "aux": type(ctx.aux)()})
+        *state, flat, w, idx = front(layer, streams, sub, None)
+        out = back(layer, *state, flat, layer.ffn.experts(flat, idx, w))
+        assert out.shape == streams.shape and torch.isfinite(out).all()
+        assert len(sub.aux.balance) == (0 if layer.ffn.is_hash else 1)
+        assert len(sub.aux.indexer) == (1 if layer.attn.indexer is not None else 0)
+    mtp = model.mtp[0]
+    sub = ForwardContext(**{**ctx.__dict__, "aux": type(ctx.aux)()})
+    *state, flat, w, idx = front(mtp, streams, model.embed(ids), sub, None)
+    new_streams, h = back(mtp, *state, flat, mtp.ffn.experts(flat, idx, w))
+    assert new_streams.shape == streams.shape and h.shape == (*ids.shape, model.config.hidden_size)
