@@ -11,13 +11,16 @@ transformers.AutoModelForCausalLM in the same process) it measures:
     extrapolated linearly from two lengths), and a dense Llama of the same width (computed:
     2 (K,V) x layers x kv_heads x head_dim x 4 bytes fp32, with kv_heads = attention heads).
   * with --spec-checkpoint CKPT (a trained checkpoint with its MTP module, e.g. a speedrun's):
-    MTP speculative decoding vs plain greedy decoding on code prompts from the tokenizer:
-    acceptance rate, tokens per main-model call, and the tok/s ratio (identical outputs checked).
+    MTP speculative decoding vs plain decoding on code prompts, through the Python API, the
+    continuous-batching Engine and the HTTP server (in-process), greedy (identical outputs
+    checked) and sampled (--spec-temperature/--spec-top-p): acceptance rate, tokens per
+    verification call and the speed-up vs plain decoding measured in the same run.
 and prints the ratios. Timings are medians of --reps runs; only same-run ratios mean anything.
 
     python benchmarks/bench_generate.py            # ~5 min on 2 busy cores
     python benchmarks/bench_generate.py --quick    # fewer tokens
     python benchmarks/bench_generate.py --threads 1
+    python benchmarks/bench_generate.py --threads 1 --compile   # + torch.compile'd decode (minutes to compile)
 """
 
 from __future__ import annotations
@@ -73,18 +76,42 @@ def hf_cache_bytes(hf, vocab: int, length: int) -> int:
     return tensor_bytes(out.past_key_values)
 
 
-def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens: int, reps: int) -> None:
+SPEC_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
+                "class Stack:\n    def __init__(self):\n"]
+
+
+def _ratio_line(plain_t: list[float], spec_t: list[float], tokens: list[int]) -> str:
+    """Speed-up as the median per-run time ratio, and the aggregate tok/s of both."""
+    ratio = statistics.median(p / s for p, s in zip(plain_t, spec_t))
+    return (f"plain {sum(tokens) / sum(plain_t):6.1f} tok/s, speculative {sum(tokens) / sum(spec_t):6.1f} tok/s, "
+            f"speed-up {ratio:.2f}x (median of {len(plain_t)} runs)")
+
+
+def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens: int, reps: int,
+                      temperature: float = 0.8, top_p: float = 0.95) -> None:
+    """MTP speculative decoding on a trained checkpoint, three ways, each against plain decoding
+    in the same run (alternating): the Python API (`speculative_generate`), the
+    continuous-batching Engine, and the HTTP server (in-process uvicorn, /v1/completions).
+    Greedy (outputs must be identical) and sampled (temperature/top-p; same distribution)."""
+    import json
+    import socket
+    import threading
+    import urllib.request
+
     from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.engine import Engine, SamplingParams
     from nanoseek.engine.speculative import speculative_generate
 
     model = Transformer.from_pretrained(ckpt).eval()
     tok = load_tokenizer(tok_dir or ckpt)
-    prompts = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
-               "class Stack:\n    def __init__(self):\n"]
-    plain_t, spec_t, acc, per_call = [], [], [], []
+    encoded = [tok.encode(t, add_bos=True) for t in SPEC_PROMPTS]
+    print(f"MTP speculative decoding, {num_draft} drafts per round, {ckpt}: {new_tokens} new tokens per request, "
+          f"{len(SPEC_PROMPTS)} code prompts x {reps} reps, threads={torch.get_num_threads()}")
+
+    # -- 1. Python API (batch 1): prefill included in both timings --------------------------
+    plain_t, spec_t, toks, acc, per_call = [], [], [], [], []
     for _ in range(reps):
-        for text in prompts:
-            ids = tok.encode(text, add_bos=True)
+        for ids in encoded:
             t = time.perf_counter()
             plain = generate(model, ids, new_tokens, stop_on_eos=False)
             plain_t.append(time.perf_counter() - t)
@@ -93,12 +120,92 @@ def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens
             spec_t.append(time.perf_counter() - t)
             if spec != plain:
                 raise SystemExit("speculative output differs from plain greedy decoding")
+            toks.append(len(plain))
             acc.append(stats.acceptance_rate)
             per_call.append(stats.tokens_per_call)
-    print(f"MTP speculative decoding ({num_draft} drafts, {ckpt}): acceptance {statistics.mean(acc):.1%}, "
-          f"{statistics.mean(per_call):.2f} tokens per main-model call, outputs identical to greedy")
-    print(f"  speed-up vs plain greedy decoding: {statistics.median(p / s for p, s in zip(plain_t, spec_t)):.2f}x "
-          f"(median of {len(plain_t)} prompts x runs, {new_tokens} new tokens, prefill included in both)")
+    print(f"  API greedy:    acceptance {statistics.mean(acc):.1%}, {statistics.mean(per_call):.2f} tokens per "
+          f"main-model call (prefill counted), outputs identical; {_ratio_line(plain_t, spec_t, toks)}")
+
+    # -- 2. Engine and 3. server: one engine per setting, requests one at a time ------------
+    engines = {k: Engine(model, tokenizer=tok, max_batch=4, max_len=1024, speculative_tokens=k).start()
+               for k in (0, num_draft)}
+
+    def engine_run(k, ids, greedy, seed):
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else temperature,
+                                top_p=1.0 if greedy else top_p, seed=seed)
+        t = time.perf_counter()
+        out = [x for d in engines[k].submit(ids, params) for x in d.tokens]
+        return out, time.perf_counter() - t
+
+    servers = {}
+    try:
+        import uvicorn
+
+        from nanoseek.serve.app import create_app
+
+        for k, eng in engines.items():
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            srv = uvicorn.Server(uvicorn.Config(create_app(eng, tok), host="127.0.0.1", port=port,
+                                                log_level="warning"))
+            threading.Thread(target=srv.run, daemon=True).start()
+            while not srv.started:
+                time.sleep(0.05)
+            servers[k] = (srv, f"http://127.0.0.1:{port}")
+    except ImportError as e:  # the server extras are not installed: engine numbers only
+        print(f"  (server path skipped: {e})")
+
+    def server_run(k, text, greedy, seed):
+        body = {"model": "nanoseek", "prompt": text, "max_tokens": new_tokens, "seed": seed,
+                "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p}
+        req = urllib.request.Request(servers[k][1] + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            res = json.load(r)
+        return res["choices"][0]["text"], res["usage"]["completion_tokens"], time.perf_counter() - t
+
+    def spec_counters():
+        return dict(engines[num_draft].stats()["speculative"])
+
+    try:
+        for path in ("engine", "server") if servers else ("engine",):
+            for greedy in (True, False):
+                plain_t, spec_t, toks = [], [], []
+                c0 = spec_counters()
+                for rep in range(reps):
+                    for i, (text, ids) in enumerate(zip(SPEC_PROMPTS, encoded)):
+                        seed = 1000 * rep + i
+                        if path == "engine":
+                            a, ta = engine_run(0, ids, greedy, seed)
+                            b, tb = engine_run(num_draft, ids, greedy, seed)
+                            n = len(a)
+                        else:
+                            a, na, ta = server_run(0, text, greedy, seed)
+                            b, nb, tb = server_run(num_draft, text, greedy, seed)
+                            # the server stops at EOS, so two sampled answers may differ in length:
+                            # compare time per token (scaled to new_tokens)
+                            n = new_tokens
+                            ta, tb = ta / max(na, 1) * n, tb / max(nb, 1) * n
+                        plain_t.append(ta)
+                        spec_t.append(tb)
+                        toks.append(n)
+                        if greedy and a != b:
+                            raise SystemExit(f"{path}: speculative greedy output differs from plain")
+                c1 = spec_counters()
+                drafted, accepted = c1["drafted"] - c0["drafted"], c1["accepted"] - c0["accepted"]
+                rounds = c1["rounds"] - c0["rounds"]
+                emitted = accepted + rounds  # each round emits its accepted drafts + one token
+                mode = "greedy " if greedy else f"T={temperature:g} top_p={top_p:g}"
+                print(f"  {path:6s} {mode}: acceptance {accepted / max(drafted, 1):.1%}, "
+                      f"{emitted / max(rounds, 1):.2f} tokens per verification call"
+                      f"{', outputs identical' if greedy else ''}; {_ratio_line(plain_t, spec_t, toks)}")
+    finally:
+        for srv, _ in servers.values():
+            srv.should_exit = True
+        for eng in engines.values():
+            eng.stop()
 
 
 def main() -> None:
@@ -111,15 +218,20 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192, help="context for cache bytes/token")
     ap.add_argument("--hf-context", type=int, default=2048, help="longest prefill run through transformers")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time batch-1 decode with compile=True (a compiled copy; see bench_compile.py)")
     ap.add_argument("--spec-checkpoint", help="trained checkpoint: measure MTP speculative decoding only")
     ap.add_argument("--spec-tokenizer", help="tokenizer dir for --spec-checkpoint (default: the checkpoint dir)")
     ap.add_argument("--spec-draft", type=int, default=2, help="draft tokens per round")
+    ap.add_argument("--spec-temperature", type=float, default=0.8, help="sampled speculative runs")
+    ap.add_argument("--spec-top-p", type=float, default=0.95)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.new_tokens or (16 if args.quick else 48)
     if args.spec_checkpoint:
-        bench_speculative(args.spec_checkpoint, args.spec_tokenizer, args.spec_draft, n, args.reps)
+        bench_speculative(args.spec_checkpoint, args.spec_tokenizer, args.spec_draft, n, args.reps,
+                          args.spec_temperature, args.spec_top_p)
         return
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
@@ -136,7 +248,22 @@ def main() -> None:
                   for _ in ev.tokens]
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    runs: dict[str, list[float]] = {"nanoseek": [], "transformers": []}
+    runs: dict[str, list[float]] = {"nanoseek": [], "transformers": [], "compiled": []}
+    compiled_run = None
+    if args.compile:  # a compiled copy of the same weights (compile_blocks works in place)
+        import copy
+
+        compiled_model = copy.deepcopy(model)
+
+        def compiled_once() -> float:
+            stamps = [time.perf_counter() for ev in generate_stream(compiled_model, prompt, n, stop_on_eos=False,
+                                                                     compile=True) for _ in ev.tokens]
+            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+        compiled_run = compiled_once
+        t_c = time.perf_counter()
+        compiled_run()
+        print(f"compile=True: first generation (compilation + {n} tokens) {time.perf_counter() - t_c:.1f} s")
     hf = hf_once = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -170,6 +297,8 @@ def main() -> None:
 
     for _ in range(args.reps):
         runs["nanoseek"].append(ours_once())
+        if compiled_run is not None:
+            runs["compiled"].append(compiled_run())
         if hf_once is not None:
             runs["transformers"].append(hf_once())
     ours = statistics.median(runs["nanoseek"])
@@ -178,6 +307,12 @@ def main() -> None:
         theirs = statistics.median(runs["transformers"])
         print(f"transformers.generate batch-1 decode: {theirs:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs['transformers'])})")
         print(f"  ratio nanoseek / transformers: {ours / theirs:.2f}x (target >= 4x)")
+    if runs["compiled"]:
+        comp = statistics.median(runs["compiled"])
+        print(f"nanoseek compile=True batch-1 decode: {comp:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs['compiled'])})")
+        print(f"  ratio compiled / eager: {comp / ours:.2f}x" +
+              (f", compiled / transformers: {comp / statistics.median(runs['transformers']):.2f}x (target >= 4x)"
+               if runs["transformers"] else ""))
         # Same greedy tokens? Random-init logits have near-ties (top-2 margins ~1e-4 occur), so the two
         # implementations may part ways after a few tokens; report the agreeing prefix.
         with torch.no_grad():

@@ -25,9 +25,17 @@ one only (through a view of the first k rows of every cache tensor), so one requ
 their position is rewound to 0 after every step so they can never overflow the cache, and a
 request taking the slot overwrites all of its state.
 
-Extension point: a speculative drafter (e.g. V4's MTP head) would propose k tokens per row
-before the decode forward and verify them in one multi-token call; that needs per-row cache
-rollback, which DecodeCache does not offer yet (see docs/engine.md).
+MTP speculative decoding (`speculative_tokens=K`, speculative.py): when exactly one sequence is
+decoding, a step is a speculative round on it (K drafts from the MTP module, one verification
+call on a one-row view of the cache, exact rollback), honouring its sampling parameters, stops,
+max_new_tokens and log-probabilities (those of the verification call's logits). When several
+sequences decode the step is the plain batched one-token step: a multi-token model call (and
+its rollback) needs all of its rows at one position, and rows of a batch are at different
+positions; per-row verification calls would cost more than the one batched step saves. The MTP
+cache stays exact across the switch: each plain step queues the pair (H_{p-1}, token p) the MTP
+would have consumed, and the queue is fed to the MTP together with the row's next first draft
+(or on its own once it holds `mtp_flush` pairs, to bound its memory). The prompt feeds the MTP
+during prefill.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Callable
 import torch
 
 from .sampling import SamplingParams, sample_row, token_logprobs
+from .speculative import SpecStats, spec_round
 
 
 @dataclass
@@ -92,6 +101,13 @@ class Sequence:
         self.prefilled = 0
         self.next_token: int | None = None
         self._cancel = threading.Event()
+        self.stop_token: int | None = None  # the stop id that ended generation, if one did
+        # speculative decoding state (batch.py): streams at pos-1, MTP pairs not fed yet, counters
+        self.last_h: torch.Tensor | None = None
+        self.mtp_pending: list[tuple[torch.Tensor, list[int]]] = []  # (streams [1,m,n,d], m tokens)
+        self.spec_rounds = 0
+        self.spec_drafted = 0
+        self.spec_accepted = 0
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -111,6 +127,7 @@ class Sequence:
         """Record one sampled token and apply the stop conditions; release what is safe."""
         p = self.params
         if token in p.stop_token_ids:
+            self.stop_token = token
             self._finish("stop")
             return
         self.tokens.append(token)
@@ -182,9 +199,22 @@ class BatchRunner:
     """Decode slots over one batch cache. Not thread-safe: one thread calls add() and step()."""
 
     def __init__(self, model, max_batch: int, max_len: int, chunk_size: int = 512, cache_dtype=None,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, speculative_tokens: int = 0, mtp_flush: int = 64,
+                 compile: bool = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        if compile and not getattr(model, "blocks_compiled", True):
+            # torch.compile of the one-token decode step (Transformer.compile_blocks; prefill stays
+            # eager). Compiles lazily on the first decode steps; see docs/engine.md for the cost.
+            model.compile_blocks()
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be an int >= 0 (0 = off), got {speculative_tokens!r}")
+        if speculative_tokens and not len(getattr(model, "mtp", ())):
+            raise ValueError("speculative decoding drafts with the model's MTP module, and this model has none "
+                             "(num_nextn_predict_layers=0)")
+        self.spec_k = speculative_tokens
+        self.mtp_flush = max(1, int(mtp_flush))
+        self.spec_stats = SpecStats()  # speculative rounds only (rounds = verification calls)
         self.model = model
         self.max_batch = max_batch
         self.max_len = max_len
@@ -193,11 +223,13 @@ class BatchRunner:
         # the tokenizer's vocabulary, and those rows mean nothing.
         v = model.config.vocab_size
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < v else None
-        self.cache = model.new_cache(max_batch, max_len, dtype=cache_dtype)
-        self.scratch = model.new_cache(1, max_len, dtype=cache_dtype)
+        # With speculation the caches keep K spare ring slots (rollback) and the MTP module's state.
+        spec = dict(spec_tokens=self.spec_k, with_mtp=True) if self.spec_k else {}
+        self.cache = model.new_cache(max_batch, max_len, dtype=cache_dtype, **spec)
+        self.scratch = model.new_cache(1, max_len, dtype=cache_dtype, **spec)
         self.device = model.embed.weight.device
         self.slots: list[Sequence | None] = [None] * max_batch
-        self._views: dict = {}  # k -> the cache restricted to its first k rows
+        self._views: dict = {}  # (lo, hi) -> the cache restricted to rows lo..hi-1
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
         self.steps = 0  # decode forwards run
@@ -233,6 +265,7 @@ class BatchRunner:
             self.slots[seq.slot] = None
             self.cache.pos[seq.slot] = 0
             seq.slot = None
+        seq.last_h, seq.mtp_pending = None, []
 
     # -- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -273,11 +306,23 @@ class BatchRunner:
                 return False
             seq = self.prefilling = self.waiting.popleft()
             self.scratch.pos.zero_()  # every state tensor is overwritten before it is read
+            for p in self.scratch.mtp_pos:
+                p.zero_()
             seq.prefilled = 0
         lo = seq.prefilled
         hi = min(len(seq.prompt), lo + self.chunk_size)
         ids = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=self.scratch)
+        if self.spec_k:
+            logits, streams = self.model(ids, cache=self.scratch, return_streams=True)
+            # MTP position t sees (H_t, token t+1), as in training: pair the chunk's tokens with
+            # the streams one position earlier (the previous chunk's last H for the first one).
+            h = streams[:, :-1] if lo == 0 else torch.cat([seq.last_h, streams[:, :-1]], dim=1)
+            nxt = ids[:, 1:] if lo == 0 else ids
+            if nxt.shape[1]:
+                self.model.mtp_forward(h, nxt, cache=self.scratch)
+            seq.last_h = streams[:, -1:].clone()  # (not a view that keeps the chunk's streams alive)
+        else:
+            logits = self.model(ids, cache=self.scratch)
         seq.prefilled = hi
         if hi < len(seq.prompt):
             return True
@@ -299,16 +344,16 @@ class BatchRunner:
             logits[..., self.vocab_limit:] = float("-inf")
         return logits
 
-    def _rows(self, k: int):
-        """The cache restricted to its first k rows: views, so the model's in-place writes
-        (ring, compressor state, entries, positions) land in the full cache."""
-        if k == self.max_batch:
+    def _rows(self, k: int, lo: int = 0):
+        """The cache restricted to rows lo..k-1: views, so the model's in-place writes (ring,
+        compressor state, entries, positions) land in the full cache."""
+        if lo == 0 and k == self.max_batch:
             return self.cache
-        view = self._views.get(k)
+        view = self._views.get((lo, k))
         if view is None:
             def cut(x):
                 if isinstance(x, torch.Tensor):
-                    return x[:k]
+                    return x[lo:k]
                 if dataclasses.is_dataclass(x) and not isinstance(x, type):
                     return dataclasses.replace(x, **{f.name: cut(getattr(x, f.name))
                                                      for f in dataclasses.fields(x) if f.init})
@@ -316,16 +361,33 @@ class BatchRunner:
                     return type(x)(cut(v) for v in x)
                 return x
 
-            view = self._views[k] = cut(self.cache)
+            view = self._views[(lo, k)] = cut(self.cache)
         return view
 
     def _decode(self) -> None:
         rows = [s for s in self.slots if s is not None]
+        if self.spec_k and len(rows) == 1:
+            s = rows[0]
+            # drafts that fit the cache (the round feeds k+1 tokens) and the tokens still wanted
+            room = self.max_len - int(self.cache.pos[s.slot]) - 1
+            k = min(self.spec_k, room, s.max_new_tokens - len(s.tokens) - 1)
+            if k >= 1:
+                self._spec_step(s, k)
+                return
         k = 1 + max(s.slot for s in rows)
         ids = torch.zeros(k, 1, dtype=torch.long)
         for s in rows:
             ids[s.slot, 0] = s.next_token
-        logits = self._mask(self.model(ids.to(self.device), cache=self._rows(k))[:, 0].float().cpu())
+        if self.spec_k:
+            out, streams = self.model(ids.to(self.device), cache=self._rows(k), return_streams=True)
+            for s in rows:  # what the MTP would have consumed at pos-1; fed when the row drafts
+                s.mtp_pending.append((s.last_h, [s.next_token]))
+                s.last_h = streams[s.slot : s.slot + 1]
+                if sum(len(p[1]) for p in s.mtp_pending) >= self.mtp_flush:
+                    self._flush_mtp(s)
+        else:
+            out = self.model(ids.to(self.device), cache=self._rows(k))
+        logits = self._mask(out[:, 0].float().cpu())
         free = [i for i, s in enumerate(self.slots[:k]) if s is None]
         if free:
             self.cache.pos[free] = 0
@@ -346,3 +408,41 @@ class BatchRunner:
                 self._leave(s)
             else:
                 s.next_token = tok
+
+    # -- speculative decoding ----------------------------------------------------------------
+    def _flush_mtp(self, s: Sequence) -> None:
+        """Feed a row's queued (H_{t}, token t+1) pairs to the MTP cache in one call."""
+        if not s.mtp_pending:
+            return
+        h = torch.cat([p[0] for p in s.mtp_pending], dim=1)
+        ids = torch.tensor([[t for p in s.mtp_pending for t in p[1]]], dtype=torch.long, device=self.device)
+        self.model.mtp_forward(h, ids, cache=self._rows(s.slot + 1, s.slot))
+        s.mtp_pending = []
+
+    def _spec_step(self, s: Sequence, k: int) -> None:
+        """One speculative round (speculative.py) on the lone decoding row, through a one-row view."""
+        view = self._rows(s.slot + 1, s.slot)
+        emitted, a, main, s.last_h, s.mtp_pending = spec_round(self.model, view, s.last_h, s.next_token, k,
+                                                               s.params, s.generator, self._mask, s.mtp_pending)
+        self.steps += 1
+        st = self.spec_stats
+        st.rounds += 1
+        st.drafted += k
+        st.accepted += a
+        s.spec_rounds += 1
+        s.spec_drafted += k
+        s.spec_accepted += a
+        lps = torch.log_softmax(main, dim=-1) if s.params.logprobs else None
+        n = 0
+        for i, tok in enumerate(emitted):
+            lp, top = token_logprobs(main[i], tok, s.params, lps[i] if lps is not None else None)
+            s.append(tok, lp, top)
+            n += 1
+            if s.finished:
+                break
+        st.generated += n
+        self.decoded_tokens += n
+        if s.finished:
+            self._leave(s)
+        else:
+            s.next_token = emitted[-1]

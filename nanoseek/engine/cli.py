@@ -4,6 +4,7 @@
     nanoseek generate --model runs/ckpt --fim-prefix "def add(a, b):\\n    return " --fim-suffix "\\n"
     nanoseek chat --model runs/ckpt            # /think toggles thinking mode, /reset, /exit
     nanoseek serve --model runs/ckpt --port 8000 --api-key KEY
+    nanoseek generate|chat|serve ... --speculative 2   # MTP speculative decoding, 2 drafts per round
 
 A model directory holds config.json + safetensors (Transformer.save_pretrained) and, unless
 --tokenizer points elsewhere, the tokenizer files (tokenizer.json, ...) of nanoseek.data.tokenizer.
@@ -20,8 +21,10 @@ from pathlib import Path
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def load_model_and_tokenizer(model_dir, tokenizer_dir=None, dtype: str | None = None, threads: int | None = None):
-    """(Transformer in eval mode, Tokenizer) from a checkpoint directory; clear errors if absent."""
+def load_model_and_tokenizer(model_dir, tokenizer_dir=None, dtype: str | None = None, threads: int | None = None,
+                             compile: bool = False):
+    """(Transformer in eval mode, Tokenizer) from a checkpoint directory; clear errors if absent.
+    compile=True: torch.compile the decode step (Transformer.compile_blocks; compiles on first use)."""
     import torch
 
     from ..data.tokenizer import load_tokenizer
@@ -40,6 +43,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_dir=None, dtype: str | None = 
     tok = load_tokenizer(tdir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    if compile:
+        model.compile_blocks()
     return model, tok
 
 
@@ -48,6 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: as saved)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (minutes of compilation on first use; see docs/engine.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -57,6 +64,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_speculative_arg(p)
+
+
+def _add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding: K draft tokens per round (0 = off; greedy output is "
+                        "unchanged, sampling keeps its distribution; see docs/engine.md)")
 
 
 def cmd_generate(args) -> int:
@@ -65,23 +79,29 @@ def cmd_generate(args) -> int:
     if args.prompt is None and args.fim_prefix is None and args.fim_suffix is None:
         print("error: give --prompt or --fim-prefix/--fim-suffix", file=sys.stderr)
         return 2
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads, args.compile)
     if args.fim_prefix is not None or args.fim_suffix is not None:
         ids = fim_prompt(tok, args.fim_prefix or "", args.fim_suffix or "")
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
         sys.stdout.write(args.prompt)
-    t0, n, info = time.perf_counter(), 0, None
+    t0, n, info, run = time.perf_counter(), 0, None, {}
     for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                              args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size):
+                              args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size,
+                              speculative_tokens=args.speculative, info=run):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         n += len(ev.tokens)
         info = ev.finish_reason or info
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
+    spec = ""
+    if args.speculative and "runner" in run:
+        st = run["runner"].spec_stats
+        spec = (f", speculative: {st.acceptance_rate:.0%} of {st.drafted} drafts accepted, "
+                f"{st.tokens_per_call:.2f} tokens per verification call")
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, prompt {len(ids)} tokens, "
-          f"finish: {info}]", file=sys.stderr)
+          f"finish: {info}{spec}]", file=sys.stderr)
     return 0
 
 
@@ -105,7 +125,7 @@ def cmd_chat(args) -> int:
     from .. import chat_format
     from .generate import generate_stream
 
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads, args.compile)
     thinking = args.think
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("nanoseek chat: end a message with an empty line. /think toggles thinking, /reset clears, /exit quits.",
@@ -132,7 +152,8 @@ def cmd_chat(args) -> int:
         in_reasoning = thinking
         sys.stdout.write("assistant> ")
         for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                  args.seed, args.stop, tokenizer=tok, max_len=len(ids) + args.max_new_tokens):
+                                  args.seed, args.stop, tokenizer=tok, max_len=len(ids) + args.max_new_tokens,
+                                  speculative_tokens=args.speculative):
             text += ev.text
             piece = ev.text
             if in_reasoning and chat_format.THINK_END in text:
@@ -158,7 +179,7 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     serve(args.model, args.host, args.port, api_key, tokenizer_dir=args.tokenizer, model_name=args.model_name,
           max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype, threads=args.threads, config=cfg,
-          log_level=args.log_level)
+          log_level=args.log_level, speculative_tokens=args.speculative, compile=args.compile)
     return 0
 
 
@@ -192,4 +213,5 @@ def add_subcommands(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_speculative_arg(p)
     p.set_defaults(func=cmd_serve)

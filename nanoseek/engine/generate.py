@@ -12,6 +12,9 @@ Prompts of different lengths are prefilled one at a time (each into a batch-1 ca
 of `chunk_size` tokens) and copied into one batch cache, then all rows decode together, each at
 its own position (see batch.py). Every row has its own torch.Generator (seed + row index), so a
 seeded call is reproducible and a row's tokens do not depend on what else is in the batch.
+`speculative_tokens=K` turns on MTP speculative decoding (speculative.py; greedy output is
+unchanged, sampled output keeps its distribution but a seeded row's tokens then depend on when
+it decoded alone, i.e. speculatively).
 
 With a tokenizer, ids the tokenizer does not have (a padded embedding table) are never sampled.
 Stops: the model's EOS (config.eos_token_id) unless `stop_on_eos=False`, plus `stop`: token ids
@@ -62,6 +65,9 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     cache_bytes: int = 0  # memory of the decode caches the call allocated (batch + prefill scratch)
+    spec_drafted: int = 0  # speculative decoding: MTP drafts proposed for this row,
+    spec_accepted: int = 0  # how many the main model accepted,
+    spec_rounds: int = 0  # and verification calls run on it
 
 
 def _as_prompts(input_ids) -> tuple[list[list[int]], bool]:
@@ -98,14 +104,17 @@ def _split_stop(stop, eos: int | None, stop_on_eos: bool) -> tuple[tuple[int, ..
 
 
 def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, top_logprobs,
-         tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info=None) -> Iterator[tuple[int, Delta, Sequence]]:
+         tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info=None,
+         speculative_tokens: int = 0, compile: bool = False) -> Iterator[tuple[int, Delta, Sequence]]:
     prompts, _ = _as_prompts(input_ids)
     stop_ids, stop_strs = _split_stop(stop, getattr(model.config, "eos_token_id", None), stop_on_eos)
     need = max(len(p) for p in prompts) + max(max_new_tokens, 1)
     runner = BatchRunner(model, len(prompts), max_len or need, chunk_size=chunk_size, cache_dtype=cache_dtype,
-                         vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
+                         vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,
+                         speculative_tokens=speculative_tokens, compile=compile)
     if info is not None:
         info["cache_bytes"] = runner.nbytes()
+        info["runner"] = runner
     out: list[tuple[int, Delta, Sequence]] = []
     seqs = []
     for i, p in enumerate(prompts):
@@ -131,18 +140,21 @@ def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop
 def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                   top_k: int = 0, seed: int | None = None, stop=None, logprobs: bool = False, *,
                   top_logprobs: int = 0, tokenizer=None, stop_on_eos: bool = True,
-                  chunk_size: int = DEFAULT_CHUNK, max_len: int | None = None, cache_dtype=None) -> list[Completion]:
+                  chunk_size: int = DEFAULT_CHUNK, max_len: int | None = None, cache_dtype=None,
+                  speculative_tokens: int = 0, compile: bool = False) -> list[Completion]:
     """Like `generate` but returns a Completion (tokens, text, logprobs, finish_reason) per prompt."""
     done: dict[int, Sequence] = {}
     info: dict = {}
     for i, d, s in _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs,
-                        top_logprobs, tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info):
+                        top_logprobs, tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info,
+                        speculative_tokens, compile):
         if d.finish_reason is not None:
             done[i] = s
     return [Completion(tokens=s.tokens, text=s.text if tokenizer is not None else None,
                        logprobs=s.logprobs if s.params.logprobs else None,
                        top_logprobs=s.top_logprobs if s.params.top_logprobs else None,
-                       finish_reason=s.finish_reason, prompt_tokens=len(s.prompt), cache_bytes=info["cache_bytes"])
+                       finish_reason=s.finish_reason, prompt_tokens=len(s.prompt), cache_bytes=info["cache_bytes"],
+                       spec_drafted=s.spec_drafted, spec_accepted=s.spec_accepted, spec_rounds=s.spec_rounds)
             for _, s in sorted(done.items())]
 
 
@@ -152,7 +164,9 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     for a batch (list of lists, ragged allowed / 2-D tensor). With logprobs=True returns
     (ids, logprobs) with the same nesting. Keyword options: tokenizer (for stop strings),
     stop_on_eos=True, chunk_size=512, max_len (cache capacity; default just enough),
-    top_logprobs, cache_dtype. See the module docstring."""
+    top_logprobs, cache_dtype, speculative_tokens (MTP drafts per round, 0 = off; see
+    speculative.py), compile (torch.compile the decode step: Transformer.compile_blocks).
+    See the module docstring."""
     _, batched = _as_prompts(input_ids)
     res = generate_full(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, **kw)
     ids = [c.tokens for c in res]
@@ -166,11 +180,14 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
                     top_k: int = 0, seed: int | None = None, stop=None, logprobs: bool = False, *,
                     top_logprobs: int = 0, tokenizer=None, stop_on_eos: bool = True,
                     chunk_size: int = DEFAULT_CHUNK, max_len: int | None = None,
-                    cache_dtype=None) -> Iterator[StreamEvent]:
+                    cache_dtype=None, speculative_tokens: int = 0, info: dict | None = None,
+                    compile: bool = False) -> Iterator[StreamEvent]:
     """Yield StreamEvents (index, tokens, text, logprobs, finish_reason) as tokens are produced.
-    Each row's last event has finish_reason set. Closing the generator stops generation."""
+    Each row's last event has finish_reason set. Closing the generator stops generation.
+    `info` (a dict) receives "cache_bytes" and "runner" (its .spec_stats, .steps) when given."""
     for i, d, _ in _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs,
-                        top_logprobs, tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype):
+                        top_logprobs, tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info,
+                        speculative_tokens, compile):
         yield StreamEvent(index=i, tokens=d.tokens, text=d.text, logprobs=d.logprobs, finish_reason=d.finish_reason)
 
 

@@ -15,6 +15,8 @@ RequestStream at once. The engine thread moves new requests into the BatchRunner
 between steps, so a request joining (chunked prefill, one chunk per step) or finishing (slot
 freed) never stalls the others. Per-request sampling parameters and stop conditions live in
 each request's SamplingParams. The HTTP server (nanoseek/serve/app.py) is the main client.
+`speculative_tokens=K` turns on MTP speculative decoding for a request decoding alone (batch.py,
+speculative.py); stats() then reports its acceptance rate and tokens per verification call.
 """
 
 from __future__ import annotations
@@ -101,11 +103,13 @@ class Engine:
     tokens each). Thread-safe: submit() and RequestStream.cancel() may be called from any thread."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int = 4096, chunk_size: int = 512,
-                 cache_dtype=None, idle_wait_s: float = 0.05):
+                 cache_dtype=None, idle_wait_s: float = 0.05, speculative_tokens: int = 0, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.runner = BatchRunner(model, max_batch, max_len, chunk_size=chunk_size, cache_dtype=cache_dtype,
-                                  vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
+                                  vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,
+                                  speculative_tokens=speculative_tokens, compile=compile)
+        self.speculative_tokens = speculative_tokens
         self.max_len = max_len
         self.max_batch = max_batch
         self._inbox: queue.Queue = queue.Queue()
@@ -144,9 +148,17 @@ class Engine:
 
     def stats(self) -> dict:
         r = self.runner
-        return {"slots": self.max_batch, "active": sum(s is not None for s in r.slots), "waiting": len(r.waiting),
-                "in_flight": self._in_flight, "decode_steps": r.steps, "decoded_tokens": r.decoded_tokens,
-                "cache_bytes": self.cache_bytes(), "max_len": self.max_len}
+        st = r.spec_stats
+        out = {"slots": self.max_batch, "active": sum(s is not None for s in r.slots), "waiting": len(r.waiting),
+               "in_flight": self._in_flight, "decode_steps": r.steps, "decoded_tokens": r.decoded_tokens,
+               "cache_bytes": self.cache_bytes(), "max_len": self.max_len,
+               "speculative_tokens": self.speculative_tokens}
+        if self.speculative_tokens:
+            # rounds = verification calls; tokens per call counts the tokens those rounds emitted
+            out["speculative"] = {"rounds": st.rounds, "drafted": st.drafted, "accepted": st.accepted,
+                                  "acceptance_rate": round(st.acceptance_rate, 4),
+                                  "tokens_per_call": round(st.tokens_per_call, 4)}
+        return out
 
     # -- submission --------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,

@@ -1,34 +1,54 @@
-"""MTP speculative decoding (greedy): the model's own MTP module drafts, the main model verifies.
+"""MTP speculative decoding: the model's own MTP module drafts, the main model verifies.
 
-V4 report 2.1 / DeepSeek-V3 2.2; vLLM's `{"method": "mtp", "num_speculative_tokens": k}`.
+V4 report 2.1 / DeepSeek-V3 2.2 (MTP as the drafter; vLLM's `{"method": "mtp", ...}`), with
+speculative sampling for temperature > 0 (Leviathan et al. 2023, "Fast Inference from
+Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model
+Decoding with Speculative Sampling").
 
-One round at position p (the main model has consumed tokens < p; `tok` is the token at p):
-  1. draft: the MTP module at p-1 takes the main model's final streams H_{p-1} and `tok` and
-     predicts the token at p+1; applied recursively (its output streams replace H) it drafts
-     d_1..d_k;
-  2. verify: one main-model call on [tok, d_1..d_k] gives the main model's own choice at
-     p+1..p+k+1; the longest prefix of drafts that agrees is accepted, plus one token from the
-     main model (the correction, or a bonus token when every draft was accepted);
-  3. roll back: `model.rollback` undoes the rejected suffix in the main cache (exact); the MTP
-     cache is re-fed with the main model's true streams for the accepted positions.
-Every emitted token is the main model's argmax given the accepted prefix, so the output equals
-plain greedy decoding (tests/engine/test_speculative.py); the MTP only changes the speed.
-Acceptance rate and tokens per main-model call are reported. Batch size 1 (multi-token
-verification needs all rows at one position); greedy only.
+One round on one sequence at position P (the main model has consumed the tokens < P, `tok` is
+the token at P, `last_h` the main model's final streams at P-1):
+  1. draft: the MTP module at P-1 takes (last_h, tok) and predicts the token at P+1; applied
+     recursively (its output streams replace H) it drafts d_1..d_k. Greedy drafts take the
+     argmax; sampled drafts are drawn from q_i, the MTP's distribution after the *same*
+     temperature / top-k / top-p processing as the request;
+  2. verify: one main-model call on [tok, d_1..d_k] gives the main model's distributions
+     p_1..p_{k+1} at P+1..P+k+1.
+     Greedy: the longest prefix of drafts equal to argmax p_i is accepted, plus argmax p_{a+1}.
+     Sampled: d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+     rejection one token is drawn from normalize(max(0, p_i - q_i)) and the round ends; if all
+     k are accepted a bonus token is drawn from p_{k+1}. Each emitted token is then distributed
+     exactly as plain sampling from p would give (the two papers' theorem), whatever q is;
+  3. roll back: `model.rollback` undoes the rejected suffix of the main cache (exact); the MTP
+     cache is rewound to P, and the accepted positions' pairs (true H_t, token t+1) are queued:
+     the next round's first draft call feeds them together with its own input, so a round costs
+     k MTP calls and one main-model call (the queue is how batch.py keeps the MTP cache exact
+     across plain batched steps too).
+So greedy output equals plain greedy decoding token for token, and sampled output has the plain
+sampling distribution (tests/engine/test_speculative.py checks both); the MTP only changes speed.
+
+The rounds run inside the continuous-batching runner (batch.py, `speculative_tokens=K`), which
+calls `spec_round` on a lone decoding sequence and falls back to batched one-token steps when
+several sequences decode (a multi-token model call needs all its rows at one position).
+`speculative_generate` is the batch-1 convenience wrapper:
 
     ids, stats = speculative_generate(model, prompt_ids, max_new_tokens=64, num_draft=2)
+    ids, stats = speculative_generate(model, prompt_ids, 64, temperature=0.8, top_p=0.95, seed=1)
+    stats.acceptance_rate, stats.tokens_per_call
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from .sampling import SamplingParams, filter_logits
 
 
 @dataclass
 class SpecStats:
-    rounds: int = 0
+    rounds: int = 0  # main-model calls (for speculative_generate: the prefill counts as one)
     drafted: int = 0
     accepted: int = 0
     generated: int = 0
@@ -43,67 +63,111 @@ class SpecStats:
         return self.generated / self.rounds if self.rounds else 0.0
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution plain sampling draws from: temperature, top-k, top-p, softmax (fp32)."""
+    return torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
+
+
+def accept_sampled(main_logits: torch.Tensor, q_probs: list[torch.Tensor], drafts: list[int],
+                   params: SamplingParams, generator: torch.Generator | None) -> tuple[int, list[int]]:
+    """Speculative sampling. main_logits [k+1, V]: the main model's logits after each fed token;
+    q_probs[i] [V]: the processed draft distribution d_i was drawn from. Returns (accepted count a,
+    emitted tokens = d_1..d_a + one token drawn from the residual or, if a == k, from p_{k+1})."""
+    k = len(drafts)
+    for i, d in enumerate(drafts):
+        p, q = sampling_probs(main_logits[i], params), q_probs[i]
+        u = float(torch.rand((), generator=generator))
+        if u * float(q[d]) < float(p[d]):  # accept with probability min(1, p(d) / q(d))
+            continue
+        residual = (p - q).clamp_min(0.0)
+        if not float(residual.sum()) > 0:  # p == q up to rounding: rejection had ~0 probability
+            residual = p
+        return i, drafts[:i] + [int(torch.multinomial(residual, 1, generator=generator))]
+    p = sampling_probs(main_logits[k], params)
+    return k, drafts + [int(torch.multinomial(p, 1, generator=generator))]
+
+
+Pending = list[tuple[torch.Tensor, list[int]]]  # MTP pairs not fed yet: (streams [1,m,n,d], m tokens)
+
+
+@torch.no_grad()
+def spec_round(model, cache, last_h: torch.Tensor, tok: int, k: int, params: SamplingParams,
+               generator: torch.Generator | None, mask: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+               pending: Pending = ()):
+    """One draft-verify-rollback round on a batch-1 cache (or a one-row view of a batch cache).
+
+    Needs cache.pos == P, `last_h` [1,1,n,d] = the main model's streams at P-1, `tok` = the token
+    at P, and cache.mtp_pos[0] + (pairs in `pending`) == P - 1. Returns (emitted tokens, accepted
+    drafts a, the main logits [k+1, V] of the verification call on the CPU (masked), streams at
+    the new P-1, the new pending pairs). Afterwards the cache holds tok, d_1..d_a (pos = P+a+1),
+    the same invariant holds for the MTP, and the last emitted token is the next one to feed.
+    `mask` post-processes logits [.., V] (e.g. forbids ids past the tokenizer's vocabulary)."""
+    dev = last_h.device
+    drafts: list[int] = []
+    q_probs: list[torch.Tensor] = []
+    # the first draft call also feeds the queued pairs (one multi-token call instead of two)
+    h = torch.cat([p[0] for p in pending] + [last_h], dim=1)
+    ids = [t for p in pending for t in p[1]] + [tok]
+    mtp_after_first = int(cache.mtp_pos[0][0]) + len(ids)  # = P: positions < P hold true pairs
+    for _ in range(k):  # 1. draft recursively with the MTP module
+        d_logits, h = model.mtp_forward(h, torch.tensor([ids], device=dev), cache=cache)
+        h = h[:, -1:]
+        row = mask(d_logits[0, -1].float().cpu())
+        if params.greedy:
+            cur = int(torch.argmax(row))
+        else:
+            q = sampling_probs(row, params)
+            cur = int(torch.multinomial(q, 1, generator=generator))
+            q_probs.append(q)
+        drafts.append(cur)
+        ids = [cur]
+    # 2. verify every draft with one main-model call
+    snap = cache.snapshot()
+    v_logits, v_streams = model(torch.tensor([[tok] + drafts], device=dev), cache=cache, return_streams=True)
+    main = mask(v_logits[0].float().cpu())
+    if params.greedy:
+        choice = torch.argmax(main, dim=-1).tolist()
+        a = 0
+        while a < k and drafts[a] == choice[a]:
+            a += 1
+        emitted = drafts[:a] + [choice[a]]
+    else:
+        a, emitted = accept_sampled(main, q_probs, drafts, params, generator)
+    # 3. keep [tok, d_1..d_a] in the main cache; the MTP keeps positions < P (fed with true
+    # streams), and MTP positions P..P+a-1 take (true H_t, d_{t-P+1}): queued for the next call
+    model.rollback(cache, snap, keep=a + 1)
+    cache.mtp_pos[0].fill_(mtp_after_first)
+    new_pending = [(v_streams[:, :a], drafts[:a])] if a else []
+    return emitted, a, main, v_streams[:, a : a + 1], new_pending
+
+
 @torch.no_grad()
 def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int = 2,
-                         stop_ids: tuple[int, ...] | None = None) -> tuple[list[int], SpecStats]:
-    if not len(model.mtp):
-        raise ValueError("this model has no MTP module to draft with")
-    if num_draft < 1:
-        raise ValueError("num_draft must be >= 1")
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
-    if prompt.shape[1] < 1:
+                         stop_ids: tuple[int, ...] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                         top_k: int = 0, seed: int | None = None) -> tuple[list[int], SpecStats]:
+    """Generate for one prompt with MTP speculative decoding; returns (token ids, SpecStats).
+    Stops at `stop_ids` (default: the model's EOS; the stop token is included in the output, as
+    before). Greedy when temperature == 0, otherwise speculative sampling (seeded if `seed`)."""
+    from .batch import BatchRunner, Sequence
+
+    prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+    if not prompt:
         raise ValueError("empty prompt")
-    stop = set(stop_ids if stop_ids is not None else (model.config.eos_token_id,))
+    stop = tuple(stop_ids if stop_ids is not None else (model.config.eos_token_id,))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop_token_ids=stop)
+    runner = BatchRunner(model, 1, len(prompt) + max(max_new_tokens, 1), speculative_tokens=num_draft)
+    seq = Sequence(prompt, params)
+    runner.add(seq)
     was_training = model.training
     model.eval()
-    p_len = prompt.shape[1]
-    cache = model.new_cache(1, p_len + max_new_tokens + num_draft + 1, spec_tokens=num_draft, with_mtp=True)
-    stats = SpecStats()
     try:
-        logits, streams = model(prompt, cache=cache, return_streams=True)
-        if p_len > 1:  # MTP positions 0..p-2 see (H_t, token t+1), as in training
-            model.mtp_forward(streams[:, :-1], prompt[:, 1:], cache=cache)
-        last_h = streams[:, -1:]  # H at the last consumed position
-        tok = int(logits[0, -1].argmax())
-        out = [tok]
-        stats.rounds = 1  # the prefill produced the first token
-        while len(out) < max_new_tokens and tok not in stop:
-            k = min(num_draft, max_new_tokens - len(out))
-            # 1. draft with the MTP module, recursively
-            mtp_snapshot = int(cache.mtp_pos[0][0])
-            drafts, h, cur = [], last_h, tok
-            for _ in range(k):
-                d_logits, h = model.mtp_forward(h, torch.tensor([[cur]]), cache=cache)
-                cur = int(d_logits[0, -1].argmax())
-                drafts.append(cur)
-            # 2. verify all drafts in one main-model call
-            snap = cache.snapshot()
-            feed = torch.tensor([[tok] + drafts])
-            v_logits, v_streams = model(feed, cache=cache, return_streams=True)
-            choice = v_logits[0].argmax(-1).tolist()  # main model's token after each fed token
-            a = 0
-            while a < k and drafts[a] == choice[a]:
-                a += 1
-            emitted = drafts[:a] + [choice[a]]
-            stats.rounds += 1
-            stats.drafted += k
-            stats.accepted += a
-            # 3. keep [tok, d_1..d_a] in the main cache; re-feed the MTP with the true streams
-            model.rollback(cache, snap, keep=a + 1)
-            # MTP positions p-1 .. p+a-1 take (H_t, token t+1) with the main model's true H; the
-            # next round drafts from position p+a (H_{p+a} and the corrected token)
-            cache.mtp_pos[0].fill_(mtp_snapshot)
-            true_h = torch.cat([last_h, v_streams[:, :a]], dim=1)
-            model.mtp_forward(true_h, torch.tensor([[tok] + drafts[:a]]), cache=cache)
-            last_h = v_streams[:, a : a + 1]
-            for t in emitted:
-                if len(out) >= max_new_tokens:
-                    break
-                out.append(t)
-                if t in stop:
-                    break
-            tok = out[-1]
-        stats.generated = len(out)
-        return out, stats
+        while runner.has_work():
+            runner.step()
     finally:
         model.train(was_training)
+    out = list(seq.tokens)
+    if seq.stop_token is not None:
+        out.append(seq.stop_token)
+    st = runner.spec_stats
+    return out, SpecStats(rounds=runner.steps + 1, drafted=st.drafted, accepted=st.accepted, generated=len(out))

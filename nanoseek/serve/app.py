@@ -15,6 +15,9 @@ POST /v1/chat/completions (messages, tools -> DSML, `thinking` switch -> reasoni
 reasoning_effort, stream, logprobs/top_logprobs, seed, stop, n); OpenAPI schema at /openapi.json.
 
 Streaming uses server-sent events in OpenAI's chunk format and ends with `data: [DONE]`.
+With `--speculative K` (MTP speculative decoding in the engine) /health reports the acceptance
+rate and tokens per verification call, and each response's usage carries the request's drafts in
+`completion_tokens_details.{accepted,rejected}_prediction_tokens`.
 Every error is `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
 The HTTP layer never runs the model: requests are queued to the engine thread (scheduler.py)
 and their tokens come back through asyncio queues; a client that disconnects cancels its
@@ -331,9 +334,17 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
         msg = str(e) if isinstance(e, (EngineError, APIError)) else f"internal error: {type(e).__name__}"
         return sse(error_body(msg, "server_error"))
 
-    def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    def usage_counts(prompt_tokens: int, completion_tokens: int, streams=()) -> dict:
+        u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+        if engine.speculative_tokens:
+            # MTP speculative decoding: drafts are "predictions", in OpenAI's usage fields
+            seqs = [s.seq for s in streams if s.seq is not None]
+            drafted = sum(q.spec_drafted for q in seqs)
+            accepted = sum(q.spec_accepted for q in seqs)
+            u["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                              "rejected_prediction_tokens": drafted - accepted}
+        return u
 
     async def collect_all(request, streams, slot):
         """A non-streaming request's results; the concurrency slot is released in any case."""
@@ -464,9 +475,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
                 choices.append({"index": i, "text": text, "finish_reason": finish(ds[-1].finish_reason),
                                 "logprobs": logprobs_obj(ds, 0)[0] if nlp is not None else None})
             return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                    "choices": choices, "usage": {"prompt_tokens": prompt_tokens * req.n,
-                                                  "completion_tokens": completion_tokens,
-                                                  "total_tokens": prompt_tokens * req.n + completion_tokens}}
+                    "choices": choices, "usage": usage_counts(prompt_tokens * req.n, completion_tokens, streams)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -489,7 +498,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
         if include_usage:
             usage = lambda: {"id": cid, "object": "text_completion", "created": created,  # noqa: E731
                              "model": cfg.model_name, "choices": [],
-                             "usage": usage_counts(prompt_tokens * req.n, counted["completion_tokens"])}
+                             "usage": usage_counts(prompt_tokens * req.n, counted["completion_tokens"], streams)}
         return sse_response(events(), streams, slot, usage)
 
     # ---- chat completions ------------------------------------------------------------------
@@ -554,8 +563,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
                                 "logprobs": chat_logprobs(ds) if req.logprobs else None})
             pt = len(ids) * req.n
             return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                    "choices": choices, "usage": {"prompt_tokens": pt, "completion_tokens": completion_tokens,
-                                                  "total_tokens": pt + completion_tokens}}
+                    "choices": choices, "usage": usage_counts(pt, completion_tokens, streams)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -592,7 +600,7 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
         if include_usage:
             usage = lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,  # noqa: E731
                              "model": cfg.model_name, "choices": [],
-                             "usage": usage_counts(len(ids) * req.n, counted["completion_tokens"])}
+                             "usage": usage_counts(len(ids) * req.n, counted["completion_tokens"], streams)}
         return sse_response(events(), streams, slot, usage)
 
     app.state.engine = engine
@@ -659,20 +667,23 @@ class ChatStreamSplitter:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
           tokenizer_dir: str | None = None, model_name: str | None = None, max_batch: int = 8,
           max_len: int = 4096, dtype: str | None = None, threads: int | None = None,
-          config: ServeConfig | None = None, log_level: str = "info") -> None:
+          config: ServeConfig | None = None, log_level: str = "info", speculative_tokens: int = 0,
+          compile: bool = False) -> None:
     """Load a checkpoint + tokenizer, start the engine thread and run uvicorn until interrupted."""
     import uvicorn
 
     from ..engine.cli import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(model_dir, tokenizer_dir, dtype=dtype, threads=threads)
+    model, tok = load_model_and_tokenizer(model_dir, tokenizer_dir, dtype=dtype, threads=threads, compile=compile)
     cfg = config or ServeConfig()
     cfg.model_name = model_name or cfg.model_name
     cfg.api_key = api_key if api_key is not None else cfg.api_key
-    engine = Engine(model, tokenizer=tok, max_batch=max_batch, max_len=max_len).start()
+    engine = Engine(model, tokenizer=tok, max_batch=max_batch, max_len=max_len,
+                    speculative_tokens=speculative_tokens).start()
     app = create_app(engine, tok, cfg)
     print(f"nanoseek: serving '{cfg.model_name}' on http://{host}:{port}/v1 "
           f"({max_batch} slots x {max_len} tokens, cache {engine.cache_bytes() / 2**20:.1f} MiB"
+          f"{f', MTP speculative decoding with {speculative_tokens} drafts' if speculative_tokens else ''}"
           f"{', API key required' if cfg.api_key else ''})", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

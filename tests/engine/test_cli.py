@@ -30,6 +30,16 @@ def test_generate_prompt_and_fim(saved, capsys):
     assert capsys.readouterr().out == fill_in_middle(model, tok, "x = ", "\n", max_new_tokens=6) + "\n"
 
 
+def test_generate_speculative(saved, capsys):
+    d, model, tok = saved
+    prompt = "class Stack:\n"
+    assert main(["generate", "--model", str(d), "--prompt", prompt, "--max-new-tokens", "10",
+                 "--speculative", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == prompt + generate_full(model, [tok.bos_id] + tok.encode(prompt), 10, tokenizer=tok)[0].text + "\n"
+    assert "drafts accepted" in out.err and "tokens per verification call" in out.err
+
+
 def test_generate_errors(saved, tmp_path, capsys):
     assert main(["generate", "--model", str(saved[0])]) == 2
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -32,15 +32,15 @@ def model_dir(tmp_path_factory):
     return d, model, tok
 
 
-@pytest.fixture(scope="session")
-def server(model_dir):
-    d = model_dir[0]
+def start_server(d, extra=(), name="server"):
+    """Start `nanoseek serve` on a free port; yields {"base", "proc", "log"}; stops it after."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(d), "--port", str(port),
            "--api-key", API_KEY, "--model-name", MODEL_NAME, "--threads", "1", "--max-batch", "16",
-           "--max-len", "1024", "--max-tokens-limit", "128", "--max-body-bytes", "65536", "--log-level", "warning"]
-    log = open(d.parent / "server.log", "w+")
+           "--max-len", "1024", "--max-tokens-limit", "128", "--max-body-bytes", "65536", "--log-level", "warning",
+           *extra]
+    log = open(d.parent / f"{name}.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -67,3 +67,8 @@ def server(model_dir):
         proc.kill()
         proc.wait(5)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    yield from start_server(model_dir[0])
