@@ -106,8 +106,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--autocast", choices=["auto", "bf16", "off"])
-    a("--compile", action="store_true", default=None,
-      help="regional torch.compile of the blocks (minutes of compilation at the start; docs/train.md)")
+    a("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+      help="regional torch.compile of the blocks with BACKEND (default inductor; minutes of compilation "
+           "at the start; docs/train.md)")
     a("--deterministic", action="store_true", default=None)
     a("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2 fully_shard instead of DDP")
     a("--peak-tflops", dest="peak_tflops", type=float, help="MFU denominator (default: measured)")

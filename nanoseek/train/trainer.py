@@ -111,7 +111,7 @@ class TrainConfig:
     # --- systems ---
     device: str = "auto"                      # auto | cpu | cuda
     autocast: str = "auto"                    # auto (bf16 on CUDA, off on CPU) | bf16 | off
-    compile: bool = False
+    compile: bool | str = False               # True / "inductor", or another torch.compile backend name
     deterministic: bool = False
     find_unused_parameters: bool = False
     fsdp: bool = False                        # under torchrun: FSDP2 fully_shard instead of DDP
@@ -507,7 +507,7 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> dict:
         # regional compilation (torchtitan-style, per block): one compiled function for all
         # blocks, so compile time scales with the number of block kinds, not with depth; the
         # MoE grouped expert pass stays eager (data-dependent shapes). See docs/model.md.
-        model.compile_blocks()
+        model.compile_blocks(backend="inductor" if cfg.compile is True else str(cfg.compile))
     # built after wrapping: FSDP2 replaces the parameters by sharded DTensors
     opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
     if tree is not None:
