@@ -26,7 +26,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -105,35 +104,9 @@ def bench_decode(args) -> None:
     _, toks_e = once(eager, False)
     hf_run = None
     if args.transformers:
-        from transformers import AutoModelForCausalLM
-        from transformers.generation.streamers import BaseStreamer
+        from bench_generate import transformers_decode  # benchmarks/ is the script's directory
 
-        tmp = tempfile.mkdtemp()
-        eager.save_pretrained(tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        ids = torch.tensor([prompt])
-
-        class Clock(BaseStreamer):
-            def __init__(self):
-                self.stamps = []
-
-            def put(self, value):
-                self.stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        def hf_once():
-            clock = Clock()
-            with torch.no_grad():
-                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=config.eos_token_id, streamer=clock)
-            st = clock.stamps[1:]
-            return (len(st) - 1) / (st[-1] - st[0])
-
-        hf_run = hf_once
+        hf_run = transformers_decode(eager, prompt, n)[1]
 
     for _ in range(args.reps):
         runs["eager"].append(once(eager, False)[0])

@@ -37,6 +37,43 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import generate, generate_stream
 
 
+def transformers_decode(model, prompt: list[int], n: int):
+    """Load `model`'s weights into transformers (via our checkpoint format) and return
+    (hf_model, once): once() runs a greedy `generate` of n tokens after `prompt` and returns the
+    decode rate in tok/s, timed from the first generated token to the last with a streamer, so
+    the prefill is excluded (the same measure as nanoseek's side)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    tmp = tempfile.mkdtemp()
+    model.save_pretrained(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):  # first call: the prompt; then one call per new token
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once() -> float:
+        clock = Clock()
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=model.config.eos_token_id, streamer=clock)
+        assert out.shape[1] == len(prompt) + n
+        st = clock.stamps[1:]
+        return (len(st) - 1) / (st[-1] - st[0])
+
+    return hf, once
+
+
 def aggregate_rate(model, prompts, n: int) -> float:
     """Tokens/s over the window where every request is decoding (prefills excluded)."""
     started, count, t0 = set(), 0, None
@@ -266,34 +303,7 @@ def main() -> None:
         print(f"compile=True: first generation (compilation + {n} tokens) {time.perf_counter() - t_c:.1f} s")
     hf = hf_once = None
     if not args.skip_transformers:
-        from transformers import AutoModelForCausalLM
-        from transformers.generation.streamers import BaseStreamer
-
-        tmp = tempfile.mkdtemp()
-        model.save_pretrained(tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        ids = torch.tensor([prompt])
-
-        class Clock(BaseStreamer):
-            def __init__(self):
-                self.stamps = []
-
-            def put(self, value):  # first call: the prompt; then one call per new token
-                self.stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        def hf_once() -> float:
-            clock = Clock()
-            with torch.no_grad():
-                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=config.eos_token_id, streamer=clock)
-            assert out.shape[1] == len(prompt) + n
-            st = clock.stamps[1:]
-            return (len(st) - 1) / (st[-1] - st[0])
+        hf, hf_once = transformers_decode(model, prompt, n)
 
     for _ in range(args.reps):
         runs["nanoseek"].append(ours_once())
@@ -315,12 +325,13 @@ def main() -> None:
                if runs["transformers"] else ""))
         # Same greedy tokens? Random-init logits have near-ties (top-2 margins ~1e-4 occur), so the two
         # implementations may part ways after a few tokens; report the agreeing prefix.
-        with torch.no_grad():
-            ref = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                              pad_token_id=config.eos_token_id)[0, len(prompt):].tolist()
-        mine = generate(model, prompt, 8, stop_on_eos=False)
-        agree = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), 8)
-        print(f"  greedy tokens: first {agree} of 8 agree with transformers")
+        if hf is not None:
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  pad_token_id=config.eos_token_id)[0, len(prompt):].tolist()
+            mine = generate(model, prompt, 8, stop_on_eos=False)
+            agree = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), 8)
+            print(f"  greedy tokens: first {agree} of 8 agree with transformers")
 
     # -- aggregate throughput ---------------------------------------------------------------
     short = 64
