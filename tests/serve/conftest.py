@@ -12,8 +12,19 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from tests.engine.fixtures import save_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process generation (the reference outputs) on one intra-op thread: faster than two
+    on a busy 2-core machine; restored after each module."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 API_KEY = "test-key-123"
 MODEL_NAME = "tiny-test"

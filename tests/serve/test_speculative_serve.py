@@ -10,19 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 
 from nanoseek import chat_format
 from nanoseek.engine import generate_full
 from tests.serve.conftest import API_KEY, MODEL_NAME, start_server
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
