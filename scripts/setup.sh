@@ -29,7 +29,9 @@ CS=.venv/tools/codeshield
 if ! "$CS/bin/python" -c "from importlib.metadata import version as v; assert (v('codeshield'), v('semgrep')) == ('1.0.1', '1.185.0')" 2>/dev/null; then
     echo "[setup] installing codeshield==1.0.1 + semgrep==1.185.0 into $CS"
     .venv/bin/python -m venv "$CS"
-    "$CS/bin/python" -m pip --disable-pip-version-check -q install codeshield==1.0.1 semgrep==1.185.0
+    # not fatal: without it only `--detector codeshield|both` is unavailable (a clear error then)
+    "$CS/bin/python" -m pip --disable-pip-version-check -q install codeshield==1.0.1 semgrep==1.185.0 \
+        || echo '[setup] WARNING: CodeShield could not be installed; nanoseek eval insecure-code then needs --detector bandit'
 fi
 if [ -f scripts/setup_sandbox.sh ]; then
     bash scripts/setup_sandbox.sh || echo "[setup] sandbox isolation tools unavailable; see docs/eval.md"

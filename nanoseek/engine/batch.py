@@ -382,7 +382,7 @@ class BatchRunner:
             out, streams = self.model(ids.to(self.device), cache=self._rows(k), return_streams=True)
             for s in rows:  # what the MTP would have consumed at pos-1; fed when the row drafts
                 s.mtp_pending.append((s.last_h, [s.next_token]))
-                s.last_h = streams[s.slot : s.slot + 1]
+                s.last_h = streams[s.slot : s.slot + 1].clone()  # not a view keeping the batch's streams alive
                 if sum(len(p[1]) for p in s.mtp_pending) >= self.mtp_flush:
                     self._flush_mtp(s)
         else:

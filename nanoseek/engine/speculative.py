@@ -150,7 +150,7 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int 
     before). Greedy when temperature == 0, otherwise speculative sampling (seeded if `seed`)."""
     from .batch import BatchRunner, Sequence
 
-    prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()  # [S] or [1, S]
     if not prompt:
         raise ValueError("empty prompt")
     stop = tuple(stop_ids if stop_ids is not None else (model.config.eos_token_id,))

@@ -3,7 +3,7 @@ environment, and answers scan requests from `security.CodeShieldDetector` over s
 
 This file is not imported by nanoseek. `security.py` starts it as
 `<codeshield-python> -I -c <this file>`, with the interpreter of the environment where
-`codeshield==1.0.1` and `semgrep==1.185.0` are installed (`scripts/setup_codeshield.sh`: a
+`codeshield==1.0.1` and `semgrep==1.185.0` are installed (`.venv/tools/codeshield`, made by `scripts/setup.sh`: a
 separate environment because semgrep 1.185 pins opentelemetry-api~=1.37 while FastAPI 0.163
 needs >=1.44, so the two cannot share one environment). stdlib + codeshield only.
 

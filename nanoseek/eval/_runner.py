@@ -426,7 +426,8 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
 
     lstat, readlink, getcwd, p_open, p_read, p_close = (posix.lstat, posix.readlink, posix.getcwd,
                                                          posix.open, posix.read, posix.close)
-    S_ISLNK, O_RDONLY, get_ident = _stat.S_ISLNK, posix.O_RDONLY, _thread.get_ident
+    S_ISLNK, S_ISDIR, O_RDONLY, get_ident = _stat.S_ISLNK, _stat.S_ISDIR, posix.O_RDONLY, _thread.get_ident
+    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
     type_, str_, bytes_, int_, tuple_, list_ = type, str, bytes, int, tuple, list
     s_str, s_split, s_join, s_start, s_end = str.__str__, str.split, str.join, str.startswith, str.endswith
     b_decode, b_eq, mv, mv_tobytes = bytes.decode, bytes.__eq__, memoryview, memoryview.tobytes
@@ -512,6 +513,36 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
                     break
         return True
 
+    def in_trusted(path):
+        """Whether `path` resolves into the Python installation (the only place native code and
+        .pyc files load from). Those directories are read-only under bwrap and unshare but may be
+        writable at level none: a program that could write a .so there could load it."""
+        text = as_text(path)
+        real = resolve(text) if text is not None else None
+        if real is None:
+            return True  # undecidable: treat as trusted, i.e. refuse the write
+        for d in trusted_dirs:
+            if s_start(real + "/", d):
+                return True
+        return False
+
+    def opens_for_writing(args):
+        mode = t_get(args, 1) if len_(args) > 1 else None
+        flags = t_get(args, 2) if len_(args) > 2 else None
+        if type_(mode) is str_:
+            for ch in "wax+":
+                if ch in mode:
+                    return True
+        return type_(flags) is int_ and (flags & write_flags) != 0
+
+    def is_dir(path):
+        text = as_text(path)
+        real = resolve(text) if text is not None else None
+        try:
+            return real is not None and S_ISDIR(t_get(lstat(real), 0))
+        except OSError_:
+            return False
+
     def pyc_matches(data):
         path = d_pop(last_pyc, get_ident(), None)
         if path is None:
@@ -543,14 +574,23 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
             if len_(args) > 1 and t_get(args, 1) in frame_attrs:
                 raise RuntimeError_(f"{t_get(args, 1)} is disabled in the nanoseek sandbox")
         elif event == "open":
-            if not open_allowed(t_get(args, 0)):
+            path = t_get(args, 0)
+            if not open_allowed(path):
                 raise RuntimeError_("opening this path is disabled in the nanoseek sandbox")
+            # no writes into the Python installation, and no directory descriptors there (a
+            # dir_fd-relative open reaches the audit hook as a bare relative name)
+            if type_(path) is not int_ and (opens_for_writing(args) or is_dir(path)) and in_trusted(path):
+                raise RuntimeError_("writing into the Python installation is disabled in the nanoseek sandbox")
+        elif event == "os.rename" or event == "os.link":
+            if len_(args) > 1 and in_trusted(t_get(args, 1)):
+                raise RuntimeError_(f"{event} into the Python installation is disabled in the nanoseek sandbox")
         elif event == "marshal.loads":
             if not pyc_matches(t_get(args, 0)):
                 raise RuntimeError_("marshal.loads is disabled in the nanoseek sandbox")
         elif event == "import":
             name = t_get(args, 0)
-            if type_(name) is str_ and (s_start(name, "_test") or s_start(name, "_xx")
+            if type_(name) is str_ and (s_start(name, "_test") or s_start(name, "_xx") or s_start(name, "_interp")
+                                        or s_start(name, "concurrent.interpreters")
                                         or s_start(name, "_ctypes_test") or s_start(name, "xxlimited")):
                 raise RuntimeError_(f"import of {name} is disabled in the nanoseek sandbox")
             filename = t_get(args, 1) if len_(args) > 1 else None

@@ -22,7 +22,12 @@ and the verdict protocol of `_runner.py`: a program is "passed" only when the ha
 last stage return and reported so with a per-run secret over a private pipe. Jobs with a test
 (a trusted stage) are also *guarded*: the secret lives only in an audit hook, the test runs in
 its own thread, and frame/gc/ctypes/`/proc`/bytecode introspection is denied, so a program
-cannot read the secret and forge a pass from inside the interpreter (see `_runner.py`).
+cannot read the secret and forge a pass from inside the interpreter (see `_runner.py`; at
+level `none` this rests on the audit hook alone, which also refuses writes into the Python
+installation). What the guard protects is the verdict channel: a solution that satisfies the
+test's own checks dishonestly (e.g. returning an object whose `__eq__` is always true) passes
+that test, as it would under the reference harness; RL rewards should use tests that check
+types where that matters.
 
 Statuses: passed / failed / timeout / memory / error ("error" = the sandbox itself could not
 start the program; everything the program does wrong is "failed", "timeout" or "memory").

@@ -195,6 +195,7 @@ class CodeShieldDetector:
         self._err = tempfile.TemporaryFile()
         self._lock = threading.Lock()
         self._n = 0
+        self._broken = ""
         try:
             self._proc = subprocess.Popen([py, "-I", "-c", _WORKER_SOURCE], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=self._err, env=env,
@@ -219,18 +220,30 @@ class CodeShieldDetector:
 
     def _request(self, items: list[dict]) -> list[list[dict]]:
         with self._lock:
+            if self._broken:
+                raise RuntimeError(f"CodeShield worker unusable after an earlier failure: {self._broken}")
             self._n += 1
             try:
                 self._proc.stdin.write(json.dumps({"id": self._n, "items": items}) + "\n")
                 self._proc.stdin.flush()
                 line = self._proc.stdout.readline()
-            except (OSError, ValueError) as e:
-                raise RuntimeError(f"CodeShield worker died: {e}; {self._stderr()}") from e
-        if not line:
-            raise RuntimeError(f"CodeShield worker exited: {self._stderr()}")
-        resp = json.loads(line)
-        if "error" in resp:
-            raise RuntimeError(f"CodeShield failed: {resp['error']}")
+                if not line:
+                    raise RuntimeError(f"CodeShield worker exited: {self._stderr()}")
+                resp = json.loads(line)
+                if resp.get("id") != self._n:  # a reply out of step would pair findings with the wrong samples
+                    raise RuntimeError(f"CodeShield worker replied to request {resp.get('id')}, expected {self._n}")
+                if "error" in resp:
+                    raise RuntimeError(f"CodeShield failed: {resp['error']}")
+                if len(resp["results"]) != len(items):
+                    raise RuntimeError(f"CodeShield worker returned {len(resp['results'])} results for {len(items)} items")
+            except BaseException as e:
+                # interrupted or out of step (Ctrl-C mid-read, a dead worker): a reply may still be
+                # pending, so this worker is never asked again
+                self._broken = f"{type(e).__name__}: {e}"
+                self.close()
+                if isinstance(e, (OSError, ValueError)):
+                    raise RuntimeError(f"CodeShield worker died: {e}; {self._stderr()}") from e
+                raise
         return resp["results"]
 
     @staticmethod
@@ -266,17 +279,26 @@ class CodeShieldDetector:
 
     def close(self) -> None:
         proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.stdin.close()
-                proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.close()
+                    proc.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    proc.kill()
+                    proc.wait()
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except (OSError, ValueError):
+                    pass
         shutil.rmtree(getattr(self, "_home", ""), ignore_errors=True)
 
     def __del__(self):
         self.close()
+        err = getattr(self, "_err", None)
+        if err is not None:
+            err.close()  # kept open by close(): error messages read the worker's stderr from it
 
 
 class CombinedDetector:

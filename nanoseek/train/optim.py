@@ -59,8 +59,8 @@ def newton_schulz(g: torch.Tensor, schedule=NS_SCHEDULE, eps: float = 1e-7, dtyp
     for (a, b, c), steps in schedule:
         for _ in range(steps):
             gram = torch.bmm(x, x.mT)
-            # b G + c G G and a X + (...) X as two fused multiply-adds: the same arithmetic as
-            # a*x + (b*gram + c*gram@gram) @ x without four extra passes over the operands
+            # b G + c G G and a X + (...) X as two fused multiply-adds: mathematically the same as
+            # a*x + (b*gram + c*gram@gram) @ x (one rounding instead of two per fused op) without four extra passes over the operands
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             x = torch.baddbmm(x, poly, x, beta=a)
     x = x.reshape(*lead, *x.shape[-2:])

@@ -54,6 +54,8 @@ def test_speculative_equals_plain_greedy(num_draft):
         assert spec == plain
         assert stats.generated == 24 and stats.drafted > 0
         assert 0.0 <= stats.acceptance_rate <= 1.0
+        if num_draft == 1:  # a [1, S] tensor prompt, as model calls take, gives the same tokens
+            assert speculative_generate(model, torch.tensor([prompt]), 24, num_draft=1, stop_ids=())[0] == plain
 
 
 def test_accepted_drafts_keep_the_output_exact():

@@ -604,6 +604,27 @@ DENIED_ONLY = {
         "    return [importlib.util.module_from_spec(spec)]\n"
         "attempt('native', via_native)"),
     "CPython's test modules": "attempt('_testcapi', lambda: [__import__('_testcapi')])",
+    # a subinterpreter runs without the audit hook (hooks are per interpreter); 3.13+ names it
+    # _interpreters, earlier versions _xxsubinterpreters
+    "a subinterpreter": (
+        "def via_subinterpreter():\n"
+        "    for name in ('_interpreters', '_xxsubinterpreters'):\n"
+        "        try:\n            return [__import__(name)]\n"
+        "        except ModuleNotFoundError:\n            pass\n"
+        "    return []\n"
+        "attempt('subinterpreter', via_subinterpreter)"),
+    # at level none the Python installation may be writable: a .so written there could be loaded
+    "writing into the Python installation": (
+        "import json\n"
+        "def via_install_write():\n"
+        "    path = os.path.join(os.path.dirname(json.__file__), '_nanoseek_probe.so')\n"
+        "    with open(path, 'wb') as fh:\n        fh.write(b'x')\n"
+        "    os.unlink(path)\n"
+        "    return []\n"
+        "attempt('install write', via_install_write)"),
+    "a directory descriptor into the Python installation": (
+        "import json\n"
+        "attempt('install dir_fd', lambda: [os.open(os.path.dirname(json.__file__), os.O_RDONLY)])"),
 }
 
 MORE_FORGERIES = {
