@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-import warnings
 
 import torch
 
@@ -42,14 +40,11 @@ def transformers_decode(model, prompt: list[int], n: int):
     (hf_model, once): once() runs a greedy `generate` of n tokens after `prompt` and returns the
     decode rate in tok/s, timed from the first generated token to the last with a streamer, so
     the prefill is excluded (the same measure as nanoseek's side)."""
-    from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    tmp = tempfile.mkdtemp()
-    model.save_pretrained(tmp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    from bench_model import in_transformers  # benchmarks/ is the script's directory
+
+    hf = in_transformers(model).eval()
     ids = torch.tensor([prompt])
 
     class Clock(BaseStreamer):

@@ -28,6 +28,20 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.model import count_parameters
 
 
+def in_transformers(model):
+    """The same weights in transformers' DeepseekV4ForCausalLM, fp32, loaded from our checkpoint
+    format (which is also the interchange test); None when transformers is not installed."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    tmp = tempfile.mkdtemp()
+    model.save_pretrained(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+
+
 def matmul_peak(dtype=torch.float32, n: int = 1024, reps: int = 10) -> float:
     """FLOP/s of a large square matmul: the practical peak MFU is measured against."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -126,16 +140,11 @@ def main() -> None:
     results: dict[str, dict] = {"nanoseek": {}, "transformers": {}}
     impls = {"nanoseek": ours}
     if args.only != "nanoseek":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
+        hf = in_transformers(ours)
+        if hf is None:
             print("transformers not installed: measuring nanoseek only")
         else:
-            tmp = tempfile.mkdtemp()
-            ours.save_pretrained(tmp)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                impls["transformers"] = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            impls["transformers"] = hf
     if args.only == "transformers":
         impls.pop("nanoseek")
     peak32 = matmul_peak(torch.float32)

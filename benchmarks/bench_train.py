@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-import warnings
 
 import torch
 
@@ -151,17 +149,13 @@ def main() -> None:
         fns["trainer"] = trainer_step(Transformer(config).train(), ids, phases)
         fns["nanoseek"] = adamw_step(probe.train(), ids, "nanoseek")
     if args.only != "nanoseek":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
+        from bench_model import in_transformers  # benchmarks/ is the script's directory
+
+        hf = in_transformers(probe)
+        if hf is None:
             print("transformers not installed: baseline skipped")
         else:
-            tmp = tempfile.mkdtemp()
-            probe.save_pretrained(tmp)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
-            fns["transformers"] = adamw_step(hf, ids, "transformers")
+            fns["transformers"] = adamw_step(hf.train(), ids, "transformers")
     if args.muon_ab and args.only != "transformers":
         fns["muon chunked"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES)
         fns["muon one batch"] = muon_only(probe, 1 << 62)
