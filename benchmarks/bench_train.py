@@ -38,7 +38,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.train import optim as optim_mod
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer
-from nanoseek.train.trainer import measure_peak_flops, training_flops_per_token
+from nanoseek.train.metrics import measure_peak_flops, training_flops_per_token
 
 
 def trainer_step(model, ids, phases: dict[str, list[float]]):

@@ -36,13 +36,23 @@ def bpb_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tens
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes, max_tokens: int | None = None, progress: bool = False) -> dict:
-    """bpb of `model` over an iterable of loader batches (dicts with input_ids, labels, doc_ids)."""
+def evaluate_bpb(model, batches, token_bytes, max_tokens: int | None = None, progress: bool = False, *,
+                 device=None, autocast=None, reduce=None) -> dict:
+    """bpb of `model` over an iterable of loader batches (dicts with input_ids, labels, doc_ids).
+
+    The one evaluation loop of nanoseek (`nanoseek eval bpb` and the trainer's validation):
+      bpb, nats_per_token, tokens, bytes   over targets that stand for text (>= 1 byte)
+      loss, supervised_tokens              mean nats over every supervised target (-100 left out)
+    device: where batches go (default: where they are); autocast: a context factory wrapped
+    around the forward; reduce: called on the float64 vector of sums before the ratios are
+    taken (the trainer all-reduces it over data-parallel ranks)."""
+    import contextlib
+
     token_bytes = torch.as_tensor(token_bytes)
+    autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    nats = 0.0
-    nbytes = tokens = 0
+    sums = torch.zeros(5, dtype=torch.float64)  # nats(text), bytes, text tokens, nats(all), supervised
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -50,20 +60,32 @@ def evaluate_bpb(model, batches, token_bytes, max_tokens: int | None = None, pro
         bar = tqdm(desc="bpb", unit="tok", total=max_tokens)
     try:
         for batch in batches:
-            logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-            n, b, t = bpb_sums(logits, batch["labels"], token_bytes)
-            nats, nbytes, tokens = nats + n, nbytes + b, tokens + t
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items() if v is not None}
+            labels = batch["labels"]
+            with autocast():
+                logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   reduction="none")
+            n, b = bits_per_byte_sums(nats, labels, token_bytes)
+            counted = ((token_bytes.to(labels.device)[labels.clamp(min=0)] > 0) & (labels != -100)).sum()
+            sums += torch.stack([n.cpu(), b.cpu(), counted.double().cpu(), nats.double().sum().cpu(),
+                                 (labels != -100).sum().double().cpu()])
             if bar is not None:
-                bar.update(t)
-            if max_tokens is not None and tokens >= max_tokens:
+                bar.update(int(counted))
+            if max_tokens is not None and sums[2] >= max_tokens:
                 break
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return {"bpb": nats / (math.log(2) * nbytes) if nbytes else float("nan"),
-            "nats_per_token": nats / tokens if tokens else float("nan"),
-            "tokens": tokens, "bytes": nbytes}
+    if reduce is not None:
+        reduce(sums)
+    nats_text, nbytes, tokens, nats_all, supervised = sums.tolist()
+    return {"bpb": nats_text / (math.log(2) * nbytes) if nbytes else float("nan"),
+            "nats_per_token": nats_text / tokens if tokens else float("nan"),
+            "tokens": int(tokens), "bytes": int(nbytes),
+            "loss": nats_all / supervised if supervised else float("nan"), "supervised_tokens": int(supervised)}
 
 
 def run_bpb(model_dir, shard_dir, tokenizer_dir=None, split: str = "val", batch_size: int = 4,

@@ -436,7 +436,7 @@ class Transformer(nn.Module):
         return self
 
     # ---------------------------------------------------- parameters
-    def num_parameters(self, activated: bool = False, include_mtp: bool = True) -> int:
+    def num_parameters(self, activated: bool = False, include_mtp: bool | None = None) -> int:
         return count_parameters(self.config, activated=activated, include_mtp=include_mtp)
 
     # ---------------------------------------------------- checkpoints
@@ -496,18 +496,23 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
 
 
-def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool = True,
+def count_parameters(config: ModelConfig, activated: bool = False, include_mtp: bool | None = None,
                      model: "Transformer | None" = None) -> int:
     """Parameter count from the config alone (meta device: no memory). `activated` counts the
     parameters one token uses: top-k routed experts + the shared one, without the embedding
-    table (a lookup) and without the MTP module, which is the convention under which the V4
-    release reports 284B/13B (Flash) and 1.6T/49B (Pro). Pass `model` to reuse a built one."""
+    table (a lookup) and -- unless include_mtp=True -- without the MTP module, which is the
+    convention under which the V4 release reports 284B/13B (Flash) and 1.6T/49B (Pro).
+    include_mtp=None: the convention (totals with MTP, activated counts without); a training
+    step computes the MTP block too, so its FLOPs use activated=True, include_mtp=True.
+    Pass `model` to reuse a built one."""
+    if include_mtp is None:
+        include_mtp = not activated
     if model is None:
         with torch.device("meta"):
             model = Transformer(config)
     total = 0
     for name, p in model.named_parameters():
-        if name.startswith("mtp.") and (activated or not include_mtp):
+        if name.startswith("mtp.") and not include_mtp:
             continue
         n = p.numel()
         if activated and ".experts.w" in name:

@@ -3,6 +3,7 @@
     RUN/checkpoints/step-00000100/
         config.json, model.safetensors     the model, in nanoseek's interchange format
                                            (loads with Transformer.from_pretrained)
+        tokenizer.json, ...                the run's tokenizer, when it has one
         train_state.safetensors            optimizer state, LR-schedule position, data-loader
                                            positions, RNG states, trainer counters
     >>> from nanoseek.train.checkpoint import latest_checkpoint, load_tree
@@ -125,8 +126,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model, state: dict, keep_last: int = 3) -> Path:
-    """Atomically write checkpoint `step` (model + state tree) and prune to the newest keep_last."""
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, state: dict, keep_last: int = 3,
+                    tokenizer=None) -> Path:
+    """Atomically write checkpoint `step` (model + state tree) and prune to the newest keep_last.
+    With a tokenizer (anything with `.save(dir)`), its files go into the checkpoint too, so every
+    step checkpoint is a model directory that `nanoseek generate/chat/serve` load alone."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):          # debris of an interrupted save
@@ -135,6 +139,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, state: dict, k
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
     save_tree(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     if final.exists():                          # re-saving the same step: move the old one aside first

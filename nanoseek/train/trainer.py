@@ -1,4 +1,4 @@
-"""The one training loop of nanoseek: pre-training today, SFT / RL / distillation by objective.
+"""The one training loop of nanoseek: pre-training, SFT, RL and distillation are objectives on it.
 
     nanoseek train --shards runs/shards --tokenizer runs/tokenizer --depth 4 --minutes 10 --out runs/pt
     torchrun --nproc-per-node 2 -m nanoseek.cli train ...            # DDP (gloo on CPU, nccl on GPU)
@@ -20,6 +20,13 @@ units), optional torch.compile, validation bits-per-byte, greedy sample generati
 tqdm bar, JSONL (+ TensorBoard if installed) metrics with MFU and expert-load imbalance, and
 atomic checkpoints with exact resume (checkpoint.py).
 
+Shape (torchtitan's): `train(cfg, objective)` = `setup` (model, data, optimizer, resume,
+wrapping: a `Run`) then a loop over `train_step(run, micro_batches) -> terms`, with the
+counters in a `TrainState` dataclass. The objective (objectives.py) supplies the batches, the
+loss and its metrics; parallelize.py the DDP / FSDP2 wrapping and gathered checkpoints;
+metrics.py MFU, tokens/s and the loss-term bookkeeping. At the end a self-contained model
+directory (weights, config, tokenizer, generation_config.json) is written to RUN/model.
+
 Data parallelism. With W ranks and A accumulation micro-steps the global batch is made of
 D = W * A "data ranks": micro-step k of rank r reads TokenLoader shard r*A + k of D. A
 single process with A = 2 therefore sees exactly the data that 2 processes with A = 1 see,
@@ -37,8 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
-import os
 import sys
 import time
 import warnings
@@ -46,13 +51,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.eval.bpb import bits_per_byte_sums
+from nanoseek.eval.bpb import bits_per_byte_sums  # noqa: F401  (re-exported: one definition of bpb)
+from nanoseek.eval.bpb import evaluate_bpb as eval_bpb
 from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree, save_checkpoint
+from nanoseek.train.metrics import (MetricsLog, TermMeter, expert_load_metrics, measure_peak_flops,  # noqa: F401
+                                    training_flops_per_token)
 from nanoseek.train.objectives import Objective, PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, lr_schedule
+from nanoseek.train.parallelize import (Dist, all_reduce, all_reduce_max, barrier, gather_objects,  # noqa: F401
+                                        gathered_state, load_optimizer_state, no_sync, parallelize, setup_distributed,
+                                        unshard)
 
 IGNORE_INDEX = -100
 
@@ -115,90 +125,84 @@ class TrainConfig:
     deterministic: bool = False
     find_unused_parameters: bool = False
     fsdp: bool = False                        # under torchrun: FSDP2 fully_shard instead of DDP
+    # --- output ---
+    export_model: bool = True                 # write RUN/model (needs a tokenizer) at the end
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
+
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+class TrainState:
+    """The counters of a run (saved in every checkpoint as the tree's "trainer" entry)."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    step: int = 0
+    tokens: int = 0
+    total_steps: int | None = None
+    train_seconds: float = 0.0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
+    def state_dict(self) -> dict:
+        return asdict(self)
 
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Read torchrun's environment; init the process group (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
-    if d.enabled:
-        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
-    return t
+@dataclass
+class Run:
+    """Everything `setup` builds; `train_step` and the loop work on it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    model: nn.Module                 # the bare Transformer (its parameters may be FSDP-sharded)
+    objective: Objective
+    state: TrainState
+    accum: int                       # micro-steps per optimizer step on each rank
+    n_data: int                      # data shards = world * accum
+    batch_tokens: int
+    tokenizer: object = None
+    module: nn.Module | None = None  # model + objective, wrapped for DDP / FSDP
+    eval_model: nn.Module | None = None
+    opt: object = None
+    loaders: list = field(default_factory=list)
+    fsdp: bool = False
+    use_bf16: bool = False
+    log: MetricsLog | None = None
+    flops_per_token: float = 0.0
+    peak_flops: float = 1.0
+    run_dir: Path = Path(".")
+    last_eval: dict | None = None
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics pieces (pure functions: tested on their own)
-# bits_per_byte_sums lives with the bpb evaluation task (nanoseek/eval/bpb.py): one definition of bpb
+# Evaluation pieces
 
-@torch.no_grad()
 def evaluate_bpb(model: nn.Module, batches, token_bytes: torch.Tensor, d: Dist | None = None,
                  autocast=contextlib.nullcontext) -> dict:
-    """Validation loss (nats/token over all supervised targets) and bits-per-byte."""
+    """Validation loss (nats/token over all supervised targets) and bits-per-byte, summed over
+    ranks: the one evaluation loop of nanoseek.eval.bpb, named in the trainer's vocabulary."""
     d = d or Dist()
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # nats(bpb), bytes, nats(all), tokens(all)
-    for batch in batches:
-        ids, labels = batch["input_ids"].to(d.device), batch["labels"].to(d.device)
-        doc_ids = batch["doc_ids"].to(d.device) if batch.get("doc_ids") is not None else None
-        with autocast():
-            logits = model(ids, doc_ids=doc_ids)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="none")
-        n, b = bits_per_byte_sums(nats, labels, token_bytes)
-        sums += torch.stack([n.cpu(), b.cpu(), nats.double().sum().cpu(),
-                             (labels != IGNORE_INDEX).sum().double().cpu()])
-    model.train(was_training)
-    _all_reduce(sums, d)
-    bpb = float(sums[0] / (math.log(2) * sums[1])) if sums[1] > 0 else float("nan")
-    loss = float(sums[2] / sums[3]) if sums[3] > 0 else float("nan")
-    return {"val_bpb": bpb, "val_loss": loss, "val_tokens": int(sums[3])}
+    r = eval_bpb(model, batches, token_bytes, device=d.device, autocast=autocast,
+                 reduce=lambda sums: all_reduce(sums, d))
+    return {"val_bpb": r["bpb"], "val_loss": r["loss"], "val_tokens": r["supervised_tokens"]}
 
 
 @torch.no_grad()
-def greedy_complete(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+def greedy_complete(model: nn.Module, tokenizer, prompt: str | list[int], max_new_tokens: int = 48) -> str:
     """Greedy continuation with the decode cache (a deliberately simple loop; nanoseek.engine
-    has the full sampler)."""
+    has the full sampler). `prompt`: text (BOS is added) or token ids."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    ids = list(prompt) if not isinstance(prompt, str) else [tokenizer.bos_id] + tokenizer.encode(prompt)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
     logits = model(torch.tensor([ids], device=dev), cache=cache)
     out: list[int] = []
@@ -210,86 +214,6 @@ def greedy_complete(model: nn.Module, tokenizer, prompt: str, max_new_tokens: in
         logits = model(torch.tensor([[nxt]], device=dev), cache=cache)
     model.train(was_training)
     return tokenizer.decode(out)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
-    """Achievable matmul FLOP/s on this device (the MFU denominator when none is configured)."""
-    n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    (a @ b).sum().item()
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        c = a @ b
-        iters += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if dt > seconds:
-            break
-    del c
-    return 2 * n**3 * iters / dt
-
-
-def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6 x (activated non-embedding parameters, MTP included) + attention scores (12 L h d_h T/2
-    would be the dense count; V4 layers attend to a window + compressed entries, so we count
-    the window only -- a lower bound)."""
-    c = model.config
-    n = 0
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            continue
-        k = p.numel()
-        if ".experts.w" in name:
-            k = k // c.n_routed_experts * c.num_experts_per_tok
-        n += k
-    layers = c.num_hidden_layers + len(c.mtp_layer_types)
-    attn = 12 * layers * c.num_attention_heads * c.head_dim * min(seq_len, c.sliding_window) / 2
-    return 6 * n + attn
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging
-
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when available); main rank only."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # drop records written after the checkpoint we resume from: the curve stays one curve
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # noqa: BLE001 - tensorboard is an optional extra
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class _ObjectiveModule(nn.Module):
@@ -321,51 +245,6 @@ class _RootCall(nn.Module):
 
     def new_cache(self, *args, **kw):
         return self._model[0].new_cache(*args, **kw)
-
-
-def _optimizer_params(opt) -> list[list[torch.Tensor]]:
-    """Per optimizer, its parameters in state_dict index order."""
-    return [[p for g in o.param_groups for p in g["params"]] for o in opt.optimizers]
-
-
-def _map_optimizer_tensors(states: list[dict], opt, fn) -> list[dict]:
-    """Apply fn(tensor, param) to every per-parameter state tensor of CombinedOptimizer states."""
-    out = []
-    for sd, params in zip(states, _optimizer_params(opt)):
-        new_state = {i: {k: fn(v, params[i]) if isinstance(v, torch.Tensor) else v for k, v in ps.items()}
-                     for i, ps in sd["state"].items()}
-        out.append({**sd, "state": new_state})
-    return out
-
-
-def _shard_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    if hasattr(p, "device_mesh") and tuple(t.shape) == tuple(p.shape):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
-    return t
-
-
-def _unshard(t: torch.Tensor, p=None) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class _FullModelView:
-    """What save_pretrained needs of a model (config, dtype, state_dict) built from a full
-    state dict: lets rank 0 save an FSDP-sharded model without materialising a second copy
-    of the module."""
-
-    def __init__(self, config, state: dict[str, torch.Tensor]):
-        self.config, self._state = config, state
-        self.embed = type("E", (), {"weight": state["embed.weight"]})()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-    def save_pretrained(self, path) -> None:
-        from nanoseek.checkpoint import save_pretrained
-
-        save_pretrained(self, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,318 +290,379 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Set-up
 
-def train(cfg: TrainConfig, objective: Objective | None = None) -> dict:
-    """Train per `cfg`; return a summary dict (also written to RUN/summary.json)."""
-    from nanoseek.data.shards import TokenLoader, load_index
-    from nanoseek.model import Transformer
+def _data_vocab(cfg: TrainConfig, objective: Objective, tok) -> int:
+    vocab = objective.vocab_size(cfg)
+    if vocab is None and tok is not None:
+        vocab = tok.vocab_size
+    if vocab is None and cfg.model and Path(cfg.model).is_dir():
+        from nanoseek.config import ModelConfig
 
-    cfg = resolve_defaults(cfg)
-    d = setup_distributed(cfg.device)
-    run_dir = Path(cfg.run_dir)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.max_steps is None and cfg.minutes is None:
-        raise ValueError("give max_steps or minutes")
-    index = load_index(cfg.shard_dir)
-    vocab = int(index["vocab_size"])
-    mc = build_model_config(cfg, vocab)
+        vocab = ModelConfig.from_json(cfg.model).vocab_size
+    if vocab is None:
+        raise ValueError("cannot tell the vocabulary size: give a tokenizer or a model directory")
+    if tok is not None and tok.vocab_size != vocab:
+        raise ValueError(f"tokenizer vocabulary {tok.vocab_size} != data vocabulary {vocab}")
+    return vocab
 
-    # --- batch geometry ---
+
+def _geometry(cfg: TrainConfig, d: Dist) -> tuple[int, int]:
+    """(accumulation micro-steps per rank, global tokens per optimizer step)."""
     rows_tokens = cfg.micro_batch * cfg.seq_len
     batch_tokens = cfg.batch_tokens or rows_tokens * d.world
     per_step = rows_tokens * d.world
     if batch_tokens % per_step:
         raise ValueError(f"batch_tokens {batch_tokens} is not a multiple of micro_batch*seq_len*world = {per_step}")
-    accum = batch_tokens // per_step
-    n_data = d.world * accum
+    return batch_tokens // per_step, batch_tokens
 
-    # --- model and optimizer ---
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mc)
-    if cfg.init_from:
-        model.load_state_dict(load_model_state(cfg.init_from), strict=False)
-    model.to(d.device).train()
-    fsdp = cfg.fsdp and d.enabled
 
-    def make_loader(i: int, seed: int) -> TokenLoader:
-        return TokenLoader(cfg.shard_dir, "train", cfg.micro_batch, cfg.seq_len, rank=i, world_size=n_data,
-                           seed=seed, fim_rate=cfg.fim_rate)
-
-    data_seed = cfg.seed
-    loaders = [make_loader(d.rank * accum + k, data_seed) for k in range(accum)]
-
-    st = {"step": 0, "tokens": 0, "total_steps": cfg.max_steps, "train_seconds": 0.0}
-    resume_from = latest_checkpoint(run_dir) if cfg.resume else None
-    if not cfg.resume and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+def _resume(run: Run) -> dict | None:
+    """Load the newest checkpoint of the run directory into model, state, loaders and RNG;
+    return its tree (the optimizer state is loaded after wrapping)."""
+    cfg, d = run.cfg, run.dist
+    resume_from = latest_checkpoint(run.run_dir) if cfg.resume else None
+    if not cfg.resume and latest_checkpoint(run.run_dir) is not None:
+        raise FileExistsError(f"{run.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                               f"or choose another --out")
-    tree = None
-    if resume_from is not None:
-        tree = load_tree(resume_from / "train_state.safetensors")
-        model.load_state_dict(load_model_state(resume_from), strict=True)
-        st = dict(tree["trainer"])
-        if cfg.max_steps is not None:
-            st["total_steps"] = cfg.max_steps
-        if tree["data_ranks"] == n_data:
-            for k, ld in enumerate(loaders):
-                ld.load_state_dict(tree["loaders"][d.rank * accum + k])
-        else:
-            warnings.warn(f"checkpoint was written with {tree['data_ranks']} data ranks, now {n_data}: "
-                          f"the data stream restarts (seeded by the step)", stacklevel=2)
-            data_seed = cfg.seed + st["step"]
-            loaders = [make_loader(d.rank * accum + k, data_seed) for k in range(accum)]
-        torch.set_rng_state(tree["rng"]["cpu"])
-        if d.device.type == "cuda" and "cuda" in tree["rng"]:
-            torch.cuda.set_rng_state(tree["rng"]["cuda"])
-        if d.is_main and cfg.progress:
-            print(f"resumed from {resume_from} (step {st['step']})", file=sys.stderr)
+    if resume_from is None:
+        return None
+    tree = load_tree(resume_from / "train_state.safetensors")
+    run.model.load_state_dict(load_model_state(resume_from), strict=True)
+    run.state = TrainState.from_dict(tree["trainer"])
+    if cfg.max_steps is not None:
+        run.state.total_steps = cfg.max_steps
+    if tree["data_ranks"] == run.n_data:
+        for k, ld in enumerate(run.loaders):
+            ld.load_state_dict(tree["loaders"][d.rank * run.accum + k])
+    else:
+        warnings.warn(f"checkpoint was written with {tree['data_ranks']} data ranks, now {run.n_data}: "
+                      f"the data stream restarts (seeded by the step)", stacklevel=2)
+        run.loaders = _make_loaders(run, cfg.seed + run.state.step)
+    if "objective" in tree and hasattr(run.objective, "load_state_dict"):
+        run.objective.load_state_dict(tree["objective"])
+    torch.set_rng_state(tree["rng"]["cpu"])
+    if d.device.type == "cuda" and "cuda" in tree["rng"]:
+        torch.cuda.set_rng_state(tree["rng"]["cuda"])
+    if d.is_main and cfg.progress:
+        print(f"resumed from {resume_from} (step {run.state.step})", file=sys.stderr)
+    tree["_path"] = str(resume_from)
+    return tree
 
-    objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
-    module: nn.Module = _ObjectiveModule(model, objective)
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
 
-        # FSDP2, one unit per block (main and MTP) plus the root (the objective wrapper, whose
-        # forward calls model.loss): only one block's parameters are gathered at a time.
-        # The auxiliary loss terms travel in ForwardContext.aux, an opaque object that FSDP's
-        # argument rebuilding passes by reference, so every block's terms reach the loss.
-        for block in list(model.layers) + list(model.mtp):
-            fully_shard(block)
-        fully_shard(module)
-    elif d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _make_loaders(run: Run, seed: int) -> list:
+    return [run.objective.make_loader(run, run.dist.rank * run.accum + k, run.n_data, seed)
+            for k in range(run.accum)]
 
-        # broadcast_buffers=False: gate.bias is a buffer kept identical by the all-reduced
-        # load (every rank applies the same update), and `load` itself must stay per rank
-        unused = cfg.find_unused_parameters or cfg.mtp_weight == 0 or cfg.indexer_weight == 0
-        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                     broadcast_buffers=False, find_unused_parameters=unused)
-    if cfg.compile and fsdp:
+
+def _wrap(run: Run) -> None:
+    """DDP / FSDP2, regional compile, then the optimizer (built after wrapping: FSDP2 replaces
+    the parameters by sharded DTensors)."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    run.fsdp = cfg.fsdp and d.enabled
+    if cfg.compile and run.fsdp:
         # the compiled block halves are called directly (Block.front / Block.back), bypassing the
         # pre-forward hook through which FSDP2 gathers a block's sharded parameters
         raise ValueError("--compile together with --fsdp is not supported (use DDP, or drop --compile)")
+    unused = cfg.find_unused_parameters or cfg.mtp_weight == 0 or cfg.indexer_weight == 0
+    run.module = parallelize(model, _ObjectiveModule(model, run.objective), d, fsdp=run.fsdp,
+                             find_unused_parameters=unused)
     if cfg.compile:
         # regional compilation (torchtitan-style, per block): one compiled function for all
         # blocks, so compile time scales with the number of block kinds, not with depth; the
         # MoE grouped expert pass stays eager (data-dependent shapes). See docs/model.md.
         model.compile_blocks(backend="inductor" if cfg.compile is True else str(cfg.compile))
-    # built after wrapping: FSDP2 replaces the parameters by sharded DTensors
-    opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
+    run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
+    run.eval_model = _RootCall(run.module, model) if run.fsdp else model
+    run.use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and d.device.type == "cuda")
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    if not cfg.tokenizer_dir:
+        return None
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer_dir)
+
+
+def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
+    """Build the run: model (fresh, --init-from, or resumed), batch sources, wrapping,
+    optimizer, logging. Every rank calls it."""
+    from nanoseek.model import Transformer
+
+    cfg = resolve_defaults(cfg)
+    d = setup_distributed(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.max_steps is None and cfg.minutes is None:
+        raise ValueError("give max_steps or minutes")
+    objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
+    tok = _load_tokenizer(cfg)
+    mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
+    accum, batch_tokens = _geometry(cfg, d)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mc)
+    if cfg.init_from:
+        model.load_state_dict(load_model_state(cfg.init_from), strict=False)
+    model.to(d.device).train()
+    run = Run(cfg=cfg, dist=d, model=model, objective=objective, state=TrainState(total_steps=cfg.max_steps),
+              accum=accum, n_data=d.world * accum, batch_tokens=batch_tokens, tokenizer=tok,
+              run_dir=Path(cfg.run_dir))
+    objective.prepare(run)
+    run.loaders = _make_loaders(run, cfg.seed)
+    tree = _resume(run)
+    _wrap(run)
     if tree is not None:
-        opt.load_state_dict(_map_optimizer_tensors(tree["optimizer"], opt, _shard_like) if fsdp else tree["optimizer"])
-    eval_model: nn.Module = _RootCall(module, model) if fsdp else model
-    use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and d.device.type == "cuda")
+        load_optimizer_state(run.opt, tree["optimizer"], run.fsdp)
+    _start_log(run, resumed=tree is not None)
+    return run
 
-    def autocast():
-        return torch.autocast(d.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    tok = None
-    token_bytes = None
-    if cfg.tokenizer_dir:
-        from nanoseek.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(cfg.tokenizer_dir)
-        if tok.vocab_size != vocab:
-            raise ValueError(f"tokenizer vocabulary {tok.vocab_size} != shard vocabulary {vocab}")
-        token_bytes = torch.as_tensor(tok.token_byte_lengths(), device=d.device)
-
-    log = MetricsLog(run_dir, d.is_main, cfg.tensorboard, st["step"] if resume_from is not None else None)
+def _start_log(run: Run, resumed: bool) -> None:
+    cfg, d, model = run.cfg, run.dist, run.model
+    run.log = MetricsLog(run.run_dir, d.is_main, cfg.tensorboard, run.state.step if resumed else None)
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:   # a fresh run: no samples or summary of an earlier attempt
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:   # a fresh run: no samples or summary of an earlier attempt
             for stale in ("samples.jsonl", "summary.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    flops_tok = training_flops_per_token(model, cfg.seq_len)
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else \
-        measure_peak_flops(d.device, torch.bfloat16 if use_bf16 else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
+                (run.run_dir / stale).unlink(missing_ok=True)
+        (run.run_dir / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    run.flops_per_token = training_flops_per_token(model, cfg.seq_len)
+    run.peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else \
+        measure_peak_flops(d.device, torch.bfloat16 if run.use_bf16 else torch.float32)
     if d.is_main:
-        log.write({"event": "start", "step": st["step"], "params": n_params,
-                   "activated_params": model.num_parameters(activated=True), "flops_per_token": flops_tok,
-                   "peak_flops": peak, "batch_tokens": batch_tokens, "accum": accum, "world": d.world,
-                   "device": str(d.device), "autocast": "bf16" if use_bf16 else "off"})
+        run.log.write({"event": "start", "objective": run.objective.name, "step": run.state.step,
+                       "params": sum(p.numel() for p in model.parameters()),
+                       "activated_params": model.num_parameters(activated=True),
+                       "flops_per_token": run.flops_per_token, "peak_flops": run.peak_flops,
+                       "batch_tokens": run.batch_tokens, "accum": run.accum, "world": d.world,
+                       "device": str(d.device), "autocast": "bf16" if run.use_bf16 else "off"})
 
-    def val_batches():
-        ld = TokenLoader(cfg.shard_dir, "val", cfg.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world,
-                         shuffle=False, loop=False)
-        limit = max(1, cfg.eval_tokens // (rows_tokens * d.world))
-        for i, b in enumerate(ld):
-            if i >= limit:
-                break
-            yield b
 
-    def run_eval(step: int) -> dict | None:
-        if token_bytes is None or "val" not in index["splits"] or index["splits"]["val"]["docs"] < d.world:
-            return None
-        t0 = time.perf_counter()
-        r = evaluate_bpb(eval_model, val_batches(), token_bytes, d, autocast)
-        r.update(step=step, event="eval", seconds=round(time.perf_counter() - t0, 2))
+# ---------------------------------------------------------------------------------------------
+# One step
+
+def _phase(run: Run) -> dict:
+    """Set the LR multiplier and the dense-CSA switch for this step; return the objective's phase."""
+    cfg, st = run.cfg, run.state
+    total = st.total_steps or 10**12
+    run.model.dense_csa = st.step < cfg.indexer_warmup_steps
+    # a short run (or a small time budget) never spends more than a fifth of it warming up
+    warmup = min(cfg.warmup_steps, max(1, total // 5))
+    run.opt.set_lr_mult(lr_schedule(st.step, total, warmup_steps=warmup, decay_frac=cfg.decay_frac,
+                                    shape=cfg.decay_shape, final_frac=cfg.final_lr_frac))
+    in_decay = st.total_steps is not None and st.step >= decay_start(total, cfg.decay_frac)
+    return {"step": st.step, "mtp_weight": cfg.mtp_weight_decay if in_decay else cfg.mtp_weight}
+
+
+def train_step(run: Run, micro_batches: list[dict], phase: dict) -> dict:
+    """One optimizer step over this rank's micro-batches: forward/backward with accumulation,
+    the routed-load all-reduce, clipping, the optimizer and the router-bias update.
+    Returns the objective's terms averaged over micro-steps and ranks, plus grad_norm and the
+    expert-load statistics."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    meter = TermMeter()
+    for k, batch in enumerate(micro_batches):
+        batch = {n: v.to(d.device) if isinstance(v, torch.Tensor) else v for n, v in batch.items()}
+        with no_sync(run.module, d, run.fsdp, last_micro_step=k == len(micro_batches) - 1):
+            with run.autocast():
+                terms = run.module(batch, phase)
+            (terms["loss"] / run.accum).backward()
+        meter.add(terms, divisor=run.accum)
+    # aux-loss-free balancing: sum the routed load over ranks, then every rank applies the same
+    # sign update to its copy of gate.bias
+    moe = [m for m in model.moe_layers() if not m.is_hash]
+    loads = None
+    if moe:
+        loads = torch.stack([m.load for m in moe])
+        all_reduce(loads, d)
+        for m, l in zip(moe, loads):
+            m.load.copy_(l)
+    gnorm = unshard(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    model.update_router_bias(cfg.bias_update_speed)
+    out = meter.reduce(d)
+    out["grad_norm"] = float(gnorm)
+    out.update(expert_load_metrics(loads))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def _fix_horizon(run: Run, dt: float, step_times: list[float], bar) -> None:
+    """Time budget: after a few timed steps, fix the horizon (deterministic from then on)."""
+    st, cfg = run.state, run.cfg
+    if st.total_steps is not None:
+        return
+    if st.step >= 2:
+        step_times.append(dt)
+    if all_reduce_max(float(st.train_seconds >= cfg.minutes * 60), run.dist):
+        st.total_steps = st.step              # budget spent before calibration finished: stop here
+    elif len(step_times) >= cfg.calibrate_steps:
+        mean = sum(step_times) / len(step_times)
+        remaining = cfg.minutes * 60 - st.train_seconds
+        st.total_steps = int(all_reduce_max(st.step + max(1, int(remaining / mean)), run.dist))
+        if bar is not None:
+            bar.total = st.total_steps
+            bar.refresh()
+
+
+def _step_record(run: Run, terms: dict, phase: dict, dt: float) -> dict:
+    st = run.state
+    rec = {"step": st.step, "tokens": st.tokens, "lr": run.opt.param_groups[0]["lr"],
+           "grad_norm": terms.pop("grad_norm"), "dt": round(dt, 4), "tok_per_s": round(run.batch_tokens / dt, 1),
+           "mfu": run.flops_per_token * run.batch_tokens / dt / run.peak_flops, "dense_csa": run.model.dense_csa,
+           "mtp_weight": phase["mtp_weight"]}
+    load = {k: terms.pop(k) for k in ("expert_imbalance", "expert_load") if k in terms}
+    rec.update(terms)
+    rec.update(run.objective.step_metrics())
+    rec.update(load)
+    return rec
+
+
+def run_eval(run: Run, step: int) -> dict | None:
+    if run.tokenizer is None:
+        return None
+    batches = run.objective.val_batches(run)
+    if batches is None:
+        return None
+    t0 = time.perf_counter()
+    token_bytes = torch.as_tensor(run.tokenizer.token_byte_lengths(), device=run.dist.device)
+    r = evaluate_bpb(run.eval_model, batches, token_bytes, run.dist, run.autocast)
+    r.update(step=step, event="eval", seconds=round(time.perf_counter() - t0, 2))
+    if run.dist.is_main:
+        run.log.write(r)
+    return r
+
+
+def run_samples(run: Run, step: int) -> list[str]:
+    tok, d = run.tokenizer, run.dist
+    if tok is None or not (d.is_main or run.fsdp):   # FSDP: every rank takes part in the forwards
+        return []
+    outs = []
+    for p in run.cfg.sample_prompts:
+        with run.autocast():
+            text = greedy_complete(run.eval_model, tok, run.objective.sample_prompt_ids(tok, p)
+                                   if hasattr(run.objective, "sample_prompt_ids") else p, run.cfg.sample_tokens)
+        outs.append(text)
         if d.is_main:
-            log.write(r)
-        return r
-
-    def run_samples(step: int) -> list[str]:
-        if tok is None or not (d.is_main or fsdp):   # FSDP: every rank takes part in the forwards
-            return []
-        outs = []
-        for p in cfg.sample_prompts:
-            with autocast():
-                text = greedy_complete(eval_model, tok, p, cfg.sample_tokens)
-            outs.append(text)
-            if not d.is_main:
-                continue
-            with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            with open(run.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "prompt": p, "completion": text}) + "\n")
-        return outs
+    return outs
 
-    def save(step: int) -> None:
-        states = [ld.state_dict() for ld in loaders]
-        if d.enabled:
-            gathered: list = [None] * d.world
-            torch.distributed.all_gather_object(gathered, states)
-            states = [s for rank_states in gathered for s in rank_states]
-        optim_state = opt.state_dict()
-        to_save = model
-        if fsdp:   # gather full tensors (collective: every rank), rank 0 writes them
-            optim_state = _map_optimizer_tensors(optim_state, opt, _unshard)
-            full = {k: _unshard(v) for k, v in model.state_dict().items()}
-            to_save = _FullModelView(model.config, full)
-        if d.is_main:
-            rng = {"cpu": torch.get_rng_state()}
-            if d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            tree = {"trainer": dict(st), "optimizer": optim_state, "loaders": states, "data_ranks": n_data,
-                    "rng": rng, "config": json.loads(json.dumps(cfg.to_json()))}
-            save_checkpoint(run_dir, step, to_save, tree, keep_last=cfg.keep_last)
-        if d.enabled:
-            torch.distributed.barrier()
 
-    # --- the loop ---
+def save(run: Run, step: int, export: bool = False) -> None:
+    """Checkpoint `step` (every rank calls it: gathering is collective); with export, also the
+    self-contained model directory RUN/model."""
+    d = run.dist
+    states = [s for rank_states in gather_objects([ld.state_dict() for ld in run.loaders], d) for s in rank_states]
+    to_save, optim_state = gathered_state(run.model, run.opt, run.fsdp)
+    if d.is_main:
+        rng = {"cpu": torch.get_rng_state()}
+        if d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        tree = {"trainer": run.state.state_dict(), "optimizer": optim_state, "loaders": states,
+                "data_ranks": run.n_data, "rng": rng, "config": json.loads(json.dumps(run.cfg.to_json()))}
+        if hasattr(run.objective, "state_dict"):
+            tree["objective"] = run.objective.state_dict()
+        save_checkpoint(run.run_dir, step, to_save, tree, keep_last=run.cfg.keep_last, tokenizer=run.tokenizer)
+        if export and run.tokenizer is not None:
+            from nanoseek.train.export import write_model_dir
+
+            write_model_dir(to_save, run.tokenizer, run.run_dir / "model")
+    barrier(d)
+
+
+def _after_step(run: Run, rec: dict, bar) -> None:
+    """Log, progress, and the periodic evaluation / samples / checkpoint."""
+    cfg, st = run.cfg, run.state
+    if run.dist.is_main and (st.step % cfg.log_every == 0 or st.step == st.total_steps):
+        run.log.write(rec)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                        refresh=False)
+    done = st.total_steps is not None and st.step >= st.total_steps
+    if done:
+        return
+    if cfg.eval_every and st.step % cfg.eval_every == 0:
+        r = run_eval(run, st.step)
+        if r:
+            run.last_eval = r
+            if bar is not None:
+                bar.write(f"step {st.step}: val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}")
+    if cfg.sample_every and st.step % cfg.sample_every == 0:
+        for s in run_samples(run, st.step):
+            if bar is not None:
+                bar.write(f"step {st.step} sample: {s!r}")
+    if cfg.ckpt_every and st.step % cfg.ckpt_every == 0:
+        save(run, st.step)
+
+
+def loop(run: Run) -> dict:
+    """Steps until the horizon; returns the last step's record."""
+    st, d = run.state, run.dist
     bar = None
-    if d.is_main and cfg.progress:
+    if d.is_main and run.cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=st["total_steps"], initial=st["step"], desc="train", unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
-    moe = [m for m in model.moe_layers() if not m.is_hash]
+        bar = tqdm(total=st.total_steps, initial=st.step, desc=run.objective.name, unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
     step_times: list[float] = []
-    last_eval = None
     rec: dict = {}
-    t_run = time.perf_counter()
     try:
-        while st["total_steps"] is None or st["step"] < st["total_steps"]:
-            step = st["step"]
-            total = st["total_steps"] or 10**12
+        while st.total_steps is None or st.step < st.total_steps:
             t0 = time.perf_counter()
-            model.dense_csa = step < cfg.indexer_warmup_steps
-            # a short run (or a small time budget) never spends more than a fifth of it warming up
-            warmup = min(cfg.warmup_steps, max(1, total // 5))
-            mult = lr_schedule(step, total, warmup_steps=warmup, decay_frac=cfg.decay_frac,
-                               shape=cfg.decay_shape, final_frac=cfg.final_lr_frac)
-            opt.set_lr_mult(mult)
-            in_decay = st["total_steps"] is not None and step >= decay_start(total, cfg.decay_frac)
-            phase = {"step": step, "mtp_weight": cfg.mtp_weight_decay if in_decay else cfg.mtp_weight}
-            terms_sum: dict[str, torch.Tensor] = {}
-            for k, ld in enumerate(loaders):
-                batch = {n: v.to(d.device) for n, v in next(ld).items()}
-                last = k == accum - 1
-                if fsdp:
-                    module.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext() if (not d.enabled or fsdp or last) else module.no_sync()
-                with sync:
-                    with autocast():
-                        terms = module(batch, phase)
-                    (terms["loss"] / accum).backward()
-                for n, v in terms.items():
-                    terms_sum[n] = terms_sum.get(n, 0.0) + v.detach().float() / accum
-            # aux-loss-free balancing: sum the routed load over ranks, then every rank applies
-            # the same sign update to its copy of gate.bias
-            loads = None
-            if moe:
-                loads = torch.stack([m.load for m in moe])
-                _all_reduce(loads, d)
-                for m, l in zip(moe, loads):
-                    m.load.copy_(l)
-            gnorm = _unshard(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_router_bias(cfg.bias_update_speed)
-            names = sorted(terms_sum)
-            vec = torch.stack([terms_sum[n].reshape(()) for n in names]).cpu().double()
-            _all_reduce(vec, d)
-            vec /= d.world
+            phase = _phase(run)
+            terms = train_step(run, [next(ld) for ld in run.loaders], phase)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            st["step"] = step + 1
-            st["tokens"] += batch_tokens
-            st["train_seconds"] += dt
-
-            # time budget: after a few timed steps, fix the horizon (deterministic from then on)
-            if st["total_steps"] is None:
-                if step >= 1:
-                    step_times.append(dt)
-                over = torch.tensor([float(st["train_seconds"] >= cfg.minutes * 60)], dtype=torch.float64)
-                _all_reduce(over, d, torch.distributed.ReduceOp.MAX if d.enabled else None)
-                if bool(over.item()):          # budget spent before calibration finished: stop here
-                    st["total_steps"] = st["step"]
-                elif len(step_times) >= cfg.calibrate_steps:
-                    mean = sum(step_times) / len(step_times)
-                    remaining = cfg.minutes * 60 - st["train_seconds"]
-                    n = torch.tensor([st["step"] + max(1, int(remaining / mean))], dtype=torch.float64)
-                    _all_reduce(n, d, torch.distributed.ReduceOp.MAX if d.enabled else None)
-                    st["total_steps"] = int(n.item())
-                    if bar is not None:
-                        bar.total = st["total_steps"]
-                        bar.refresh()
-
-            rec = {"step": st["step"], "tokens": st["tokens"], "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(gnorm), "dt": round(dt, 4), "tok_per_s": round(batch_tokens / dt, 1),
-                   "mfu": flops_tok * batch_tokens / dt / peak, "dense_csa": model.dense_csa,
-                   "mtp_weight": phase["mtp_weight"]}
-            rec.update({n: float(v) for n, v in zip(names, vec)})
-            if loads is not None:
-                mean_l = loads.mean(dim=1).clamp_min(1e-9)
-                rec["expert_imbalance"] = [round(float(x), 4) for x in loads.max(dim=1).values / mean_l]
-                rec["expert_load"] = [[int(x) for x in row] for row in loads.tolist()]
-            if d.is_main and (st["step"] % cfg.log_every == 0 or st["step"] == st["total_steps"]):
-                log.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                refresh=False)
-            done = st["total_steps"] is not None and st["step"] >= st["total_steps"]
-            if cfg.eval_every and st["step"] % cfg.eval_every == 0 and not done:
-                last_eval = run_eval(st["step"])
-                if bar is not None and last_eval:
-                    bar.write(f"step {st['step']}: val bpb {last_eval['val_bpb']:.4f}")
-            if cfg.sample_every and st["step"] % cfg.sample_every == 0 and not done:
-                for s in run_samples(st["step"]):
-                    if bar is not None:
-                        bar.write(f"step {st['step']} sample: {s!r}")
-            if cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0 and not done:
-                save(st["step"])
+            st.step += 1
+            st.tokens += run.batch_tokens
+            st.train_seconds += dt
+            _fix_horizon(run, dt, step_times, bar)
+            rec = _step_record(run, terms, phase, dt)
+            _after_step(run, rec, bar)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t_run
-    last_eval = run_eval(st["step"]) or last_eval
-    samples = run_samples(st["step"])
-    save(st["step"])
-    summary = {"steps": st["step"], "tokens": st["tokens"], "train_seconds": round(st["train_seconds"], 2),
-               "wall_seconds": round(wall, 2), "params": n_params,
-               "activated_params": model.num_parameters(activated=True),
-               "final_loss": rec.get("loss"),
-               "val": last_eval, "samples": dict(zip(cfg.sample_prompts, samples)),
-               "tok_per_s": round(st["tokens"] / max(st["train_seconds"], 1e-9), 1),
-               "mfu": flops_tok * st["tokens"] / max(st["train_seconds"], 1e-9) / peak,
-               "world": d.world, "checkpoint": str(latest_checkpoint(run_dir)) if d.is_main else None}
+    return rec
+
+
+def finish(run: Run, rec: dict, wall: float) -> dict:
+    """Final evaluation, samples, checkpoint and model directory; summary.json."""
+    st, d, cfg = run.state, run.dist, run.cfg
+    last_eval = run_eval(run, st.step) or run.last_eval
+    samples = run_samples(run, st.step)
+    save(run, st.step, export=cfg.export_model)
+    model_dir = run.run_dir / "model"
+    summary = {"objective": run.objective.name, "steps": st.step, "tokens": st.tokens,
+               "train_seconds": round(st.train_seconds, 2), "wall_seconds": round(wall, 2),
+               "params": sum(p.numel() for p in run.model.parameters()),
+               "activated_params": run.model.num_parameters(activated=True),
+               "final_loss": rec.get("loss"), "val": last_eval, "samples": dict(zip(cfg.sample_prompts, samples)),
+               "tok_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1),
+               "mfu": run.flops_per_token * st.tokens / max(st.train_seconds, 1e-9) / run.peak_flops,
+               "world": d.world, "checkpoint": str(latest_checkpoint(run.run_dir)) if d.is_main else None,
+               "model_dir": str(model_dir) if d.is_main and (model_dir / "config.json").is_file() else None}
+    summary.update(run.objective.summary())
     if d.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.write({"event": "end", "step": st["step"], **{k: v for k, v in summary.items() if k in ("tokens", "train_seconds", "tok_per_s", "mfu")}})
-    log.close()
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        run.log.write({"event": "end", "step": st.step,
+                       **{k: v for k, v in summary.items() if k in ("tokens", "train_seconds", "tok_per_s", "mfu")}})
+    run.log.close()
     return summary
+
+
+def train(cfg: TrainConfig, objective: Objective | None = None) -> dict:
+    """Train per `cfg` with `objective` (default: pre-training on cfg.shard_dir); return a
+    summary dict (also written to RUN/summary.json)."""
+    run = setup(cfg, objective)
+    t_run = time.perf_counter()
+    rec = loop(run)
+    return finish(run, rec, time.perf_counter() - t_run)

@@ -1,0 +1,186 @@
+"""Data parallelism for the trainer: torchrun's environment, DDP / FSDP2 wrapping, and the
+gathered save / load of sharded state. The model and the training loop know nothing of it.
+
+    torchrun --nproc-per-node 2 -m nanoseek.cli train ...          # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m nanoseek.cli train ... --fsdp   # FSDP2 fully_shard per block
+
+    >>> d = setup_distributed("auto")                 # Dist(rank, world, local_rank, device)
+    >>> module = parallelize(model, ObjectiveModule(model, objective), d, fsdp=False)
+
+FSDP2 (`fully_shard`) puts one unit on every block (main and MTP) plus one on the root, so only
+one block's parameters are gathered at a time. Checkpoints gather full tensors (a collective on
+every rank, rank 0 writes), so a sharded run writes the same files as an unsharded one and they
+load at any world size, with or without FSDP. Muon gathers each sharded matrix's update for
+Newton-Schulz itself (optim.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment; init the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
+    """In-place all-reduce (SUM by default) over the data-parallel ranks; a no-op alone."""
+    if d.enabled:
+        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(x: float, d: Dist) -> float:
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    all_reduce(t, d, torch.distributed.ReduceOp.MAX if d.enabled else None)
+    return float(t.item())
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not d.enabled:
+        return [obj]
+    out: list = [None] * d.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapping
+
+def parallelize(model: nn.Module, module: nn.Module, d: Dist, *, fsdp: bool = False,
+                find_unused_parameters: bool = False) -> nn.Module:
+    """Wrap `module` (the model + objective, whose forward computes the loss) for data
+    parallelism: FSDP2 per block + root when `fsdp`, else DDP when there are several ranks."""
+    if fsdp and d.enabled:
+        from torch.distributed.fsdp import fully_shard
+
+        # The auxiliary loss terms travel in ForwardContext.aux, an opaque object that FSDP's
+        # argument rebuilding passes by reference, so every block's terms reach the loss.
+        for block in list(model.layers) + list(model.mtp):
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # broadcast_buffers=False: gate.bias is a buffer kept identical by the all-reduced
+        # load (every rank applies the same update), and `load` itself must stay per rank
+        return DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    return module
+
+
+def no_sync(module: nn.Module, d: Dist, fsdp: bool, last_micro_step: bool):
+    """Context for one accumulation micro-step: gradients are synchronised on the last only."""
+    import contextlib
+
+    if fsdp and d.enabled:
+        module.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+    if not d.enabled or last_micro_step:
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded <-> full tensors
+
+def unshard(t: torch.Tensor, p=None) -> torch.Tensor:
+    """The full tensor of a DTensor (a collective under FSDP: call on every rank); else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A full tensor re-sharded like parameter p (for loading optimizer state under FSDP)."""
+    if hasattr(p, "device_mesh") and tuple(t.shape) == tuple(p.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
+    return t
+
+
+def _optimizer_params(opt) -> list[list[torch.Tensor]]:
+    """Per optimizer, its parameters in state_dict index order."""
+    return [[p for g in o.param_groups for p in g["params"]] for o in opt.optimizers]
+
+
+def map_optimizer_tensors(states: list[dict], opt, fn) -> list[dict]:
+    """Apply fn(tensor, param) to every per-parameter state tensor of CombinedOptimizer states."""
+    out = []
+    for sd, params in zip(states, _optimizer_params(opt)):
+        new_state = {i: {k: fn(v, params[i]) if isinstance(v, torch.Tensor) else v for k, v in ps.items()}
+                     for i, ps in sd["state"].items()}
+        out.append({**sd, "state": new_state})
+    return out
+
+
+class FullModelView:
+    """What save_pretrained needs of a model (config, dtype, state_dict) built from a full
+    state dict: lets rank 0 save an FSDP-sharded model without materialising a second copy
+    of the module."""
+
+    def __init__(self, config, state: dict[str, torch.Tensor]):
+        self.config, self._state = config, state
+        self.embed = type("E", (), {"weight": state["embed.weight"]})()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    def save_pretrained(self, path) -> None:
+        from nanoseek.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+
+def gathered_state(model: nn.Module, opt, fsdp: bool):
+    """(something with save_pretrained, full optimizer state) for writing a checkpoint.
+    Under FSDP this is a collective: every rank must call it; rank 0 writes the result."""
+    optim_state = opt.state_dict()
+    if not fsdp:
+        return model, optim_state
+    optim_state = map_optimizer_tensors(optim_state, opt, unshard)
+    full = {k: unshard(v) for k, v in model.state_dict().items()}
+    return FullModelView(model.config, full), optim_state
+
+
+def load_optimizer_state(opt, state: list[dict], fsdp: bool) -> None:
+    opt.load_state_dict(map_optimizer_tensors(state, opt, shard_like) if fsdp else state)
