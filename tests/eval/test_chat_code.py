@@ -1,0 +1,41 @@
+"""Chat answers to code tasks scored through the HumanEval harness (nanoseek/eval/chat_code.py)."""
+
+from __future__ import annotations
+
+from nanoseek.eval import humaneval
+from nanoseek.eval.chat_code import extract_code, request_for, score_answers, stub_prompt, syntax_valid
+
+
+def test_extract_code_takes_the_first_python_fence():
+    assert extract_code("Sure:\n```python\ndef f():\n    return 1\n```\nDone.") == "def f():\n    return 1"
+    assert extract_code("```\nx = 1\n```") == "x = 1"
+    assert extract_code("```json\n{}\n```\n```py\ny = 2\n```") == "y = 2"     # other languages skipped
+    assert extract_code("```python\ndef g():\n    return") == "def g():\n    return"  # cut by the token limit
+    assert extract_code("def h(): pass") == "def h(): pass"                 # no fence: the text itself
+    assert syntax_valid("def h(): pass") and not syntax_valid("def h(:") and not syntax_valid("  \n")
+
+
+def test_stub_prompt_is_a_complete_failing_definition():
+    p = humaneval.load_problems()["HumanEval/2"]
+    stub = stub_prompt(p)
+    ns: dict = {}
+    exec(compile(stub, "<stub>", "exec"), ns)   # trusted HumanEval prompt: only defines a function
+    assert ns[p["entry_point"]](3.5) is None
+    assert "```python" in request_for(p) and p["entry_point"] in request_for(p)
+    assert request_for({**p, "request": "Write it."}) == "Write it."
+
+
+def test_answers_scored_like_humaneval():
+    problems = {t: p for t, p in humaneval.load_problems().items() if t in ("HumanEval/0", "HumanEval/2")}
+    full = {t: p["prompt"] + p["canonical_solution"] for t, p in problems.items()}
+    answers = [
+        {"task_id": "HumanEval/0", "answer": f"Here you go:\n```python\n{full['HumanEval/0']}```\n"},
+        {"task_id": "HumanEval/2", "answer": "```python\ndef truncate_number(number):\n    return 0.0\n```"},
+        {"task_id": "HumanEval/2", "answer": "I cannot help with that."},
+        {"task_id": "HumanEval/0", "answer": "```python\nimport sys\nsys.exit(0)\n```"},
+    ]
+    s = score_answers(problems, answers)
+    per = s["per_problem"]
+    assert per["HumanEval/0"] == {"n": 2, "correct": 1}      # the right function passes, exit(0) does not
+    assert per["HumanEval/2"] == {"n": 2, "correct": 0}      # wrong body and no code both fail
+    assert s["syntax_valid"] == 3 / 4                        # the prose answer does not parse
