@@ -3,10 +3,17 @@
 Implements the prompt format of the official DeepSeek-V4 release (its `encoding/` folder:
 README, reference encoder and test vectors). The goal is byte identity with that encoder, because a
 model only behaves as trained when it sees the very same bytes (and therefore tokens) it was trained
-on. Two entry points:
+on. Entry points:
 
     encode_messages(messages, thinking_mode="chat"|"thinking", reasoning_effort=None)  -> prompt str
+    encode_ids(messages, tokenizer, thinking_mode, ...)  -> (token ids, loss mask)
+    encode_pieces(messages, thinking_mode, ...)  -> [Piece(text, special, trainable), ...]
     parse_completion(text, thinking_mode)  -> {"role", "content", "reasoning_content", "tool_calls"}
+
+There is one renderer, encode_pieces: it knows which spans are the format's own special tokens
+and which are message text (always text, even when it spells a special token: tokenize with
+encode_ids, never by allowing special tokens in the prompt string), and which spans the assistant
+generates (the SFT loss mask). encode_messages joins the pieces' text.
 
 The format in one picture (chat mode closes the think block right away, thinking mode opens it):
 
@@ -26,10 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 # --------------------------------------------------------------------------------------------
 # Special tokens. Each of these strings is a single token in the DeepSeek vocabulary; the
@@ -99,33 +107,82 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# --------------------------------------------------------------------------------------------
+# Pieces: the encoding as a list of spans that know what they are. A special piece is one
+# special-token string written by the format itself (role tokens, think tags, DSML markup, ...);
+# every other span is text, and message content is always text, even when it spells a special
+# token, so a user can never forge a control token. `trainable` marks what the assistant writes.
+# --------------------------------------------------------------------------------------------
+
+class Piece(NamedTuple):
+    """One span of an encoded conversation.
+
+    text: the exact characters (the encoded prompt is the concatenation of all pieces' text).
+    special: True for a single special-token string written by the format's own structure; it
+        must become exactly one token id. False for text, tokenized with special strings as text.
+    trainable: True for what the model generates in an assistant turn (reasoning, `</think>`,
+        answer, tool-call block, EOS); False for everything it reads (the loss mask).
+    """
+
+    text: str
+    special: bool = False
+    trainable: bool = False
+
+
+# Longest first, so that no special string is matched as a part of a longer one.
+_SPECIAL_SPLIT = re.compile("(" + "|".join(map(re.escape, sorted(SPECIAL_TOKENS, key=len, reverse=True))) + ")")
+
+
+@functools.lru_cache(maxsize=256)
+def _template(fixed: str) -> tuple[Piece, ...]:
+    """Pieces of a fixed string of the format (never message content): its special-token
+    strings are special pieces, the rest text. Cached: only a few dozen such strings exist."""
+    # re.split with one capture group: odd positions are the separators (the special strings).
+    return tuple(Piece(part, k % 2 == 1) for k, part in enumerate(_SPECIAL_SPLIT.split(fixed)) if part)
+
+
+def _special(token: str) -> Piece:
+    return Piece(token, special=True)
+
+
+def _join(pieces: list[Piece]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+_TOOLS_INTRO = (
+    "## Tools\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke "
+    f'tools by writing a "{_TOOL_CALLS_OPEN}" block like the following:\n\n'
+    f"{_TOOL_CALLS_OPEN}\n"
+    f'<{DSML}invoke name="$TOOL_NAME">\n'
+    f'<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{_PARAM_CLOSE}\n'
+    "...\n"
+    f"{_INVOKE_CLOSE}\n"
+    f'<{DSML}invoke name="$TOOL_NAME2">\n'
+    "...\n"
+    f"{_INVOKE_CLOSE}\n"
+    f"{_TOOL_CALLS_CLOSE}\n\n"
+    'String parameters should be specified as is and set `string="true"`. For all other types '
+    "(numbers, booleans, arrays, objects), pass the value in JSON format and set "
+    '`string="false"`.\n\n'
+    f"If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete "
+    f"reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.\n\n"
+    f"Otherwise, output directly after {THINK_END} with tool calls or final response.\n\n"
+    "### Available Tool Schemas\n\n"
+)
+_TOOLS_OUTRO = "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
+
+
+def _tools_block_pieces(tools: list[dict[str, Any]]) -> list[Piece]:
+    # The instructions are the format's own (their <think>/</think>/DSML are tokens); the
+    # schemas are caller data, hence text.
+    schemas = "\n".join(_json(_function_of(tool)) for tool in tools)
+    return [*_template(_TOOLS_INTRO), Piece(schemas), *_template(_TOOLS_OUTRO)]
+
+
 def render_tools_block(tools: list[dict[str, Any]]) -> str:
     """The `## Tools` section for OpenAI-format tools ({"type": "function", "function": {...}})."""
-    schemas = "\n".join(_json(_function_of(tool)) for tool in tools)
-    return (
-        "## Tools\n\n"
-        "You have access to a set of tools to help answer the user's question. You can invoke "
-        f'tools by writing a "{_TOOL_CALLS_OPEN}" block like the following:\n\n'
-        f"{_TOOL_CALLS_OPEN}\n"
-        f'<{DSML}invoke name="$TOOL_NAME">\n'
-        f'<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{_PARAM_CLOSE}\n'
-        "...\n"
-        f"{_INVOKE_CLOSE}\n"
-        f'<{DSML}invoke name="$TOOL_NAME2">\n'
-        "...\n"
-        f"{_INVOKE_CLOSE}\n"
-        f"{_TOOL_CALLS_CLOSE}\n\n"
-        'String parameters should be specified as is and set `string="true"`. For all other types '
-        "(numbers, booleans, arrays, objects), pass the value in JSON format and set "
-        '`string="false"`.\n\n'
-        f"If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete "
-        f"reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.\n\n"
-        f"Otherwise, output directly after {THINK_END} with tool calls or final response.\n\n"
-        "### Available Tool Schemas\n\n"
-        f"{schemas}\n\n"
-        "You MUST strictly follow the above defined tool name and parameter schemas to invoke "
-        "tool calls.\n"
-    )
+    return _join(_tools_block_pieces(tools))
 
 
 def _function_of(tool: Any) -> dict[str, Any]:
@@ -134,20 +191,30 @@ def _function_of(tool: Any) -> dict[str, Any]:
     return tool["function"]
 
 
-def render_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
-    """The DSML block for OpenAI-format tool calls, including the blank line that precedes it."""
-    invokes = []
-    for call in tool_calls:
+def _tool_call_pieces(tool_calls: list[dict[str, Any]]) -> list[Piece]:
+    """The DSML block (with the blank line before it): markup from templates, names and
+    values as text."""
+    out = list(_template(f"\n\n{_TOOL_CALLS_OPEN}\n"))
+    for n, call in enumerate(tool_calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or "name" not in fn:
             raise ValueError(f"tool_calls entries must look like {{'function': {{'name', 'arguments'}}}}, got {call!r}")
-        params = "\n".join(
-            f'<{DSML}parameter name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
-            f"{value if isinstance(value, str) else _json(value)}{_PARAM_CLOSE}"
-            for key, value in _arguments_dict(fn.get("arguments")).items()
-        )
-        invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n{params}\n{_INVOKE_CLOSE}')
-    return "\n\n" + _TOOL_CALLS_OPEN + "\n" + "\n".join(invokes) + "\n" + _TOOL_CALLS_CLOSE
+        if n:
+            out.append(Piece("\n"))
+        out += [*_template(f'<{DSML}invoke name="'), Piece(f"{fn['name']}"), *_template('">\n')]
+        for k, (key, value) in enumerate(_arguments_dict(fn.get("arguments")).items()):
+            is_string = isinstance(value, str)
+            out += [Piece("\n")] if k else []
+            out += [*_template(f'<{DSML}parameter name="'), Piece(f"{key}"),
+                    *_template(f'" string="{"true" if is_string else "false"}">'),
+                    Piece(value if is_string else _json(value)), *_template(_PARAM_CLOSE)]
+        out += _template(f"\n{_INVOKE_CLOSE}")
+    return [*out, *_template(f"\n{_TOOL_CALLS_CLOSE}")]
+
+
+def render_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
+    """The DSML block for OpenAI-format tool calls, including the blank line that precedes it."""
+    return _join(_tool_call_pieces(tool_calls))
 
 
 def _arguments_dict(arguments: Any) -> dict[str, Any]:
@@ -280,54 +347,108 @@ def _drop_old_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # Rendering
 # --------------------------------------------------------------------------------------------
 
-def _with_extras(content: str, msg: dict[str, Any]) -> str:
+_RESPONSE_FORMAT_INTRO = "\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+
+
+def _extras(msg: dict[str, Any]) -> list[Piece]:
+    """The tools block and response-format section a system/developer message carries."""
+    out: list[Piece] = []
     if msg.get("tools"):
-        content += "\n\n" + render_tools_block(msg["tools"])
+        out += [Piece("\n\n"), *_tools_block_pieces(msg["tools"])]
     if msg.get("response_format"):
-        content += ("\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema "
-                    "to reply:\n" + _json(msg["response_format"]))
-    return content
+        out += [Piece(_RESPONSE_FORMAT_INTRO), Piece(_json(msg["response_format"]))]
+    return out
+
+
+def _assistant(i: int, msgs: list[dict[str, Any]], thinking: bool, keep_reasoning: bool,
+               last_user: int) -> list[Piece]:
+    """What the model writes for assistant message i, all trainable. Its <think> opener (or the
+    </think> closing an empty think block) was written by the turn before it: prompt, not reply."""
+    msg = msgs[i]
+    out: list[Piece] = []
+    # A reply to a task token is a bare short answer, never reasoned.
+    after_task = i > 0 and msgs[i - 1].get("task") is not None
+    if thinking and not after_task and (keep_reasoning or i > last_user):
+        reasoning = msg.get("reasoning_content") or ""
+        if not isinstance(reasoning, str):
+            raise TypeError(f"assistant reasoning_content must be a string or null, got {type(reasoning).__name__}")
+        out += [Piece(reasoning), _special(THINK_END)]
+    out.append(Piece(_text(msg.get("content"), "assistant")))
+    if msg.get("tool_calls"):
+        out += _tool_call_pieces(msg["tool_calls"])
+    if not msg.get("wo_eos"):
+        out.append(_special(EOS))
+    return [Piece(p.text, p.special, True) for p in out]
+
+
+def _body(i: int, msgs: list[dict[str, Any]], thinking: bool, keep_reasoning: bool,
+          last_user: int) -> list[Piece]:
+    """Message i itself: its role token (if any) and its content."""
+    msg = msgs[i]
+    role = msg["role"]
+    if role == "system":  # no role token: the system prompt follows BOS directly
+        return [Piece(_text(msg.get("content"), "system")), *_extras(msg)]
+    if role == "developer":  # rendered as a user turn carrying the tools
+        return [_special(USER), Piece(_text(msg.get("content"), "developer")), *_extras(msg)]
+    if role == "user":
+        blocks = [b["text"] if b["kind"] == "text" else f"<tool_result>{b['text']}</tool_result>"
+                  for b in msg["blocks"]]
+        return [_special(USER), Piece("\n\n".join(blocks))]
+    if role == "latest_reminder":
+        return [_special(LATEST_REMINDER), Piece(_text(msg.get("content"), "latest_reminder"))]
+    return _assistant(i, msgs, thinking, keep_reasoning, last_user)
+
+
+def _after(i: int, msgs: list[dict[str, Any]], thinking: bool, keep_reasoning: bool,
+           last_user: int) -> list[Piece]:
+    """What follows message i: nothing yet if another user-side message follows (it continues
+    the prompt); otherwise the task token, or the assistant prefix with the think opener/closer.
+    Always prompt (the generation prompt of the next reply, or a task trigger the app writes)."""
+    msg = msgs[i]
+    if i + 1 < len(msgs) and msgs[i + 1]["role"] not in _ROLES_CONTINUING_A_TURN:
+        return []
+    task = msg.get("task")
+    if task == "action":
+        return [_special(ASSISTANT), _special(THINK_START if thinking else THINK_END), _special(TASK_TOKENS[task])]
+    if task is not None:
+        return [_special(TASK_TOKENS[task])]
+    if msg["role"] in ("user", "developer"):
+        opens_thinking = thinking and (keep_reasoning or i >= last_user)
+        return [_special(ASSISTANT), _special(THINK_START if opens_thinking else THINK_END)]
+    return []
 
 
 def _render(i: int, msgs: list[dict[str, Any]], thinking: bool, keep_reasoning: bool,
-            last_user: int, reasoning_effort: str | None) -> str:
-    msg = msgs[i]
-    role = msg["role"]
-    out = MAX_EFFORT_PREFIX if (i == 0 and thinking and reasoning_effort == "max") else ""
+            last_user: int, reasoning_effort: str | None) -> list[Piece]:
+    out = [Piece(MAX_EFFORT_PREFIX)] if (i == 0 and thinking and reasoning_effort == "max") else []
+    return (out + _body(i, msgs, thinking, keep_reasoning, last_user)
+            + _after(i, msgs, thinking, keep_reasoning, last_user))
 
-    if role == "system":  # no role token: the system prompt follows BOS directly
-        out += _with_extras(_text(msg.get("content"), "system"), msg)
-    elif role == "developer":  # rendered as a user turn carrying the tools
-        out += USER + _with_extras(_text(msg.get("content"), "developer"), msg)
-    elif role == "user":
-        out += USER + "\n\n".join(
-            b["text"] if b["kind"] == "text" else f"<tool_result>{b['text']}</tool_result>"
-            for b in msg["blocks"])
-    elif role == "latest_reminder":
-        out += LATEST_REMINDER + _text(msg.get("content"), "latest_reminder")
-    else:  # assistant. Its <think> opener was written by the user turn before it.
-        reasoning = ""
-        # A reply to a task token is a bare short answer, never reasoned.
-        after_task = i > 0 and msgs[i - 1].get("task") is not None
-        if thinking and not after_task and (keep_reasoning or i > last_user):
-            reasoning = (msg.get("reasoning_content") or "") + THINK_END
-        calls = render_tool_calls(msg["tool_calls"]) if msg.get("tool_calls") else ""
-        out += reasoning + _text(msg.get("content"), "assistant") + calls
-        if not msg.get("wo_eos"):
-            out += EOS
 
-    # What comes next: nothing yet if another user-side message follows (it continues the
-    # prompt); otherwise the task token, or the assistant prefix with the think opener/closer.
-    if i + 1 < len(msgs) and msgs[i + 1]["role"] not in _ROLES_CONTINUING_A_TURN:
-        return out
-    task = msg.get("task")
-    if task == "action":
-        out += ASSISTANT + (THINK_START if thinking else THINK_END) + TASK_TOKENS[task]
-    elif task is not None:
-        out += TASK_TOKENS[task]
-    elif role in ("user", "developer"):
-        opens_thinking = thinking and (keep_reasoning or i >= last_user)
-        out += ASSISTANT + (THINK_START if opens_thinking else THINK_END)
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Canonical form: no empty pieces, and adjacent text pieces with the same trainable flag
+    joined into one, so that each text piece is one tokenizer call (tokens may span the
+    boundaries between, e.g., an answer and its tool-call markup, as in the whole string)."""
+    out: list[Piece] = []
+    run: list[str] = []
+    run_trainable = False
+
+    def flush() -> None:
+        if run:
+            out.append(Piece("".join(run), False, run_trainable))
+            run.clear()
+
+    for p in pieces:
+        if not p.text:
+            continue
+        if p.special or p.trainable != run_trainable:
+            flush()
+        if p.special:
+            out.append(p)
+        else:
+            run.append(p.text)
+            run_trainable = p.trainable
+    flush()
     return out
 
 
@@ -350,6 +471,81 @@ def _attach_request_options(messages: list[dict[str, Any]], tools: Any, response
         head["response_format"] = response_format
     messages[0] = head
     return messages
+
+
+def _prepare(messages: Any, context: Any, tools: Any, response_format: Any, drop_thinking: bool,
+             thinking: bool) -> tuple[list[dict[str, Any]], int, bool, bool]:
+    """Validate and preprocess: (all messages ready to render, index of the first one to
+    render, keep_reasoning, whether there is a context)."""
+    context = context or []
+    _check_messages(messages, "messages")
+    _check_messages(context, "context")
+    # Request-level options belong to the head of the conversation, which is the context when
+    # one is given (already encoded there; here they only switch reasoning retention).
+    if context:
+        context = _attach_request_options(context, tools, response_format)
+    else:
+        messages = _attach_request_options(messages, tools, response_format)
+
+    # Tool results are ordered with the context in view (the calls may be in the context).
+    new = _fold_user_side(messages)
+    ctx = _fold_user_side(context)
+    _order_tool_results(ctx + new)
+    full = ctx + new
+
+    # Tool-using conversations keep all reasoning: the model needs its earlier reasoning to
+    # follow a multi-step tool plan.
+    keep_reasoning = not drop_thinking or any(m.get("tools") for m in full)
+    first = len(ctx)
+    if thinking and not keep_reasoning:
+        # Matches the official bookkeeping exactly: the context's pruned length is computed on
+        # the context alone.
+        full = _drop_old_reasoning(full)
+        first = len(_drop_old_reasoning(ctx))
+    return full, first, keep_reasoning, bool(ctx)
+
+
+def encode_pieces(
+    messages: list[dict[str, Any]],
+    thinking_mode: str = "chat",
+    reasoning_effort: str | None = None,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    response_format: dict[str, Any] | None = None,
+    context: list[dict[str, Any]] | None = None,
+    drop_thinking: bool = True,
+    add_default_bos_token: bool = True,
+) -> list[Piece]:
+    """The encoding of `messages` as a list of Pieces (the one renderer: encode_messages joins
+    these). Arguments and errors as for encode_messages.
+
+    Special pieces are exactly the special-token strings the format's structure writes: BOS,
+    role tokens, think tags, EOS, task tokens, and the DSML tokens of tool-call markup and of the
+    tools block's fixed instructions. Message content (system, user, assistant content and
+    reasoning, tool results, tool names, argument names and values, tool schemas, response
+    formats) is text, whatever it spells. Adjacent text pieces with the same trainable flag are
+    merged, and no piece is empty.
+
+    Trainable pieces are what the model generates in each assistant turn as rendered: the
+    reasoning and its `</think>` (when the encoding keeps that turn's reasoning), the content,
+    the tool-call block and the EOS (absent with "wo_eos"). Everything else is read, not
+    written: BOS, the max-effort prefix, system/developer/user/reminder turns, tool results, the
+    tools block, the generation prompt `<｜Assistant｜>` plus the `<think>` or `</think>` after it,
+    and task tokens (the application writes a task token to ask for a short answer; that answer
+    and its EOS are trainable like any reply).
+    """
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+    thinking = thinking_mode == "thinking"
+    full, first, keep_reasoning, has_ctx = _prepare(messages, context, tools, response_format,
+                                                    drop_thinking, thinking)
+    last_user = _last_user_index(full)
+    pieces = [_special(BOS)] if add_default_bos_token and not has_ctx else []
+    for i in range(first, len(full)):
+        pieces += _render(i, full, thinking, keep_reasoning, last_user, reasoning_effort)
+    return _merged(pieces)
 
 
 def encode_messages(
@@ -379,43 +575,50 @@ def encode_messages(
         ignored, as in the official encoder, when any message defines tools.
 
     Raises TypeError/ValueError on malformed messages, naming the message.
+
+    To tokenize, do not encode this string with special tokens allowed (message text spelling a
+    special token would become that token): use encode_ids, which knows what is text.
     """
-    if thinking_mode not in THINKING_MODES:
-        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
-    context = context or []
-    _check_messages(messages, "messages")
-    _check_messages(context, "context")
-    # Request-level options belong to the head of the conversation, which is the context when
-    # one is given (already encoded there; here they only switch reasoning retention).
-    if context:
-        context = _attach_request_options(context, tools, response_format)
-    else:
-        messages = _attach_request_options(messages, tools, response_format)
+    return _join(encode_pieces(messages, thinking_mode, reasoning_effort, tools=tools,
+                               response_format=response_format, context=context,
+                               drop_thinking=drop_thinking, add_default_bos_token=add_default_bos_token))
 
-    # Tool results are ordered with the context in view (the calls may be in the context).
-    new = _fold_user_side(messages)
-    ctx = _fold_user_side(context)
-    _order_tool_results(ctx + new)
-    full = ctx + new
 
-    # Tool-using conversations keep all reasoning: the model needs its earlier reasoning to
-    # follow a multi-step tool plan.
-    keep_reasoning = not drop_thinking or any(m.get("tools") for m in full)
-    thinking = thinking_mode == "thinking"
-    first = len(ctx)
-    if thinking and not keep_reasoning:
-        # Matches the official bookkeeping exactly: the context's pruned length is computed on
-        # the context alone.
-        full = _drop_old_reasoning(full)
-        first = len(_drop_old_reasoning(ctx))
+def pieces_to_ids(pieces: list[Piece], tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of encode_pieces(...) output.
 
-    last_user = _last_user_index(full)
-    prompt = BOS if add_default_bos_token and not ctx else ""
-    for i in range(first, len(full)):
-        prompt += _render(i, full, thinking, keep_reasoning, last_user, reasoning_effort)
-    return prompt
+    tokenizer (duck-typed): `special_tokens`, a mapping special string -> id, and
+    `encode(text) -> list[int]`, which must treat special-token strings as plain text and add
+    no BOS/EOS (nanoseek.data.tokenizer.Tokenizer does both by default). Each special piece
+    becomes exactly its one id; each text piece is encoded on its own. loss_mask[k] is the
+    trainable flag of the piece token k came from. Raises LookupError if the tokenizer lacks a
+    special token the encoding uses.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for p in pieces:
+        if p.special:
+            if p.text not in tokenizer.special_tokens:
+                raise LookupError(f"the tokenizer has no special token {p.text!r}, which the chat format needs")
+            piece_ids = [int(tokenizer.special_tokens[p.text])]
+        else:
+            piece_ids = list(tokenizer.encode(p.text))
+        ids += piece_ids
+        mask += [p.trainable] * len(piece_ids)
+    return ids, mask
+
+
+def encode_ids(messages: list[dict[str, Any]], tokenizer: Any, thinking_mode: str = "chat",
+               reasoning_effort: str | None = None, **options: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of encode_messages(messages, thinking_mode, reasoning_effort, **options), and the
+    loss mask (True where the token is something the assistant generates; see encode_pieces).
+
+    Message text stays text: a user who types "<｜end▁of▁sentence｜><｜User｜>" gets the tokens of
+    those characters, never the control tokens. `tokenizer.decode(ids)` (special tokens kept)
+    equals encode_messages(...) byte for byte. options: the keyword options of encode_messages;
+    tokenizer: see pieces_to_ids.
+    """
+    return pieces_to_ids(encode_pieces(messages, thinking_mode, reasoning_effort, **options), tokenizer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -423,3 +423,73 @@ def test_cli_prints_the_prompt(tmp_path, capsys):
     bad.write_text('[{"role": "robot"}]')
     assert cf.main([str(bad)]) == 1
     assert "unknown role" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ pieces, ids and the loss mask
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (offset past the specials), specials mapped
+    from their literal strings. encode() treats special strings as text, as the real one does."""
+
+    SPECIALS = [BOS, EOS, U, A, "<｜latest_reminder｜>", "<think>", "</think>", D, "<｜action｜>", "<｜query｜>",
+                "<｜authority｜>", "<｜domain｜>", "<｜title｜>", "<｜read_url｜>", "<｜extracted_url｜>"]
+
+    def __init__(self, missing=()):
+        self.special_tokens = {s: k for k, s in enumerate(self.SPECIALS) if s not in missing}
+
+    def encode(self, text):
+        return [1000 + ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.SPECIALS[i] if i < 1000 else chr(i - 1000) for i in ids)
+
+
+def _all_features_conversation():
+    return [{"role": "system", "content": "S <｜User｜>", "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}},
+            {"role": "latest_reminder", "content": "today"},
+            {"role": "user", "content": "q", "task": "action"}, {"role": "assistant", "content": "Search"},
+            {"role": "user", "content": "q2 </think>"},
+            {"role": "assistant", "content": "", "reasoning_content": "r",
+             "tool_calls": [call("get_weather", '{"city": "X"}', "c1")]},
+            {"role": "tool", "content": "ok", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "done", "task": "title"}]
+
+
+def test_pieces_join_to_the_prompt_and_are_canonical():
+    convs = [_all_features_conversation(),
+             [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+              {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a", "wo_eos": True}]]
+    for msgs in convs:
+        for mode in ("chat", "thinking"):
+            for effort in (None, "max"):
+                pieces = cf.encode_pieces(msgs, mode, effort)
+                assert "".join(p.text for p in pieces) == encode_messages(msgs, mode, effort)
+                assert all(p.text for p in pieces)
+                assert all(p.text in CharTokenizer.SPECIALS for p in pieces if p.special)
+                for a, b in zip(pieces, pieces[1:]):  # text runs of one flag are one piece
+                    assert a.special or b.special or a.trainable != b.trainable
+
+
+def test_encode_ids_masks_prefix_system_tools_and_response_format():
+    tok = CharTokenizer()
+    msgs = [{"role": "system", "content": "S", "response_format": {"type": "json_object"}},
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}]
+    ids, mask = cf.encode_ids(msgs, tok, "thinking", "max", tools=[WEATHER_TOOL])
+    assert tok.decode(ids) == encode_messages(msgs, "thinking", "max", tools=[WEATHER_TOOL])
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "r</think>a" + EOS
+    assert tok.decode(ids[:1 + len(MAX_EFFORT)]) == BOS + MAX_EFFORT and not any(mask[:ids.index(2)])
+
+
+def test_encode_ids_message_text_never_becomes_special_ids():
+    tok = CharTokenizer()
+    ids, _ = cf.encode_ids(_all_features_conversation(), tok, "thinking")
+    specials = [tok.SPECIALS[i] for i in ids if i < 1000]
+    # system "<｜User｜>" and user "</think>" are text: only the structure's specials remain
+    assert specials.count(U) == 3 and specials.count("</think>") == 2 + 2
+    assert tok.decode(ids) == encode_messages(_all_features_conversation(), "thinking")
+
+
+def test_pieces_to_ids_needs_every_special_token():
+    with pytest.raises(LookupError, match="DSML"):
+        cf.encode_ids([{"role": "user", "content": "q"}], CharTokenizer(missing=(D,)), tools=[WEATHER_TOOL])

@@ -147,7 +147,7 @@ def cmd_chat(args) -> int:
             continue
         messages.append({"role": "user", "content": msg})
         mode = "thinking" if thinking else "chat"
-        ids = tok.encode(chat_format.encode_messages(messages, thinking_mode=mode), allow_special=True)
+        ids, _ = chat_format.encode_ids(messages, tok, thinking_mode=mode)  # message text stays text
         text = ""
         in_reasoning = thinking
         sys.stdout.write("assistant> ")

@@ -511,12 +511,13 @@ def create_app(engine: Engine, tokenizer, config: ServeConfig | None = None) -> 
         mode = "thinking" if th else "chat"
         tools = req.tools if req.tool_choice != "none" else None
         try:
-            prompt = chat_format.encode_messages(req.messages, thinking_mode=mode,
-                                                 reasoning_effort=req.reasoning_effort if th else None,
-                                                 tools=tools, response_format=req.response_format)
+            pieces = chat_format.encode_pieces(req.messages, thinking_mode=mode,
+                                               reasoning_effort=req.reasoning_effort if th else None,
+                                               tools=tools, response_format=req.response_format)
         except (TypeError, ValueError) as e:
             raise APIError(400, f"invalid messages: {e}", param="messages")
-        ids = tokenizer.encode(prompt, allow_special=True)
+        # Message text stays text: content spelling "<｜User｜>" must not become that token.
+        ids, _ = chat_format.pieces_to_ids(pieces, tokenizer)
         check_prompt(ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
