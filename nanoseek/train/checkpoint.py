@@ -3,7 +3,8 @@
     RUN/checkpoints/step-00000100/
         config.json, model.safetensors     the model, in nanoseek's interchange format
                                            (loads with Transformer.from_pretrained)
-        tokenizer.json, ...                the run's tokenizer, when it has one
+        tokenizer.json, ...,               the run's tokenizer and generation_config.json, when it has a
+        generation_config.json             tokenizer (nanoseek.train.export.ModelDirFiles)
         train_state.safetensors            optimizer state, LR-schedule position, data-loader
                                            positions, RNG states, trainer counters
     >>> from nanoseek.train.checkpoint import latest_checkpoint, load_tree

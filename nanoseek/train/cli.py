@@ -1,11 +1,12 @@
-"""`nanoseek train`, `nanoseek report` and `nanoseek speedrun`: thin wrappers over trainer.py,
-report.py and speedrun.py (see docs/train.md)."""
+"""`nanoseek train`, `nanoseek sft`, `nanoseek report` and `nanoseek speedrun`: thin wrappers over
+trainer.py, sft.py, report.py and speedrun.py (see docs/train.md)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from nanoseek.train.trainer import TrainConfig
 
@@ -36,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if cfg.max_steps is None and cfg.minutes is None:
-            return _err("give --steps or --minutes")
+            return _err("give --max-steps or --minutes")
         summary = train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
@@ -70,32 +71,26 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def add_loop_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the one training loop, shared by `train`, `sft` (and the later objectives)."""
     a = p.add_argument
-    a("--out", dest="run_dir", required=True, help="run directory (metrics, checkpoints, report)")
-    a("--shards", dest="shard_dir", required=True, help="token shards (nanoseek data tokenize)")
     a("--tokenizer", dest="tokenizer_dir", help="tokenizer directory (for val bits-per-byte and samples)")
-    a("--model", help="preset name (tiny, small, ...) or a config/checkpoint directory")
-    a("--depth", type=int, help="scale dial (default 4): width, heads, experts, LR, batch follow from it")
-    a("--init-from", dest="init_from", help="start from the weights of this checkpoint directory")
-    a("--seq-len", dest="seq_len", type=int)
+    a("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="tokens per row")
     a("--micro-batch", dest="micro_batch", type=int, help="rows per micro-step per rank")
     a("--batch-tokens", dest="batch_tokens", type=int, help="global tokens per optimizer step (accumulates)")
-    a("--steps", dest="max_steps", type=int)
+    a("--max-steps", "--steps", dest="max_steps", type=int, help="optimizer steps")
     a("--minutes", type=float, help="training-time budget (horizon fixed after a few timed steps)")
-    a("--lr", type=float)
+    a("--lr", type=float, help="peak LR (default: from the model's width)")
     a("--adamw-lr", dest="adamw_lr", type=float)
     a("--weight-decay", dest="weight_decay", type=float)
     a("--warmup-steps", dest="warmup_steps", type=int)
-    a("--decay-frac", dest="decay_frac", type=float)
+    a("--decay-frac", dest="decay_frac", type=float, help="share of the run over which the LR decays")
     a("--decay-shape", dest="decay_shape", choices=["cosine", "linear"])
     a("--grad-clip", dest="grad_clip", type=float)
     a("--mtp-weight", dest="mtp_weight", type=float)
     a("--balance-alpha", dest="balance_alpha", type=float)
     a("--indexer-weight", dest="indexer_weight", type=float)
-    a("--indexer-warmup-steps", dest="indexer_warmup_steps", type=int, help="dense CSA for the first N steps")
     a("--bias-update-speed", dest="bias_update_speed", type=float)
-    a("--fim-rate", dest="fim_rate", type=float)
     a("--seed", type=int)
     a("--eval-every", dest="eval_every", type=int)
     a("--eval-tokens", dest="eval_tokens", type=int)
@@ -115,12 +110,81 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--no-progress", action="store_true")
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--out", dest="run_dir", required=True, help="run directory (metrics, checkpoints, report)")
+    a("--shards", dest="shard_dir", required=True, help="token shards (nanoseek data tokenize)")
+    a("--model", help="preset name (tiny, small, ...) or a config/checkpoint directory")
+    a("--depth", type=int, help="scale dial (default 4): width, heads, experts, LR, batch follow from it")
+    a("--init-from", dest="init_from", help="start from the weights of this checkpoint directory")
+    a("--indexer-warmup-steps", dest="indexer_warmup_steps", type=int, help="dense CSA for the first N steps")
+    a("--fim-rate", dest="fim_rate", type=float)
+    add_loop_arguments(p)
+
+
+def add_sft_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("model_pos", nargs="?", metavar="MODEL", help="model directory to fine-tune (config.json, safetensors, "
+                                                    "tokenizer files)")
+    a("--model", dest="model_opt", help="same as the positional MODEL")
+    a("--data", action="append", required=True, metavar="FILE[:WEIGHT]",
+      help='JSONL of {"messages": [...], "tools": [...]?} (repeatable; WEIGHT repeats each example that many '
+           "times per epoch, fractions sampled)")
+    a("--out", dest="run_dir", required=True, help="run directory; the fine-tuned model goes to OUT/model")
+    a("--thinking-ratio", dest="thinking_ratio", type=float, default=0.0,
+      help="share of examples with reasoning_content rendered in thinking mode (default 0: chat mode)")
+    a("--val-fraction", dest="val_fraction", type=float, default=0.05,
+      help="held-out share of the conversations for the validation loss (default 0.05, at most 256)")
+    a("--epochs", type=float, default=None, help="passes over the data (used when neither --max-steps nor "
+                                                 "--minutes is given; default 1)")
+    add_loop_arguments(p)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from nanoseek.train.sft import SFTConfig, SFTObjective, sft_train_config
+    from nanoseek.train.trainer import train
+
+    model = args.model_pos or args.model_opt
+    if not model:
+        return _err("give the model directory to fine-tune (nanoseek sft MODEL --data FILE --out DIR)")
+    if not (Path(model) / "config.json").is_file():
+        return _err(f"{model}: not a model directory (no config.json)")
+    try:
+        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if getattr(args, f.name, None) is not None and f.name not in ("model", "run_dir")}
+        if args.prompt:
+            kw["sample_prompts"] = list(args.prompt)
+        if args.no_progress:
+            kw["progress"] = False
+        cfg = sft_train_config(model, args.run_dir, **kw)
+        epochs = args.epochs if args.epochs is not None else (1.0 if cfg.max_steps is None and cfg.minutes is None else None)
+        sft = SFTConfig(data=list(args.data), thinking_ratio=args.thinking_ratio, val_fraction=args.val_fraction,
+                        epochs=epochs)
+        summary = train(cfg, SFTObjective(sft, cfg.balance_alpha, cfg.indexer_weight))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    if summary.get("checkpoint"):
+        val = summary.get("val") or {}
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['tok_per_s']:.0f} tok/s, "
+              f"val loss {val.get('val_loss', float('nan')):.4f}")
+        if summary.get("model_dir"):
+            print(f"model: {summary['model_dir']}\nchat with it: nanoseek chat --model {summary['model_dir']}")
+    return 0
+
+
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train", help="pre-train a DeepSeek-V4 model on token shards",
                               description="Pre-train with the V4 recipe (Muon, MTP, bias balancing, indexer "
                                           "warm-up). Runs under torchrun for DDP.")
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("sft", help="supervised fine-tuning on chat conversations (DeepSeek-V4 chat format)",
+                              description="Fine-tune a model directory on JSONL conversations rendered with the "
+                                          "DeepSeek-V4 chat encoding; the loss is on the assistant turns only. "
+                                          "Runs under torchrun for DDP. The result is OUT/model (docs/train.md).")
+    add_sft_arguments(p)
+    p.set_defaults(func=_cmd_sft)
 
     p = subparsers.add_parser("report", help="write report.md and plots for a training run")
     p.add_argument("run_dir")

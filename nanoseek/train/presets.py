@@ -56,12 +56,17 @@ def scaled_model_config(depth: int, vocab_size: int, seq_len: int = 512) -> Mode
     )
 
 
+def pretrain_lr(hidden_size: int) -> float:
+    """Peak pre-training LR of a model of this width: ~ 1/sqrt(width), 3e-3 at width 256 -- a
+    starting point, not a tuned value (4.6e-3 at depth 3 gave loss spikes in a CPU speedrun);
+    the 0.18 RMS rescale lets Muon and AdamW share it. SFT / RL take fractions of it."""
+    return 3e-3 * math.sqrt(256 / hidden_size)
+
+
 def scaled_train_defaults(depth: int, seq_len: int = 512) -> dict:
     """Batch, LR and warm-up that follow the dial."""
     hidden = 64 * depth
-    # LR ~ 1/sqrt(width), 3e-3 at width 256 -- a starting point, not a tuned value (4.6e-3 at
-    # depth 3 gave loss spikes in a CPU speedrun); the 0.18 RMS rescale lets Muon and AdamW share it
-    lr = 3e-3 * math.sqrt(256 / hidden)
+    lr = pretrain_lr(hidden)
     # batch: ~16K tokens at depth 4, doubling every 4 layers (larger models tolerate larger batches)
     batch_tokens = 2 ** (14 + max(0, (depth - 4) // 4))
     batch_tokens = max(batch_tokens, seq_len)

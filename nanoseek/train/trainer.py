@@ -394,8 +394,6 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     d = setup_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.max_steps is None and cfg.minutes is None:
-        raise ValueError("give max_steps or minutes")
     objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
     tok = _load_tokenizer(cfg)
     mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
@@ -410,6 +408,11 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
               accum=accum, n_data=d.world * accum, batch_tokens=batch_tokens, tokenizer=tok,
               run_dir=Path(cfg.run_dir))
     objective.prepare(run)
+    if cfg.max_steps is None and cfg.minutes is None:
+        # an objective may know its own horizon (SFT: --epochs over its data)
+        run.state.total_steps = getattr(objective, "default_total_steps", lambda r: None)(run)
+        if run.state.total_steps is None:
+            raise ValueError("give max_steps or minutes")
     run.loaders = _make_loaders(run, cfg.seed)
     tree = _resume(run)
     _wrap(run)
@@ -569,7 +572,12 @@ def save(run: Run, step: int, export: bool = False) -> None:
                 "data_ranks": run.n_data, "rng": rng, "config": json.loads(json.dumps(run.cfg.to_json()))}
         if hasattr(run.objective, "state_dict"):
             tree["objective"] = run.objective.state_dict()
-        save_checkpoint(run.run_dir, step, to_save, tree, keep_last=run.cfg.keep_last, tokenizer=run.tokenizer)
+        files = None
+        if run.tokenizer is not None:   # step checkpoints are model directories too (tokenizer, generation_config)
+            from nanoseek.train.export import ModelDirFiles
+
+            files = ModelDirFiles(run.tokenizer, config=run.model.config)
+        save_checkpoint(run.run_dir, step, to_save, tree, keep_last=run.cfg.keep_last, tokenizer=files)
         if export and run.tokenizer is not None:
             from nanoseek.train.export import write_model_dir
 
