@@ -37,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if cfg.max_steps is None and cfg.minutes is None:
-            return _err("give --max-steps or --minutes")
+            return _err("give --max-steps / --steps or --minutes")
         summary = train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))

@@ -13,7 +13,9 @@ and produces
     expert_load.png    routed-expert load (share of tokens) per expert, per layer, at the end,
                        and the max/mean imbalance of each layer over training
 and, when `nanoseek eval` results live below the run directory, an Evaluation section (a table
-per task, pass@k curve, per-problem pass-rate histogram; see nanoseek/eval/report.py).
+per task, pass@k curve, per-problem pass-rate histogram; see nanoseek/eval/report.py), and,
+when RUN/post_training.json exists (the speedrun writes it), a section per post-training stage
+(SFT, ...): its loss curve and held-out pass@1 / syntax-valid rate before and after it.
 """
 
 from __future__ import annotations
@@ -115,6 +117,86 @@ def make_plots(run_dir: Path, steps: list[dict], evals: list[dict]) -> list[str]
     return made
 
 
+POST_TRAINING_FILE = "post_training.json"
+
+
+def _stage_plot(run: Path, name: str, stage_dir: Path) -> str | None:
+    """Loss curve of a post-training run (train CE per step, val loss points) as PNG in `run`."""
+    recs = _read_jsonl(stage_dir / "metrics.jsonl")
+    steps = [r for r in recs if "ce" in r and "event" not in r]
+    evals = [r for r in recs if r.get("event") == "eval"]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["ce"] for r in steps], lw=1, label="train CE (assistant tokens)")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="held-out CE")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(f"{name} loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = f"{name.lower()}_loss.png"
+    fig.savefig(run / out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _stage_lines(run: Path, st: dict, tasks: dict) -> list[str]:
+    name = st["name"]
+    lines = [f"## {name}", ""]
+    summ = st.get("summary") or {}
+    data = summ.get("sft_data") or {}
+    if summ:
+        val = (summ.get("val") or {}).get("val_loss")
+        lines += [f"{summ.get('steps')} steps, {_fmt(summ.get('tokens'))} row tokens in "
+                  f"{_fmt(summ.get('train_seconds'))} s ({_fmt(summ.get('tok_per_s'))} tok/s); held-out CE "
+                  f"{_fmt(val)}" + (f"; {data.get('examples')} training conversations, "
+                                     f"{data.get('val_examples')} held out" if data else "") + ".", ""]
+    plot = _stage_plot(run, name, Path(st["run_dir"])) if st.get("run_dir") else None
+    if plot:
+        lines += [f"![{name} loss]({plot})", ""]
+    lines += [f"Held-out mined tasks ({st.get('n_tasks', '-')} of {_fmt(tasks.get('held_out'))}; greedy):", "",
+              "| protocol | pass@1 before | pass@1 after | syntax-valid before | syntax-valid after |",
+              "|---|---|---|---|---|"]
+    before, after = st.get("before") or {}, st.get("after") or {}
+    for proto in sorted(set(before) | set(after)):
+        b, a = before.get(proto) or {}, after.get(proto) or {}
+        lines.append(f"| {proto} | {_pct(b.get('pass@1'))} | {_pct(a.get('pass@1'))} | "
+                     f"{_pct(b.get('syntax_valid'))} | {_pct(a.get('syntax_valid'))} |")
+    lines.append("")
+    for smp in (st.get("samples") or [])[:2]:
+        lines += [f"Sample answer after {name} (`{smp['task_id']}`):", "", "````", smp["answer"].strip(), "````", ""]
+    return lines
+
+
+def post_training_section(run: Path) -> list[str]:
+    """Sections for the post-training stages recorded in RUN/post_training.json (written by the
+    speedrun): per stage its loss curve, and held-out pass@1 / syntax-valid rate before and after.
+
+    post_training.json: {"tasks": {"held_out": N, ...}, "stages": [{"name": "SFT", "run_dir": ...,
+    "summary": {...}, "n_tasks": n, "before": {protocol: {"pass@1", "syntax_valid", "n"}},
+    "after": {...}, "samples": [{"task_id", "answer"}]}]}"""
+    path = run / POST_TRAINING_FILE
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text(encoding="utf-8"))
+    lines: list[str] = []
+    for st in info.get("stages", []):
+        lines += _stage_lines(run, st, info.get("tasks") or {})
+    return lines
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     run = Path(run_dir)
     recs = _read_jsonl(run / "metrics.jsonl")
@@ -168,6 +250,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
     eval_lines, _ = eval_section(run)
     lines += eval_lines
+    lines += post_training_section(run)
     lines += ["## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     out = run / "report.md"
     out.write_text("\n".join(lines), encoding="utf-8")
