@@ -54,6 +54,21 @@ class Objective:
     def summary(self) -> dict:
         return {}
 
+    # --- optional hooks for objectives whose batches are not rows of seq_len tokens ---
+    progress_keys: tuple[str, ...] = ()   # step-record keys shown in the progress bar
+
+    def micro_steps(self, cfg, world: int) -> int | None:
+        """Accumulation micro-steps per rank; None: from batch_tokens / (micro_batch x seq_len)."""
+        return None
+
+    def step_tokens(self, run, batches: list[dict]) -> int | None:
+        """Tokens this rank's batches of one step stand for, summed over ranks (None: batch_tokens)."""
+        return None
+
+    def evaluate(self, run) -> dict | None:
+        """Extra held-out metrics at each evaluation (every rank calls it)."""
+        return None
+
 
 def model_loss_terms(model, batch: dict, phase: dict, balance_alpha: float, indexer_weight: float,
                      mtp_weight: float | None = None) -> dict[str, torch.Tensor]:

@@ -175,6 +175,7 @@ class Run:
     peak_flops: float = 1.0
     run_dir: Path = Path(".")
     last_eval: dict | None = None
+    last_tokens: int = 0             # st.tokens at the previous step record
 
     def autocast(self):
         if self.use_bf16:
@@ -307,8 +308,12 @@ def _data_vocab(cfg: TrainConfig, objective: Objective, tok) -> int:
     return vocab
 
 
-def _geometry(cfg: TrainConfig, d: Dist) -> tuple[int, int]:
-    """(accumulation micro-steps per rank, global tokens per optimizer step)."""
+def _geometry(cfg: TrainConfig, d: Dist, objective: Objective) -> tuple[int, int]:
+    """(accumulation micro-steps per rank, global tokens per optimizer step). An objective whose
+    batches are not rows of seq_len tokens (RL, distillation: rollouts) sets its micro-steps."""
+    own = objective.micro_steps(cfg, d.world)
+    if own is not None:
+        return own, 0
     rows_tokens = cfg.micro_batch * cfg.seq_len
     batch_tokens = cfg.batch_tokens or rows_tokens * d.world
     per_step = rows_tokens * d.world
@@ -397,7 +402,7 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
     tok = _load_tokenizer(cfg)
     mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
-    accum, batch_tokens = _geometry(cfg, d)
+    accum, batch_tokens = _geometry(cfg, d, objective)
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mc)
@@ -418,6 +423,7 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     _wrap(run)
     if tree is not None:
         load_optimizer_state(run.opt, tree["optimizer"], run.fsdp)
+    run.last_tokens = run.state.tokens
     _start_log(run, resumed=tree is not None)
     return run
 
@@ -514,11 +520,14 @@ def _fix_horizon(run: Run, dt: float, step_times: list[float], bar) -> None:
             bar.refresh()
 
 
-def _step_record(run: Run, terms: dict, phase: dict, dt: float) -> dict:
+def _step_record(run: Run, terms: dict, phase: dict, dt: float, t_data: float) -> dict:
     st = run.state
+    step_tokens = st.tokens - run.last_tokens
+    run.last_tokens = st.tokens
     rec = {"step": st.step, "tokens": st.tokens, "lr": run.opt.param_groups[0]["lr"],
-           "grad_norm": terms.pop("grad_norm"), "dt": round(dt, 4), "tok_per_s": round(run.batch_tokens / dt, 1),
-           "mfu": run.flops_per_token * run.batch_tokens / dt / run.peak_flops, "dense_csa": run.model.dense_csa,
+           "grad_norm": terms.pop("grad_norm"), "dt": round(dt, 4), "data_s": round(t_data, 4),
+           "tok_per_s": round(step_tokens / dt, 1),
+           "mfu": run.flops_per_token * step_tokens / dt / run.peak_flops, "dense_csa": run.model.dense_csa,
            "mtp_weight": phase["mtp_weight"]}
     load = {k: terms.pop(k) for k in ("expert_imbalance", "expert_load") if k in terms}
     rec.update(terms)
@@ -528,14 +537,17 @@ def _step_record(run: Run, terms: dict, phase: dict, dt: float) -> dict:
 
 
 def run_eval(run: Run, step: int) -> dict | None:
-    if run.tokenizer is None:
-        return None
-    batches = run.objective.val_batches(run)
-    if batches is None:
-        return None
+    """The objective's held-out evaluation: validation loss / bits-per-byte on its val batches,
+    plus whatever its `evaluate` measures (RL: held-out pass@k)."""
     t0 = time.perf_counter()
-    token_bytes = torch.as_tensor(run.tokenizer.token_byte_lengths(), device=run.dist.device)
-    r = evaluate_bpb(run.eval_model, batches, token_bytes, run.dist, run.autocast)
+    batches = run.objective.val_batches(run) if run.tokenizer is not None else None
+    r: dict = {}
+    if batches is not None:
+        token_bytes = torch.as_tensor(run.tokenizer.token_byte_lengths(), device=run.dist.device)
+        r.update(evaluate_bpb(run.eval_model, batches, token_bytes, run.dist, run.autocast))
+    r.update(run.objective.evaluate(run) or {})
+    if not r:
+        return None
     r.update(step=step, event="eval", seconds=round(time.perf_counter() - t0, 2))
     if run.dist.is_main:
         run.log.write(r)
@@ -592,7 +604,8 @@ def _after_step(run: Run, rec: dict, bar) -> None:
         run.log.write(rec)
     if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+        shown = {k: f"{rec[k]:.3g}" for k in run.objective.progress_keys if k in rec}
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
                         refresh=False)
     done = st.total_steps is not None and st.step >= st.total_steps
     if done:
@@ -602,7 +615,8 @@ def _after_step(run: Run, rec: dict, bar) -> None:
         if r:
             run.last_eval = r
             if bar is not None:
-                bar.write(f"step {st.step}: val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}")
+                bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
+                                                          if isinstance(v, float) and k != "seconds"))
     if cfg.sample_every and st.step % cfg.sample_every == 0:
         for s in run_samples(run, st.step):
             if bar is not None:
@@ -626,15 +640,17 @@ def loop(run: Run) -> dict:
         while st.total_steps is None or st.step < st.total_steps:
             t0 = time.perf_counter()
             phase = _phase(run)
-            terms = train_step(run, [next(ld) for ld in run.loaders], phase)
+            batches = [next(ld) for ld in run.loaders]   # RL / distillation: rollouts happen here
+            t_data = time.perf_counter() - t0
+            terms = train_step(run, batches, phase)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             st.step += 1
-            st.tokens += run.batch_tokens
+            st.tokens += run.objective.step_tokens(run, batches) or run.batch_tokens
             st.train_seconds += dt
             _fix_horizon(run, dt, step_times, bar)
-            rec = _step_record(run, terms, phase, dt)
+            rec = _step_record(run, terms, phase, dt, t_data)
             _after_step(run, rec, bar)
     finally:
         if bar is not None:
