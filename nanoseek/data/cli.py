@@ -1,6 +1,8 @@
-"""Subcommands of the data pipeline: `nanoseek data build|tokenize|inspect`, `nanoseek tokenizer train`.
+"""Subcommands of the data pipeline: `nanoseek data build|tokenize|inspect|tasks`, `nanoseek tokenizer train`.
 
-Thin wrappers over build.build_corpus, tokenizer.train_tokenizer and shards.tokenize_corpus;
+Thin wrappers over build.build_corpus, tokenizer.train_tokenizer, shards.tokenize_corpus and
+(for `data tasks`, which mines verified code tasks and runs mined code in the sandbox)
+nanoseek.eval.verify.mine_tasks;
 see docs/data.md for the full walk-through. Each command prints where its output went and
 returns 0, or prints a one-line error and returns 1 / 2 (bad arguments).
 """
@@ -72,6 +74,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    # A command module may use any layer: candidate extraction lives in nanoseek.data.tasks,
+    # running mined code (only ever in the sandbox) in nanoseek.eval.verify.
+    from nanoseek.eval.sandbox import IsolationUnavailable
+    from nanoseek.eval.verify import mine_tasks, output_paths
+
+    try:
+        m = mine_tasks(args.source or ["default"], args.out, sft_out=args.sft_out, seed=args.seed,
+                       max_tasks=args.max_tasks, held_out_fraction=args.held_out_fraction, workers=args.workers,
+                       progress=not args.quiet, license_policy=args.license_policy,
+                       decontaminate=not args.no_decontaminate, isolation=args.isolation, force=args.force)
+    except (FileNotFoundError, ValueError, IsolationUnavailable, RuntimeError, OSError) as e:
+        return _err(str(e))
+    c, paths = m["counts"], output_paths(args.out)
+    print(f"tasks: {paths['train']} ({c['train']:,} train) + {paths['heldout']} ({c['heldout']:,} held-out)"
+          + (f", SFT: {args.sft_out} ({c['sft_examples']:,} conversations)" if args.sft_out else "")
+          + f"; kept {c['verified']:,} of {c['functions_seen']:,} documented functions "
+          f"({c['candidates']:,} candidates) in {m['timing']['total_s']:.0f} s; see {paths['manifest']}")
+    return 0
+
+
 def _cmd_tok_train(args: argparse.Namespace) -> int:
     from nanoseek.data.tokenizer import train_tokenizer
 
@@ -133,6 +156,35 @@ def add_subcommands(subparsers) -> None:
     i.add_argument("--show", type=int, default=1, help="documents to decode")
     i.add_argument("--chars", type=int, default=800, help="characters to print per document")
     i.set_defaults(func=_cmd_inspect)
+
+    k = dsub.add_parser(
+        "tasks", help="mine verified HumanEval-shaped code tasks (and SFT examples) from source code",
+        description="Mine verifiable code tasks from the sources' documented pure functions: tests from doctests "
+                    "and from differential testing against the original implementation, run only in the sandbox "
+                    "(docs/data.md, 'Mined tasks'). Writes OUT (train split), OUT's stem + .heldout.jsonl "
+                    "(held-out split, by package) and + .manifest.json (counts per drop reason, timing); every "
+                    "line has task_id, prompt, entry_point, canonical_solution, test, source, license, split, and "
+                    "is scored by `nanoseek eval humaneval --problems FILE`.")
+    k.add_argument("--source", action="append", metavar="SRC",
+                   help="repeatable, as for `data build`: 'default' (stdlib + site-packages), 'stdlib', "
+                        "'site-packages', a directory, a wheel/sdist/archive (default: default)")
+    k.add_argument("--out", required=True, help="train split, e.g. runs/tasks/tasks.jsonl (held-out and manifest "
+                                                "are written next to it)")
+    k.add_argument("--sft-out", help="also write SFT conversations (train-split functions) to this JSONL")
+    k.add_argument("--max-tasks", type=int, help="stop after this many verified tasks (sources are read in a "
+                                                 "seeded order, so a capped run samples every package)")
+    k.add_argument("--held-out-fraction", type=float, default=0.1,
+                   help="share of tasks (whole packages) in the held-out split (default: %(default)s)")
+    k.add_argument("--seed", type=int, default=0, help="file order, generated inputs, split (default: %(default)s)")
+    k.add_argument("--license-policy", default="permissive", choices=["permissive", "permissive+weak", "open", "any"],
+                   help="license categories to keep (default: %(default)s)")
+    k.add_argument("--no-decontaminate", action="store_true", help="keep functions that overlap HumanEval")
+    k.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "unshare", "none"],
+                   help="sandbox isolation for running mined code (default: strongest available)")
+    k.add_argument("--workers", type=int, help="extraction processes and parallel sandboxes (default: all cores)")
+    k.add_argument("--force", action="store_true", help="redo even if OUT holds a finished run with these settings")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=_cmd_tasks)
 
     tok = subparsers.add_parser("tokenizer", help="train the BPE tokenizer",
                                 description="Byte-level BPE with code-aware pre-tokenization (docs/data.md).")

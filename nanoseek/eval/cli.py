@@ -3,6 +3,7 @@
     nanoseek eval sandbox                                   # isolation levels on this machine
     nanoseek eval humaneval --samples s.jsonl --out results/humaneval
     nanoseek eval humaneval --write-prompts prompts.jsonl
+    nanoseek eval humaneval --problems tasks.jsonl --samples s.jsonl   # other problems (`data tasks`)
     nanoseek eval humaneval-fim --samples fim.jsonl --out results/fim
     nanoseek eval insecure-code --corpus data/ --write-prompts sec_prompts.jsonl
     nanoseek eval insecure-code --prompts sec_prompts.jsonl --samples sec.jsonl --out results/sec
@@ -92,6 +93,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--k", default="1,10,100", help="comma-separated k values for pass@k")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="score even if some problems have no sample")
+    p.add_argument("--problems", metavar="FILE.jsonl",
+                   help="HumanEval-shaped problems to use instead of HumanEval's 164 (task_id, prompt, entry_point, "
+                        "test per line), e.g. the output of `nanoseek data tasks`")
     _model_args(p)
     p.set_defaults(func=cmd_humaneval)
 
@@ -188,8 +192,16 @@ def cmd_humaneval(args) -> int:
     from . import humaneval
     from .common import EvalInputError
 
+    problems = None
+    if args.problems:
+        from .verify import load_problem_file
+
+        try:
+            problems = load_problem_file(args.problems)
+        except EvalInputError as e:
+            return _fail(str(e))
     if args.write_prompts:
-        return _write_prompts(humaneval.build_prompts(), args.write_prompts)
+        return _write_prompts(humaneval.build_prompts(problems), args.write_prompts)
     if not args.samples and not args.model:
         return _fail("pass --model DIR, --samples FILE or --write-prompts FILE")
     try:
@@ -197,6 +209,13 @@ def cmd_humaneval(args) -> int:
     except ValueError:
         return _fail(f"--k must be comma-separated integers, got {args.k!r}")
     sb = _make_sandbox(args)
+    if args.model and problems is not None:
+        from .verify import ProblemFileTask
+
+        task = ProblemFileTask(sandbox=sb, timeout_s=args.timeout, ks=ks, workers=args.workers,
+                               progress=not args.no_progress, allow_incomplete=args.allow_incomplete,
+                               problems_path=args.problems, limit=args.limit)
+        return _generate_and_score(args, task, special_prompts=False)
     if args.model:
         from .tasks import HumanEvalTask
 
@@ -208,7 +227,7 @@ def cmd_humaneval(args) -> int:
         return _generate_and_score(args, task, special_prompts=False)
     out = _out_dir(args)
     try:
-        summary = humaneval.score(args.samples, sandbox=sb, timeout_s=args.timeout, ks=ks,
+        summary = humaneval.score(args.samples, problems, sandbox=sb, timeout_s=args.timeout, ks=ks,
                                   results_path=out / "results.jsonl", workers=args.workers,
                                   progress=not args.no_progress,
                                   allow_incomplete=args.allow_incomplete)
