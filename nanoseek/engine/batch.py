@@ -102,6 +102,7 @@ class Sequence:
         self.next_token: int | None = None
         self._cancel = threading.Event()
         self.stop_token: int | None = None  # the stop id that ended generation, if one did
+        self.stop_logprob: float | None = None  # and its log-probability (if logprobs were asked; RL trains it)
         # speculative decoding state (batch.py): streams at pos-1, MTP pairs not fed yet, counters
         self.last_h: torch.Tensor | None = None
         self.mtp_pending: list[tuple[torch.Tensor, list[int]]] = []  # (streams [1,m,n,d], m tokens)
@@ -128,6 +129,7 @@ class Sequence:
         p = self.params
         if token in p.stop_token_ids:
             self.stop_token = token
+            self.stop_logprob = logprob
             self._finish("stop")
             return
         self.tokens.append(token)

@@ -71,13 +71,15 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_loop_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the one training loop, shared by `train`, `sft` (and the later objectives)."""
+def add_loop_arguments(p: argparse.ArgumentParser, rows: bool = True) -> None:
+    """Flags of the one training loop, shared by `train`, `sft`, `rl` and `distill` (rows=False:
+    no row geometry, for objectives whose batches are rollouts)."""
     a = p.add_argument
     a("--tokenizer", dest="tokenizer_dir", help="tokenizer directory (for val bits-per-byte and samples)")
-    a("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="tokens per row")
-    a("--micro-batch", dest="micro_batch", type=int, help="rows per micro-step per rank")
-    a("--batch-tokens", dest="batch_tokens", type=int, help="global tokens per optimizer step (accumulates)")
+    if rows:
+        a("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="tokens per row")
+        a("--micro-batch", dest="micro_batch", type=int, help="rows per micro-step per rank")
+        a("--batch-tokens", dest="batch_tokens", type=int, help="global tokens per optimizer step (accumulates)")
     a("--max-steps", "--steps", dest="max_steps", type=int, help="optimizer steps")
     a("--minutes", type=float, help="training-time budget (horizon fixed after a few timed steps)")
     a("--lr", type=float, help="peak LR (default: from the model's width)")
@@ -140,35 +142,125 @@ def add_sft_arguments(p: argparse.ArgumentParser) -> None:
     add_loop_arguments(p)
 
 
+def _model_arg(args) -> str:
+    model = getattr(args, "model_pos", None) or getattr(args, "model_opt", None)
+    if not model:
+        raise ValueError("give the model directory (positional MODEL or --model)")
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"{model}: not a model directory (no config.json)")
+    return model
+
+
+def _loop_overrides(args) -> dict:
+    """TrainConfig fields given on the command line (the loop's flags)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+          if getattr(args, f.name, None) is not None and f.name not in ("model", "run_dir")}
+    if getattr(args, "prompt", None):
+        kw["sample_prompts"] = list(args.prompt)
+    if getattr(args, "no_progress", False):
+        kw["progress"] = False
+    return kw
+
+
+def _print_done(summary: dict, metric: str) -> None:
+    if not summary.get("checkpoint"):
+        return
+    val = summary.get("val") or {}
+    shown = f", {metric} {val[metric]:.4f}" if isinstance(val.get(metric), float) else ""
+    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['tok_per_s']:.0f} tok/s{shown}")
+    if summary.get("model_dir"):
+        print(f"model: {summary['model_dir']}\nchat with it: nanoseek chat --model {summary['model_dir']}")
+
+
+def add_rl_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek.train.rl import RLConfig
+
+    d = RLConfig()
+    a = p.add_argument
+    a("model_pos", nargs="?", metavar="MODEL", help="model directory (config.json, safetensors, tokenizer files)")
+    a("--model", dest="model_opt", help="same as the positional MODEL")
+    a("--tasks", required=True, help="JSONL of tasks: HumanEval-shaped for the code reward; a \"prompt\" field "
+                                     "for plug-in rewards")
+    a("--held-out", dest="held_out", help="held-out tasks for pass@k (default: TASKS.heldout.jsonl if present)")
+    a("--out", dest="run_dir", required=True, help="run directory; the trained model goes to OUT/model")
+    a("--reward", default=d.reward, help="'code' (sandboxed unit tests, default) or module:function / "
+                                          "path/to/file.py:function returning a float")
+    a("--protocol", choices=["chat", "completion"], default=d.protocol,
+      help="chat: the task is a user message (default); completion: the model continues the prompt")
+    a("--group-size", type=int, default=d.group_size, help=f"samples per prompt (default {d.group_size})")
+    a("--prompts-per-step", type=int, default=d.prompts_per_step,
+      help=f"prompts per optimizer step, over all ranks (default {d.prompts_per_step})")
+    a("--micro-steps", type=int, default=d.micro_steps, help="accumulation micro-steps per rank (default 1)")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"completion length limit (default {d.max_new_tokens})")
+    a("--temperature", type=float, default=d.temperature, help="rollout temperature (default 1: sampler = policy)")
+    a("--top-p", type=float, default=d.top_p)
+    a("--top-k", type=int, default=d.top_k)
+    a("--scale-by-std", action="store_true", help="divide advantages by the group's std (GRPO; default off: Dr. GRPO)")
+    a("--aggregation", choices=["token", "sequence"], default=d.aggregation,
+      help="token: DAPO's token-level mean (default); sequence: per-sequence mean, then over sequences")
+    a("--clip-low", type=float, default=d.clip_low)
+    a("--clip-high", type=float, default=d.clip_high)
+    a("--updates-per-batch", type=int, default=d.updates_per_batch,
+      help="optimizer steps per rollout batch (>1: PPO ratio clipping matters)")
+    a("--kl-coef", type=float, default=d.kl_coef, help="k3 KL to the frozen initial policy (default 0: off)")
+    a("--overlong", choices=["penalty", "mask", "none"], default=d.overlong,
+      help="truncated completions: DAPO's soft penalty (default), masked out of the loss, or nothing")
+    a("--overlong-buffer", type=int, default=None, help="penalty ramp length in tokens (default max-new-tokens/4)")
+    a("--resample-zero-variance", type=int, default=d.resample_zero_variance,
+      help="re-sample groups whose rewards are all equal, up to N times (default 0: drop and count them)")
+    a("--partial-credit", action="store_true", help="code reward: share of asserts passed instead of all-pass")
+    a("--syntax-weight", type=float, default=0.0, help="shaping: weight of the syntax-valid term")
+    a("--format-weight", type=float, default=0.0, help="shaping (chat): weight of the ```python block term")
+    a("--length-weight", type=float, default=0.0, help="shaping: penalty per token beyond the length target")
+    a("--eval-tasks", type=int, default=d.eval_tasks, help="held-out tasks per evaluation")
+    a("--eval-samples", type=int, default=d.eval_samples, help="samples per held-out task (pass@1 and pass@k)")
+    add_loop_arguments(p, rows=False)
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from nanoseek.train.rl import RLConfig, RLObjective, rl_train_config
+    from nanoseek.train.trainer import train
+
+    try:
+        model = _model_arg(args)
+        rl = RLConfig(tasks=args.tasks, held_out=args.held_out, reward=args.reward, protocol=args.protocol,
+                      group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                      micro_steps=args.micro_steps, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      scale_by_std=args.scale_by_std, aggregation=args.aggregation, clip_low=args.clip_low,
+                      clip_high=args.clip_high, updates_per_batch=args.updates_per_batch, kl_coef=args.kl_coef,
+                      overlong=args.overlong, overlong_buffer=args.overlong_buffer,
+                      resample_zero_variance=args.resample_zero_variance, partial_credit=args.partial_credit,
+                      syntax_weight=args.syntax_weight, format_weight=args.format_weight,
+                      length_weight=args.length_weight, eval_tasks=args.eval_tasks, eval_samples=args.eval_samples)
+        cfg = rl_train_config(model, args.run_dir, rl, **_loop_overrides(args))
+        if cfg.max_steps is None and cfg.minutes is None:
+            return _err("give --max-steps or --minutes")
+        objective = RLObjective(rl, cfg.balance_alpha, cfg.indexer_weight)
+        try:
+            summary = train(cfg, objective)
+        finally:
+            objective.close()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    _print_done(summary, "heldout_pass@1")
+    return 0
+
+
 def _cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.train.sft import SFTConfig, SFTObjective, sft_train_config
     from nanoseek.train.trainer import train
 
-    model = args.model_pos or args.model_opt
-    if not model:
-        return _err("give the model directory to fine-tune (nanoseek sft MODEL --data FILE --out DIR)")
-    if not (Path(model) / "config.json").is_file():
-        return _err(f"{model}: not a model directory (no config.json)")
     try:
-        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if getattr(args, f.name, None) is not None and f.name not in ("model", "run_dir")}
-        if args.prompt:
-            kw["sample_prompts"] = list(args.prompt)
-        if args.no_progress:
-            kw["progress"] = False
-        cfg = sft_train_config(model, args.run_dir, **kw)
+        model = _model_arg(args)
+        cfg = sft_train_config(model, args.run_dir, **_loop_overrides(args))
         epochs = args.epochs if args.epochs is not None else (1.0 if cfg.max_steps is None and cfg.minutes is None else None)
         sft = SFTConfig(data=list(args.data), thinking_ratio=args.thinking_ratio, val_fraction=args.val_fraction,
                         epochs=epochs)
         summary = train(cfg, SFTObjective(sft, cfg.balance_alpha, cfg.indexer_weight))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
-    if summary.get("checkpoint"):
-        val = summary.get("val") or {}
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['tok_per_s']:.0f} tok/s, "
-              f"val loss {val.get('val_loss', float('nan')):.4f}")
-        if summary.get("model_dir"):
-            print(f"model: {summary['model_dir']}\nchat with it: nanoseek chat --model {summary['model_dir']}")
+    _print_done(summary, "val_loss")
     return 0
 
 
@@ -185,6 +277,14 @@ def add_subcommands(subparsers) -> None:
                                           "Runs under torchrun for DDP. The result is OUT/model (docs/train.md).")
     add_sft_arguments(p)
     p.set_defaults(func=_cmd_sft)
+
+    p = subparsers.add_parser("rl", help="GRPO on sandboxed unit tests (or a plug-in reward), rollouts from the engine",
+                              description="Reinforcement learning with the GRPO family on the one trainer loop: "
+                                          "rollouts from nanoseek's engine, rewards from the eval sandbox or a "
+                                          "plug-in function. Runs under torchrun for DDP. The result is OUT/model "
+                                          "(docs/train.md).")
+    add_rl_arguments(p)
+    p.set_defaults(func=_cmd_rl)
 
     p = subparsers.add_parser("report", help="write report.md and plots for a training run")
     p.add_argument("run_dir")

@@ -1,0 +1,144 @@
+"""On-policy samples for RL and distillation: prompts -> completions through nanoseek's own
+engine, and completions -> the padded tensors a training step reads.
+
+    >>> outs = sample_rollouts(model, tok, [prompt_ids], n=8, max_new_tokens=256, seed=7)
+    >>> batch = rollout_tensors(outs, pad_id=tok.pad_id)    # input_ids, labels, sampler_logprobs
+
+Generation runs on the engine's BatchRunner (continuous batching: all rows share one
+preallocated decode cache, a finished row frees its slot for the next waiting one) with the
+engine's sampler, on the very model object being trained -- the weights are handed over in
+process, with no copy and no disk round trip. Each row samples with its own generator seeded
+from (seed, row), so a step's rollouts are a pure function of the weights and the seed: exact
+resume needs no sampler state, and a row's tokens do not depend on the other rows.
+
+By default rollouts use temperature 1 with no top-k / top-p, so the sampler's distribution is
+the policy itself and the sampler's log-probabilities match the trainer's up to kernel
+rounding (the truncated importance-sampling correction of grpo_loss absorbs what is left).
+The stop token (EOS) is part of the completion: the policy must learn to stop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nanoseek.engine.batch import BatchRunner, Sequence
+from nanoseek.engine.sampling import SamplingParams
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt."""
+
+    prompt: list[int]
+    tokens: list[int]                 # the completion, ending with the stop token when it stopped
+    logprobs: list[float]             # the sampler's log-probability of each token
+    text: str                         # the completion's text (stop token excluded)
+    finish_reason: str                # "stop" | "length"
+    group: int = 0                    # index of its prompt in the call
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class RolloutStats:
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _row_seed(seed: int, row: int) -> int:
+    return (int(seed) * 1_000_003 + row) & ((1 << 62) - 1)
+
+
+def sample_rollouts(model, tokenizer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                    max_batch: int = 64, on_finish: Callable[[int, Rollout], None] | None = None,
+                    stats: RolloutStats | None = None, stop: tuple[str, ...] = ()) -> list[Rollout]:
+    """n completions of every prompt (rows ordered prompt-major: prompt i's samples are rows
+    i*n .. i*n+n-1). `on_finish(row, rollout)` is called as each row finishes, so scoring can
+    start while other rows still decode. `stop`: stop strings (e.g. HumanEval's for the
+    completion protocol; the completion ends before the match). The model is put in eval mode
+    and restored."""
+    t0 = time.perf_counter()
+    eos = getattr(model.config, "eos_token_id", None)
+    rows = [(g, p) for g, p in enumerate(prompts) for _ in range(n)]
+    longest = max(len(p) for p in prompts)
+    runner = BatchRunner(model, min(max_batch, len(rows)), longest + max_new_tokens + 1,
+                         vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
+    out: list[Rollout | None] = [None] * len(rows)
+
+    def finished(i: int, s: Sequence) -> None:
+        toks, lps = list(s.tokens), list(s.logprobs)
+        if s.stop_token is not None:
+            toks.append(s.stop_token)
+            lps.append(s.stop_logprob)
+        r = Rollout(prompt=rows[i][1], tokens=toks, logprobs=lps, text=s.text if tokenizer is not None else "",
+                    finish_reason=s.finish_reason, group=rows[i][0])
+        out[i] = r
+        if on_finish is not None:
+            on_finish(i, r)
+
+    for i, (_, p) in enumerate(rows):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=_row_seed(seed, i), stop_token_ids=() if eos is None else (int(eos),),
+                                stop_strings=tuple(stop), logprobs=True)
+        runner.add(Sequence(p, params, tokenizer=tokenizer,
+                            on_delta=lambda s, d, i=i: finished(i, s) if d.finish_reason is not None else None))
+    was_training = model.training
+    model.eval()
+    try:
+        while runner.has_work():
+            runner.step()
+    finally:
+        model.train(was_training)
+    if stats is not None:
+        stats.seconds += time.perf_counter() - t0
+        stats.tokens += sum(len(r.tokens) for r in out if r is not None)
+    return out  # type: ignore[return-value]
+
+
+def rollout_tensors(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded training tensors of prompt + completion rows.
+
+    input_ids [B, L-1] (the row without its last token), labels [B, L-1] (the next token where
+    it is a completion token, else -100: prompts and padding are never targets), and
+    sampler_logprobs [B, L-1] aligned with labels (0 where there is no target)."""
+    L = max(len(r.prompt) + len(r.tokens) for r in rollouts)
+    B = len(rollouts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    slp = torch.zeros(B, L, dtype=torch.float32)
+    for b, r in enumerate(rollouts):
+        p, c = len(r.prompt), len(r.tokens)
+        ids[b, :p + c] = torch.tensor(r.prompt + r.tokens, dtype=torch.long)
+        labels[b, p:p + c] = ids[b, p:p + c]
+        slp[b, p:p + c] = torch.tensor(r.logprobs, dtype=torch.float32)
+    # position t predicts token t+1: shift the targets (and their sampler log-probs) left by one
+    return {"input_ids": ids[:, :-1].contiguous(), "labels": labels[:, 1:].contiguous(),
+            "sampler_logprobs": slp[:, 1:].contiguous()}
+
+
+def prompt_order(n_prompts: int, seed: int, epoch: int) -> torch.Tensor:
+    """A seeded permutation of the prompts for one epoch."""
+    g = torch.Generator().manual_seed(_row_seed(seed, 0x5EED0000 + epoch))
+    return torch.randperm(n_prompts, generator=g)
+
+
+def step_prompts(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompt indices of optimizer step `step` (global, before splitting over data shards):
+    consecutive slices of per-epoch permutations, wrapping into the next epoch."""
+    out: list[int] = []
+    start = step * per_step
+    while len(out) < per_step:
+        epoch, pos = divmod(start + len(out), n_prompts)
+        order = prompt_order(n_prompts, seed, epoch)
+        out += order[pos: pos + per_step - len(out)].tolist()
+    return out
