@@ -9,7 +9,7 @@ solution and trivial bodies against the finished test) happens only in the sandb
 `nanoseek data tasks` calls:
 
     nanoseek data tasks --source default --out runs/tasks/tasks.jsonl --sft-out runs/tasks/sft.jsonl
-    python -c "from nanoseek.eval.verify import mine_tasks; print(mine_tasks(['default'], 'tasks.jsonl', max_tasks=300))"
+    python -c "from nanoseek.eval.verify import mine_tasks; mine_tasks(['default'], 't.jsonl', max_tasks=300)"
 
 Steps here (docs/data.md, "Mined tasks"):
   1. `extract_candidates(text, ...)`: module-level functions with a docstring, parsed with `ast`;
@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from nanoseek.data import dedup, licenses
 
 __all__ = [
-    "ALLOWED_MODULES", "BANNED_ATTRS", "BANNED_BUILTINS", "Candidate", "Param", "Case",
-    "extract_candidates", "make_cases", "assemble_task", "build_test", "trivial_bodies",
-    "split_tasks", "sft_example", "TEST_HEAD", "MAX_ASSERTS",
+    "ALLOWED_MODULES", "BANNED_ATTRS", "BANNED_BUILTINS", "MAX_ASSERTS", "TEST_HEAD", "Candidate", "Case",
+    "Param", "assemble_task", "build_test", "extract_candidates", "literal", "make_cases", "public_record",
+    "sft_example", "split_tasks", "trivial_bodies",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class _Drops:
         if len(ex) < 3:
             ex.append(where)
 
-    def merge(self, other: "_Drops") -> None:
+    def merge(self, other: _Drops) -> None:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             ex = self.examples.setdefault(k, [])
@@ -213,6 +213,9 @@ def extract_candidates(text: str, *, group: str, path: str, license: str | None,
     not a candidate is in `drops` under exactly one reason."""
     drops = _Drops()
     where = where or f"{group}/{path}"
+    # One newline convention, so that ast's line numbers index `lines` (str.splitlines would also
+    # split at form feeds and U+2028, which ast does not).
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not _TOP_DEF.search(text):
         return [], 0, drops
     try:
@@ -228,13 +231,13 @@ def extract_candidates(text: str, *, group: str, path: str, license: str | None,
     if cat not in allowed:
         drops.add(f"license_{cat}", f"{where}: {lic or 'no license found'}", len(funcs))
         return [], len(funcs), drops
-    lines = text.splitlines(keepends=True)
-    index = _module_index(tree, text)
+    lines = [ln + "\n" for ln in text.split("\n")]
+    index = _module_index(tree)
     out = []
     for node in funcs:
         loc = f"{where}::{node.name}"
         try:
-            cand = _candidate(node, lines, text, index, group=group, path=path, license=lic, source=source,
+            cand = _candidate(node, lines, index, group=group, path=path, license=lic, source=source,
                               where=loc)
         except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
             cand = f"unparsable_{type(e).__name__}"
@@ -250,9 +253,9 @@ def extract_candidates(text: str, *, group: str, path: str, license: str | None,
     return out, len(funcs), drops
 
 
-# Module index: name -> ("import", module, statement) | ("def", node) | ("bad", reason)
 
-def _module_index(tree: ast.Module, text: str) -> dict[str, tuple]:
+def _module_index(tree: ast.Module) -> dict[str, tuple]:
+    """Name -> ("import", module, statement) | ("def", node) | ("bad", reason) for module scope."""
     index: dict[str, tuple] = {}
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -327,7 +330,7 @@ def _impure(node: ast.AST) -> str | None:
     for n in ast.walk(node):
         if isinstance(n, ast.Attribute) and n.attr in BANNED_ATTRS:
             return "touches_io_time_random"
-        if isinstance(n, (ast.Global, ast.Nonlocal)) and n is not node:
+        if isinstance(n, (ast.Global, ast.Nonlocal)):
             return "global_state"
         if isinstance(n, (ast.Import, ast.ImportFrom)):
             if isinstance(n, ast.ImportFrom) and n.level:
@@ -372,7 +375,17 @@ def _is_stub(body: list[ast.stmt]) -> bool:
     return isinstance(s, ast.Return) and (s.value is None or isinstance(s.value, ast.Constant))
 
 
-def _static_reason(node, lines: list[str]) -> str | None:
+def _own_nodes(node):
+    """The nodes of a function's own scope (not those of nested functions, lambdas, classes)."""
+    stack = list(ast.iter_child_nodes(node))
+    while stack:
+        n = stack.pop()
+        yield n
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(n))
+
+
+def _static_reason(node) -> str | None:
     """Cheap filters on the function itself, before any name resolution."""
     if isinstance(node, ast.AsyncFunctionDef):
         return "async"
@@ -395,25 +408,35 @@ def _static_reason(node, lines: list[str]) -> str | None:
         return "no_body"
     if _is_stub(node.body[1:]):
         return "stub_body"
-    for n in ast.walk(node):
-        if isinstance(n, (ast.Yield, ast.YieldFrom)):
-            return "generator"
+    if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(node)):
+        return "generator"
     if node.end_lineno - node.body[0].end_lineno > MAX_BODY_LINES:
         return "too_long"
     return None
 
 
-def _resolve(node, index: dict, text: str) -> tuple[list[str], list[ast.stmt], str | None]:
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """Source text of a node (ast.get_source_segment re-splits the whole file on every call,
+    which was 80% of the extraction time). Column offsets are UTF-8 byte offsets."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    head = lines[first].encode("utf-8", "surrogatepass")
+    if first == last:
+        return head[node.col_offset: node.end_col_offset].decode("utf-8", "surrogatepass")
+    tail = lines[last].encode("utf-8", "surrogatepass")[: node.end_col_offset]
+    return "".join([head[node.col_offset:].decode("utf-8", "surrogatepass"), *lines[first + 1: last],
+                    tail.decode("utf-8", "surrogatepass")])
+
+
+def _resolve(node, index: dict, lines: list[str]) -> tuple[list[str], list[ast.stmt], str | None]:
     """The imports and module-level definitions `node` needs, transitively.
     Returns (import statements, definitions in source order, drop reason or None)."""
     imports: dict[str, str] = {}
     defs: dict[str, ast.stmt] = {}
-    todo = [(node, node.name)]
+    todo = [node]
     seen = {node.name}
     while todo:
-        item, _ = todo.pop()
-        src = ast.get_source_segment(text, item)
-        names = _global_refs(src if src is not None else ast.unparse(item))
+        item = todo.pop()
+        names = _global_refs(_segment(lines, item))
         for name in sorted(names):
             if name in seen:
                 continue
@@ -438,7 +461,7 @@ def _resolve(node, index: dict, text: str) -> tuple[list[str], list[ast.stmt], s
             if why:
                 return [], [], why
             defs[name] = d
-            todo.append((d, name))
+            todo.append(d)
         if len(defs) > MAX_HELPERS:
             return [], [], "context_too_large"
     ordered = sorted({id(d): d for d in defs.values()}.values(), key=lambda d: d.lineno)
@@ -478,9 +501,9 @@ def _param(arg: ast.arg, kind: str, default) -> Param:
     return p
 
 
-def _candidate(node, lines: list[str], text: str, index: dict, *, group, path, license, source,
+def _candidate(node, lines: list[str], index: dict, *, group, path, license, source,
                where) -> Candidate | str:
-    why = _static_reason(node, lines)
+    why = _static_reason(node)
     if why:
         return why
     why = _impure(node)
@@ -491,7 +514,7 @@ def _candidate(node, lines: list[str], text: str, index: dict, *, group, path, l
     if doc_node.lineno == node.lineno or (tail and not tail.startswith("#")) \
             or node.body[1].lineno <= doc_node.end_lineno:
         return "inline_body"
-    imports, defs, why = _resolve(node, index, text)
+    imports, defs, why = _resolve(node, index, lines)
     if why:
         return why
     header = "".join(lines[node.lineno - 1: doc_node.end_lineno])
@@ -511,7 +534,7 @@ def _candidate(node, lines: list[str], text: str, index: dict, *, group, path, l
     context = "\n".join(parts)
     if defs:
         context += ("\n\n\n" if context else "") + "\n\n\n".join(
-            ast.get_source_segment(text, d) if not isinstance(d, (ast.FunctionDef, ast.ClassDef))
+            _segment(lines, d) if not isinstance(d, (ast.FunctionDef, ast.ClassDef))
             else "".join(lines[d.lineno - 1: d.end_lineno]).rstrip("\n") for d in defs)
     if len(context) + len(header) > MAX_PROMPT_CHARS:
         return "context_too_large"
@@ -706,19 +729,35 @@ _STRS = ["", "a", "ab", "abc", "hello", "Hello, World!", "hello world", "foo bar
          "tab\tseparated", "(a (b) c)", "[1, 2, 3]", "café", "naïve résumé", "a.b.c", "/usr/local/bin",
          "http://example.com/a?b=1&c=2", "aaa", "abcabc", "racecar", "Hello World", "  ", "'quoted'", "%s and %d",
          "0x1F", "1,234", "A", "z", "hello_world_42", "TitleCase Words", "a-b_c d", "{key}", "<b>bold</b>",
-         "spam & eggs", "UTF-8", "x" * 12]
+         "spam & eggs", "UTF-8", "x" * 12, "a=1; b=2", "text/html; charset=utf-8", "k1=v1&k2=v2", "x:y",
+         "1.2.3", "2024-01-15", "user@example.com", "name.ext", "a/b/c.txt", "$HOME/x", "  leading", "trailing  "]
 _BYTES = [b"", b"a", b"abc", b"hello world", b"\x00\x01\x02", b"\xff\xfe\xfd", bytes(range(16)), b"Hello, World!",
           b"AAAA", b"\n\r\t", b"0123456789"]
 
 
 class _ParamPlan:
-    """How to generate values for one parameter: a type spec, example values, a size hint."""
+    """How to generate values for one parameter: a type spec, example values, strings quoted in
+    the docstring, a size hint."""
 
-    def __init__(self, param: Param, spec, seeds: list, small: bool):
+    def __init__(self, param: Param, spec, seeds: list, small: bool, doc_strs: list[str]):
         self.param = param
         self.spec = spec
         self.seeds = seeds
         self.small = small
+        self.doc_strs = doc_strs
+
+
+_QUOTED = re.compile(r"``([^`\n]{1,40})``|`([^`\n]{1,40})`|'([^'\n]{1,40})'|\"([^\"\n]{1,40})\"")
+
+
+def _doc_strings(doc: str) -> list[str]:
+    """Short strings quoted in a docstring ('=AB', ``text/plain``): often the inputs it is about."""
+    out = []
+    for m in _QUOTED.finditer(doc):
+        v = next(g for g in m.groups() if g is not None)
+        if v not in out:
+            out.append(v)
+    return out[:12]
 
 
 def _elem_default(spec, seeds, name: str):
@@ -887,6 +926,7 @@ def _plans(cand: Candidate) -> list[list[_ParamPlan]]:
         if spec is None:
             unknown.append(p.name)
         known[p.name] = _elem_default(spec, s, p.name)
+    doc_strs = _doc_strings(cand.doc)
     profiles = _PROFILES if unknown else [None]
     if len(unknown) == 1:   # (first, others) profiles that differ only in "others" are the same
         profiles = [pr for i, pr in enumerate(_PROFILES) if all(pr[0] != q[0] for q in _PROFILES[:i])]
@@ -897,14 +937,47 @@ def _plans(cand: Candidate) -> list[list[_ParamPlan]]:
             if p.name not in known:
                 continue
             spec = known[p.name] or (prof[0] if p.name == unknown[0] else prof[1])
-            plan.append(_ParamPlan(p, spec, seeds.get(p.name, []), bool(_SMALL.match(p.name.lower()))))
+            plan.append(_ParamPlan(p, spec, seeds.get(p.name, []), bool(_SMALL.match(p.name.lower())), doc_strs))
         out.append(plan)
     return out
 
 
-def _value(plan: _ParamPlan, rng: random.Random):
+_SCALAR_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,)}
+
+
+def _related(spec, prev: list, rng: random.Random):
+    """A value built from the case's earlier arguments (an element of an earlier list, a piece
+    of an earlier string, a mix of an earlier list), so that `index(seq, item)`, `startswith(s,
+    prefix)` or `common(a, b)` see inputs where their arguments relate. None if there is none."""
+    head = spec[0] if spec else None
+    types = _SCALAR_TYPES.get(head)
+    pool = []
+    for v in prev:
+        if types:
+            if type(v) in types:
+                pool.append(v)
+                if head == "str" and v:
+                    i, j = sorted(rng.sample(range(len(v) + 1), 2))
+                    pool += [v[:j], v[i:], v[i:j]]
+            if type(v) in (list, tuple, set):
+                pool += [x for x in v if type(x) in types]
+        elif head in ("list", "tuple", "set") and type(v) in (list, tuple, set) and v:
+            items = list(v)
+            mix = rng.sample(items, rng.randint(1, len(items))) + [_rand_value(spec[1], rng, False)
+                                                                    for _ in range(rng.randint(0, 2))]
+            pool.append(mix if head == "list" else tuple(mix) if head == "tuple" else set(mix))
+    return rng.choice(pool) if pool else None
+
+
+def _value(plan: _ParamPlan, rng: random.Random, prev: list):
     if plan.seeds and rng.random() < 0.5:
         return _mutate(rng.choice(plan.seeds), rng)
+    if prev and rng.random() < 0.35:
+        v = _related(plan.spec, prev, rng)
+        if v is not None:
+            return v
+    if plan.doc_strs and plan.spec and plan.spec[0] == "str" and rng.random() < 0.3:
+        return rng.choice(plan.doc_strs)
     return _rand_value(plan.spec, rng, plan.small, name=plan.param.name.lower())
 
 
@@ -921,14 +994,19 @@ def make_cases(cand: Candidate, seed: int = 0, per_profile: int | None = None) -
         for _ in range(n * 4):
             if made >= n:
                 break
-            args, kwargs = [], []
+            args, kwargs, prev = [], [], []
             skipped = False
             for pp in plan:
                 p = pp.param
                 if p.has_default and rng.random() < 0.6:
                     skipped = True
                     continue
-                text = repr(_value(pp, rng))
+                try:
+                    v = _value(pp, rng, prev)
+                except TypeError:     # e.g. a set of unhashable elements
+                    v = _rand_value(pp.spec, rng, pp.small, name=p.name.lower())
+                prev.append(v)
+                text = repr(v)
                 if p.kind == "kw" or (skipped and p.kind == "pos"):
                     kwargs.append(f"{p.name}={text}")
                 elif p.kind == "posonly" and skipped:

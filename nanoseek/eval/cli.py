@@ -233,6 +233,8 @@ def cmd_humaneval(args) -> int:
                                   allow_incomplete=args.allow_incomplete)
     except EvalInputError as e:
         return _fail(str(e))
+    if args.problems:
+        summary["problems"] = args.problems
     return _finish(summary, out)
 
 

@@ -2,7 +2,7 @@
 the entry point `mine_tasks()`.
 
     nanoseek data tasks --source default --out runs/tasks/tasks.jsonl --sft-out runs/tasks/sft.jsonl
-    python -c "from nanoseek.eval.verify import mine_tasks; mine_tasks(['default'], 'runs/tasks/tasks.jsonl', max_tasks=300)"
+    python -c "from nanoseek.eval.verify import mine_tasks; mine_tasks(['default'], 't.jsonl', max_tasks=300)"
 
 `nanoseek/data/tasks.py` finds candidate functions and writes tests without running anything;
 every piece of mined code runs here, in the sandbox (`sandbox.py`), never in this process:
@@ -341,6 +341,9 @@ class ProblemFileTask(HumanEvalTask):
             problems = dict(list(problems.items())[: self.limit])
         return problems
 
+    def score(self, samples_path, out_dir) -> dict:
+        return super().score(samples_path, out_dir) | {"problems": self.problems_path}
+
 
 # --------------------------------------------------------------------------------------------
 # Extraction workers
@@ -423,7 +426,8 @@ def _file_order_key(seed: int, name: str) -> bytes:
 
 def _plan(specs, seed: int, pre_drops: mt._Drops) -> tuple[list[srcs.Task], int]:
     """Extraction tasks: Python files in a seeded order (a capped run samples every package, not
-    the alphabetically first), in small batches, then archives and tables."""
+    the alphabetically first), in small batches, then archives and tables. Also returns the
+    number of Python files listed (archive members are counted when read)."""
     refs, enum = srcs.enumerate_sources(specs, srcs.SizeLimits())
     files = 0
     for s in enum.skips:
@@ -468,7 +472,7 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
     """`runs/tasks.jsonl` -> train `runs/tasks.jsonl`, held-out `runs/tasks.heldout.jsonl`,
     manifest `runs/tasks.manifest.json`."""
     out = Path(out)
-    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    stem = out.name.removesuffix(".jsonl")
     return {"train": out, "heldout": out.with_name(stem + ".heldout.jsonl"),
             "manifest": out.with_name(stem + ".manifest.json")}
 
@@ -587,8 +591,8 @@ def mine_tasks(sources=("default",), out: str | os.PathLike = "tasks.jsonl", *, 
 
         decontaminator = clean.Decontaminator([clean.humaneval_benchmark()])
     file_drops, drops = mt._Drops(), mt._Drops()
-    plan, files_seen = _plan(specs, seed, file_drops)
-    stats: collections.Counter = collections.Counter(files_seen=files_seen)
+    plan, files_listed = _plan(specs, seed, file_drops)
+    stats: collections.Counter = collections.Counter(files_listed=files_listed)
     timing: collections.Counter = collections.Counter()
     kept = _mine_loop(plan, cfg, sandbox, workers, progress, decontaminator, drops, file_drops, stats, timing)
     if max_tasks is not None and len(kept) > max_tasks:
@@ -615,7 +619,7 @@ def _mine_loop(plan, cfg: MineConfig, sandbox, workers, progress, decontaminator
     allowed = tuple(licenses.POLICIES[cfg.license_policy])
     try:
         for res in _ordered(plan, workers, (allowed, decontaminator, srcs.SizeLimits())):
-            stats["files_seen"] += res.files
+            stats["files_read"] += res.files
             stats["functions_seen"] += res.functions
             drops.merge(res.drops)
             file_drops.merge(res.file_drops)
@@ -664,7 +668,8 @@ def _write_outputs(paths, sft_out, cfg: MineConfig, train, heldout, drops, file_
         "python": sys.version.split()[0],
         "files": {"train": str(paths["train"]), "heldout": str(paths["heldout"]),
                   "sft": str(sft_out) if sft_out else None},
-        "counts": {"files_seen": stats["files_seen"], "functions_seen": stats["functions_seen"],
+        "counts": {"files_listed": stats["files_listed"], "files_read": stats["files_read"],
+                   "functions_seen": stats["functions_seen"],
                    "candidates": stats["candidates"], "verified": len(kept), "train": n_train,
                    "heldout": n_held, "sft_examples": n_sft, "stopped_early": bool(stats["stopped_early"])},
         "kept_share": {"of_functions": round(len(kept) / fs, 4),
