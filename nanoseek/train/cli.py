@@ -247,6 +247,61 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek.train.distill import DistillConfig
+
+    d = DistillConfig()
+    a = p.add_argument
+    a("model_pos", nargs="?", metavar="STUDENT", help="student model directory (config.json, safetensors, tokenizer)")
+    a("--student", "--model", dest="model_opt", help="same as the positional STUDENT")
+    a("--teacher", action="append", required=True, metavar="MODEL",
+      help="teacher model directory (repeatable); must share the student's tokenizer")
+    a("--weights", default=None, help="teacher weights, comma-separated, summing to 1 (default: equal)")
+    a("--prompts", required=True, help='JSONL of {"prompt": text} or {"messages": [...]}')
+    a("--held-out", dest="held_out", help="held-out prompts for the KL evaluation (default PROMPTS.heldout.jsonl)")
+    a("--out", dest="run_dir", required=True, help="run directory; the student goes to OUT/model")
+    a("--samples-per-prompt", type=int, default=d.samples_per_prompt)
+    a("--prompts-per-step", type=int, default=d.prompts_per_step, help="over all ranks")
+    a("--micro-steps", type=int, default=d.micro_steps, help="accumulation micro-steps per rank")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens)
+    a("--temperature", type=float, default=d.temperature, help="student sampling temperature (default 1)")
+    a("--estimator", choices=["full", "sampled"], default=d.estimator,
+      help="full: reverse KL over the whole vocabulary (default); sampled: the sampled token's log-ratio only")
+    a("--kl-form", choices=["mixture", "sum"], default=d.kl_form,
+      help="several teachers: KL to their log-geometric mixture (default, same gradient) or the weighted sum")
+    a("--teacher-dtype", choices=["bf16", "fp32"], default=None, help="teachers' weights dtype (default: as saved)")
+    a("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per evaluation")
+    add_loop_arguments(p, rows=False)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from nanoseek.train.distill import DistillConfig, DistillObjective, distill_train_config
+    from nanoseek.train.trainer import train
+
+    try:
+        model = _model_arg(args)
+        weights = None
+        if args.weights:
+            try:
+                weights = [float(x) for x in args.weights.split(",")]
+            except ValueError:
+                return _err(f"--weights {args.weights!r}: give numbers separated by commas")
+        dc = DistillConfig(prompts=args.prompts, held_out=args.held_out, teachers=list(args.teacher),
+                           weights=weights, samples_per_prompt=args.samples_per_prompt,
+                           prompts_per_step=args.prompts_per_step, micro_steps=args.micro_steps,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           estimator=args.estimator, kl_form=args.kl_form, teacher_dtype=args.teacher_dtype,
+                           eval_prompts=args.eval_prompts)
+        cfg = distill_train_config(model, args.run_dir, **_loop_overrides(args))
+        if cfg.max_steps is None and cfg.minutes is None:
+            return _err("give --max-steps or --minutes")
+        summary = train(cfg, DistillObjective(dc, cfg.balance_alpha, cfg.indexer_weight))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    _print_done(summary, "heldout_kl")
+    return 0
+
+
 def _cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.train.sft import SFTConfig, SFTObjective, sft_train_config
     from nanoseek.train.trainer import train
@@ -285,6 +340,13 @@ def add_subcommands(subparsers) -> None:
                                           "(docs/train.md).")
     add_rl_arguments(p)
     p.set_defaults(func=_cmd_rl)
+
+    p = subparsers.add_parser("distill", help="multi-teacher on-policy distillation (full-vocabulary reverse KL)",
+                              description="The student samples, every teacher scores the same tokens, the student "
+                                          "minimises sum_i w_i KL(student || teacher_i) over the full vocabulary "
+                                          "(DeepSeek-V4's merge step). The result is OUT/model (docs/train.md).")
+    add_distill_arguments(p)
+    p.set_defaults(func=_cmd_distill)
 
     p = subparsers.add_parser("report", help="write report.md and plots for a training run")
     p.add_argument("run_dir")
