@@ -20,6 +20,7 @@ import ast
 import re
 import textwrap
 
+from ..data.tasks import sft_example
 from . import humaneval
 from .sandbox import Sandbox
 
@@ -58,10 +59,16 @@ def stub_prompt(problem: dict) -> str:
 
 
 def request_for(problem: dict) -> str:
-    """The user message that asks for a task's function: the task's own "request" when it has
-    one (mined tasks carry the phrasing their SFT examples use), else the prompt as code."""
+    """The user message that asks for a task's function: the task's own "request" if it has one;
+    else, for a task with a canonical solution, the request its SFT example would make
+    (nanoseek.data.tasks.sft_example: the phrasing chat SFT teaches); else the prompt as code."""
     if problem.get("request"):
         return problem["request"]
+    if problem.get("canonical_solution") is not None and problem.get("entry_point"):
+        try:
+            return sft_example({"task_id": "", "source": "", "license": "", **problem})["messages"][0]["content"]
+        except (SyntaxError, ValueError, IndexError, AttributeError):
+            pass   # a prompt sft_example cannot parse: fall back to the prompt as code
     return ("Complete this Python function. Answer with the whole function in a ```python code block.\n\n"
             f"```python\n{textwrap.dedent(problem['prompt']).rstrip()}\n```")
 

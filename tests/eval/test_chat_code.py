@@ -21,7 +21,13 @@ def test_stub_prompt_is_a_complete_failing_definition():
     ns: dict = {}
     exec(compile(stub, "<stub>", "exec"), ns)   # trusted HumanEval prompt: only defines a function
     assert ns[p["entry_point"]](3.5) is None
-    assert "```python" in request_for(p) and p["entry_point"] in request_for(p)
+    # the phrasing chat SFT teaches (the mined SFT examples), else the prompt as code
+    from nanoseek.data.tasks import sft_example
+
+    sft = sft_example({**p, "source": "", "license": ""})["messages"][0]["content"]
+    assert request_for(p) == sft and p["entry_point"] in sft
+    bare = {k: v for k, v in p.items() if k != "canonical_solution"}
+    assert "```python" in request_for(bare) and p["prompt"].strip() in request_for(bare)
     assert request_for({**p, "request": "Write it."}) == "Write it."
 
 
