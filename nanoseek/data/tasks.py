@@ -649,7 +649,7 @@ def spec_of_value(v):
     if v is None:
         return None
     if t in (list, tuple, set, frozenset):
-        elem = next((spec_of_value(x) for x in v if spec_of_value(x)), None)
+        elem = next((spec_of_value(x) for x in _ordered_items(v) if spec_of_value(x)), None)
         return ("list" if t is list else "tuple" if t is tuple else "set", elem)
     if t is dict:
         k = next((spec_of_value(x) for x in v), None)
@@ -766,7 +766,7 @@ def _elem_default(spec, seeds, name: str):
         return None
     head = spec[0]
     if head in ("list", "tuple", "set") and spec[1] is None:
-        elem = next((spec_of_value(x) for s in seeds if isinstance(s, (list, tuple, set)) for x in s
+        elem = next((spec_of_value(x) for s in seeds if isinstance(s, (list, tuple, set)) for x in _ordered_items(s)
                      if spec_of_value(x)), None)
         if elem is None:
             elem = ("str",) if name.lower() in ("lines", "words", "names", "strings", "tokens", "labels",
@@ -960,9 +960,9 @@ def _related(spec, prev: list, rng: random.Random):
                     i, j = sorted(rng.sample(range(len(v) + 1), 2))
                     pool += [v[:j], v[i:], v[i:j]]
             if type(v) in (list, tuple, set):
-                pool += [x for x in v if type(x) in types]
+                pool += [x for x in _ordered_items(v) if type(x) in types]
         elif head in ("list", "tuple", "set") and type(v) in (list, tuple, set) and v:
-            items = list(v)
+            items = _ordered_items(v)
             mix = rng.sample(items, rng.randint(1, len(items))) + [_rand_value(spec[1], rng, False)
                                                                     for _ in range(rng.randint(0, 2))]
             pool.append(mix if head == "list" else tuple(mix) if head == "tuple" else set(mix))
@@ -1006,7 +1006,7 @@ def make_cases(cand: Candidate, seed: int = 0, per_profile: int | None = None) -
                 except TypeError:     # e.g. a set of unhashable elements
                     v = _rand_value(pp.spec, rng, pp.small, name=p.name.lower())
                 prev.append(v)
-                text = repr(v)
+                text = literal(v, empty_set="set()")
                 if p.kind == "kw" or (skipped and p.kind == "pos"):
                     kwargs.append(f"{p.name}={text}")
                 elif p.kind == "posonly" and skipped:
@@ -1053,19 +1053,25 @@ def check(candidate):
 '''
 
 
-def literal(v) -> str:
-    """Source text of a plain value for the test (`set()` spelled `_b.set()`: a solution may
-    rebind module-level names, never the test's own `_b`)."""
+def literal(v, empty_set: str = "_b.set()") -> str:
+    """Source text of a plain value. Set elements are sorted: `repr` of a set of strings depends
+    on the process's hash seed, and the output must not. In tests `set()` is spelled `_b.set()`:
+    a solution may rebind module-level names, never the test's own `_b`."""
     t = type(v)
     if t is list:
-        return "[" + ", ".join(literal(x) for x in v) + "]"
+        return "[" + ", ".join(literal(x, empty_set) for x in v) + "]"
     if t is tuple:
-        return "(" + ", ".join(literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+        return "(" + ", ".join(literal(x, empty_set) for x in v) + ("," if len(v) == 1 else "") + ")"
     if t is dict:
-        return "{" + ", ".join(f"{literal(k)}: {literal(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{literal(k, empty_set)}: {literal(x, empty_set)}" for k, x in v.items()) + "}"
     if t is set:
-        return "{" + ", ".join(sorted(literal(x) for x in v)) + "}" if v else "_b.set()"
+        return "{" + ", ".join(sorted(literal(x, empty_set) for x in v)) + "}" if v else empty_set
     return repr(v)
+
+
+def _ordered_items(v) -> list:
+    """Elements of a collection in an order that does not depend on the hash seed."""
+    return sorted(v, key=repr) if type(v) in (set, frozenset) else list(v)
 
 
 def _parse(payload: str):
@@ -1094,10 +1100,13 @@ def _same(a, b) -> bool:
 
 
 def _rename(expr: str, name: str) -> str:
+    """A case expression for the test: the function is `candidate`, `set()` is `_b.set()`."""
     tree = ast.parse(expr, mode="eval")
     for n in ast.walk(tree):
         if isinstance(n, ast.Name) and n.id == name:
             n.id = "candidate"
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "set" and not n.args:
+            n.func = ast.Attribute(ast.Name("_b", ast.Load()), "set", ast.Load())
     return ast.unparse(tree)
 
 

@@ -260,6 +260,36 @@ def test_make_cases_deterministic_per_seed():
         assert isinstance(ast.literal_eval(arg), str)
 
 
+SET_MODULE = '''
+def only_in_first(a: set[str], b: set[str], pick: str) -> list[str]:
+    """Sorted strings of a that are not in b, then pick if it is in both."""
+    return sorted(a - b) + ([pick] if pick in a and pick in b else [])
+'''
+
+_CASES_SCRIPT = """
+import json, sys
+from nanoseek.data import tasks as mt
+(c,) = mt.extract_candidates(sys.argv[1], group="g", path="m.py", license="MIT")[0]
+print(json.dumps([k.expr for k in mt.make_cases(c, 0)]))
+"""
+
+
+def test_make_cases_do_not_depend_on_the_hash_seed():
+    # Set-valued arguments: their repr, and picking one of their elements, follow the string hash
+    # seed of the process; the generated cases (and so the written tests) must not.
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", _CASES_SCRIPT, SET_MODULE], env=env, capture_output=True,
+                           text=True, check=True)
+        outs.append(json.loads(r.stdout))
+    assert outs[0] == outs[1] and any("{" in e for e in outs[0])
+
+
 def _runs(*per_run):
     return [{i: o for i, o in enumerate(r)} for r in per_run]
 
