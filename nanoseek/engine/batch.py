@@ -12,7 +12,9 @@ How a request flows (the design of vLLM / gpt-fast style continuous batching, on
   1. prefill: the prompt runs alone through a batch-1 scratch cache in chunks of `chunk_size`
      tokens, so a long prompt needs bounded activation memory (the cache itself is fixed-size:
      sliding-window ring + compressed entries). While other requests are decoding, one chunk runs
-     per step, so a joining request never stalls the others for a whole prompt.
+     per step, so a joining request never stalls the others for a whole prompt. A prompt equal
+     to the one prefilled just before it (n samples of one prompt, GRPO groups) reuses that
+     prefill: the scratch cache and the last logits are still there.
   2. the first token is sampled from the prompt's last logits; the scratch row is copied into a
      free slot of the batch cache (`DecodeCache.copy_row_`).
   3. decode: one forward per step over all slots, each row at its own position; each row samples
@@ -234,6 +236,8 @@ class BatchRunner:
         self._views: dict = {}  # (lo, hi) -> the cache restricted to rows lo..hi-1
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
+        self._prefix: tuple[tuple[int, ...], torch.Tensor] | None = None  # last prefilled prompt, its logits
+        self.prefill_reused = 0  # prompts served from the scratch cache of an identical previous prompt
         self.steps = 0  # decode forwards run
         self.decoded_tokens = 0  # tokens produced by decode forwards (all rows)
 
@@ -302,11 +306,22 @@ class BatchRunner:
         """Run one prefill chunk; returns False when there was nothing to do."""
         seq = self.prefilling
         if seq is None:
-            while self.waiting and self.waiting[0].max_new_tokens <= 0:
-                self.waiting.popleft()._finish("length")
-            if not self.waiting or self._free_slot() is None:
-                return False
+            reused = False
+            while True:
+                while self.waiting and self.waiting[0].max_new_tokens <= 0:
+                    self.waiting.popleft()._finish("length")
+                if not self.waiting or self._free_slot() is None:
+                    return reused
+                if self._prefix is None or self._prefix[0] != tuple(self.waiting[0].prompt):
+                    break
+                # the same prompt as the last prefill (GRPO's group samples, n > 1 completions):
+                # the scratch cache still holds its state and its last logits are kept, so the
+                # result is exactly a fresh prefill's, at no cost (and no chunk of the budget)
+                self.prefill_reused += 1
+                self._start_decoding(self.waiting.popleft(), self._prefix[1])
+                reused = True
             seq = self.prefilling = self.waiting.popleft()
+            self._prefix = None
             self.scratch.pos.zero_()  # every state tensor is overwritten before it is read
             for p in self.scratch.mtp_pos:
                 p.zero_()
@@ -330,6 +345,13 @@ class BatchRunner:
             return True
         self.prefilling = None
         last = self._mask(logits[0, -1])
+        if not self.spec_k:   # (with speculation the row also carries MTP state: no reuse)
+            self._prefix = (tuple(seq.prompt), last)
+        self._start_decoding(seq, last)
+        return True
+
+    def _start_decoding(self, seq: Sequence, last: torch.Tensor) -> None:
+        """Sample the first token from the prompt's last logits; move the scratch row into a slot."""
         tok, lp, top = sample_row(last, seq.params, seq.generator)
         seq.append(tok, lp, top)
         if not seq.finished:
@@ -338,7 +360,6 @@ class BatchRunner:
             self.slots[slot] = seq
             seq.slot = slot
             seq.next_token = tok
-        return True
 
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_limit is not None:

@@ -65,7 +65,9 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
 
     try:
         speedrun(args.out, minutes=args.minutes, depth=args.depth, corpus_mb=args.corpus_mb,
-                 vocab_size=args.vocab_size, force_train=args.retrain)
+                 vocab_size=args.vocab_size, force_train=args.retrain, sft=not args.no_sft, rl=not args.no_rl,
+                 sft_minutes=args.sft_minutes, rl_minutes=args.rl_minutes, tasks=args.tasks,
+                 eval_tasks=args.eval_tasks)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
     return 0
@@ -352,7 +354,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 
-    p = subparsers.add_parser("speedrun", help="corpus -> tokenizer -> shards -> pre-training -> report, in one go")
+    p = subparsers.add_parser("speedrun", help="corpus -> tokenizer -> pre-training -> mined tasks -> SFT -> GRPO -> "
+                                               "report, in one go")
     p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
     p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
@@ -360,5 +363,11 @@ def add_subcommands(subparsers) -> None:
                    help="source MB to read for the corpus (default: 16 on CPU, 400 on GPU)")
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None,
                    help="tokenizer vocabulary (default: 4096 on CPU, 16384 on GPU)")
-    p.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
+    p.add_argument("--retrain", action="store_true", help="pre-train again even if a finished run exists")
+    p.add_argument("--no-sft", action="store_true", help="stop after pre-training (no tasks, SFT or GRPO)")
+    p.add_argument("--no-rl", action="store_true", help="stop after SFT (no GRPO)")
+    p.add_argument("--sft-minutes", type=float, default=None, help="SFT budget (default 2.5 on CPU, 10 on GPU)")
+    p.add_argument("--rl-minutes", type=float, default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
+    p.add_argument("--tasks", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
+    p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=_cmd_speedrun)

@@ -195,3 +195,26 @@ def test_compiled_engine_equals_eager(model):
         assert g.tokens == e.tokens
         assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
     torch._dynamo.reset()
+
+
+def test_repeated_prompts_reuse_the_prefill_exactly(model):
+    """n samples of one prompt (GRPO groups): only the first is prefilled, the others start from
+    the kept scratch state and logits -- and every row is what it would be alone."""
+    from nanoseek.engine.batch import BatchRunner, Sequence
+    from nanoseek.engine.sampling import SamplingParams
+
+    p, q = prompt(29, 20), prompt(11, 21)
+    rows = [p, p, p, q, q, p]
+    runner = BatchRunner(model, 3, 64, chunk_size=8)        # fewer slots than rows: queued rows join later
+    seqs = []
+    for i, r in enumerate(rows):
+        s = Sequence(r, SamplingParams(max_new_tokens=9, temperature=1.0, seed=40 + i, logprobs=True))
+        runner.add(s)
+        seqs.append(s)
+    while runner.has_work():
+        runner.step()
+    assert runner.prefill_reused == 3                      # rows 1, 2 (p) and 4 (q); row 5 follows q
+    for i, (r, s) in enumerate(zip(rows, seqs)):
+        alone, lps = generate(model, r, 9, temperature=1.0, seed=40 + i, stop_on_eos=False, logprobs=True)
+        assert s.tokens == alone
+        assert s.logprobs == pytest.approx(lps, abs=1e-5)
