@@ -117,6 +117,81 @@ def make_plots(run_dir: Path, steps: list[dict], evals: list[dict]) -> list[str]
     return made
 
 
+def _series(ax, steps: list[dict], keys: list[str], style: str = "-") -> None:
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in steps if isinstance(r.get(k), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), style, lw=1, label=k, **({"marker": "."} if style == "-" and len(pts) < 30 else {}))
+
+
+def objective_plots(run_dir: Path, steps: list[dict], evals: list[dict]) -> list[str]:
+    """RL (reward terms, held-out pass@k, entropy / clipping / KL, time split) and distillation
+    (KL per teacher, held-out KL) plots, when the run has those metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if any("reward" in r for r in steps):
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+        _series(a1, steps, sorted({k for r in steps for k in r if k.startswith("reward")} | {"pass_rate"}))
+        _series(a1, evals, sorted({k for e in evals for k in e if k.startswith("heldout_")} - {"heldout_tasks"}), "o-")
+        a1.set_title("reward per term (train) and held-out")
+        _series(a2, steps, ["entropy", "clip_fraction", "approx_kl", "k3_kl", "zero_var_groups", "truncated"])
+        a2.set_title("policy")
+        _series(a3, steps, ["generation_s", "scoring_wait_s", "dt"])
+        a3.set_title("step time (s)")
+        for a in (a1, a2, a3):
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "rl.png", dpi=110)
+        plt.close(fig)
+        made.append("rl.png")
+    if any("kl" in r for r in steps):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        _series(ax, steps, ["kl"] + sorted({k for r in steps for k in r if k.startswith("kl_teacher")}))
+        _series(ax, evals, sorted({k for e in evals for k in e if k.startswith("heldout_kl")}), "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / token")
+        ax.set_title("reverse KL to the teachers")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "kl.png", dpi=110)
+        plt.close(fig)
+        made.append("kl.png")
+    return made
+
+
+def objective_rows(steps: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+    """Report-table rows of RL / distillation runs: rewards, held-out results, time split."""
+    rows: list[tuple[str, str]] = []
+    tail = steps[-10:]
+
+    def mean(k):
+        v = [r[k] for r in tail if isinstance(r.get(k), (int, float))]
+        return sum(v) / len(v) if v else None
+
+    if any("reward" in r for r in steps):
+        rows.append(("reward / pass rate (mean of last 10 steps)", f"{_fmt(mean('reward'))} / {_fmt(mean('pass_rate'))}"))
+        gen, score, dt, data = mean("generation_s"), mean("scoring_wait_s"), mean("dt"), mean("data_s")
+        if dt:
+            upd = dt - (data or 0)
+            rows.append(("step time split: generation / scoring wait / update",
+                         f"{_fmt(gen)} s / {_fmt(score)} s / {_fmt(upd)} s of {_fmt(dt)} s"))
+    if any("kl" in r for r in steps):
+        rows.append(("reverse KL (mean of last 10 steps)", _fmt(mean("kl"))))
+    held = [e for e in evals if any(k.startswith("heldout_") for k in e)]
+    if held:
+        last = held[-1]
+        rows.append((f"held-out (step {last['step']})", ", ".join(
+            f"{k[8:]} {_fmt(v)}" for k, v in sorted(last.items()) if k.startswith("heldout_") and k != "heldout_tasks")))
+    return rows
+
+
 POST_TRAINING_FILE = "post_training.json"
 
 
@@ -124,7 +199,7 @@ def _stage_plot(run: Path, name: str, stage_dir: Path) -> str | None:
     """Loss curve of a post-training run (train CE per step, val loss points) as PNG in `run`."""
     recs = _read_jsonl(stage_dir / "metrics.jsonl")
     steps = [r for r in recs if "ce" in r and "event" not in r]
-    evals = [r for r in recs if r.get("event") == "eval"]
+    evals = [r for r in recs if r.get("event") == "eval" and "val_loss" in r]
     if not steps:
         return None
     import matplotlib
@@ -203,12 +278,13 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if not recs:
         raise FileNotFoundError(f"{run} has no metrics.jsonl: not a nanoseek training run (or it has not started)")
     steps = [r for r in recs if "loss" in r and "event" not in r]
-    evals = [r for r in recs if r.get("event") == "eval"]
+    all_evals = [r for r in recs if r.get("event") == "eval"]
+    evals = [r for r in all_evals if "val_loss" in r]         # RL / distillation evals carry other keys
     start = next((r for r in recs if r.get("event") == "start"), {})
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     cfg = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").is_file() else {}
     samples = _read_jsonl(run / "samples.jsonl")
-    plots = make_plots(run, steps, evals)
+    plots = make_plots(run, steps, evals) + objective_plots(run, steps, all_evals)
 
     last = steps[-1] if steps else {}
     tail = steps[-10:]
@@ -235,6 +311,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                 f"{(start.get('peak_flops') or 0) / 1e12:.3g} TFLOP/s"),
         ("expert imbalance max/mean (last step, per layer)", ", ".join(f"{v:.2f}" for v in last.get("expert_imbalance", []))),
     ]
+    rows += objective_rows(steps, all_evals)
     lines = [f"# Training report: {run.name}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines.append("")

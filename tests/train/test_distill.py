@@ -96,6 +96,10 @@ def test_distill_kl_to_the_teacher_falls_by_more_than_a_third(models, tmp_path):
     assert [e["step"] for e in evals] == [15, 30]
     assert evals[-1]["heldout_kl_teacher0"] < evals[0]["heldout_kl_teacher0"] * 1.5
     assert s["model_dir"]
+    from nanoseek.train.report import write_report
+
+    report = write_report(tmp_path / "run").read_text()
+    assert "](kl.png)" in report and "reverse KL (mean of last 10 steps)" in report
 
 
 def test_two_teachers_through_the_cli_and_the_sampled_estimator(models, tmp_path, capsys):

@@ -106,6 +106,13 @@ def test_rl_toy_reward_more_than_doubles_on_held_out_prompts(setup, tmp_path):
              if '"eval"' in x]
     assert [e["step"] for e in evals] == [10, 20] and evals[-1]["heldout_tasks"] == 8
     assert s["model_dir"] and (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+    # the report shows the RL numbers and plots
+    from nanoseek.train.report import write_report
+
+    report = write_report(tmp_path / "run").read_text()
+    assert "](rl.png)" in report and (tmp_path / "run" / "rl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "step time split: generation / scoring wait / update" in report
+    assert f"reward {evals[-1]['heldout_reward']:.4g}" in report
 
 
 def test_zero_variance_groups_are_dropped_and_counted(setup, tmp_path):
