@@ -303,6 +303,9 @@ def test_assemble_task_rules():
     assert isinstance(task, dict) and task["entry_point"] == "initials"
     assert "assert _same(candidate('ada lovelace'), 'AL')" in task["test"]
     assert mt.assemble_task(c, cases, _runs(ok, ok[:1] + [("ok", "'BA'", 0.0)] + ok[2:])) == "nondeterministic"
+    # A limit hit in one run only (machine load) is no evidence of nondeterminism: the case is skipped.
+    task = mt.assemble_task(c, cases, _runs(ok, [("raise", "MemoryError", 0.0)] + ok[1:]))
+    assert isinstance(task, dict) and "ada lovelace" not in task["test"]
     assert mt.assemble_task(c, cases, _runs([("ok", "'XX'", 0.0)] + ok[1:], [("ok", "'XX'", 0.0)] + ok[1:])) \
         == "doctest_mismatch"
     same = [("ok", "'A'", 0.0)] * 4
