@@ -208,12 +208,15 @@ def _parse_lines(stdout: str, tag: str) -> list[list]:
 def _run_batched(batches: list[list[dict]], harness: str, settings: dict, sandbox: Sandbox, *,
                  timeout_s, workers: int | None, stats: collections.Counter):
     """Run batches of items through `harness`. Returns ({batch number: {item id: {index: (status,
-    payload, seconds)}}}, {item id: failure reason}). An item whose job died while it ran is
-    failed ("crashed" or "hung") and the items after it are run again in a new job."""
+    payload, seconds)}}}, {item id: failure reason}). When a job dies while an item runs, the
+    items after it are run again in a new job, and the item itself gets one more try alone (a
+    job can die for reasons outside the function, e.g. memory pressure on the machine); dying
+    again makes it failed ("crashed" or "hung")."""
     results: dict[int, dict[str, dict[int, tuple]]] = collections.defaultdict(dict)
     failed: dict[str, str] = {}
+    retried: set[str] = set()
     pending = [(b, items) for b, items in enumerate(batches) if items]
-    for _wave in range(8):
+    for _wave in range(16):
         if not pending:
             break
         jobs, tags = [], []
@@ -239,7 +242,12 @@ def _run_batched(batches: list[list[dict]], harness: str, settings: dict, sandbo
                 if it["id"] in done:
                     results[b][it["id"]] = got[it["id"]]
             if left:
-                failed[left[0]["id"]] = "hung" if res.status == "timeout" else "crashed"
+                culprit = left[0]["id"]
+                if culprit in retried:
+                    failed[culprit] = "hung" if res.status == "timeout" else "crashed"
+                else:
+                    retried.add(culprit)
+                    again.append((b, left[:1]))
                 if len(left) > 1:
                     again.append((b, left[1:]))
         pending = again

@@ -163,6 +163,19 @@ def test_cli_capped_run_and_eval_problems(tmp_path, capsys, mined):
     assert main(["eval", "humaneval", "--problems", str(tmp_path / "nope.jsonl"), "--samples", str(samples)]) == 2
 
 
+def test_reference_runs_survive_a_function_that_kills_the_interpreter(sandbox):
+    from nanoseek.eval.verify import record_outputs
+
+    good = "def inc(x):\n    return x + 1\n"
+    items = [{"id": "a", "program": good, "cases": ["inc(1)", "inc(2)"]},
+             {"id": "boom", "program": "import os\n\ndef boom(x):\n    os._exit(3)\n", "cases": ["boom(1)"]},
+             {"id": "b", "program": good, "cases": ["inc(5)"]}]
+    runs, failed = record_outputs(items, sandbox, batch_size=3)
+    assert failed == {"boom": "crashed"}          # crashed again when retried alone
+    outcomes = {k: [[o[:2] for o in run.values()] for run in v] for k, v in runs.items()}   # without seconds
+    assert outcomes == {"a": [[("ok", "2"), ("ok", "3")]] * 2, "b": [[("ok", "6")]] * 2}
+
+
 def test_problem_file_task_plugs_into_generation(mined, sandbox, tmp_path):
     from nanoseek.eval.tasks import run_task
 
