@@ -14,7 +14,10 @@ Three on-disk dialects are read, one is written:
   which are dequantised on load. FP4 (`float4_e2m1fn_x2`, the Pro release's experts) is
   rejected with a clear error: not supported yet.
 
-Only safetensors and JSON are ever read: nothing is unpickled.
+Only safetensors and JSON are ever read: nothing is unpickled. This module is a state-dict
+adapter: it never imports the model. `Transformer.from_pretrained` builds the model on the meta
+device, checks its shapes against the headers (`check_shapes`: a config.json with absurd sizes
+is refused before anything is allocated), then materialises it and loads `read_state_dict`.
 
 Internally the model keeps official names except three shapes of difference handled here:
 mHC parameters live in modules (`hc_attn.fn` <-> `hc_attn_fn`), the routed experts are stacked
@@ -26,14 +29,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -142,7 +143,8 @@ def _shard_files(path: Path) -> list[Path]:
         return [path / f for f in sorted(set(index["weight_map"].values()))]
     if (path / SINGLE_NAME).exists():
         return [path / SINGLE_NAME]
-    files = sorted(path.glob("*.safetensors"))
+    # (a training checkpoint's optimizer state is safetensors too: never read it as weights)
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != "train_state.safetensors")
     if not files:
         raise FileNotFoundError(f"{path}: no model.safetensors, {INDEX_NAME} or *.safetensors found")
     return files
@@ -215,38 +217,53 @@ def cast_model(model, dtype: torch.dtype):
     return model
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, strict_mtp: bool = False):
-    from .model.transformer import Transformer
-
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Internal parameter name -> shape, from the safetensors headers alone (no tensor data is
+    read): what a config must agree with before anything is allocated. Routed experts stored
+    one per tensor are counted into their stacked [E, out, in] shape."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory")
-    config = ModelConfig.from_json(path / "config.json")
-    sd = official_to_state_dict(read_official_tensors(path))
-    model = Transformer(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    non_mtp_missing = [k for k in missing if not k.startswith("mtp.")]
-    if non_mtp_missing or unexpected:
+    shapes: dict[str, tuple[int, ...]] = {}
+    experts: dict[str, dict[int, tuple[int, ...]]] = {}
+    for f in _shard_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                if k.endswith(".scale") or k.endswith(".weight_scale_inv"):
+                    continue
+                shape = tuple(sf.get_slice(k).get_shape())
+                name = disk_to_official(k)
+                m = _EXPERT.match(name)
+                if m:
+                    experts.setdefault(official_to_internal(f"{m.group(1)}.{m.group(3)}"), {})[int(m.group(2))] = shape
+                else:
+                    shapes[official_to_internal(name)] = shape
+    for name, parts in experts.items():
+        first = parts[min(parts)]
+        shapes[name] = (len(parts), *first) if all(p == first for p in parts.values()) else (len(parts), -1)
+    return shapes
+
+
+def check_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...]], strict_mtp: bool = False) -> list[str]:
+    """Compare a model's expected parameter shapes (built on the meta device: nothing allocated)
+    with the checkpoint's headers; raise ValueError on the first disagreement, in one line.
+    Returns the expected names the checkpoint lacks (only MTP tensors may be missing)."""
+    path = Path(path)
+    have = read_shapes(path)
+    missing = [k for k in expected if k not in have]
+    unexpected = [k for k in have if k not in expected]
+    non_mtp = [k for k in missing if not k.startswith("mtp.")]
+    if non_mtp or unexpected:
         raise ValueError(
             f"{path}: checkpoint does not match its config.json: "
-            f"missing {non_mtp_missing[:8]}{'...' if len(non_mtp_missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    if missing:
-        if strict_mtp:
-            raise ValueError(f"{path}: no MTP weights in checkpoint")
-        warnings.warn(f"{path}: checkpoint has no MTP weights ({len(missing)} tensors); MTP is randomly initialised",
-                      stacklevel=2)
-    for k, v in sd.items():
-        want = expected[k]
-        if tuple(v.shape) != tuple(want.shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, config implies {tuple(want.shape)}")
-        sd[k] = v.to(want.dtype) if v.is_floating_point() else v.to(want.dtype)
-    model.load_state_dict(sd, strict=False)
-    if dtype is not None:
-        cast_model(model, dtype)
-    if device is not None:
-        model.to(device)
-    return model
+            f"missing {non_mtp[:8]}{'...' if len(non_mtp) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for k, want in expected.items():
+        if k in have and have[k] != tuple(want):
+            raise ValueError(f"{path}: {k} has shape {have[k]} in the checkpoint, config.json implies {tuple(want)}")
+    if missing and strict_mtp:
+        raise ValueError(f"{path}: no MTP weights in checkpoint")
+    return missing
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's state_dict names (FP8 dequantised)."""
+    return official_to_state_dict(read_official_tensors(Path(path)))

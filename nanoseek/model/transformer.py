@@ -24,12 +24,15 @@ import dataclasses
 import math
 import os
 import types
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpoint
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import DecodeCache
@@ -441,16 +444,36 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------- checkpoints
     def save_pretrained(self, path: str | os.PathLike, **kw) -> None:
-        from ..checkpoint import save_pretrained
-
-        save_pretrained(self, path, **kw)
+        checkpoint.save_pretrained(self, path, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
-                        **kw) -> "Transformer":
-        from ..checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, **kw)
+                        strict_mtp: bool = False) -> "Transformer":
+        """Load a model directory (config.json + safetensors, ours / transformers' / the official
+        release's names, FP8 dequantised). The config is checked against the weights' headers on
+        the meta device first, so an untrusted config.json cannot make us allocate what the
+        checkpoint does not hold."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: not a checkpoint directory")
+        config = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            skeleton = cls(config)
+        expected = skeleton.state_dict()
+        missing = checkpoint.check_shapes(path, {k: tuple(v.shape) for k, v in expected.items()}, strict_mtp)
+        if missing:
+            warnings.warn(f"{path}: checkpoint has no MTP weights ({len(missing)} tensors); MTP is randomly "
+                          f"initialised", stacklevel=2)
+        sd = checkpoint.read_state_dict(path)
+        model = cls(config)
+        for k, v in sd.items():
+            sd[k] = v.to(expected[k].dtype)
+        model.load_state_dict(sd, strict=False)
+        if dtype is not None:
+            checkpoint.cast_model(model, dtype)
+        if device is not None:
+            model.to(device)
+        return model
 
 
 def block_kind(block: nn.Module) -> tuple:

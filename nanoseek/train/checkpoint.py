@@ -24,6 +24,7 @@ construction).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 STATE_FILE = "train_state.safetensors"
+CHECKSUMS = "checksums.json"
 _PREFIX = "step-"
 
 
@@ -143,6 +145,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, state: dict, k
     if tokenizer is not None:
         tokenizer.save(tmp)
     save_tree(state, tmp / STATE_FILE)
+    write_checksums(tmp)
     _fsync_tree(tmp)
     if final.exists():                          # re-saving the same step: move the old one aside first
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -163,3 +166,66 @@ def load_model_state(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     from nanoseek.checkpoint import official_to_state_dict, read_official_tensors
 
     return official_to_state_dict(read_official_tensors(Path(ckpt_dir)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: every checkpoint carries the SHA-256 of its files; resume takes the newest intact one
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt_dir: str | os.PathLike) -> None:
+    """checksums.json: size and SHA-256 of every other file of the checkpoint (written last)."""
+    d = Path(ckpt_dir)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    (d / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
+
+
+def checkpoint_problem(ckpt_dir: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot be resumed from (a missing, truncated or altered file), or None.
+    Checkpoints written before checksums existed are checked for readable safetensors headers."""
+    d = Path(ckpt_dir)
+    sums = d / CHECKSUMS
+    if sums.is_file():
+        try:
+            files = json.loads(sums.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{CHECKSUMS} is unreadable"
+        for name, want in files.items():
+            p = d / name
+            if not p.is_file():
+                return f"{name} is missing"
+            if p.stat().st_size != want["bytes"]:
+                return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
+            if _sha256(p) != want["sha256"]:
+                return f"{name} does not match its checksum"
+        if not any(n.startswith("model") and n.endswith(".safetensors") for n in files):
+            return "no model weights"
+        return None
+    for p in [d / STATE_FILE, *sorted(d.glob("model*.safetensors"))]:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any failure to read the header means damaged
+            return f"{p.name} is unreadable ({type(e).__name__})"
+    if not list(d.glob("model*.safetensors")):
+        return "no model weights"
+    return None
+
+
+def latest_intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that passes checkpoint_problem, [(newer damaged checkpoint, why)])."""
+    skipped: list[tuple[Path, str]] = []
+    for d in reversed(checkpoint_dirs(run_dir)):
+        why = checkpoint_problem(d)
+        if why is None:
+            return d, skipped
+        skipped.append((d, why))
+    return None, skipped
+

@@ -11,9 +11,20 @@ from pathlib import Path
 from nanoseek.train.trainer import TrainConfig
 
 
-def _err(msg: str) -> int:
+def _err(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
-    return 2
+    return code
+
+
+def _guarded(fn, args) -> int:
+    """Run a training command: user errors print one line and exit 2; a diverged run (non-finite
+    loss or gradients) prints one line and exits 1."""
+    from nanoseek.train.trainer import NonFiniteError
+
+    try:
+        return fn(args)
+    except NonFiniteError as e:
+        return _err(str(e), 1)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -111,6 +122,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, rows: bool = True) -> None:
     a("--deterministic", action="store_true", default=None)
     a("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2 fully_shard instead of DDP")
     a("--peak-tflops", dest="peak_tflops", type=float, help="MFU denominator (default: measured)")
+    a("--on-nonfinite", dest="on_nonfinite", choices=["stop", "skip"],
+      help="a non-finite loss or gradient norm: stop with an error (default) or skip that update")
     a("--no-progress", action="store_true")
 
 
@@ -326,14 +339,14 @@ def add_subcommands(subparsers) -> None:
                               description="Pre-train with the V4 recipe (Muon, MTP, bias balancing, indexer "
                                           "warm-up). Runs under torchrun for DDP.")
     add_train_arguments(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=lambda a, f=_cmd_train: _guarded(f, a))
 
     p = subparsers.add_parser("sft", help="supervised fine-tuning on chat conversations (DeepSeek-V4 chat format)",
                               description="Fine-tune a model directory on JSONL conversations rendered with the "
                                           "DeepSeek-V4 chat encoding; the loss is on the assistant turns only. "
                                           "Runs under torchrun for DDP. The result is OUT/model (docs/train.md).")
     add_sft_arguments(p)
-    p.set_defaults(func=_cmd_sft)
+    p.set_defaults(func=lambda a, f=_cmd_sft: _guarded(f, a))
 
     p = subparsers.add_parser("rl", help="GRPO on sandboxed unit tests (or a plug-in reward), rollouts from the engine",
                               description="Reinforcement learning with the GRPO family on the one trainer loop: "
@@ -341,14 +354,14 @@ def add_subcommands(subparsers) -> None:
                                           "plug-in function. Runs under torchrun for DDP. The result is OUT/model "
                                           "(docs/train.md).")
     add_rl_arguments(p)
-    p.set_defaults(func=_cmd_rl)
+    p.set_defaults(func=lambda a, f=_cmd_rl: _guarded(f, a))
 
     p = subparsers.add_parser("distill", help="multi-teacher on-policy distillation (full-vocabulary reverse KL)",
                               description="The student samples, every teacher scores the same tokens, the student "
                                           "minimises sum_i w_i KL(student || teacher_i) over the full vocabulary "
                                           "(DeepSeek-V4's merge step). The result is OUT/model (docs/train.md).")
     add_distill_arguments(p)
-    p.set_defaults(func=_cmd_distill)
+    p.set_defaults(func=lambda a, f=_cmd_distill: _guarded(f, a))
 
     p = subparsers.add_parser("report", help="write report.md and plots for a training run")
     p.add_argument("run_dir")
@@ -370,4 +383,4 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--rl-minutes", type=float, default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
     p.add_argument("--tasks", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
-    p.set_defaults(func=_cmd_speedrun)
+    p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))

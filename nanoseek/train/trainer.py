@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 import warnings
@@ -55,7 +56,8 @@ from torch import nn
 
 from nanoseek.eval.bpb import bits_per_byte_sums  # noqa: F401  (re-exported: one definition of bpb)
 from nanoseek.eval.bpb import evaluate_bpb as eval_bpb
-from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree, save_checkpoint
+from nanoseek.train.checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_model_state, load_tree,
+                                       save_checkpoint)
 from nanoseek.train.metrics import (MetricsLog, TermMeter, expert_load_metrics, measure_peak_flops,  # noqa: F401
                                     training_flops_per_token)
 from nanoseek.train.objectives import Objective, PretrainObjective
@@ -127,6 +129,9 @@ class TrainConfig:
     fsdp: bool = False                        # under torchrun: FSDP2 fully_shard instead of DDP
     # --- output ---
     export_model: bool = True                 # write RUN/model (needs a tokenizer) at the end
+    # --- divergence ---
+    on_nonfinite: str = "stop"                # stop | skip: a non-finite loss or gradient norm
+    max_nonfinite_skips: int = 10             # skip: stop after this many such steps in a row
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -142,6 +147,7 @@ class TrainState:
     tokens: int = 0
     total_steps: int | None = None
     train_seconds: float = 0.0
+    skipped_steps: int = 0           # updates dropped for a non-finite loss / gradient norm
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -176,6 +182,7 @@ class Run:
     run_dir: Path = Path(".")
     last_eval: dict | None = None
     last_tokens: int = 0             # st.tokens at the previous step record
+    nonfinite_streak: int = 0        # non-finite steps in a row (--on-nonfinite skip)
 
     def autocast(self):
         if self.use_bf16:
@@ -326,11 +333,19 @@ def _resume(run: Run) -> dict | None:
     """Load the newest checkpoint of the run directory into model, state, loaders and RNG;
     return its tree (the optimizer state is loaded after wrapping)."""
     cfg, d = run.cfg, run.dist
-    resume_from = latest_checkpoint(run.run_dir) if cfg.resume else None
-    if not cfg.resume and latest_checkpoint(run.run_dir) is not None:
-        raise FileExistsError(f"{run.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                              f"or choose another --out")
+    if not cfg.resume:
+        if latest_checkpoint(run.run_dir) is not None:
+            raise FileExistsError(f"{run.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                                  f"or choose another --out")
+        return None
+    resume_from, damaged = latest_intact_checkpoint(run.run_dir)
+    for path, why in damaged:
+        if d.is_main:
+            print(f"skipping damaged checkpoint {path}: {why}", file=sys.stderr)
     if resume_from is None:
+        if damaged:
+            raise ValueError(f"{run.run_dir}: no intact checkpoint to resume from ({len(damaged)} damaged; newest: "
+                             f"{damaged[0][1]})")
         return None
     tree = load_tree(resume_from / "train_state.safetensors")
     run.model.load_state_dict(load_model_state(resume_from), strict=True)
@@ -399,6 +414,8 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     d = setup_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be stop or skip, got {cfg.on_nonfinite!r}")
     objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
     tok = _load_tokenizer(cfg)
     mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
@@ -488,15 +505,47 @@ def train_step(run: Run, micro_batches: list[dict], phase: dict) -> dict:
         all_reduce(loads, d)
         for m, l in zip(moe, loads):
             m.load.copy_(l)
-    gnorm = unshard(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    gnorm = float(unshard(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))))
+    out = meter.reduce(d)                     # averaged over ranks: every rank sees the same numbers
+    if not (math.isfinite(out["loss"]) and math.isfinite(gnorm)):
+        _nonfinite(run, out["loss"], gnorm, moe)
+        out.update(grad_norm=gnorm, skipped=1)
+        return out
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     model.update_router_bias(cfg.bias_update_speed)
-    out = meter.reduce(d)
-    out["grad_norm"] = float(gnorm)
+    out["grad_norm"] = gnorm
     out.update(expert_load_metrics(loads))
     return out
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is not finite (a diverging run or damaged weights)."""
+
+
+def _nonfinite(run: Run, loss: float, gnorm: float, moe: list) -> None:
+    """--on-nonfinite: "stop" raises (the run ends with a non-zero exit, its checkpoints are
+    the finite ones written before); "skip" drops this step's update (gradients, routed-load
+    counts) and goes on, up to max_nonfinite_skips steps in a row."""
+    run.opt.zero_grad(set_to_none=True)
+    for m in moe:
+        m.load.zero_()
+    run.nonfinite_streak += 1
+    run.state.skipped_steps += 1
+    step = run.state.step + 1
+    if run.dist.is_main:
+        run.log.write({"event": "nonfinite", "step": step, "loss": loss, "grad_norm": gnorm,
+                       "action": run.cfg.on_nonfinite})
+    last = latest_checkpoint(run.run_dir)
+    where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
+    if run.cfg.on_nonfinite == "stop":
+        raise NonFiniteError(f"step {step}: non-finite loss ({loss}) or gradient norm ({gnorm}): the run diverged "
+                             f"or its weights are damaged; {where} (lower --lr, or --on-nonfinite skip to skip such steps)")
+    if run.nonfinite_streak > run.cfg.max_nonfinite_skips:
+        raise NonFiniteError(f"step {step}: {run.nonfinite_streak} non-finite steps in a row (loss {loss}, gradient "
+                             f"norm {gnorm}); stopping; {where}")
+    warnings.warn(f"step {step}: non-finite loss ({loss}) or gradient norm ({gnorm}): update skipped", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +626,10 @@ def save(run: Run, step: int, export: bool = False) -> None:
     states = [s for rank_states in gather_objects([ld.state_dict() for ld in run.loaders], d) for s in rank_states]
     to_save, optim_state = gathered_state(run.model, run.opt, run.fsdp)
     if d.is_main:
+        bad = [k for k, v in to_save.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:   # never let a damaged model replace (and, with --keep-last, prune) a good checkpoint
+            raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
+                                 f"no checkpoint written")
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -643,6 +696,8 @@ def loop(run: Run) -> dict:
             batches = [next(ld) for ld in run.loaders]   # RL / distillation: rollouts happen here
             t_data = time.perf_counter() - t0
             terms = train_step(run, batches, phase)
+            if not terms.get("skipped"):
+                run.nonfinite_streak = 0
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -666,6 +721,7 @@ def finish(run: Run, rec: dict, wall: float) -> dict:
     save(run, st.step, export=cfg.export_model)
     model_dir = run.run_dir / "model"
     summary = {"objective": run.objective.name, "steps": st.step, "tokens": st.tokens,
+               "skipped_steps": st.skipped_steps,
                "train_seconds": round(st.train_seconds, 2), "wall_seconds": round(wall, 2),
                "params": sum(p.numel() for p in run.model.parameters()),
                "activated_params": run.model.num_parameters(activated=True),
