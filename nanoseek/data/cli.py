@@ -161,13 +161,14 @@ def add_subcommands(subparsers) -> None:
         "tasks", help="mine verified HumanEval-shaped code tasks (and SFT examples) from source code",
         description="Mine verifiable code tasks from the sources' documented pure functions: tests from doctests "
                     "and from differential testing against the original implementation, run only in the sandbox "
-                    "(docs/data.md, 'Mined tasks'). Writes OUT (train split), OUT's stem + .heldout.jsonl "
+                    "(docs/data.md, section 4). Writes OUT (train split), OUT's stem + .heldout.jsonl "
                     "(held-out split, by package) and + .manifest.json (counts per drop reason, timing); every "
                     "line has task_id, prompt, entry_point, canonical_solution, test, source, license, split, and "
                     "is scored by `nanoseek eval humaneval --problems FILE`.")
     k.add_argument("--source", action="append", metavar="SRC",
                    help="repeatable, as for `data build`: 'default' (stdlib + site-packages), 'stdlib', "
-                        "'site-packages', a directory, a wheel/sdist/archive (default: default)")
+                        "'site-packages', a directory, a wheel/sdist/archive, a JSONL/Parquet table (default: "
+                        "default)")
     k.add_argument("--out", required=True, help="train split, e.g. runs/tasks/tasks.jsonl (held-out and manifest "
                                                 "are written next to it)")
     k.add_argument("--sft-out", help="also write SFT conversations (train-split functions) to this JSONL")
@@ -181,7 +182,8 @@ def add_subcommands(subparsers) -> None:
     k.add_argument("--no-decontaminate", action="store_true", help="keep functions that overlap HumanEval")
     k.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "unshare", "none"],
                    help="sandbox isolation for running mined code (default: strongest available)")
-    k.add_argument("--workers", type=int, help="extraction processes and parallel sandboxes (default: all cores)")
+    k.add_argument("--workers", type=int, help="extraction processes; sandboxed programs run one more in "
+                                               "parallel (default: all cores)")
     k.add_argument("--force", action="store_true", help="redo even if OUT holds a finished run with these settings")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=_cmd_tasks)

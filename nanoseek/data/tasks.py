@@ -171,14 +171,15 @@ def module_name(path: str) -> str:
 
 
 def path_reason(path: str) -> str | None:
-    """Files that are tests (their functions are test helpers, not tasks)."""
+    """Python files whose functions are not tasks: tests (their functions are test helpers) and
+    type stubs (no bodies)."""
     parts = path.replace("\\", "/").split("/")
     name = parts[-1]
     if any(p in _TEST_DIRS for p in parts[:-1]) or name.startswith("test_") or name.endswith("_test.py") \
             or name in ("conftest.py", "setup.py"):
         return "test_file"
-    if not name.endswith(".py"):
-        return "not_python"
+    if name.endswith(".pyi"):
+        return "type_stub"
     return None
 
 
