@@ -1,6 +1,6 @@
 """The batch runner: fixed decode slots over one preallocated DecodeCache, chunked prefill,
 per-row sampling and stop conditions. Single-threaded; `generate()` drives it directly and the
-continuous-batching `Engine` (scheduler.py) drives it from its background thread.
+continuous-batching `Engine` (engine.py) drives it from its background thread.
 
     runner = BatchRunner(model, max_batch=8, max_len=4096, tokenizer=tok)
     seq = Sequence(prompt_ids, SamplingParams(max_new_tokens=32), on_delta=print)
@@ -21,6 +21,10 @@ How a request flows (the design of vLLM / gpt-fast style continuous batching, on
      with its own parameters and torch.Generator.
   4. a request leaves on a stop token, a stop string, max_new_tokens, cache capacity or
      cancellation; its slot is freed at once and the next waiting request can take it.
+  5. a failure inside one row (its prefill, its sampling -- NaN logits, an impossible
+     distribution --, its decoding or stop strings, its on_delta callback) ends that request
+     alone with finish_reason "error" and `Delta.error`; the other rows, the slots and the cache
+     stay as they were. Only a failure of the batched forward itself concerns every row.
 Requests take the lowest free slot and a decode step runs over the slots up to the highest busy
 one only (through a view of the first k rows of every cache tensor), so one request in an
 8-slot engine decodes at batch-1 cost. Free slots below that still run through the forward;
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,20 +56,24 @@ from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams, sample_row, token_logprobs
+from .sampling import SamplingParams, check_logits, sample_row, token_logprobs
 from .speculative import SpecStats, spec_round
+
+log = logging.getLogger("nanoseek.engine")
 
 
 @dataclass
 class Delta:
     """What a request released in one step: new tokens (with log-probs if asked), their text,
-    and the finish reason on the last delta ("stop", "length" or "cancelled")."""
+    and the finish reason on the last delta ("stop", "length", "cancelled", or "error" with the
+    reason in `error`: that request failed alone, see BatchRunner)."""
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     text: str = ""
     finish_reason: str | None = None
+    error: str | None = None
 
 
 class Sequence:
@@ -99,6 +108,7 @@ class Sequence:
         self._released_chars = 0
         self._hold = max((len(s) for s in params.stop_strings), default=1) - 1
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why generation failed (finish_reason "error")
         self.slot: int | None = None
         self.prefilled = 0
         self.next_token: int | None = None
@@ -124,6 +134,18 @@ class Sequence:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def fail(self, message: str) -> None:
+        """End this request with finish_reason "error": one last Delta carries the message (text
+        held back for stop strings is dropped). A failing on_delta is logged, never raised."""
+        if self.finished:
+            return
+        self.finish_reason, self.error = "error", message
+        if self.on_delta is not None:
+            try:
+                self.on_delta(self, Delta(finish_reason="error", error=message))
+            except Exception:
+                log.exception("on_delta failed while reporting an error for request %s", self.request_id)
 
     # -- called by the runner ----------------------------------------------------------------
     def append(self, token: int, logprob: float | None, top) -> None:
@@ -273,6 +295,18 @@ class BatchRunner:
             seq.slot = None
         seq.last_h, seq.mtp_pending = None, []
 
+    def _fail_row(self, seq: Sequence, e: BaseException) -> None:
+        """One request failed (its sampling, decoding, stops, callback): it leaves alone."""
+        log.warning("request %s failed alone: %s: %s", seq.request_id, type(e).__name__, e,
+                    exc_info=not isinstance(e, ValueError))
+        if self.prefilling is seq:
+            self.prefilling = None
+            self._prefix = None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._leave(seq)
+        seq.fail(f"generation failed for this request: {type(e).__name__}: {e}")
+
     # -- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
@@ -293,14 +327,20 @@ class BatchRunner:
         for s in list(self.waiting):
             if s.cancelled:
                 self.waiting.remove(s)
-                s._finish("cancelled")
+                self._finish_guarded(s, "cancelled")
         if self.prefilling is not None and self.prefilling.cancelled:
-            self.prefilling._finish("cancelled")
-            self.prefilling = None
+            s, self.prefilling = self.prefilling, None
+            self._finish_guarded(s, "cancelled")
         for s in self.slots:
             if s is not None and s.cancelled:
                 self._leave(s)
-                s._finish("cancelled")
+                self._finish_guarded(s, "cancelled")
+
+    def _finish_guarded(self, s: Sequence, reason: str) -> None:
+        try:
+            s._finish(reason)
+        except Exception as e:  # (its on_delta, or the decoder's flush)
+            self._fail_row(s, e)
 
     def _prefill_chunk(self) -> bool:
         """Run one prefill chunk; returns False when there was nothing to do."""
@@ -309,7 +349,7 @@ class BatchRunner:
             reused = False
             while True:
                 while self.waiting and self.waiting[0].max_new_tokens <= 0:
-                    self.waiting.popleft()._finish("length")
+                    self._finish_guarded(self.waiting.popleft(), "length")
                 if not self.waiting or self._free_slot() is None:
                     return reused
                 if self._prefix is None or self._prefix[0] != tuple(self.waiting[0].prompt):
@@ -326,6 +366,14 @@ class BatchRunner:
             for p in self.scratch.mtp_pos:
                 p.zero_()
             seq.prefilled = 0
+        try:
+            self._prefill_forward(seq)
+        except Exception as e:  # this prompt alone (the scratch cache is rewritten by the next one)
+            self._fail_row(seq, e)
+        return True
+
+    def _prefill_forward(self, seq: Sequence) -> None:
+        """One chunk of `seq`'s prompt through the scratch cache; the last one starts decoding."""
         lo = seq.prefilled
         hi = min(len(seq.prompt), lo + self.chunk_size)
         ids = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long, device=self.device)
@@ -342,18 +390,22 @@ class BatchRunner:
             logits = self.model(ids, cache=self.scratch)
         seq.prefilled = hi
         if hi < len(seq.prompt):
-            return True
+            return
         self.prefilling = None
         last = self._mask(logits[0, -1])
+        check_logits(last)
         if not self.spec_k:   # (with speculation the row also carries MTP state: no reuse)
             self._prefix = (tuple(seq.prompt), last)
         self._start_decoding(seq, last)
-        return True
 
     def _start_decoding(self, seq: Sequence, last: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits; move the scratch row into a slot."""
-        tok, lp, top = sample_row(last, seq.params, seq.generator)
-        seq.append(tok, lp, top)
+        try:
+            tok, lp, top = sample_row(last, seq.params, seq.generator)
+            seq.append(tok, lp, top)
+        except Exception as e:
+            self._fail_row(seq, e)
+            return
         if not seq.finished:
             slot = self._free_slot()
             self.cache.copy_row_(slot, self.scratch, 0)
@@ -395,7 +447,10 @@ class BatchRunner:
             room = self.max_len - int(self.cache.pos[s.slot]) - 1
             k = min(self.spec_k, room, s.max_new_tokens - len(s.tokens) - 1)
             if k >= 1:
-                self._spec_step(s, k)
+                try:
+                    self._spec_step(s, k)
+                except Exception as e:  # the round ran on this row's one-row view only
+                    self._fail_row(s, e)
                 return
         k = 1 + max(s.slot for s in rows)
         ids = torch.zeros(k, 1, dtype=torch.long)
@@ -419,18 +474,24 @@ class BatchRunner:
         greedy_ids = torch.argmax(logits, dim=-1).tolist() if any(s.params.greedy for s in rows) else None
         lps = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in rows) else None
         for s in rows:
-            row = logits[s.slot]
-            lp_row = lps[s.slot] if lps is not None else None
-            if s.params.greedy:
-                tok = greedy_ids[s.slot]
-                lp, top = token_logprobs(row, tok, s.params, lp_row)
-            else:
-                tok, lp, top = sample_row(row, s.params, s.generator, lp_row)
-            s.append(tok, lp, top)
-            if s.finished:
-                self._leave(s)
-            else:
-                s.next_token = tok
+            try:
+                self._advance_row(s, logits[s.slot], greedy_ids, lps)
+            except Exception as e:  # this row alone; the others keep decoding
+                self._fail_row(s, e)
+
+    def _advance_row(self, s: Sequence, row: torch.Tensor, greedy_ids, lps) -> None:
+        lp_row = lps[s.slot] if lps is not None else None
+        if s.params.greedy:
+            check_logits(row)
+            tok = greedy_ids[s.slot]
+            lp, top = token_logprobs(row, tok, s.params, lp_row)
+        else:
+            tok, lp, top = sample_row(row, s.params, s.generator, lp_row)
+        s.append(tok, lp, top)
+        if s.finished:
+            self._leave(s)
+        else:
+            s.next_token = tok
 
     # -- speculative decoding ----------------------------------------------------------------
     def _flush_mtp(self, s: Sequence) -> None:

@@ -66,8 +66,18 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature-scaled logits [V] with everything outside top-k / top-p set to -inf."""
-    x = logits.float() / temperature
+    """Temperature-scaled logits [V] with everything outside top-k / top-p set to -inf.
+
+    Numerically safe for any temperature > 0 and top_p > 0 (1e-300 included): the logits are
+    shifted so their maximum is 0 before the division, which runs in float64, when the
+    temperature is small enough for float32 to overflow (or round it to 0): the others then
+    become -inf instead of the maximum inf (nan after softmax). The most likely token always
+    survives the nucleus cut."""
+    x = logits.float()
+    if temperature >= 1e-4:  # |logit| / t stays far below float32's max: the plain division
+        x = x / temperature
+    else:
+        x = ((x - x.max()).double() / float(temperature)).float()
     v = x.shape[-1]
     if 0 < top_k < v:
         kth = torch.topk(x, top_k).values[-1]
@@ -78,18 +88,34 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         # Keep a token if the mass strictly before it is < top_p (so the first token always stays).
         before = torch.cumsum(probs, dim=-1) - probs
         drop = before >= top_p
+        drop[0] = False  # (a top_p below float32's resolution must not drop every token)
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return x
 
 
+class SamplingError(ValueError):
+    """One row's logits cannot be sampled (NaN logits, or no token left with nonzero probability)."""
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise SamplingError for logits [V] with a NaN or without a single finite value."""
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+        raise SamplingError("the model produced non-finite logits (NaN, or no finite value) for this request")
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                logprobs_row: torch.Tensor | None = None):
-    """Pick one token from logits [V]; returns (token, logprob or None, top list or None)."""
+    """Pick one token from logits [V]; returns (token, logprob or None, top list or None).
+    Raises SamplingError when the row cannot be sampled; the caller ends that request alone."""
+    check_logits(logits)
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
         x = filter_logits(logits, params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(x, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+            raise SamplingError("the sampling distribution is not a probability distribution "
+                                f"(temperature={params.temperature!r}, top_p={params.top_p!r}, top_k={params.top_k!r})")
         token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     return (token, *token_logprobs(logits, token, params, logprobs_row))
 
