@@ -198,6 +198,22 @@ def _clean(raw: srcs.RawDoc, res: _Result) -> None:
 
 
 def _process_task(task: srcs.Task) -> _Result:
+    """Read and clean one task. Never raises on bad input: an error nobody anticipated drops the
+    whole task (nothing from it is kept) with its reason in the manifest, and the build goes on."""
+    try:
+        return _process_task_items(task)
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - hostile input must not kill the build
+        res = _Result()
+        where = task.path or (task.files[0].path if task.files else task.source)
+        n = max(len(task.files), 1)
+        res.files_seen += n
+        res.bytes_read += task.est_bytes
+        res.drop("unreadable", task.est_bytes, where, f"task dropped whole: {type(e).__name__}: {e}"[:300])
+        res.drops["unreadable"][0] = n
+        return res
+
+
+def _process_task_items(task: srcs.Task) -> _Result:
     res = _Result()
     for item in srcs.read_task(task, _W["limits"]):
         if isinstance(item, srcs.Skip):

@@ -20,9 +20,11 @@ extension-less file.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import json
+import lzma
 import os
 import re
 import shutil
@@ -30,7 +32,9 @@ import site
 import subprocess
 import sysconfig
 import tarfile
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,35 +292,56 @@ def _walk(root: str):
                 continue
             if is_dir:
                 yield from rec(e.path, r + "/", specs)
-            elif e.is_file(follow_symlinks=False):
-                yield r
+            elif e.is_file(follow_symlinks=False) or e.is_symlink():
+                yield r   # links are yielded so that the caller counts them as skipped
 
     yield from rec(root, "", [])
 
 
+def _read_regular(path: str, limit: int) -> bytes | None:
+    """At most `limit` bytes of a regular file, never through a symbolic link (None otherwise)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(limit)
+        except OSError:
+            return None
+
+
 def _dir_license(root: str) -> str | None:
-    """License of a project from its license file(s) or manifest."""
+    """License of a project from its license file(s) or manifest (regular files only, 1 MB each)."""
     try:
         names = sorted(os.listdir(root))
     except OSError:
         return None
     for n in names:
         if n in ("pyproject.toml", "package.json", "Cargo.toml", "setup.cfg"):
-            try:
-                lic = licenses.from_manifest(n, Path(root, n).read_text(encoding="utf-8", errors="replace"))
-            except OSError:
-                lic = None
+            data = _read_regular(os.path.join(root, n), 1 << 20)
+            lic = licenses.from_manifest(n, data.decode("utf-8", "replace")) if data is not None else None
             if lic:
                 return lic
     for n in names:
-        if licenses.LICENSE_FILE_RE.match(n) and os.path.isfile(os.path.join(root, n)):
-            try:
-                lic = licenses.from_text(Path(root, n).read_text(encoding="utf-8", errors="replace"))
-            except OSError:
-                lic = None
+        if licenses.LICENSE_FILE_RE.match(n):
+            data = _read_regular(os.path.join(root, n), 1 << 20)
+            lic = licenses.from_text(data.decode("utf-8", "replace")) if data is not None else None
             if lic:
                 return lic
     return None
+
+
+def _outside(path: str, real_root: str) -> bool:
+    """True if `path` is a symbolic link or resolves outside `real_root` (a linked parent)."""
+    if os.path.islink(path):
+        return True
+    real = os.path.realpath(path)
+    return real != real_root and not real.startswith(real_root + os.sep)
 
 
 @dataclass
@@ -373,20 +398,33 @@ class SizeLimits:
 
 
 def _enumerate_dir(spec: SourceSpec, limits: SizeLimits, out: Enumerated) -> list[FileRef]:
-    root = spec.path.rstrip("/")
+    root = spec.path.rstrip("/") or "/"
+    real_root = os.path.realpath(root)
     refs: list[FileRef] = []
     label = spec.label
+
+    def link_skip(p: str) -> None:
+        out.skips.append(Skip("symlink", 0, p, "symbolic link (or path through one) not followed: "
+                                              "nothing outside the source root is read"))
+
     if _is_project_root(root):
         projects = [(root, os.path.basename(root))]
     else:
         projects = []
         for e in sorted(os.scandir(root), key=lambda e: e.name):
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in VENDORED_DIRS:
+            if e.name.startswith(".") or e.name in VENDORED_DIRS:
+                continue
+            if e.is_symlink():
+                link_skip(e.path)
+            elif e.is_dir(follow_symlinks=False):
                 projects.append((e.path, e.name))
     for proj, group in projects:
         lic = _dir_license(proj)
         for rel in _walk(proj):
             abs_path = os.path.join(proj, rel)
+            if _outside(abs_path, real_root):   # git lists tracked symlinks like files
+                link_skip(abs_path)
+                continue
             if rel.lower().endswith(ARCHIVE_SUFFIXES):  # a wheelhouse: read each archive in place
                 out.tasks.append(Task("archive", label, path=abs_path, est_bytes=_file_size(abs_path)))
                 continue
@@ -396,7 +434,9 @@ def _enumerate_dir(spec: SourceSpec, limits: SizeLimits, out: Enumerated) -> lis
     if not projects or projects[0][0] != root:
         # Loose files directly under a folder of projects form their own group.
         for e in sorted(os.scandir(root), key=lambda e: e.name):
-            if e.is_file(follow_symlinks=False):
+            if e.is_symlink():
+                link_skip(e.path)
+            elif e.is_file(follow_symlinks=False):
                 if e.name.lower().endswith(ARCHIVE_SUFFIXES):
                     out.tasks.append(Task("archive", label, path=e.path, est_bytes=_file_size(e.path)))
                     continue
@@ -582,8 +622,9 @@ def read_task(task: Task, limits: SizeLimits):
 
 def _read_files(task: Task, limits: SizeLimits):
     for ref in task.files:
-        try:
-            with open(ref.path, "rb") as f:
+        try:   # O_NOFOLLOW: a file swapped for a link after listing is not followed
+            fd = os.open(ref.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
                 data = f.read(limits.max_bytes + 1)
         except OSError as e:
             yield Skip("unreadable", ref.size, ref.path, str(e))
@@ -604,12 +645,79 @@ def _archive_group(name: str, meta: str | None) -> str:
     return _dist_name(meta, fallback) if meta else re.sub(r"[-_.]+", "-", fallback).lower()
 
 
+_SIDE_MAX = 1 << 20          # bytes read from a metadata / license file inside an archive
+_STREAM_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, ValueError, RuntimeError,
+                  zlib.error, lzma.LZMAError, NotImplementedError)
+
+
+def _compressed_opener(path: str):
+    """The stream decompressor for a compressed tar / table by its magic bytes, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open
+    if head.startswith(b"BZh"):
+        return bz2.open
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open
+    return None
+
+
+def verify_stream(path: str) -> str | None:
+    """Decompress a gzip / bzip2 / xz file to its end in bounded memory, checking every CRC.
+
+    Returns None if the stream is intact (or not compressed), else what is wrong with it. A
+    compressed stream's checksum is only verified at its end, so a reader that stops early (tar
+    stops at the end-of-archive block) would keep garbled data from a damaged stream.
+    """
+    opener = _compressed_opener(path)
+    if opener is None:
+        return None
+    try:
+        with opener(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except _STREAM_ERRORS as e:
+        return f"damaged compressed stream: {type(e).__name__}: {e}"
+    return None
+
+
+class _Spool:
+    """Member contents held in a spooled temporary file (memory stays flat for big archives)."""
+
+    def __init__(self):
+        self.f = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+        self.items: list[tuple[str, int, int]] = []
+
+    def add(self, name: str, data: bytes) -> None:
+        self.items.append((name, self.f.tell(), len(data)))
+        self.f.write(data)
+
+    def __iter__(self):
+        for name, off, n in self.items:
+            self.f.seek(off)
+            yield name, self.f.read(n)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _read_archive(task: Task, limits: SizeLimits):
-    """Read a wheel / sdist / source archive in place (nothing is extracted to disk)."""
+    """Read a wheel / sdist / source archive in place (nothing is extracted to disk).
+
+    Every read is bounded (a member is read up to max_bytes + 1, a side file up to 1 MB), so a
+    decompression bomb costs time, not memory. A damaged zip member is dropped alone (each has
+    its own CRC); a damaged tar stream drops the whole archive, since nothing read from it can
+    be trusted (the stream is verified to its end before any member is kept).
+    """
     path = task.path
-    members: list[tuple[str, bytes]] = []    # candidate code files
+    members = _Spool()                       # candidate code files
     side: dict[str, bytes] = {}              # metadata and license files, by path
     too_big: list[tuple[str, int]] = []
+    damaged: list[tuple[str, int, str]] = []
     budget = 8 * limits.max_bytes * 64       # cap on bytes read from one archive (zip bombs)
     size = _file_size(path)
 
@@ -629,7 +737,12 @@ def _read_archive(task: Task, limits: SizeLimits):
                         continue
                     name = info.filename
                     if wanted_side(name):
-                        side[name] = zf.read(info)[: 1 << 20]
+                        try:
+                            with zf.open(info) as f:
+                                side[name] = f.read(_SIDE_MAX)
+                        except _STREAM_ERRORS as e:
+                            damaged.append((name, info.compress_size, f"{type(e).__name__}: {e}"))
+                            continue
                     if lang_from_path(name) is None:
                         continue
                     if info.file_size > limits.max_bytes:
@@ -639,15 +752,29 @@ def _read_archive(task: Task, limits: SizeLimits):
                     if budget < 0:
                         yield Skip("too_large", info.file_size, f"{path}!{name}", "archive read budget exhausted")
                         continue
-                    members.append((name, zf.read(info)))
+                    try:
+                        with zf.open(info) as f:   # checks the member's CRC when read to its end
+                            data = f.read(limits.max_bytes + 1)
+                            if len(data) <= limits.max_bytes:
+                                f.read(1)
+                    except _STREAM_ERRORS as e:
+                        damaged.append((name, info.compress_size, f"{type(e).__name__}: {e}"))
+                        continue
+                    if len(data) > limits.max_bytes:
+                        too_big.append((name, len(data)))
+                        continue
+                    members.add(name, data)
         else:
+            problem = verify_stream(path)
+            if problem:
+                raise tarfile.ReadError(problem)
             with tarfile.open(path, mode="r:*") as tf:
                 for m in tf:  # streaming: one pass over the compressed file
                     if not m.isfile():
                         continue
                     name = m.name
                     if wanted_side(name):
-                        side[name] = tf.extractfile(m).read(1 << 20)
+                        side[name] = tf.extractfile(m).read(_SIDE_MAX)
                     if lang_from_path(name) is None:
                         continue
                     if m.size > limits.max_bytes:
@@ -657,10 +784,22 @@ def _read_archive(task: Task, limits: SizeLimits):
                     if budget < 0:
                         yield Skip("too_large", m.size, f"{path}!{name}", "archive read budget exhausted")
                         continue
-                    members.append((name, tf.extractfile(m).read()))
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, ValueError, RuntimeError) as e:
+                    data = tf.extractfile(m).read(limits.max_bytes + 1)
+                    if len(data) != m.size:
+                        raise tarfile.ReadError(f"member {name} is truncated")
+                    members.add(name, data)
+                # tarfile stops silently at a damaged header after the first: whatever follows the
+                # last member must be the end-of-archive marker (zero blocks) or nothing.
+                tf.fileobj.seek(tf.offset)
+                tail = tf.fileobj.read(512)
+                if tail.strip(b"\0"):
+                    raise tarfile.ReadError(f"damaged tar header at byte {tf.offset}: members after it are lost")
+    except _STREAM_ERRORS as e:
+        members.close()
         yield Skip("unreadable", size, path, f"cannot read archive: {type(e).__name__}: {e}")
         return
+    for name, n, why in damaged:
+        yield Skip("unreadable", n, f"{path}!{name}", f"damaged archive member: {why}")
 
     meta = next((v.decode("utf-8", "replace") for k, v in sorted(side.items())
                  if k.endswith(("/METADATA", "/PKG-INFO")) or k in ("METADATA", "PKG-INFO")), None)
@@ -693,6 +832,7 @@ def _read_archive(task: Task, limits: SizeLimits):
             yield Skip("too_small", len(data), f"{path}!{name}")
             continue
         yield RawDoc(group, name, lang, lic, label, data, len(data), f"{path}!{name}")
+    members.close()
 
 
 _COLUMNS = {
@@ -771,56 +911,72 @@ def _read_parquet(task: Task, limits: SizeLimits):
     yield from _table_rows(task, rows, f"{task.path}#rg{task.part}", limits)
 
 
+def _max_line_bytes(limits: SizeLimits) -> int:
+    # A record holds one file of at most max_bytes; JSON escapes (\\uXXXX) can inflate it 6x.
+    return 6 * limits.max_bytes + (64 << 10)
+
+
 def _read_jsonl(task: Task, limits: SizeLimits):
+    """Stream the lines of a JSONL chunk (or a whole .jsonl.gz) one at a time.
+
+    Memory is bounded whatever the input: a line longer than a record can legitimately be is
+    skipped in pieces (reported as too_large), never held whole. A .jsonl.gz is verified to its
+    end first (its CRC is only checked there), so nothing from a damaged stream is kept.
+    """
+    gz = task.path.lower().endswith(".gz")
+    if gz:
+        problem = verify_stream(task.path)
+        if problem:
+            yield Skip("unreadable", _file_size(task.path), task.path, f"cannot read JSONL: {problem}")
+            return
+    max_line = _max_line_bytes(limits)
+    where = task.path
     try:
-        if task.path.lower().endswith(".gz"):
-            with gzip.open(task.path, "rb") as f:
-                buf = f.read()
-            start = 0
-        else:
-            with open(task.path, "rb") as f:
+        with (gzip.open(task.path, "rb") if gz else open(task.path, "rb")) as f:
+            if gz:
+                start, end = 0, -1
+            else:
                 # A chunk owns the lines that *start* inside [start, end).
-                start = task.start
+                start, end = task.start, task.end
                 if start > 0:
                     f.seek(start - 1)
                     if f.read(1) != b"\n":
-                        f.readline()
+                        while True:   # skip the rest of the line the previous chunk owns
+                            piece = f.readline(1 << 20)
+                            if not piece or piece.endswith(b"\n"):
+                                break
                     start = f.tell()
                 else:
                     f.seek(0)
-                if start >= task.end:
-                    return
-                buf = f.read(task.end - start)
-                if not buf.endswith(b"\n"):
-                    buf += f.readline()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        yield Skip("unreadable", task.est_bytes, task.path, f"cannot read JSONL: {e}")
-        return
-
-    def rows():
-        offset = start
-        for line in buf.splitlines(keepends=True):
-            at = offset
-            offset += len(line)
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as e:
-                yield at, {"_error": str(e)}
-                continue
-            if not isinstance(rec, dict):
-                yield at, {"_error": "record is not a JSON object"}
-                continue
-            out = {}
-            for role in _COLUMNS:
-                c = _pick(rec, role)
-                out[role] = rec.get(c) if c else None
-            yield at, out
-
-    where = task.path
-    for i, rec in rows():
-        if "_error" in rec:
-            yield Skip("unreadable", 0, f"{where} @byte {i}", f"invalid JSON line: {rec['_error']}")
-            continue
-        yield from _table_rows(task, [(i, rec)], where, limits)
+            offset = start
+            while end < 0 or offset < end:
+                at = offset
+                line = f.readline(max_line + 1)
+                if not line:
+                    break
+                offset += len(line)
+                if len(line) > max_line and not line.endswith(b"\n"):
+                    while True:   # drain the oversized line without holding it
+                        piece = f.readline(1 << 20)
+                        offset += len(piece)
+                        if not piece or piece.endswith(b"\n"):
+                            break
+                    yield Skip("too_large", offset - at, f"{where} @byte {at}", "JSONL line longer than any record")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                    yield Skip("unreadable", 0, f"{where} @byte {at}", f"invalid JSON line: {e}")
+                    continue
+                if not isinstance(rec, dict):
+                    yield Skip("unreadable", 0, f"{where} @byte {at}", "invalid JSON line: record is not a JSON object")
+                    continue
+                out = {}
+                for role in _COLUMNS:
+                    c = _pick(rec, role)
+                    out[role] = rec.get(c) if c else None
+                yield from _table_rows(task, [(at, out)], where, limits)
+    except _STREAM_ERRORS as e:
+        yield Skip("unreadable", task.est_bytes, task.path, f"cannot read JSONL: {type(e).__name__}: {e}")

@@ -1,0 +1,218 @@
+"""Hostile corpora: damaged archives, decompression bombs and links out of the source root never
+crash the build, never cost unbounded memory, and never let foreign or garbled bytes in
+(docs/data.md, "Hardening")."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nanoseek.data.build import build_corpus
+from nanoseek.data.sources import RawDoc, SizeLimits, Skip, Task, enumerate_sources, parse_source, read_task
+from tests.data.fixture_corpus import py_code, read_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+OPTS = {"decontaminate": False, "near_dedup": False, "license_policy": "any", "max_bytes": 100_000}
+MIT_META = "Metadata-Version: 2.1\nName: hurt\nVersion: 1.0\nClassifier: License :: OSI Approved :: MIT License\n"
+
+
+def _build(tmp_path: Path, *sources) -> tuple[dict, list[dict]]:
+    out = tmp_path / "corpus"
+    m = build_corpus(out, [str(s) for s in sources], workers=1, progress=False, **OPTS)
+    return m, read_corpus(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 6: damaged archives are dropped with a reason, the build goes on, nothing garbled is kept
+
+def _damaged_wheel(path: Path) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(3):
+            z.writestr(f"hurt/m{i}.py", py_code(100 + i))
+        z.writestr("hurt-1.0.dist-info/METADATA", MIT_META)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("hurt/m1.py")
+    # Local header: 30 bytes + name + extra; the first deflate byte 0x07 is BFINAL=1 with the
+    # reserved block type 11 -> zlib.error("invalid block type").
+    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    raw[info.header_offset + 30 + name_len + extra_len] = 0x07
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_wheel_member_is_dropped_and_the_build_goes_on(tmp_path):
+    whl = tmp_path / "src" / "hurt-1.0-py3-none-any.whl"
+    whl.parent.mkdir()
+    _damaged_wheel(whl)
+    good = tmp_path / "src" / "proj"
+    good.mkdir()
+    (good / "ok.py").write_text(py_code(7))
+    (good / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge, to any person")
+    m, docs = _build(tmp_path, whl, good)
+    assert sorted(d["path"] for d in docs) == ["hurt/m0.py", "hurt/m2.py", "ok.py"]
+    un = m["dropped"]["unreadable"]
+    assert un["files"] == 1 and "hurt/m1.py" in un["examples"][0] and "damaged archive member" in un["examples"][0]
+
+
+def _tar_members(n: int = 40) -> list[tuple[str, bytes]]:
+    return [(f"pkg-1.0/pkg/m{i:02d}.py", py_code(200 + i).encode()) for i in range(n)]
+
+
+def _write_tar(path: Path, mode: str) -> None:
+    with tarfile.open(path, mode) as tf:
+        for name, data in _tar_members():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("suffix,mode", [("tar.gz", "w:gz"), ("tar.xz", "w:xz"), ("tar.bz2", "w:bz2")])
+def test_tar_corrupted_mid_stream_is_dropped_whole(tmp_path, suffix, mode):
+    path = tmp_path / f"pkg-1.0.{suffix}"
+    _write_tar(path, mode)
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    for k in range(mid, mid + 16):
+        raw[k] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    items = list(read_task(Task("archive", "archive", path=str(path)), SizeLimits()))
+    assert not [i for i in items if isinstance(i, RawDoc)]          # nothing from a damaged stream
+    assert [(i.reason, i.where) for i in items] == [("unreadable", str(path))]
+    assert "cannot read archive" in items[0].message
+
+
+def test_plain_tar_with_a_damaged_header_is_not_read_partly(tmp_path):
+    path = tmp_path / "pkg-1.0.tar"
+    _write_tar(path, "w")
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tf:
+        offset = tf.getmembers()[12].offset
+    raw[offset + 148: offset + 156] = b"0000000\0"                    # wrong header checksum
+    path.write_bytes(bytes(raw))
+    items = list(read_task(Task("archive", "archive", path=str(path)), SizeLimits()))
+    assert [(i.reason, i.where) for i in items] == [("unreadable", str(path))]
+    assert "damaged tar header" in items[0].message
+
+
+def test_truncated_jsonl_gz_keeps_nothing(tmp_path):
+    path = tmp_path / "t.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(40):
+            f.write(json.dumps({"content": py_code(300 + i), "path": f"m{i}.py"}) + "\n")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    refs, enum = enumerate_sources([parse_source(str(path))], SizeLimits())
+    items = [i for t in enum.tasks for i in read_task(t, SizeLimits())]
+    assert [(i.reason, i.where) for i in items] == [("unreadable", str(path))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: decompression bombs cost time, not memory
+
+_PROBE = textwrap.dedent("""
+    import resource, sys
+    from nanoseek.data.build import _init_worker, _process_task, BuildConfig
+    from nanoseek.data.sources import enumerate_sources, parse_source, batch_files, SizeLimits
+    cfg = BuildConfig(decontaminate=False, near_dedup=False, license_policy="any")
+    _init_worker(cfg, None)
+    refs, enum = enumerate_sources([parse_source(sys.argv[1])], SizeLimits())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    drops, kept = {}, 0
+    for t in batch_files(refs) + enum.tasks:
+        r = _process_task(t)
+        kept += len(r.docs)
+        for k, v in r.drops.items():
+            drops[k] = drops.get(k, 0) + v[0]
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(json.dumps({"grew_mb": grew / 1024, "kept": kept, "drops": drops}))
+""").replace("import resource, sys", "import json, resource, sys")
+
+
+def _probe(path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+BOMB = 400 << 20   # decompressed bytes of each bomb (about 0.4 MB compressed)
+
+
+def _zeros(f, n: int) -> None:
+    chunk = b"\0" * (1 << 20)
+    for _ in range(n // len(chunk)):
+        f.write(chunk)
+
+
+def test_zip_bomb_license_is_read_bounded(tmp_path):
+    path = tmp_path / "bomb-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr("bomb/ok.py", py_code(1))
+        z.writestr("bomb-1.0.dist-info/METADATA", MIT_META)
+        with z.open("bomb-1.0.dist-info/LICENSE", "w", force_zip64=True) as f:
+            _zeros(f, BOMB)
+        with z.open("bomb/huge.py", "w", force_zip64=True) as f:
+            _zeros(f, BOMB)
+    assert path.stat().st_size < 4 << 20
+    r = _probe(path)
+    assert r["grew_mb"] < 100, r
+    assert r["kept"] == 1 and r["drops"] == {"too_large": 1}, r
+
+
+def test_jsonl_gz_bomb_is_streamed(tmp_path):
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write((json.dumps({"content": py_code(1), "path": "a.py"}) + "\n").encode())
+        f.write(b'{"path": "b.py", "content": "')
+        chunk = b"a" * (1 << 20)
+        for _ in range(BOMB // len(chunk)):
+            f.write(chunk)
+        f.write(b'"}\n')
+        f.write((json.dumps({"content": py_code(2), "path": "c.py"}) + "\n").encode())
+    assert path.stat().st_size < 4 << 20
+    r = _probe(path)
+    assert r["grew_mb"] < 100, r
+    assert r["kept"] == 2 and r["drops"] == {"too_large": 1}, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: nothing outside the source root is read, skipped links are counted
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_checkout_symlinks_out_of_the_root_are_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with zipfile.ZipFile(outside / "evil-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("evil/stolen.py", "STOLEN_FROM_OUTSIDE = 1\n" + py_code(9))
+        z.writestr("evil-1.0.dist-info/METADATA", MIT_META)
+    (outside / "private.py").write_text("PRIVATE_OUTSIDE = 1\n" + py_code(10))
+    (outside / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge")
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "ok.py").write_text(py_code(11))
+    os.symlink(outside / "evil-1.0-py3-none-any.whl", repo / "wheels.whl")
+    os.symlink(outside / "private.py", repo / "src" / "linked.py")
+    os.symlink(outside, repo / "linkdir")
+    os.symlink(outside / "LICENSE", repo / "LICENSE")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    m, docs = _build(tmp_path, repo)
+    assert [d["path"] for d in docs] == ["src/ok.py"]
+    assert all("OUTSIDE" not in d["content"] for d in docs)
+    assert docs[0]["license"] is None            # the linked LICENSE was not read either
+    assert m["dropped"]["symlink"]["files"] == 4
