@@ -132,7 +132,7 @@ def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens
 
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.engine.speculative import speculative_generate
+    from nanoseek.engine.generate import speculative_generate
 
     model = Transformer.from_pretrained(ckpt).eval()
     tok = load_tokenizer(tok_dir or ckpt)

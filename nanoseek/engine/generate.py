@@ -35,6 +35,7 @@ import torch
 
 from .batch import BatchRunner, Delta, Sequence
 from .sampling import SamplingParams
+from .speculative import SpecStats
 
 DEFAULT_CHUNK = 512
 
@@ -210,3 +211,33 @@ def fill_in_middle(model, tokenizer, prefix: str, suffix: str, max_new_tokens: i
     """The generated middle between `prefix` and `suffix` (generation ends at EOS)."""
     res = generate_full(model, fim_prompt(tokenizer, prefix, suffix), max_new_tokens, tokenizer=tokenizer, **kw)
     return res[0].text
+
+
+@torch.no_grad()
+def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int = 2,
+                         stop_ids: tuple[int, ...] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                         top_k: int = 0, seed: int | None = None) -> tuple[list[int], SpecStats]:
+    """Generate for one prompt with MTP speculative decoding; returns (token ids, SpecStats).
+    Stops at `stop_ids` (default: the model's EOS; the stop token is included in the output, as
+    before). Greedy when temperature == 0, otherwise speculative sampling (seeded if `seed`)."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()  # [S] or [1, S]
+    if not prompt:
+        raise ValueError("empty prompt")
+    stop = tuple(stop_ids if stop_ids is not None else (model.config.eos_token_id,))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop_token_ids=stop)
+    runner = BatchRunner(model, 1, len(prompt) + max(max_new_tokens, 1), speculative_tokens=num_draft)
+    seq = Sequence(prompt, params)
+    runner.add(seq)
+    was_training = model.training
+    model.eval()
+    try:
+        while runner.has_work():
+            runner.step()
+    finally:
+        model.train(was_training)
+    out = list(seq.tokens)
+    if seq.stop_token is not None:
+        out.append(seq.stop_token)
+    st = runner.spec_stats
+    return out, SpecStats(rounds=runner.steps + 1, drafted=st.drafted, accepted=st.accepted, generated=len(out))

@@ -29,7 +29,7 @@ sampling distribution (tests/engine/test_speculative.py checks both); the MTP on
 The rounds run inside the continuous-batching runner (batch.py, `speculative_tokens=K`), which
 calls `spec_round` on a lone decoding sequence and falls back to batched one-token steps when
 several sequences decode (a multi-token model call needs all its rows at one position).
-`speculative_generate` is the batch-1 convenience wrapper:
+`speculative_generate` (generate.py, with the other drivers) is the batch-1 convenience wrapper:
 
     ids, stats = speculative_generate(model, prompt_ids, max_new_tokens=64, num_draft=2)
     ids, stats = speculative_generate(model, prompt_ids, 64, temperature=0.8, top_p=0.95, seed=1)
@@ -139,35 +139,3 @@ def spec_round(model, cache, last_h: torch.Tensor, tok: int, k: int, params: Sam
     cache.mtp_pos[0].fill_(mtp_after_first)
     new_pending = [(v_streams[:, :a], drafts[:a])] if a else []
     return emitted, a, main, v_streams[:, a : a + 1], new_pending
-
-
-@torch.no_grad()
-def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int = 2,
-                         stop_ids: tuple[int, ...] | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                         top_k: int = 0, seed: int | None = None) -> tuple[list[int], SpecStats]:
-    """Generate for one prompt with MTP speculative decoding; returns (token ids, SpecStats).
-    Stops at `stop_ids` (default: the model's EOS; the stop token is included in the output, as
-    before). Greedy when temperature == 0, otherwise speculative sampling (seeded if `seed`)."""
-    from .batch import BatchRunner, Sequence
-
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()  # [S] or [1, S]
-    if not prompt:
-        raise ValueError("empty prompt")
-    stop = tuple(stop_ids if stop_ids is not None else (model.config.eos_token_id,))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop_token_ids=stop)
-    runner = BatchRunner(model, 1, len(prompt) + max(max_new_tokens, 1), speculative_tokens=num_draft)
-    seq = Sequence(prompt, params)
-    runner.add(seq)
-    was_training = model.training
-    model.eval()
-    try:
-        while runner.has_work():
-            runner.step()
-    finally:
-        model.train(was_training)
-    out = list(seq.tokens)
-    if seq.stop_token is not None:
-        out.append(seq.stop_token)
-    st = runner.spec_stats
-    return out, SpecStats(rounds=runner.steps + 1, drafted=st.drafted, accepted=st.accepted, generated=len(out))

@@ -91,7 +91,7 @@ def evaluate_bpb(model, batches, token_bytes, max_tokens: int | None = None, pro
 def run_bpb(model_dir, shard_dir, tokenizer_dir=None, split: str = "val", batch_size: int = 4,
             seq_len: int = 512, max_tokens: int | None = None, progress: bool = True) -> dict:
     from ..data.shards import TokenLoader
-    from .generation import load_model_and_tokenizer
+    from ..engine.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir, tokenizer_dir)
     loader = TokenLoader(shard_dir, split, batch_size=batch_size, seq_len=seq_len, tokenizer=tok,

@@ -12,23 +12,7 @@ enabled; ordinary code prompts are encoded as plain text (a literal "<think>" in
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import torch
-
-
-def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                             dtype: torch.dtype | None = None):
-    from ..data.tokenizer import load_tokenizer
-    from ..model import Transformer
-
-    model_dir = Path(model_dir)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
-    if not (tok_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer DIR")
-    model = Transformer.from_pretrained(model_dir, dtype=dtype).eval()
-    return model, load_tokenizer(tok_dir)
+from ..engine.loading import load_model_and_tokenizer  # noqa: F401  (re-exported: the one loader)
 
 
 def model_complete_fn(model, tokenizer, special_prompts: bool = False, batch_size: int = 8):

@@ -12,7 +12,8 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import Engine, SamplingParams, generate, generate_full
 from nanoseek.engine import batch as batch_mod
 from nanoseek.engine.batch import BatchRunner, Sequence
-from nanoseek.engine.speculative import accept_sampled, sampling_probs, speculative_generate
+from nanoseek.engine.generate import speculative_generate
+from nanoseek.engine.speculative import accept_sampled, sampling_probs
 
 
 def model_with_predictable_mtp():
