@@ -30,7 +30,6 @@ mixture on held-out prompts.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ from pathlib import Path
 import torch
 
 from nanoseek.chat_format import encode_ids
-from nanoseek.train.objectives import Objective, reverse_kl, sampled_reverse_kl_loss, teacher_weights
-from nanoseek.train.parallelize import all_reduce, gather_objects
-from nanoseek.train.rollouts import RolloutStats, rollout_tensors, sample_rollouts, step_prompts
+from nanoseek.eval.common import read_jsonl
+from nanoseek.train.objectives import reverse_kl, sampled_reverse_kl_loss, teacher_weights
+from nanoseek.train.parallelize import gather_objects
+from nanoseek.train.rollouts import RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts, step_prompts
 
 # Distillation LR as a share of the pre-training LR of the student's width (presets.pretrain_lr):
 # the targets are dense (a full distribution per token), so the signal is far less noisy than
@@ -77,22 +77,12 @@ class DistillConfig:
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompts from JSONL: {"prompt": raw text} or {"messages": [...]} (the chat encoding's
     generation prompt is appended)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not (isinstance(obj.get("prompt"), str)
-                                                 or isinstance(obj.get("messages"), list)):
-                raise ValueError(f'{path}:{n}: a prompt needs a "prompt" string or a "messages" list')
-            out.append(obj)
+    for obj in read_jsonl(path):
+        n = obj.pop("_line")
+        if not (isinstance(obj.get("prompt"), str) or isinstance(obj.get("messages"), list)):
+            raise ValueError(f'{path}:{n}: a prompt needs a "prompt" string or a "messages" list')
+        out.append(obj)
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
@@ -146,7 +136,7 @@ def teacher_scores(teachers: list, weights: list[float], batch: dict, vocab: int
     return mix, torch.stack(tok_lp)
 
 
-class DistillObjective(Objective):
+class DistillObjective(RolloutObjective):
     """Full-vocabulary reverse KL to the teachers on the student's own samples (module docstring)."""
 
     name = "distill"
@@ -159,13 +149,6 @@ class DistillObjective(Objective):
         self.teachers: list = []
         self.prompts: list[dict] = []
         self.held_out: list[dict] = []
-
-    def micro_steps(self, cfg, world: int) -> int:
-        shards = world * self.cfg.micro_steps
-        if self.cfg.prompts_per_step % shards:
-            raise ValueError(f"prompts_per_step {self.cfg.prompts_per_step} must be a multiple of "
-                             f"world size x micro-steps = {shards}")
-        return self.cfg.micro_steps
 
     def prepare(self, run) -> None:
         if run.tokenizer is None:
@@ -207,10 +190,6 @@ class DistillObjective(Objective):
                 out[f"kl_teacher{i}"] = (s_tok - tl).mean()     # sampled-token estimate of KL(p_s || pi_i)
         out.update(batch["stats"])
         return out
-
-    def step_tokens(self, run, batches: list[dict]) -> int:
-        n = torch.tensor([float(sum(b["stats"]["rollout_tokens"] for b in batches))], dtype=torch.float64)
-        return int(all_reduce(n, run.dist).item())
 
     @torch.no_grad()
     def evaluate(self, run) -> dict | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +39,13 @@ import torch
 from nanoseek.chat_format import encode_ids
 from nanoseek.eval import humaneval
 from nanoseek.eval.chat_code import request_for
+from nanoseek.eval.common import read_jsonl
 from nanoseek.eval.passk import pass_at_ks
 from nanoseek.eval.rewards import RewardConfig, make_reward
-from nanoseek.train.objectives import (Objective, group_advantages, grpo_loss, overlong_filter_mask,
+from nanoseek.train.objectives import (group_advantages, grpo_loss, overlong_filter_mask,
                                        overlong_penalty, token_logprobs)
-from nanoseek.train.parallelize import all_reduce, gather_objects
-from nanoseek.train.rollouts import RolloutStats, rollout_tensors, sample_rollouts, step_prompts
+from nanoseek.train.parallelize import gather_objects
+from nanoseek.train.rollouts import RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts, step_prompts
 
 # RL learning rate as a share of the pre-training LR of the model's width (presets.pretrain_lr):
 # policy-gradient steps are noisy and a collapsed policy does not recover, so RL moves the
@@ -102,22 +102,13 @@ class RLConfig:
 
 def read_tasks(path: str | Path) -> list[dict]:
     """Tasks from JSONL: every line an object with at least a "prompt" string."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such tasks file")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(t, dict) or not isinstance(t.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: a task needs a "prompt" string')
-            t.setdefault("task_id", f"{p.stem}/{n}")
-            out.append(t)
+    for t in read_jsonl(path):
+        n = t.pop("_line")
+        if not isinstance(t.get("prompt"), str):
+            raise ValueError(f'{path}:{n}: a task needs a "prompt" string')
+        t.setdefault("task_id", f"{Path(path).stem}/{n}")
+        out.append(t)
     if not out:
         raise ValueError(f"{path}: no tasks")
     return out
@@ -129,7 +120,7 @@ def default_held_out(tasks_path: str) -> str | None:
     return str(cand) if cand.is_file() else None
 
 
-class RLObjective(Objective):
+class RLObjective(RolloutObjective):
     """GRPO (module docstring) on the one trainer loop."""
 
     name = "rl"
@@ -146,13 +137,6 @@ class RLObjective(Objective):
         self.zero_var_total = 0
 
     # --- set-up ---
-    def micro_steps(self, cfg, world: int) -> int:
-        shards = world * self.cfg.micro_steps
-        if self.cfg.prompts_per_step % shards:
-            raise ValueError(f"prompts_per_step {self.cfg.prompts_per_step} must be a multiple of "
-                             f"world size x micro-steps = {shards}")
-        return self.cfg.micro_steps
-
     def prepare(self, run) -> None:
         if run.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer (tokenizer files in the model directory, or --tokenizer)")
@@ -202,10 +186,6 @@ class RLObjective(Objective):
                "entropy": _entropy(t.logits.detach(), batch["labels"] != -100), **m}
         out.update(batch["stats"])
         return out
-
-    def step_tokens(self, run, batches: list[dict]) -> int:
-        n = torch.tensor([float(sum(b["stats"]["rollout_tokens"] for b in batches))], dtype=torch.float64)
-        return int(all_reduce(n, run.dist).item())
 
     # --- held-out evaluation ---
     def evaluate(self, run) -> dict | None:

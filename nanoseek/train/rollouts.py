@@ -27,6 +27,8 @@ import torch
 
 from nanoseek.engine.batch import BatchRunner, Sequence
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.train.objectives import Objective
+from nanoseek.train.parallelize import all_reduce
 
 IGNORE_INDEX = -100
 
@@ -142,3 +144,21 @@ def step_prompts(n_prompts: int, per_step: int, step: int, seed: int) -> list[in
         order = prompt_order(n_prompts, seed, epoch)
         out += order[pos: pos + per_step - len(out)].tolist()
     return out
+
+
+class RolloutObjective(Objective):
+    """What RL and distillation share: a step's `prompts_per_step` prompts (their config's) are
+    split over ranks x `micro_steps` data shards, and a step stands for its rollouts' tokens
+    (prompt + completion, summed over ranks), which each batch reports in stats."""
+
+    def micro_steps(self, cfg, world: int) -> int:
+        shards = world * self.cfg.micro_steps
+        if self.cfg.prompts_per_step % shards:
+            raise ValueError(f"prompts_per_step {self.cfg.prompts_per_step} must be a multiple of "
+                             f"world size x micro-steps = {shards}")
+        return self.cfg.micro_steps
+
+    def step_tokens(self, run, batches: list[dict]) -> int:
+        n = torch.tensor([float(sum(b["stats"]["rollout_tokens"] for b in batches))], dtype=torch.float64)
+        return int(all_reduce(n, run.dist).item())
+
