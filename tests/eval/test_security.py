@@ -10,6 +10,8 @@ import pytest
 from nanoseek.eval import security
 from nanoseek.eval.common import EvalInputError
 
+from ..conftest import skip_unless_ci
+
 
 @pytest.fixture(scope="module")
 def det():
@@ -130,14 +132,16 @@ def test_scoring_completions_per_cwe(corpus, det, tmp_path):
 
 # ------------------------------------------------------------------------------ CodeShield
 # Meta's CodeShield (regex + semgrep rules), installed by scripts/setup.sh into its own
-# environment. Not skipped when missing: the set-up installs it, so a missing install is a bug.
+# environment. The set-up tolerates a failed install on a developer's machine (a warning; only
+# `--detector codeshield|both` is then unavailable), so these tests skip there; in CI (CI=true)
+# setup.sh fails on it and these tests fail instead of skipping (tests/conftest.py skip_unless_ci).
 
 @pytest.fixture(scope="module")
 def cs():
     try:
         d = security.CodeShieldDetector()
     except security.CodeShieldUnavailable as e:
-        pytest.fail(f"CodeShield is part of the set-up: {e}")
+        skip_unless_ci(f"CodeShield unavailable (scripts/setup.sh installs it): {e}")
     yield d
     d.close()
 
@@ -201,10 +205,11 @@ def test_codeshield_runs_offline(tmp_path):
     import sys
 
     py = security.codeshield_python()
-    assert py, "CodeShield is part of the set-up (scripts/setup.sh)"
-    if subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"],
-                      capture_output=True).returncode != 0 or not shutil.which("unshare"):
-        pytest.skip("unshare --net unavailable here")
+    if not py:
+        skip_unless_ci("CodeShield unavailable (scripts/setup.sh installs it)")
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"],
+                                                     capture_output=True).returncode != 0:
+        skip_unless_ci("unshare --net unavailable here")
     wrapper = tmp_path / "python-offline"
     wrapper.write_text(f"#!/bin/sh\nexec unshare --user --map-root-user --net {py} \"$@\"\n")
     wrapper.chmod(0o755)
