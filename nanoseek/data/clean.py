@@ -151,6 +151,15 @@ _PROVIDER_PATTERNS: list[tuple[str, tuple[str, ...], re.Pattern]] = [
     ("NPM_TOKEN", ("npm_",), re.compile(r"\bnpm_[A-Za-z0-9]{36}\b")),
     ("PYPI_TOKEN", ("pypi-AgE",), re.compile(r"\bpypi-AgE[A-Za-z0-9_\-]{50,}")),
     ("JWT", ("eyJ",), re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}")),
+    # The rest follow detect-secrets' plugins (tests/data/test_secret_recall.py uses them as oracle).
+    ("TWILIO_KEY", ("AC", "SK"), re.compile(r"\b(?:AC|SK)[0-9a-f]{32}\b")),
+    ("SENDGRID_KEY", ("SG.",), re.compile(r"\bSG\.[\w\-]{22}\.[\w\-]{43}(?![\w\-])")),
+    ("MAILCHIMP_KEY", ("-us",), re.compile(r"\b[0-9a-f]{32}-us\d{1,2}\b")),
+    ("DISCORD_TOKEN", (".",), re.compile(r"\b[MNO](?=[\w\-]{0,24}\d)[\w\-]{23,25}\.[\w\-]{6}\.[\w\-]{27,38}(?![\w\-])")),
+    ("TELEGRAM_BOT_TOKEN", (":AA",), re.compile(r"\b\d{8,10}:AA[\w\-]{33}(?![\w\-])")),
+    ("SQUARE_TOKEN", ("sq0",), re.compile(r"\bsq0(?:csp|atp)-[\w\-]{22,43}")),
+    ("AZURE_STORAGE_KEY", ("AccountKey=",), re.compile(r"(?<=AccountKey=)[A-Za-z0-9+/]{86}==")),
+    ("ARTIFACTORY_TOKEN", ("AKC",), re.compile(r"(?<![\w/])AKC[a-zA-Z0-9]{10,}\b")),
 ]
 
 # PEM private keys. A block is redacted from its BEGIN line to its END line when the text
@@ -161,12 +170,19 @@ _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY( BLOCK)?-----"
 _KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{40,}")
 
 # Passwords inside URLs: scheme://user:password@host, matched at each "://".
-_URL_PASSWORD = re.compile(r"://[^\s:/@'\"]+:(?P<v>[^\s@/'\"]+)@[\w.\-]")
+_URL_PASSWORD = re.compile(r"://[^\s:/@'\"]*:(?P<v>[^\s@/'\"]+)@[\w.\-]")   # user may be empty
 
 # name = "value" where the name suggests a credential. The keyword is found with str.find
 # (cheap), then this is matched right after it. Two families with different bars for what looks
 # live: passwords (short values are real passwords too) and keys/tokens (long, high-entropy).
-_AFTER_NAME = re.compile(r"""[\w\-]*['"]?\s*(?::=|=>|==|=|:)\s*[bruBRU]{0,2}(?P<q>['"`])(?P<v>[^'"`\r\n]+)(?P=q)""")
+# A backslash may precede the quotes: the code of a notebook cell sits inside a JSON string.
+_AFTER_NAME = re.compile(r"""[\w\-]*\\?['"]?(?:[ \t]*:[ \t]*[A-Za-z_][\w.\[\]|, ]{0,40}?)?\s*(?::=|=>|==|=|:)\s*[bruBRU]{0,2}\\?(?P<q>['"`])(?P<v>[^'"`\r\n]+?)\\?(?P=q)""")
+# NAME=value without quotes (shell `export`, .env, INI, YAML): the value runs to the end of the
+# line (or a `;` / `,` / `#`), so a call, subscript or annotation in code never matches.
+_AFTER_NAME_BARE = re.compile(r"""[\w\-]*['"]?[ \t]*(?:=|:)[ \t]*(?P<v>[^\s'"`;,#()\[\]{}<>=$~./%][^\s'"`;,#()\[\]{}<>]*)"""
+                              r"""(?=[ \t]*(?:$|[;,#\r\n]))""", re.MULTILINE)
+_DOTTED = re.compile(r"[\w\-]+(?:\.[\w\-]+)+|0[xX][0-9a-fA-F]+|[\d.]+")
+_IDENT = re.compile(r"[A-Za-z_]\w*")
 # Stems: a name matches when it contains one (password, passwd, db_pwd; api_key, client_secret,
 # access_token, ...); `_AFTER_NAME` then requires an assignment of a string literal.
 _PASSWORD_NAMES = ("passw", "passphrase", "pwd")
@@ -215,6 +231,17 @@ def _key_is_live(v: str) -> bool:
     return _entropy(v) >= 3.0
 
 
+def _bare_value_ok(v: str) -> bool:
+    """An unquoted value that is not a name from code: no URL, path, dotted name or number, and an
+    identifier-shaped value needs upper, lower case and digits, at most one underscore."""
+    if "://" in v or _DOTTED.fullmatch(v):
+        return False
+    if _IDENT.fullmatch(v):
+        return (v.count("_") <= 1 and any(c.islower() for c in v) and any(c.isupper() for c in v)
+                and any(c.isdigit() for c in v))
+    return True
+
+
 def _email_spans(text: str) -> list[tuple[int, int]]:
     spans = []
     i = text.find("@")
@@ -240,6 +267,10 @@ def _assignment_spans(text: str, low: str, names: tuple[str, ...], live, kind: s
             m = _AFTER_NAME.match(text, i + len(name))
             if m and live(m.group("v")):
                 out.append((m.start("v"), m.end("v"), kind))
+            elif m is None:
+                m = _AFTER_NAME_BARE.match(text, i + len(name))
+                if m and _bare_value_ok(m.group("v")) and live(m.group("v")):
+                    out.append((m.start("v"), m.end("v"), kind))
             i = low.find(name, i + len(name))
 
 
