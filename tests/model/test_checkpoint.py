@@ -6,10 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoseek import ModelConfig, Transformer
+from nanoseek import Transformer
 from nanoseek.checkpoint import dequantize_fp8, to_disk_tensors
-
-from .conftest import perturbed
 
 
 def test_round_trip_is_bit_exact_including_mtp(tiny_model, tmp_path):

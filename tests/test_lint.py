@@ -1,0 +1,38 @@
+"""ruff (pyproject.toml [tool.ruff]) is clean over nanoseek/, tests/ and benchmarks/.
+
+ruff is a [dev] dependency (pinned in constraints.txt); without it the test skips outside CI and
+fails in CI (CI=true), where scripts/setup.sh installs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import skip_unless_ci
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ruff() -> list[str] | None:
+    exe = Path(sys.executable).with_name("ruff")
+    if exe.is_file():
+        return [str(exe)]
+    if shutil.which("ruff"):
+        return ["ruff"]
+    try:
+        import ruff  # noqa: F401
+    except ImportError:
+        return None
+    return [sys.executable, "-m", "ruff"]
+
+
+def test_ruff_is_clean():
+    ruff = _ruff()
+    if ruff is None:
+        skip_unless_ci("ruff is not installed (pip install -c constraints.txt -e '.[dev]')")
+    r = subprocess.run(ruff + ["check", "--no-cache", "--output-format", "concise", "nanoseek", "tests", "benchmarks"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"ruff found problems (fix them, or `ruff check --fix`):\n{r.stdout}{r.stderr}"
