@@ -407,13 +407,14 @@ class SFTObjective(Objective):
     def default_total_steps(self, run) -> int | None:
         if self.cfg.epochs is None:
             return None
-        rows = self.make_loader(run, 0, 1, run.cfg.seed).rows_per_epoch()
+        rows = SFTLoader(self.data, run.cfg.micro_batch, run.cfg.seq_len, 0, 1, run.cfg.seed,
+                         pad_id=run.tokenizer.pad_id).rows_per_epoch()
         return max(1, math.ceil(self.cfg.epochs * rows / (run.cfg.micro_batch * run.n_data)))
 
     def make_loader(self, run, index: int, n_data: int, seed: int) -> SFTLoader:
         ld = SFTLoader(self.data, run.cfg.micro_batch, run.cfg.seq_len, index, n_data, seed,
                        pad_id=run.tokenizer.pad_id)
-        self._loaders.append(ld)
+        self._loaders = [x for x in self._loaders if x.index != index] + [ld]   # (remade on resume)
         return ld
 
     def val_batches(self, run):

@@ -301,17 +301,19 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 # Set-up
 
 def _data_vocab(cfg: TrainConfig, objective: Objective, tok) -> int:
+    """The model's vocabulary: the shards' (pre-training), else the model directory's (a
+    fine-tune: its embedding may be padded past the tokenizer), else the tokenizer's."""
     vocab = objective.vocab_size(cfg)
-    if vocab is None and tok is not None:
-        vocab = tok.vocab_size
     if vocab is None and cfg.model and Path(cfg.model).is_dir():
         from nanoseek.config import ModelConfig
 
         vocab = ModelConfig.from_json(cfg.model).vocab_size
+    if vocab is None and tok is not None:
+        vocab = tok.vocab_size
     if vocab is None:
         raise ValueError("cannot tell the vocabulary size: give a tokenizer or a model directory")
-    if tok is not None and tok.vocab_size != vocab:
-        raise ValueError(f"tokenizer vocabulary {tok.vocab_size} != data vocabulary {vocab}")
+    if tok is not None and tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model / data only {vocab}")
     return vocab
 
 
