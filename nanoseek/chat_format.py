@@ -9,6 +9,7 @@ on. Entry points:
     encode_ids(messages, tokenizer, thinking_mode, ...)  -> (token ids, loss mask)
     encode_pieces(messages, thinking_mode, ...)  -> [Piece(text, special, trainable), ...]
     parse_completion(text, thinking_mode)  -> {"role", "content", "reasoning_content", "tool_calls"}
+    ChatStreamSplitter(thinking_mode)  -> streamed reasoning/content deltas that add up to parse_completion
 
 There is one renderer, encode_pieces: it knows which spans are the format's own special tokens
 and which are message text (always text, even when it spells a special token: tokenize with
@@ -720,6 +721,71 @@ def parse_completion(text: str, thinking_mode: str = "chat") -> dict[str, Any]:
             if trailing.strip():
                 content += trailing
     return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": tool_calls}
+
+
+def _safe_prefix(text: str, marker: str) -> str:
+    """text without a trailing piece that could be the start of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return text[:-k]
+    return text
+
+
+class ChatStreamSplitter:
+    """Turns the growing text of a chat turn into reasoning/content deltas for streaming.
+
+        sp = ChatStreamSplitter("thinking")
+        sp.feed(text_so_far)                  # -> {"reasoning_content": ..., "content": ...} (new parts)
+        sp.final(parse_completion(text, mode))  # -> the rest, when the turn ends
+
+    Thinking mode: text before </think> is reasoning. A DSML tool-call block (and the blank line
+    before it) is held back (parse_completion reports it as tool_calls when the turn ends), as is
+    a trailing piece that could be the start of </think> or of the block. Whatever is held back
+    is reconciled with parse_completion() at the end, so the streamed pieces add up to exactly
+    what the non-streaming response returns."""
+
+    _OPEN = "\n\n" + _TOOL_CALLS_OPEN
+
+    def __init__(self, mode: str):
+        if mode not in THINKING_MODES:
+            raise ValueError(f"mode must be one of {THINKING_MODES}, got {mode!r}")
+        self.mode = mode
+        self.sent_reasoning = ""
+        self.sent_content = ""
+
+    def _view(self, text: str) -> tuple[str, str]:
+        reasoning, rest = "", text
+        if self.mode == "thinking":
+            body = text[len(THINK_START):] if text.startswith(THINK_START) else text
+            close = body.find(THINK_END)
+            if close < 0:
+                return _safe_prefix(body, THINK_END), ""
+            reasoning, rest = body[:close], body[close + len(THINK_END):]
+        cut = rest.find(_TOOL_CALLS_OPEN)
+        if cut >= 0:
+            content = rest[:cut]
+            content = content[:-2] if content.endswith("\n\n") else content
+        else:
+            content = _safe_prefix(rest, self._OPEN)
+        return reasoning, content
+
+    def _delta(self, reasoning: str, content: str) -> dict:
+        d = {}
+        if reasoning.startswith(self.sent_reasoning) and len(reasoning) > len(self.sent_reasoning):
+            d["reasoning_content"] = reasoning[len(self.sent_reasoning):]
+            self.sent_reasoning = reasoning
+        if content.startswith(self.sent_content) and len(content) > len(self.sent_content):
+            d["content"] = content[len(self.sent_content):]
+            self.sent_content = content
+        return d
+
+    def feed(self, text: str) -> dict:
+        """The new reasoning/content of the turn's text so far (a dict with the keys that grew)."""
+        return self._delta(*self._view(text))
+
+    def final(self, parsed: dict) -> dict:
+        """What is left to send once the turn ended, given parse_completion's result."""
+        return self._delta(parsed.get("reasoning_content") or "", parsed.get("content") or "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "nanoseek.demo",
     "nanoseek.train.cli",
     "nanoseek.engine.cli",
+    "nanoseek.serve.cli",
 )
 
 

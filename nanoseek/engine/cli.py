@@ -1,10 +1,10 @@
-"""`nanoseek generate`, `nanoseek chat` and `nanoseek serve`: thin wrappers over the engine.
+"""`nanoseek generate` and `nanoseek chat`: thin wrappers over the engine (`nanoseek serve` is
+nanoseek/serve/cli.py).
 
     nanoseek generate --model runs/ckpt --prompt "def fib(n):" --max-new-tokens 64
     nanoseek generate --model runs/ckpt --fim-prefix "def add(a, b):\\n    return " --fim-suffix "\\n"
     nanoseek chat --model runs/ckpt            # /think toggles thinking mode, /reset, /exit
-    nanoseek serve --model runs/ckpt --port 8000 --api-key KEY
-    nanoseek generate|chat|serve ... --speculative 2   # MTP speculative decoding, 2 drafts per round
+    nanoseek generate|chat ... --speculative 2   # MTP speculative decoding, 2 drafts per round
 
 A model directory holds config.json + safetensors (Transformer.save_pretrained) and, unless
 --tokenizer points elsewhere, the tokenizer files (tokenizer.json, ...) of nanoseek.data.tokenizer.
@@ -13,39 +13,11 @@ A model directory holds config.json + safetensors (Transformer.save_pretrained) 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def load_model_and_tokenizer(model_dir, tokenizer_dir=None, dtype: str | None = None, threads: int | None = None,
-                             compile: bool = False):
-    """(Transformer in eval mode, Tokenizer) from a checkpoint directory; clear errors if absent.
-    compile=True: torch.compile the decode step (Transformer.compile_blocks; compiles on first use)."""
-    import torch
-
-    from ..data.tokenizer import load_tokenizer
-    from ..model import Transformer
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d} has no config.json; pass a directory written by save_pretrained")
-    tdir = Path(tokenizer_dir) if tokenizer_dir else d
-    if not (tdir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {tdir}; pass --tokenizer DIR")
-    torch_dtype = getattr(torch, _DTYPES[dtype]) if dtype else None
-    model = Transformer.from_pretrained(d, dtype=torch_dtype).eval()
-    tok = load_tokenizer(tdir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
-    if compile:
-        model.compile_blocks()
-    return model, tok
+from .loading import DTYPES as _DTYPES
+from .loading import load_model_and_tokenizer  # noqa: F401  (re-exported: callers import it from here)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -171,18 +143,6 @@ def cmd_chat(args) -> int:
         messages.append(reply)
 
 
-def cmd_serve(args) -> int:
-    from ..serve.app import ServeConfig, serve
-
-    cfg = ServeConfig(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
-    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
-    serve(args.model, args.host, args.port, api_key, tokenizer_dir=args.tokenizer, model_name=args.model_name,
-          max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype, threads=args.threads, config=cfg,
-          log_level=args.log_level, speculative_tokens=args.speculative, compile=args.compile)
-    return 0
-
-
 def add_subcommands(sub) -> None:
     p = sub.add_parser("generate", help="generate text (or fill in the middle) from a checkpoint, streaming")
     _add_model_args(p)
@@ -199,19 +159,3 @@ def add_subcommands(sub) -> None:
     p.add_argument("--think", action="store_true", help="start in thinking mode (toggle with /think)")
     _add_sampling_args(p, 512)
     p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $NANOSEEK_API_KEY)")
-    p.add_argument("--model-name", default=None, help="model id clients use (default: nanoseek)")
-    p.add_argument("--max-batch", type=int, default=8, help="decode slots (requests decoding together)")
-    p.add_argument("--max-len", type=int, default=4096, help="tokens per slot (prompt + completion)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-prompt-tokens", type=int, default=None)
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
-    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_speculative_arg(p)
-    p.set_defaults(func=cmd_serve)

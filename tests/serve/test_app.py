@@ -172,7 +172,7 @@ def test_malformed_requests_get_json_errors(server, body, status, param):
 
 
 def test_client_disconnect_cancels_generation(server):
-    before = json.loads(raw(server, "GET", "/health", key=None)[1])["decoded_tokens"]
+    before = json.loads(raw(server, "GET", "/health")[1])["decoded_tokens"]
     host, port = server["base"][len("http://"):].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/completions", body=json.dumps(
@@ -184,7 +184,7 @@ def test_client_disconnect_cancels_generation(server):
     conn.close()
     deadline = time.monotonic() + 30
     while True:
-        h = json.loads(raw(server, "GET", "/health", key=None)[1])
+        h = json.loads(raw(server, "GET", "/health")[1])
         if h["in_flight"] == 0 and h["active"] == 0:
             break
         assert time.monotonic() < deadline, f"generation not cancelled: {h}"

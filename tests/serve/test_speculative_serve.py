@@ -33,7 +33,8 @@ def plain(model_dir, ids, n, **kw):
 
 
 def health(server) -> dict:
-    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
+    req = urllib.request.Request(server["base"] + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 
 

@@ -1,0 +1,79 @@
+"""`nanoseek serve`: the OpenAI-compatible HTTP server (app.py) over a checkpoint.
+
+    nanoseek serve runs/ckpt --port 8000 --api-key KEY
+    nanoseek serve --model runs/ckpt ...                      # the same (--model is still accepted)
+    nanoseek serve runs/ckpt --max-model-len 8192 --max-num-seqs 16 --served-model-name coder  # vLLM's spellings
+    nanoseek serve runs/ckpt --speculative 2                  # MTP speculative decoding, 2 drafts per round
+    nanoseek serve runs/ckpt --shutdown-timeout 30            # SIGTERM: running requests get 30 s
+
+A model directory holds config.json + safetensors (Transformer.save_pretrained) and, unless
+--tokenizer points elsewhere, the tokenizer files. The API key may also come from $NANOSEEK_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_DTYPES = ("bf16", "bfloat16", "float32", "fp32")
+
+
+def cmd_serve(args) -> int:
+    from .app import serve
+    from .protocol import ServeConfig
+
+    model = args.model_pos or args.model
+    if model is None:
+        print("error: give the model directory: nanoseek serve MODEL (or --model MODEL)", file=sys.stderr)
+        return 2
+    if args.model_pos and args.model and args.model_pos != args.model:
+        print(f"error: two models given ({args.model_pos}, --model {args.model})", file=sys.stderr)
+        return 2
+    cfg = ServeConfig(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                      max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
+                      shutdown_timeout=args.shutdown_timeout)
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    try:
+        serve(model, args.host, args.port, api_key, tokenizer_dir=args.tokenizer, model_name=args.model_name,
+              max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype, threads=args.threads, config=cfg,
+              log_level=args.log_level, speculative_tokens=args.speculative, compile=args.compile)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", default=None, help="the same, as an option")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: as saved)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (minutes of compilation on first use; see docs/engine.md)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding: K draft tokens per round (0 = off; see docs/engine.md)")
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $NANOSEEK_API_KEY)")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
+                   help="model id clients use (default: nanoseek)")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="decode slots (requests decoding together)")
+    p.add_argument("--max-len", "--max-model-len", dest="max_len", type=int, default=4096,
+                   help="tokens per slot (prompt + completion); at most the checkpoint's max_position_embeddings")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM: seconds running requests get to finish before they are ended (default 10)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
