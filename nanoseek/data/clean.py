@@ -170,6 +170,7 @@ _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY( BLOCK)?-----"
 _KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{40,}")
 
 # Passwords inside URLs: scheme://user:password@host, matched at each "://".
+_URL_STAND_INS = frozenset({"pass", "password", "passwd", "pwd", "pw", "secret", "token", "pass123"})
 _URL_PASSWORD = re.compile(r"://[^\s:/@'\"]*:(?P<v>[^\s@/'\"]+)@[\w.\-]")   # user may be empty
 
 # name = "value" where the name suggests a credential. The keyword is found with str.find
@@ -183,6 +184,7 @@ _AFTER_NAME_BARE = re.compile(r"""[\w\-]*['"]?[ \t]*(?:=|:)[ \t]*(?P<v>[^\s'"`;,
                               r"""(?=[ \t]*(?:$|[;,#\r\n]))""", re.MULTILINE)
 _DOTTED = re.compile(r"[\w\-]+(?:\.[\w\-]+)+|0[xX][0-9a-fA-F]+|[\d.]+")
 _IDENT = re.compile(r"[A-Za-z_]\w*")
+_WORDISH = re.compile(r"[A-Z]?[a-z]{3,}")
 # Stems: a name matches when it contains one (password, passwd, db_pwd; api_key, client_secret,
 # access_token, ...); `_AFTER_NAME` then requires an assignment of a string literal.
 _PASSWORD_NAMES = ("passw", "passphrase", "pwd")
@@ -231,10 +233,15 @@ def _key_is_live(v: str) -> bool:
     return _entropy(v) >= 3.0
 
 
-def _bare_value_ok(v: str) -> bool:
+def _bare_value_ok(v: str, key: bool) -> bool:
     """An unquoted value that is not a name from code: no URL, path, dotted name or number, and an
     identifier-shaped value needs upper, lower case and digits, at most one underscore."""
     if "://" in v or _DOTTED.fullmatch(v):
+        return False
+    # Names are made of words (DebertaV2Converter, key1=value1//key2): in a random key, runs of
+    # 3+ lower-case letters cover about a fifth of the characters; in a name, most of them.
+    # Only for keys/tokens (16+ characters): a short random password can look wordy by chance.
+    if key and sum(len(w) for w in _WORDISH.findall(v)) > 0.5 * len(v):
         return False
     if _IDENT.fullmatch(v):
         return (v.count("_") <= 1 and any(c.islower() for c in v) and any(c.isupper() for c in v)
@@ -269,7 +276,7 @@ def _assignment_spans(text: str, low: str, names: tuple[str, ...], live, kind: s
                 out.append((m.start("v"), m.end("v"), kind))
             elif m is None:
                 m = _AFTER_NAME_BARE.match(text, i + len(name))
-                if m and _bare_value_ok(m.group("v")) and live(m.group("v")):
+                if m and _bare_value_ok(m.group("v"), kind != "PASSWORD") and live(m.group("v")):
                     out.append((m.start("v"), m.end("v"), kind))
             i = low.find(name, i + len(name))
 
@@ -308,7 +315,7 @@ def _secret_spans(text: str) -> list[tuple[int, int, str]]:
         i = text.find("://")
         while i != -1:
             m = _URL_PASSWORD.match(text, i)
-            if m and not _looks_placeholder(m.group("v")):
+            if m and not _looks_placeholder(m.group("v")) and m.group("v").lower() not in _URL_STAND_INS:
                 spans.append((m.start("v"), m.end("v"), "PASSWORD"))
             i = text.find("://", i + 3)
     low = text.lower()
