@@ -125,6 +125,19 @@ def mp_context():
     return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
+_TSV_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(s: str) -> str:
+    """A TSV cell: backslash, tab, CR and LF escaped (\\, \\t, \\r, \\n), so a name cannot forge rows."""
+    return s.translate(_TSV_ESC)
+
+
+def printable(s: str) -> str:
+    """Text safe for a terminal: control characters (ESC sequences, CR, ...) shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
+
+
 def _bucket(seed: int, group: str, n: int) -> int:
     h = hashlib.blake2b(f"{seed}\0{group}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(h, "little") % n
@@ -347,7 +360,7 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
         total.files_seen += 1
         total.drop(s.reason, s.size, s.where, s.message)
         if s.reason == "unreadable":
-            print(f"warning: skipped unreadable input {s.where}: {s.message}", file=sys.stderr)
+            print(printable(f"warning: skipped unreadable input {s.where}: {s.message}"), file=sys.stderr)
     total.not_code = enum.not_code
 
     staging = out / ".staging"
@@ -396,7 +409,7 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
                 d[2].extend(ex[: _EXAMPLES - len(d[2])])
                 if reason == "unreadable" and warned < 20:
                     for e in ex:
-                        print(f"warning: skipped unreadable input {e}", file=sys.stderr)
+                        print(printable(f"warning: skipped unreadable input {e}"), file=sys.stderr)
                         warned += 1
             for doc in res.docs:
                 if doc.digest in exact:
@@ -447,7 +460,7 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
         for gname in sorted(group_stats):
             n, b, bucket = group_stats[gname]
             split = "val" if bucket in val_buckets else "train"
-            f.write(f"{gname}\t{split}\t{n}\t{b}\n")
+            f.write(f"{tsv_field(gname)}\t{split}\t{n}\t{b}\n")
             st = split_stats[split]
             st["files"] += n
             st["bytes"] += b

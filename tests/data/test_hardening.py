@@ -216,3 +216,22 @@ def test_git_checkout_symlinks_out_of_the_root_are_not_followed(tmp_path):
     assert all("OUTSIDE" not in d["content"] for d in docs)
     assert docs[0]["license"] is None            # the linked LICENSE was not read either
     assert m["dropped"]["symlink"]["files"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9 (part): groups.tsv is escaped; file names never put raw control sequences on the terminal
+
+def test_groups_tsv_is_escaped_and_warnings_are_printable(tmp_path, capsys):
+    root = tmp_path / "repos"
+    (root / "evil\tval\t9\t9").mkdir(parents=True)
+    (root / "evil\tval\t9\t9" / "m.py").write_text(py_code(41))
+    (root / "ok").mkdir()
+    (root / "ok" / "m.py").write_text(py_code(42))
+    bad = root / "ok" / "x\x1b[2Jbad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b not gzip")
+    _build(tmp_path, root)
+    rows = (tmp_path / "corpus" / "groups.tsv").read_text().splitlines()
+    assert all(len(r.split("\t")) == 4 for r in rows)
+    assert "evil\\tval\\t9\\t9" in {r.split("\t")[0] for r in rows}
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2Jbad.tar.gz" in err
