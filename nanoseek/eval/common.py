@@ -9,13 +9,13 @@ results are written in input order to `<out>` and the partial file is removed.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..jsonl import read_jsonl as _read_jsonl
 from .sandbox import Job, Result, Sandbox
 
 
@@ -24,24 +24,9 @@ class EvalInputError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    path = str(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        f = opener(path, "rt", encoding="utf-8")
-    except FileNotFoundError:
-        raise EvalInputError(f"{path}: no such file") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{path}:{lineno}: expected a JSON object per line")
-            obj["_line"] = lineno
-            yield obj
+    """The records of a samples/prompts JSONL file (nanoseek.jsonl.read_jsonl), each with its line
+    number under "_line"; EvalInputError naming file:line for anything malformed."""
+    return _read_jsonl(path, error=EvalInputError, line_key="_line")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
