@@ -32,8 +32,8 @@ RANK = {
     "checkpoint": 1, "config": 1, "chat_format": 1,
     "_extras": 0, "jsonl": 0,
 }
-# Temporary aliases kept for code that others are still moving; they are re-exports only.
-ALIASES = {"nanoseek.engine.scheduler"}  # -> nanoseek.engine.engine, until nanoseek/serve imports that
+# Temporary aliases kept for code that is still moving (re-exports only); none at present.
+ALIASES: set[str] = set()
 
 
 def _module_name(path: Path) -> str:
