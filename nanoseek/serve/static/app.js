@@ -328,6 +328,7 @@
         showError(msg);
       }
     } finally {
+      controller.abort(); // hang up whatever is left of the stream (a no-op once it has ended)
       controller = null;
       view.update(content, reasoning);
       view.finish(note);
