@@ -111,11 +111,11 @@ async def merged(streams, drain: Drain) -> AsyncIterator[tuple[int, object]]:
     left = len(streams)
     try:
         while left:
+            if drain.expired():
+                raise shutting_down()
             try:
                 i, d = await asyncio.wait_for(q.get(), timeout=POLL_S)
             except asyncio.TimeoutError:
-                if drain.expired():
-                    raise shutting_down() from None
                 continue
             if isinstance(d, BaseException):
                 raise d

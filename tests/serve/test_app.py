@@ -191,3 +191,5 @@ def test_client_disconnect_cancels_generation(server):
         time.sleep(0.1)
     # it stopped before its 128 tokens (the engine ran only this request meanwhile)
     assert h["decoded_tokens"] - before < 127
+    server["log"].seek(0)
+    assert "Traceback" not in server["log"].read()  # a client hanging up is no error
