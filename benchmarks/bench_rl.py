@@ -294,7 +294,7 @@ def main() -> None:
     args.steps = args.steps or (4 if q else 6)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
     from nanoseek.train.metrics import measure_peak_flops
 
     work = Path(args.work)

@@ -105,7 +105,7 @@ def _rl(root: Path, init: Path, minutes: float) -> dict:
 
 def _evaluate(model_dir: Path, problems: dict, protocols: tuple[str, ...], cache: Path) -> dict:
     """Greedy held-out pass@1 and syntax-valid rate per protocol (cached in `cache`)."""
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
     from nanoseek.eval.chat_code import evaluate_chat, evaluate_completion
 
     if cache.is_file():

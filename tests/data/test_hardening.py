@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek.data.build import build_corpus
-from nanoseek.data.sources import RawDoc, SizeLimits, Skip, Task, enumerate_sources, parse_source, read_task
+from nanoseek.data.sources import RawDoc, SizeLimits, Task, enumerate_sources, parse_source, read_task
 from tests.data.fixture_corpus import py_code, read_corpus
 
 REPO = Path(__file__).resolve().parents[2]

@@ -57,7 +57,7 @@ def models(train_data, tmp_path_factory):
 def heldout_kl(student_dir, teacher_dir, prompts_file) -> float:
     """Full-vocabulary KL(student || teacher) per completion token on the student's own samples
     (fixed seed) of the held-out prompts."""
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
 
     student, tok = load_model_and_tokenizer(student_dir)
     teacher = Transformer.from_pretrained(teacher_dir).eval()

@@ -156,7 +156,7 @@ def test_replace_view_and_refusals(model, tokenizer_dir, tmp_path):
 
 
 def test_step_checkpoint_is_self_contained(model, tokenizer_dir, tmp_path):
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
 
     ckpt = save_checkpoint(tmp_path, 7, SelfContained(model, tokenizer_dir), {"step": 7})
     assert load_tree(ckpt / "train_state.safetensors") == {"step": 7}

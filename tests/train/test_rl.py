@@ -61,7 +61,7 @@ def records(run_dir) -> list[dict]:
 
 def heldout_reward(model_dir, prompts: list[str]) -> float:
     """Mean share of 'a' over 8 samples of each held-out prompt (fixed seeds)."""
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir)
     outs = sample_rollouts(model, tok, [tok.encode(p, add_bos=True) for p in prompts], n=8, max_new_tokens=16,
@@ -71,7 +71,7 @@ def heldout_reward(model_dir, prompts: list[str]) -> float:
 
 def test_rollout_tensors_align_targets_and_sampler_logprobs(setup):
     base, _, _ = setup
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(base)
     outs = sample_rollouts(model, tok, [[tok.bos_id, 5, 6], [tok.bos_id, 7]], n=2, max_new_tokens=5, seed=1)

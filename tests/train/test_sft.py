@@ -135,7 +135,7 @@ def test_sft_data_counts_invalid_lines_and_holds_out(train_data, tmp_path):
 # ------------------------------------------------------------------------- training
 
 def test_sft_overfits_one_conversation_and_writes_a_model_dir(base_model, tmp_path):
-    from nanoseek.engine.cli import load_model_and_tokenizer
+    from nanoseek.engine.loading import load_model_and_tokenizer
     from nanoseek.engine.generate import generate_full
 
     data = write_jsonl(tmp_path / "one.jsonl", [CONVERSATION])
