@@ -4,13 +4,19 @@ Run `nanoseek --help` for the list of subcommands. Each subsystem keeps its own 
 to its code (a module with an `add_subcommands(subparsers)` function listed in `_COMMAND_MODULES`),
 so this file stays a table of contents and no subcommand pulls in the dependencies of another
 (e.g. `nanoseek info` never imports the data pipeline or the server).
+
+One error path: a user error (missing file, bad value, missing optional dependency) prints one
+line and exits 2 (`NANOSEEK_DEBUG=1` shows the traceback); `nanoseek --version`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from nanoseek import _extras
 
 # Modules that contribute subcommands. Each defines `add_subcommands(subparsers)` and sets
 # `func` on the parsers it adds; the function receives the parsed `argparse.Namespace`.
@@ -26,10 +32,13 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nanoseek import __version__
+
     parser = argparse.ArgumentParser(
         prog="nanoseek",
         description="nanoseek: train, evaluate and serve DeepSeek-V4-architecture code models.",
     )
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_subcommands(sub)
@@ -47,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:          # an optional dependency: one line naming the extra
+        msg = _extras.explain(e)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ValueError) as e:
+        # a user error (a missing file, a bad value): one line, no traceback, unless debugging
+        if os.environ.get("NANOSEEK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -48,4 +48,11 @@ if [ -f scripts/setup_sandbox.sh ]; then
         [ "$CI_MODE" = "1" ] && { echo '[setup] CI=true: the sandbox isolation tools are required in CI'; exit 1; }
     fi
 fi
+# headless Chromium + chromedriver (Debian packages) for the chat page's browser test
+if [ -f scripts/setup_browser.sh ]; then
+    if ! bash scripts/setup_browser.sh; then
+        echo "[setup] chromium/chromedriver unavailable: tests/serve/test_chat_page.py will skip"
+        [ "$CI_MODE" = "1" ] && { echo '[setup] CI=true: the browser for the chat-page test is required in CI'; exit 1; }
+    fi
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, nanoseek; print("torch", torch.__version__, "| nanoseek", nanoseek.__version__)')"
