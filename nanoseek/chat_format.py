@@ -69,6 +69,25 @@ TASK_TOKENS = {
 # <｜read_url｜> decision is asked for. Listed so the tokenizer covers it.
 EXTRACTED_URL = "<｜extracted_url｜>"
 
+# Not part of the chat format but special tokens of the same vocabulary (DeepSeek's strings):
+# padding and fill-in-the-middle (PSM: <BOS><｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>{middle}).
+PAD = "<｜▁pad▁｜>"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_END = "<｜fim▁end｜>"
+
+# The one definition of the special-token vocabulary: (name, string) in id order. BOS = 0 and
+# EOS = 1 as in DeepSeek-V4's config.json; ids 19-31 are reserved placeholders so that a later
+# special token never shifts the ordinary vocabulary. nanoseek.data.tokenizer trains with it.
+VOCABULARY_SPECIALS: tuple[tuple[str, str], ...] = (
+    ("bos", BOS), ("eos", EOS), ("pad", PAD), ("user", USER), ("assistant", ASSISTANT),
+    ("latest_reminder", LATEST_REMINDER), ("think_begin", THINK_START), ("think_end", THINK_END), ("dsml", DSML),
+    ("fim_begin", FIM_BEGIN), ("fim_hole", FIM_HOLE), ("fim_end", FIM_END),
+    ("action", TASK_TOKENS["action"]), ("query", TASK_TOKENS["query"]), ("authority", TASK_TOKENS["authority"]),
+    ("domain", TASK_TOKENS["domain"]), ("title", TASK_TOKENS["title"]), ("extracted_url", EXTRACTED_URL),
+    ("read_url", TASK_TOKENS["read_url"]),
+) + tuple((f"placeholder_{i}", f"<｜place▁holder▁no▁{i}｜>") for i in range(19, 32))
+
 # Every special-token string this format can put into a prompt or expect in a completion, for
 # tokenizer coverage checks.
 SPECIAL_TOKENS: tuple[str, ...] = (

@@ -51,29 +51,11 @@ from pathlib import Path
 
 import numpy as np
 
-# (attribute name, token string). Order = id. Strings are DeepSeek's: full-width "｜" (U+FF5C)
-# and "▁" (U+2581).
-SPECIAL_TOKENS: list[tuple[str, str]] = [
-    ("bos", "<｜begin▁of▁sentence｜>"),
-    ("eos", "<｜end▁of▁sentence｜>"),
-    ("pad", "<｜▁pad▁｜>"),
-    ("user", "<｜User｜>"),
-    ("assistant", "<｜Assistant｜>"),
-    ("latest_reminder", "<｜latest_reminder｜>"),
-    ("think_begin", "<think>"),
-    ("think_end", "</think>"),
-    ("dsml", "｜DSML｜"),
-    ("fim_begin", "<｜fim▁begin｜>"),
-    ("fim_hole", "<｜fim▁hole｜>"),
-    ("fim_end", "<｜fim▁end｜>"),
-    ("action", "<｜action｜>"),
-    ("query", "<｜query｜>"),
-    ("authority", "<｜authority｜>"),
-    ("domain", "<｜domain｜>"),
-    ("title", "<｜title｜>"),
-    ("extracted_url", "<｜extracted_url｜>"),
-    ("read_url", "<｜read_url｜>"),
-] + [(f"placeholder_{i}", f"<｜place▁holder▁no▁{i}｜>") for i in range(19, 32)]
+from nanoseek.chat_format import VOCABULARY_SPECIALS
+
+# (attribute name, token string). Order = id. One definition: the chat format's vocabulary
+# (DeepSeek's strings: full-width "｜" (U+FF5C) and "▁" (U+2581)).
+SPECIAL_TOKENS: list[tuple[str, str]] = list(VOCABULARY_SPECIALS)
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 
 CODE_PATTERN = (

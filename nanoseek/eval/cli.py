@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from .. import chat_format
+
 
 def _sandbox_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sandbox")
@@ -104,9 +106,9 @@ def add_subcommands(subparsers) -> None:
     _sandbox_args(p)
     p.add_argument("--subset", nargs="+", default=["single-line", "multi-line"],
                    choices=["single-line", "multi-line"])
-    p.add_argument("--fim-begin", default="<｜fim▁begin｜>")
-    p.add_argument("--fim-hole", default="<｜fim▁hole｜>")
-    p.add_argument("--fim-end", default="<｜fim▁end｜>")
+    p.add_argument("--fim-begin", default=chat_format.FIM_BEGIN)
+    p.add_argument("--fim-hole", default=chat_format.FIM_HOLE)
+    p.add_argument("--fim-end", default=chat_format.FIM_END)
     _model_args(p)
     p.set_defaults(func=cmd_fim)
 

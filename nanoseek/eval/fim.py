@@ -26,6 +26,7 @@ import os
 from collections import defaultdict
 from typing import Iterable
 
+from ..chat_format import FIM_BEGIN, FIM_END, FIM_HOLE
 from .common import EvalInputError, load_samples, score_with_sandbox
 from .humaneval import TIMEOUT_S, load_problems, make_job, reference_result
 from .passk import pass_at_ks
@@ -40,9 +41,9 @@ class FimFormat:
     """How prefix and suffix are shown to the model (prefix-suffix-middle order). The defaults
     are DeepSeek's FIM special tokens; pass the ones of your tokenizer if they differ."""
 
-    begin: str = "<｜fim▁begin｜>"
-    hole: str = "<｜fim▁hole｜>"
-    end: str = "<｜fim▁end｜>"
+    begin: str = FIM_BEGIN
+    hole: str = FIM_HOLE
+    end: str = FIM_END
 
     def __call__(self, prefix: str, suffix: str) -> str:
         return f"{self.begin}{prefix}{self.hole}{suffix}{self.end}"
