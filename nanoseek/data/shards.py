@@ -254,6 +254,19 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     return index
 
 
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """np.load of a shard file; a missing or garbage file is one clear error naming it."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: shard file missing (run `nanoseek data tokenize` again)") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable shard file ({e})") from None
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{path}: not a token shard (dtype {arr.dtype})")
+    return arr
+
+
 def load_index(shard_dir: str | os.PathLike) -> dict:
     p = Path(shard_dir) / _INDEX
     if not p.is_file():
@@ -272,8 +285,14 @@ class ShardSet:
         if split not in self.index["splits"]:
             raise ValueError(f"unknown split {split!r}; have {sorted(self.index['splits'])}")
         names = self.index["splits"][split]["shards"]
-        self.tokens = [np.load(Path(shard_dir) / f"{n}.tokens.npy", mmap_mode="r") for n in names]
-        offsets = [np.load(Path(shard_dir) / f"{n}.docs.npy") for n in names]
+        self.names = list(names)
+        self.vocab_size = int(self.index["vocab_size"])
+        self.tokens = [_load_npy(Path(shard_dir) / f"{n}.tokens.npy", mmap=True) for n in names]
+        offsets = [_load_npy(Path(shard_dir) / f"{n}.docs.npy") for n in names]
+        for n, o, t in zip(names, offsets, self.tokens):
+            if o.ndim != 1 or o.size < 1 or int(o[0]) != 0 or int(o[-1]) != t.size or bool((np.diff(o) < 0).any()):
+                raise ValueError(f"{Path(shard_dir) / n}.docs.npy: document offsets do not match the token file "
+                                 f"(damaged shards: run `nanoseek data tokenize` again)")
         self.doc_shard = np.concatenate([np.full(o.size - 1, i, dtype=np.int32) for i, o in enumerate(offsets)]) \
             if offsets else np.empty(0, dtype=np.int32)
         self.doc_start = np.concatenate([o[:-1] for o in offsets]) if offsets else np.empty(0, dtype=np.int64)
@@ -284,7 +303,14 @@ class ShardSet:
         return int(self.doc_start.size)
 
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.doc_shard[i]][self.doc_start[i]:self.doc_end[i]]
+        k = self.doc_shard[i]
+        t = self.tokens[k][self.doc_start[i]:self.doc_end[i]]
+        # ids past the vocabulary would index outside the embedding table: damaged shards, or
+        # shards of another tokenizer (checked per document, as it is read: no full pass at start)
+        if t.size and int(t.max()) >= self.vocab_size:
+            raise ValueError(f"{self.names[k]}.tokens.npy: token id {int(t.max())} in document {i} is outside the "
+                             f"vocabulary ({self.vocab_size}); the shards are damaged or from another tokenizer")
+        return t
 
     @property
     def num_tokens(self) -> int:
