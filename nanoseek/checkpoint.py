@@ -140,7 +140,14 @@ def _shard_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).exists():
         with open(path / INDEX_NAME, encoding="utf-8") as f:
             index = json.load(f)
-        return [path / f for f in sorted(set(index["weight_map"].values()))]
+        names = sorted(set(index["weight_map"].values()))
+        root = path.resolve()
+        for name in names:
+            # an index is data from whoever wrote the checkpoint: it names files of this directory only
+            if not isinstance(name, str) or Path(name).name != name or (path / name).resolve().parent != root:
+                raise ValueError(f"{path / INDEX_NAME}: weight_map names {name!r}, which is not a file of "
+                                 f"the model directory")
+        return [path / f for f in names]
     if (path / SINGLE_NAME).exists():
         return [path / SINGLE_NAME]
     # (a training checkpoint's optimizer state is safetensors too: never read it as weights)

@@ -113,6 +113,8 @@ def _tokenize_chunk(job: dict) -> dict:
     tmp_t, tmp_d = out.with_name(out.name + ".tokens.tmp.npy"), out.with_name(out.name + ".docs.tmp.npy")
     np.save(tmp_t, tokens)
     np.save(tmp_d, docs)
+    # the shard's source bytes, so that a resumed run's index counts bytes per token over all shards
+    out.with_name(out.name + ".meta.json").write_text(json.dumps({"bytes": nbytes, "tokens": int(tokens.size)}))
     os.replace(tmp_t, out.with_name(out.name + ".tokens.npy"))
     os.replace(tmp_d, out.with_name(out.name + ".docs.npy"))  # last: marks the shard complete
     return {"name": job["name"], "tokens": int(tokens.size), "docs": len(lengths), "bytes": nbytes}
@@ -129,7 +131,14 @@ def _shard_done(out_dir: Path, name: str) -> dict | None:
         return None
     if docs.size == 0 or int(docs[-1]) != tokens.size:
         return None
-    return {"name": name, "tokens": int(tokens.size), "docs": int(docs.size - 1), "bytes": None}
+    nbytes = None
+    try:
+        meta = json.loads((out_dir / f"{name}.meta.json").read_text())
+        if meta.get("tokens") == int(tokens.size):
+            nbytes = int(meta["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass   # a shard written before byte counts were kept: left out of bytes_per_token
+    return {"name": name, "tokens": int(tokens.size), "docs": int(docs.size - 1), "bytes": nbytes, "reused": True}
 
 
 def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -234,8 +243,9 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
             "tokens": sum(s["tokens"] for s in shards),
             "docs": sum(s["docs"] for s in shards),
         }
-    new_bytes = sum(r["bytes"] for r in results.values() if r["bytes"] is not None)
-    new_tokens = sum(r["tokens"] for r in results.values() if r["bytes"] is not None)
+    counted = [r for r in results.values() if r["bytes"] is not None]
+    all_bytes, all_tokens = sum(r["bytes"] for r in counted), sum(r["tokens"] for r in counted)
+    new_bytes = sum(r["bytes"] for r in counted if not r.get("reused"))
     index = {
         "format": "nanoseek-shards",
         "settings": settings,
@@ -244,7 +254,7 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
         "special_ids": {k: getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad", "fim_begin", "fim_hole", "fim_end")},
         "splits": splits,
         "source_bytes": manifest["counts"]["kept_bytes"],
-        "bytes_per_token": round(new_bytes / new_tokens, 4) if new_tokens else None,
+        "bytes_per_token": round(all_bytes / all_tokens, 4) if all_tokens else None,
         "timing": {"seconds": round(elapsed, 2), "workers": workers,
                    "mb_per_s": round(new_bytes / 1e6 / max(elapsed, 1e-9), 2) if new_bytes else None},
     }

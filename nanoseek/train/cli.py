@@ -218,8 +218,9 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     a("--updates-per-batch", type=int, default=d.updates_per_batch,
       help="optimizer steps per rollout batch (>1: PPO ratio clipping matters)")
     a("--kl-coef", type=float, default=d.kl_coef, help="k3 KL to the frozen initial policy (default 0: off)")
-    a("--overlong", choices=["penalty", "mask", "none"], default=d.overlong,
-      help="truncated completions: DAPO's soft penalty (default), masked out of the loss, or nothing")
+    a("--overlong", choices=["mask", "penalty", "none"], default=d.overlong,
+      help="completions cut by --max-new-tokens: masked out of the loss (default, DAPO's overlong filtering), "
+           "DAPO's soft length penalty, or nothing")
     a("--overlong-buffer", type=int, default=None, help="penalty ramp length in tokens (default max-new-tokens/4)")
     a("--resample-zero-variance", type=int, default=d.resample_zero_variance,
       help="re-sample groups whose rewards are all equal, up to N times (default 0: drop and count them)")

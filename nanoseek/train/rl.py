@@ -12,7 +12,8 @@ One optimizer step (per data shard: the step's prompts are split over ranks x mi
   2. rewards -- each row is submitted to the reward as soon as it finishes generating
      (nanoseek.eval.rewards: the code reward runs the task's test in the eval sandbox through
      the scoring path of `nanoseek eval humaneval`, on a worker pool, so scoring overlaps the
-     rows still decoding); DAPO's soft overlong penalty (or overlong masking) is added;
+     rows still decoding); completions cut by the token limit are masked out of the loss
+     (DAPO's overlong filtering; `--overlong penalty`: its soft length penalty instead);
   3. advantages -- group-relative, mean-centred (Dr. GRPO; `--scale-by-std` for GRPO's std
      division); groups whose rewards are all equal carry no signal: they are dropped from the
      loss and counted (`--resample-zero-variance N` samples them again, up to N times);
@@ -77,7 +78,7 @@ class RLConfig:
     updates_per_batch: int = 1
     kl_coef: float = 0.0
     tis_cap: float = 2.0
-    overlong: str = "penalty"          # penalty | mask | none
+    overlong: str = "mask"             # mask | penalty | none
     overlong_buffer: int | None = None  # default max_new_tokens // 4
     resample_zero_variance: int = 0
     partial_credit: bool = False

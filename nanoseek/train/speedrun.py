@@ -91,9 +91,12 @@ def _rl(root: Path, init: Path, minutes: float) -> dict:
     done = _finished(run_dir)
     if done is not None:
         return done
-    # shaped reward: all tests pass (1) + 0.2 for code that parses + 0.1 for the ```python block
+    # shaped reward: all tests pass (1) + 0.2 for code that parses + 0.1 for the ```python block;
+    # answers cut by the token limit are masked out (a CPU-sized model often runs on: a length
+    # penalty would teach it to stop at once rather than to write code)
     rl = RLConfig(tasks=str(root / "tasks" / "tasks.jsonl"), protocol="chat", group_size=8, prompts_per_step=4,
-                  max_new_tokens=192, syntax_weight=0.2, format_weight=0.1, eval_tasks=16, eval_samples=4)
+                  max_new_tokens=192, syntax_weight=0.2, format_weight=0.1, overlong="mask", eval_tasks=16,
+                  eval_samples=4)
     cfg = rl_train_config(str(init), str(run_dir), rl, minutes=minutes, eval_every=0, ckpt_every=10,
                           resume=(run_dir / "checkpoints").is_dir())
     obj = RLObjective(rl, cfg.balance_alpha, cfg.indexer_weight)

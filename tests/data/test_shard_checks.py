@@ -44,3 +44,15 @@ def test_token_ids_outside_the_vocabulary_are_refused(shard_dir, tmp_path):  # n
     with pytest.raises(ValueError, match="outside the vocabulary"):
         for _ in range(50):
             next(loader)
+
+
+def test_bytes_per_token_counts_every_shard_after_a_resume(tmp_path, corpus, tokenizer_dir):  # noqa: F811
+    """A resumed `data tokenize` used to compute bytes_per_token from the re-written shards only."""
+    from nanoseek.data.shards import tokenize_corpus
+
+    out = tmp_path / "s"
+    first = tokenize_corpus(corpus[0], tokenizer_dir, out, workers=1, chunk_mb=0.004, progress=False)
+    (out / "index.json").unlink()
+    sorted(out.glob("train/*.docs.npy"))[1].unlink()         # one shard to redo, the others reused
+    again = tokenize_corpus(corpus[0], tokenizer_dir, out, workers=1, chunk_mb=0.004, progress=False)
+    assert again["bytes_per_token"] == first["bytes_per_token"] and first["bytes_per_token"] > 1

@@ -127,3 +127,15 @@ def test_an_absurd_config_is_refused_before_allocating(tmp_path):
     assert "REFUSED" in r.stdout and "in the checkpoint, config.json implies" in r.stdout, r.stdout + r.stderr
     growth_kb = int(r.stdout.split("GROWTH_KB")[1])
     assert growth_kb < 300_000, growth_kb          # a real build would need far more than 300 MB
+
+
+def test_an_index_cannot_point_outside_the_model_directory(tmp_path):
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny"))
+    m.save_pretrained(tmp_path / "outside")                  # a real weights file elsewhere
+    m.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    weights = {k: "../outside/model.safetensors" for k in ("embed.weight",)}
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weights}))
+    with pytest.raises(ValueError, match="not a file of the model directory"):
+        Transformer.from_pretrained(tmp_path / "m")

@@ -186,7 +186,7 @@ def test_rl_code_reward_end_to_end(setup, tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probs[:2]))
     (tmp_path / "t.heldout.jsonl").write_text(json.dumps(probs[2]) + "\n")
     rl = RLConfig(tasks=str(tmp_path / "t.jsonl"), group_size=2, prompts_per_step=2, max_new_tokens=8,
-                  eval_samples=2, syntax_weight=0.1)
+                  eval_samples=2, syntax_weight=0.1, overlong="penalty")
     cfg = rl_train_config(str(base), str(tmp_path / "run"), rl, max_steps=1, eval_every=0, progress=False,
                           tensorboard=False, peak_tflops=1.0)
     obj = RLObjective(rl)
