@@ -198,7 +198,7 @@ POST_TRAINING_FILE = "post_training.json"
 def _stage_plot(run: Path, name: str, stage_dir: Path) -> str | None:
     """Loss curve of a post-training run (train CE per step, val loss points) as PNG in `run`."""
     recs = _read_jsonl(stage_dir / "metrics.jsonl")
-    steps = [r for r in recs if "ce" in r and "event" not in r]
+    steps = [r for r in recs if ("ce" in r or "reward" in r) and "event" not in r]
     evals = [r for r in recs if r.get("event") == "eval" and "val_loss" in r]
     if not steps:
         return None
@@ -208,12 +208,16 @@ def _stage_plot(run: Path, name: str, stage_dir: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in steps], [r["ce"] for r in steps], lw=1, label="train CE (assistant tokens)")
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="held-out CE")
+    if "reward" in steps[0]:          # an RL stage: its reward terms
+        _series(ax, steps, sorted(k for k in steps[0] if k.startswith("reward") or k == "pass_rate"))
+        ax.set_ylabel("mean reward per term")
+    else:
+        ax.plot([r["step"] for r in steps], [r["ce"] for r in steps], lw=1, label="train CE (assistant tokens)")
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="held-out CE")
+        ax.set_ylabel("nats / token")
     ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
-    ax.set_title(f"{name} loss")
+    ax.set_title(f"{name} loss" if "reward" not in steps[0] else f"{name} reward")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -233,11 +237,20 @@ def _stage_lines(run: Path, st: dict, tasks: dict) -> list[str]:
     summ = st.get("summary") or {}
     data = summ.get("sft_data") or {}
     if summ:
-        val = (summ.get("val") or {}).get("val_loss")
-        lines += [f"{summ.get('steps')} steps, {_fmt(summ.get('tokens'))} row tokens in "
-                  f"{_fmt(summ.get('train_seconds'))} s ({_fmt(summ.get('tok_per_s'))} tok/s); held-out CE "
-                  f"{_fmt(val)}" + (f"; {data.get('examples')} training conversations, "
-                                     f"{data.get('val_examples')} held out" if data else "") + ".", ""]
+        val = summ.get("val") or {}
+        shown = f"held-out CE {_fmt(val.get('val_loss'))}" if "val_loss" in val else ", ".join(
+            f"held-out {k[8:]} {_fmt(v)}" for k, v in sorted(val.items()) if k.startswith("heldout_") and k != "heldout_tasks")
+        lines += [f"{summ.get('steps')} steps, {_fmt(summ.get('tokens'))} tokens in "
+                  f"{_fmt(summ.get('train_seconds'))} s ({_fmt(summ.get('tok_per_s'))} tok/s); {shown or '-'}"
+                  + (f"; {data.get('examples')} training conversations, "
+                     f"{data.get('val_examples')} held out" if data else "") + ".", ""]
+        rl_steps = [r for r in _read_jsonl(Path(st["run_dir"]) / "metrics.jsonl") if "reward" in r and "event" not in r]
+        if rl_steps:
+            a, b = rl_steps[0], rl_steps[-1]
+            terms = sorted(k for k in b if k.startswith("reward_") or k == "pass_rate")
+            lines += ["Training reward, first -> last step: " + ", ".join(
+                [f"total {_fmt(a['reward'])} -> {_fmt(b['reward'])}"] +
+                [f"{k.removeprefix('reward_')} {_fmt(a.get(k))} -> {_fmt(b.get(k))}" for k in terms]) + ".", ""]
     plot = _stage_plot(run, name, Path(st["run_dir"])) if st.get("run_dir") else None
     if plot:
         lines += [f"![{name} loss]({plot})", ""]
