@@ -42,8 +42,11 @@ def test_generate_speculative(saved, capsys):
 
 def test_generate_errors(saved, tmp_path, capsys):
     assert main(["generate", "--model", str(saved[0])]) == 2
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    capsys.readouterr()
+    # a user error is one line and exit 2 (nanoseek.cli's one error path), not a traceback
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and len(err.strip().splitlines()) == 1
 
 
 def test_chat_session(saved, monkeypatch, capsys):
