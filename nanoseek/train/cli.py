@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from nanoseek.train.trainer import TrainConfig
@@ -84,58 +85,147 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_loop_arguments(p: argparse.ArgumentParser, rows: bool = True) -> None:
+# --- flags generated from TrainConfig -----------------------------------------------------------
+# The loop's flags mirror TrainConfig fields one to one: the flag is `--field-name` (dest = the field),
+# type and default come from the dataclass, and this table adds what the dataclass cannot say: help text,
+# choices, extra spellings, and what a None default means. Order = the order in `--help`.
+_LOOP_FLAGS: dict[str, dict] = {
+    "tokenizer_dir": dict(flags=("--tokenizer",), help="tokenizer directory (for val bits-per-byte and samples)",
+                          none="none: no bits-per-byte or samples"),
+    "seq_len": dict(flags=("--seq-len", "--max-seq-len"), help="tokens per row", rows=True),
+    "micro_batch": dict(help="rows per micro-step per rank", rows=True),
+    "batch_tokens": dict(help="global tokens per optimizer step (accumulates)", none="one micro-step", rows=True),
+    "max_steps": dict(flags=("--max-steps", "--steps"), help="optimizer steps", none="none: give it or --minutes"),
+    "minutes": dict(help="training-time budget (horizon fixed after a few timed steps)", none="none"),
+    "calibrate_steps": dict(help="with --minutes: steps timed before the budget fixes the horizon"),
+    "lr": dict(help="peak LR", none="from the model's width"),
+    "adamw_lr": dict(help="LR of the AdamW parameters (embeddings, norms, biases)", none="from the model's width"),
+    "weight_decay": dict(help="decoupled weight decay"),
+    "warmup_steps": dict(help="linear LR warm-up", none="from the model's size"),
+    "decay_frac": dict(help="share of the run over which the LR decays"),
+    "decay_shape": dict(choices=["cosine", "linear"], help="LR decay shape (linear: WSD)"),
+    "final_lr_frac": dict(help="LR at the end of the decay, as a share of the peak"),
+    "grad_clip": dict(help="gradient-norm clip"),
+    "mtp_weight": dict(help="weight of the multi-token-prediction loss"),
+    "mtp_weight_decay": dict(help="MTP weight once the LR decay starts"),
+    "balance_alpha": dict(help="sequence-wise expert-balance loss weight"),
+    "indexer_weight": dict(help="CSA indexer KL loss weight"),
+    "bias_update_speed": dict(help="auxiliary-loss-free expert bias update speed"),
+    "seed": dict(help="seed of the initialisation and the data order"),
+    "eval_every": dict(help="steps between validation passes"),
+    "eval_tokens": dict(help="validation tokens per pass"),
+    "sample_every": dict(help="steps between samples (0: only at the end)"),
+    "sample_prompts": dict(flags=("--prompt",), dest="prompt", action="append",
+                           help="sample prompt (repeatable)"),
+    "sample_tokens": dict(help="tokens generated per sample"),
+    "log_every": dict(help="steps between metric lines"),
+    "ckpt_every": dict(help="steps between checkpoints (0: only at the end)"),
+    "keep_last": dict(help="checkpoints kept"),
+    "resume": dict(help="continue from the newest checkpoint in --out"),
+    "device": dict(choices=["auto", "cpu", "cuda"], help="auto: CUDA when available"),
+    "autocast": dict(choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA, off on CPU"),
+    "compile": dict(nargs="?", const="inductor", metavar="BACKEND",
+                    help="regional torch.compile of the blocks with BACKEND (inductor when none is named; "
+                         "minutes of compilation at the start; docs/train.md)"),
+    "deterministic": dict(help="deterministic kernels (slower)"),
+    "fsdp": dict(help="under torchrun: shard with FSDP2 fully_shard instead of DDP"),
+    "peak_tflops": dict(help="MFU denominator", none="measured"),
+    "on_nonfinite": dict(choices=["stop", "skip"],
+                         help="a non-finite loss or gradient norm: stop with an error or skip that update"),
+    "max_nonfinite_skips": dict(help="with --on-nonfinite skip: stop after this many such steps in a row"),
+    "progress": dict(flags=("--no-progress", "--quiet"), dest="no_progress", action="store_true", default=False,
+                     help="no progress bar"),
+}
+
+# `train`'s own TrainConfig flags (sft/rl/distill take the model as a directory instead).
+_TRAIN_FLAGS: dict[str, dict] = {
+    "run_dir": dict(flags=("--out",), required=True, help="run directory (metrics, checkpoints, report)"),
+    "shard_dir": dict(flags=("--shards",), required=True, help="token shards (nanoseek data tokenize)"),
+    "model": dict(help="preset name (tiny, small, ...) or a config/checkpoint directory", none="from --depth"),
+    "depth": dict(help="scale dial: width, heads, experts, LR, batch follow from it"),
+    "init_from": dict(help="start from the weights of this checkpoint directory", none="random init"),
+    "indexer_warmup_steps": dict(help="dense CSA for the first N steps"),
+    "fim_rate": dict(help="share of documents rearranged fill-in-the-middle"),
+}
+
+# TrainConfig fields with no flag: set by the recipes, or switches nobody has asked for on the command line.
+NOT_FLAGS = frozenset({"tensorboard", "find_unused_parameters", "export_model"})
+
+# Loop fields that sft / rl / distill set from the model directory (their `*_train_config`), so
+# their `--help` does not show TrainConfig's pre-training default for them.
+_RECIPE_SETS = {
+    "tokenizer_dir", "seq_len", "micro_batch", "lr", "warmup_steps", "decay_frac", "decay_shape", "eval_every",
+    "eval_tokens", "sample_prompts", "sample_tokens", "mtp_weight", "mtp_weight_decay", "ckpt_every", "keep_last",
+}
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _type_name(t) -> str:
+    """'int' for `int`, `int | None` or the string annotations of `from __future__ import annotations`."""
+    if not isinstance(t, str):
+        t = " | ".join(getattr(x, "__name__", str(x)) for x in (typing.get_args(t) or (t,)))
+    return t.replace(" | None", "").replace(" | NoneType", "").strip()
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _shown_default(f: dataclasses.Field, spec: dict, recipe: str | None) -> str:
+    if recipe and f.name in _RECIPE_SETS:
+        return f"from the {recipe} recipe and the model"
+    d = _field_default(f)
+    if d is None:
+        return spec.get("none", "from the model's size")
+    if d is False:
+        return "off"
+    if d is True:
+        return "on"
+    if isinstance(d, list):
+        return ", ".join(repr(x) for x in d) or "none"
+    return str(d)
+
+
+def _add_fields(p: argparse.ArgumentParser, table: dict[str, dict], rows: bool = True,
+                recipe: str | None = None) -> None:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, spec in table.items():
+        if spec.get("rows") and not rows:
+            continue
+        f = fields[name]
+        kw = {k: v for k, v in spec.items() if k not in ("flags", "none", "rows", "help")}
+        kw.setdefault("dest", name)
+        kw.setdefault("default", None)             # None: the field keeps its (recipe's) default
+        if "action" not in kw and "nargs" not in kw:
+            base = _type_name(f.type)
+            if base == "bool":
+                kw["action"] = "store_true"
+            else:
+                kw["type"] = _TYPES[base]
+        flags = spec.get("flags") or ("--" + name.replace("_", "-"),)
+        text = spec.get("help", "")
+        if not kw.get("required") and name != "sample_prompts" and name != "progress":
+            text = f"{text} (default: {_shown_default(f, spec, recipe)})".strip()
+        elif name == "sample_prompts":
+            text = f"{text} (default: {_shown_default(f, spec, recipe)})"
+        kw["help"] = text.replace("%", "%%")
+        p.add_argument(*flags, **kw)
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, rows: bool = True, recipe: str | None = None) -> None:
     """Flags of the one training loop, shared by `train`, `sft`, `rl` and `distill` (rows=False:
-    no row geometry, for objectives whose batches are rollouts)."""
-    a = p.add_argument
-    a("--tokenizer", dest="tokenizer_dir", help="tokenizer directory (for val bits-per-byte and samples)")
-    if rows:
-        a("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="tokens per row")
-        a("--micro-batch", dest="micro_batch", type=int, help="rows per micro-step per rank")
-        a("--batch-tokens", dest="batch_tokens", type=int, help="global tokens per optimizer step (accumulates)")
-    a("--max-steps", "--steps", dest="max_steps", type=int, help="optimizer steps")
-    a("--minutes", type=float, help="training-time budget (horizon fixed after a few timed steps)")
-    a("--lr", type=float, help="peak LR (default: from the model's width)")
-    a("--adamw-lr", dest="adamw_lr", type=float)
-    a("--weight-decay", dest="weight_decay", type=float)
-    a("--warmup-steps", dest="warmup_steps", type=int)
-    a("--decay-frac", dest="decay_frac", type=float, help="share of the run over which the LR decays")
-    a("--decay-shape", dest="decay_shape", choices=["cosine", "linear"])
-    a("--grad-clip", dest="grad_clip", type=float)
-    a("--mtp-weight", dest="mtp_weight", type=float)
-    a("--balance-alpha", dest="balance_alpha", type=float)
-    a("--indexer-weight", dest="indexer_weight", type=float)
-    a("--bias-update-speed", dest="bias_update_speed", type=float)
-    a("--seed", type=int)
-    a("--eval-every", dest="eval_every", type=int)
-    a("--eval-tokens", dest="eval_tokens", type=int)
-    a("--sample-every", dest="sample_every", type=int)
-    a("--prompt", action="append", help="sample prompt (repeatable)")
-    a("--ckpt-every", dest="ckpt_every", type=int)
-    a("--keep-last", dest="keep_last", type=int)
-    a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
-    a("--device", choices=["auto", "cpu", "cuda"])
-    a("--autocast", choices=["auto", "bf16", "off"])
-    a("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-      help="regional torch.compile of the blocks with BACKEND (default inductor; minutes of compilation "
-           "at the start; docs/train.md)")
-    a("--deterministic", action="store_true", default=None)
-    a("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2 fully_shard instead of DDP")
-    a("--peak-tflops", dest="peak_tflops", type=float, help="MFU denominator (default: measured)")
-    a("--on-nonfinite", dest="on_nonfinite", choices=["stop", "skip"],
-      help="a non-finite loss or gradient norm: stop with an error (default) or skip that update")
-    a("--no-progress", action="store_true")
+    no row geometry, for objectives whose batches are rollouts; recipe: the command whose
+    `*_train_config` sets some defaults from the model). Generated from TrainConfig (_LOOP_FLAGS)."""
+    _add_fields(p.add_argument_group("training loop (TrainConfig)"), _LOOP_FLAGS, rows=rows, recipe=recipe)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--out", dest="run_dir", required=True, help="run directory (metrics, checkpoints, report)")
-    a("--shards", dest="shard_dir", required=True, help="token shards (nanoseek data tokenize)")
-    a("--model", help="preset name (tiny, small, ...) or a config/checkpoint directory")
-    a("--depth", type=int, help="scale dial (default 4): width, heads, experts, LR, batch follow from it")
-    a("--init-from", dest="init_from", help="start from the weights of this checkpoint directory")
-    a("--indexer-warmup-steps", dest="indexer_warmup_steps", type=int, help="dense CSA for the first N steps")
-    a("--fim-rate", dest="fim_rate", type=float)
+    _add_fields(p, _TRAIN_FLAGS)
     add_loop_arguments(p)
 
 
@@ -154,7 +244,7 @@ def add_sft_arguments(p: argparse.ArgumentParser) -> None:
       help="held-out share of the conversations for the validation loss (default 0.05, at most 256)")
     a("--epochs", type=float, default=None, help="passes over the data (used when neither --max-steps nor "
                                                  "--minutes is given; default 1)")
-    add_loop_arguments(p)
+    add_loop_arguments(p, recipe="sft")
 
 
 def _model_arg(args) -> str:
@@ -230,7 +320,7 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     a("--length-weight", type=float, default=0.0, help="shaping: penalty per token beyond the length target")
     a("--eval-tasks", type=int, default=d.eval_tasks, help="held-out tasks per evaluation")
     a("--eval-samples", type=int, default=d.eval_samples, help="samples per held-out task (pass@1 and pass@k)")
-    add_loop_arguments(p, rows=False)
+    add_loop_arguments(p, rows=False, recipe="rl")
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
@@ -287,7 +377,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
       help="several teachers: KL to their log-geometric mixture (default, same gradient) or the weighted sum")
     a("--teacher-dtype", choices=["bf16", "fp32"], default=None, help="teachers' weights dtype (default: as saved)")
     a("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per evaluation")
-    add_loop_arguments(p, rows=False)
+    add_loop_arguments(p, rows=False, recipe="distill")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -373,7 +463,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
     p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
-    p.add_argument("--corpus-mb", dest="corpus_mb", type=float, default=None,
+    p.add_argument("--corpus-mb", "--max-mb", dest="corpus_mb", type=float, default=None,
                    help="source MB to read for the corpus (default: 16 on CPU, 400 on GPU)")
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None,
                    help="tokenizer vocabulary (default: 4096 on CPU, 16384 on GPU)")
@@ -382,6 +472,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--no-rl", action="store_true", help="stop after SFT (no GRPO)")
     p.add_argument("--sft-minutes", type=float, default=None, help="SFT budget (default 2.5 on CPU, 10 on GPU)")
     p.add_argument("--rl-minutes", type=float, default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
-    p.add_argument("--tasks", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
+    p.add_argument("--max-tasks", "--tasks", dest="tasks", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
