@@ -22,7 +22,6 @@ from nanoseek import _extras
 # `func` on the parsers it adds; the function receives the parsed `argparse.Namespace`.
 _COMMAND_MODULES = (
     "nanoseek.model.info",
-    "nanoseek.checkpoint_cli",
     "nanoseek.eval.cli",
     "nanoseek.data.cli",
     "nanoseek.demo",
