@@ -11,8 +11,9 @@ Three on-disk dialects are read, one is written:
 * **read**: the above; the official release layout (no `model.` prefix, `embed.weight`,
   `hc_head_fn`, `attn.kv_norm`, sharded with an index); and FP8 block-quantised weights
   (`float8_e4m3fn` weight + `.scale` / `.weight_scale_inv` per 128x128 block, e8m0 or fp32),
-  which are dequantised on load. FP4 (`float4_e2m1fn_x2`, the Pro release's experts) is
-  rejected with a clear error: not supported yet.
+  which are dequantised on load; and FP4 routed experts (MXFP4: two e2m1 values per byte,
+  [out, in/2], + `.scale` [out, in/32] e8m0, see `dequantize_fp4`), dequantised on load too.
+  `convert_checkpoint` (`nanoseek convert`) writes a plain bf16/fp32 copy shard by shard.
 
 Only safetensors and JSON are ever read: nothing is unpickled. This module is a state-dict
 adapter: it never imports the model. `Transformer.from_pretrained` builds the model on the meta
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -165,30 +167,93 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) 
     return weight.float() * s
 
 
-def read_official_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory under official names, FP8 dequantised to fp32."""
-    path = Path(path)
-    raw: dict[str, torch.Tensor] = {}
+FP4_BLOCK = 32
+# e2m1 code -> value (code = sign bit << 3 | exponent << 1 | mantissa), as the official FP4_TABLE
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_FP4 = getattr(torch, "float4_e2m1fn_x2", None)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+    """MXFP4 weight -> fp32 [..., out, in].
+
+    Layout of the official DeepSeek-V4 release (its `inference/convert.py` `cast_e2m1fn_to_e4m3fn`
+    and `inference/model.py` `Linear`): `packed` is [..., out, in // 2], two e2m1 values per byte
+    packed along the input dimension, the LOW nibble holding the even element (2j) and the high
+    nibble the odd one (2j+1); on disk it is int8 (safetensors "I8", the HF release) or
+    `float4_e2m1fn_x2` ("F4", what the official convert.py writes for its own loader); uint8 is
+    accepted too. `scale` is [..., out, in // block] (float8_e8m0fnu, or any float dtype), one
+    power-of-two scale per `block` (32) consecutive input elements of a row."""
+    b = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=b.device)
+    vals = torch.stack([table[(b & 0x0F).long()], table[(b >> 4).long()]], dim=-1).flatten(-2)
+    in_f = vals.shape[-1]
+    if scale.shape[:-1] != vals.shape[:-1] or scale.shape[-1] * block < in_f:
+        raise ValueError(f"FP4 scale of shape {tuple(scale.shape)} does not fit a weight of logical "
+                         f"shape {tuple(vals.shape)} with blocks of {block}")
+    s = scale.float().repeat_interleave(block, dim=-1)[..., :in_f]
+    return vals * s
+
+
+def _is_scale(k: str) -> bool:
+    return k.endswith(".scale") or k.endswith(".weight_scale_inv")
+
+
+def _scale_name(k: str, keys) -> str | None:
+    base = k[: -len(".weight")] if k.endswith(".weight") else k
+    for cand in (base + ".scale", k + "_scale_inv", base + ".weight_scale_inv"):
+        if cand in keys:
+            return cand
+    return None
+
+
+def _is_fp4_dtype(dtype, has_scale: bool) -> bool:
+    """FP4 storage: float4_e2m1fn_x2, or an int8/uint8 weight that comes with a scale (the HF
+    release stores the packed experts as I8 next to their `.scale`)."""
+    return (_FP4 is not None and dtype == _FP4) or (has_scale and dtype in (torch.int8, torch.uint8))
+
+
+def _key_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the shard file holding it (headers only)."""
+    out: dict[str, Path] = {}
     for f in _shard_files(path):
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                raw[k] = sf.get_tensor(k)
+                out[k] = f
+    return out
+
+
+def _iter_shard(f: Path, key_files: dict[str, Path]):
+    """(on-disk name, tensor) for each weight of one shard file, FP8/FP4 dequantised to fp32 and
+    scale tensors dropped; a scale stored in another shard is read from there alone."""
+    with safe_open(str(f), framework="pt") as sf:
+        for k in sf.keys():
+            if _is_scale(k):
+                continue
+            t = sf.get_tensor(k)
+            sname = _scale_name(k, key_files)
+            fp4 = _is_fp4_dtype(t.dtype, sname is not None)
+            if fp4 or t.dtype in _FP8:
+                if sname is None:
+                    raise ValueError(f"{k}: {'FP4' if fp4 else 'FP8'} weight without a .scale / "
+                                     ".weight_scale_inv tensor")
+                if key_files[sname] == f:
+                    scale = sf.get_tensor(sname)
+                else:
+                    with safe_open(str(key_files[sname]), framework="pt") as other:
+                        scale = other.get_tensor(sname)
+                t = dequantize_fp4(t, scale) if fp4 else dequantize_fp8(t, scale)
+            yield k, t
+
+
+def read_official_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory under official names, FP8/FP4 dequantised to fp32."""
+    path = Path(path)
+    key_files = _key_files(path)
     out: dict[str, torch.Tensor] = {}
-    for k, t in raw.items():
-        if k.endswith(".scale") or k.endswith(".weight_scale_inv"):
-            continue
-        if t.dtype == getattr(torch, "float4_e2m1fn_x2", None):
-            raise NotImplementedError(
-                f"{k}: FP4 (float4_e2m1fn_x2) weights are not supported yet; convert the checkpoint "
-                "to bf16 first (e.g. with the official convert.py)"
-            )
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            base = k[: -len(".weight")] if k.endswith(".weight") else k
-            scale = raw.get(base + ".scale", raw.get(k + "_scale_inv", raw.get(base + ".weight_scale_inv")))
-            if scale is None:
-                raise ValueError(f"{k}: FP8 weight without a .scale / .weight_scale_inv tensor")
-            t = dequantize_fp8(t, scale)
-        out[disk_to_official(k)] = t
+    for f in _shard_files(path):
+        for k, t in _iter_shard(f, key_files):
+            out[disk_to_official(k)] = t
     return out
 
 
@@ -231,12 +296,19 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     path = Path(path)
     shapes: dict[str, tuple[int, ...]] = {}
     experts: dict[str, dict[int, tuple[int, ...]]] = {}
+    key_files = _key_files(path)
     for f in _shard_files(path):
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                if k.endswith(".scale") or k.endswith(".weight_scale_inv"):
+                if _is_scale(k):
                     continue
-                shape = tuple(sf.get_slice(k).get_shape())
+                sl = sf.get_slice(k)
+                shape = tuple(sl.get_shape())
+                dt = sl.get_dtype()
+                # packed FP4 stored as bytes: two values per byte (an "F4" header already gives
+                # the logical shape: safetensors counts e2m1 elements, torch counts byte pairs)
+                if dt in ("I8", "U8") and shape and _scale_name(k, key_files) is not None:
+                    shape = (*shape[:-1], shape[-1] * 2)
                 name = disk_to_official(k)
                 m = _EXPERT.match(name)
                 if m:
@@ -274,3 +346,78 @@ def check_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...]], 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the model's state_dict names (FP8 dequantised)."""
     return official_to_state_dict(read_official_tensors(Path(path)))
+
+
+# --------------------------------------------------------------------------- convert
+_CONVERT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                   "float32": torch.float32}
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "chat_template.jinja")
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype = "bf16",
+                       progress: bool = True) -> Path:
+    """Write a plain (unquantised) copy of a checkpoint: FP8/FP4 weights dequantised, floating
+    tensors cast to `dtype` (bf16 or fp32; parameters that are fp32 by design, FP32_KEEP, stay
+    fp32 when they are stored so), the same tensor names, scale tensors dropped. Shard by shard:
+    one input shard (plus the scales it needs) and its output are in memory at a time. config.json
+    is copied without its quantization_config, tokenizer files and generation_config.json as they
+    are. Refuses a non-empty `dst`."""
+    src, dst = Path(src), Path(dst)
+    if isinstance(dtype, str):
+        if dtype not in _CONVERT_DTYPES:
+            raise ValueError(f"--dtype must be bf16 or fp32, not {dtype!r}")
+        dtype = _CONVERT_DTYPES[dtype]
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16 or float32, not {dtype}")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a checkpoint directory")
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src}: no config.json")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: exists and is not an empty directory; refusing to overwrite")
+    files = _shard_files(src)
+    key_files = _key_files(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    n = len(files)
+    sharded = n > 1 or (src / INDEX_NAME).exists()
+    weight_map: dict[str, str] = {}
+    total = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc="convert", unit="shard")
+    for i, f in enumerate(files, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors" if sharded else SINGLE_NAME
+        out: dict[str, torch.Tensor] = {}
+        for k, t in _iter_shard(f, key_files):
+            keep = t.dtype == torch.float32 and FP32_KEEP.search(official_to_internal(disk_to_official(k)))
+            if t.is_floating_point() and not keep:
+                t = t.to(dtype)
+            out[k] = t.contiguous()
+            total += t.numel() * t.element_size()
+        save_file(out, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in out})
+        del out
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if sharded:
+        with open(dst / INDEX_NAME, "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh,
+                      indent=2)
+    with open(src / "config.json", encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    cfg.pop("quantization_config", None)
+    name = str(dtype).replace("torch.", "")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = name
+    with open(dst / "config.json", "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh, indent=2)
+        fh.write("\n")
+    for side in _SIDE_FILES:
+        if (src / side).is_file():
+            shutil.copyfile(src / side, dst / side)
+    return dst

@@ -128,8 +128,30 @@ def add_subcommands(sub) -> None:
                        description="Show config, total/activated parameters and KV-cache bytes per token "
                                    "for a checkpoint directory, a config.json or a preset name.")
     p.add_argument("model", help=f"checkpoint dir, config.json, or preset ({', '.join(PRESETS)})")
-    p.add_argument("--context", type=int, default=8192, help="context length for the cache size (default 8192)")
+    p.add_argument("--max-model-len", "--context", dest="context", metavar="N", type=int, default=8192, help="context length for the cache size (default 8192)")
     p.add_argument("--cache-dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", action="store_true", help="also print the full config.json")
     p.set_defaults(func=run_info)
+
+    # `nanoseek convert`: the checkpoint layer's command lives with `info`
+    c = sub.add_parser(
+        "convert",
+        help="dequantise an FP8/FP4 checkpoint into a plain bf16/fp32 one (same tensor names)",
+        description="Read SRC shard by shard, dequantise FP8 (128x128 blocks) and FP4 (MXFP4 experts), "
+                    "cast to --dtype and write DST with the same tensor names, an index, config.json "
+                    "without quantization_config, tokenizer files and generation_config.json.",
+    )
+    c.add_argument("src", help="checkpoint directory (config.json + safetensors)")
+    c.add_argument("dst", help="output directory (must not exist or be empty)")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="output dtype (default: bf16)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    from nanoseek.checkpoint import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, args.dtype, progress=not args.no_progress)
+    print(f"wrote {out} ({args.dtype})")
+    return 0
