@@ -128,6 +128,8 @@ def add_subcommands(subparsers) -> None:
     b.add_argument("--max-mb", type=float, help="read at most ~this many MB of source (deterministic sample)")
     b.add_argument("--min-bytes", type=int, default=32, help="drop smaller files (default: %(default)s)")
     b.add_argument("--max-kb", type=float, default=1024, help="drop larger files (default: %(default)s)")
+    b.add_argument("--max-bytes", dest="max_kb", type=lambda v: int(v) / 1024, default=argparse.SUPPRESS,
+                   metavar="N", help="--max-kb in bytes, next to --min-bytes (default: 1048576)")
     b.add_argument("--near-dup-threshold", type=float, default=0.7, help="MinHash Jaccard threshold (default: %(default)s)")
     b.add_argument("--no-near-dedup", action="store_true", help="exact dedup only")
     b.add_argument("--no-decontaminate", action="store_true", help="keep benchmark overlaps")
@@ -136,7 +138,7 @@ def add_subcommands(subparsers) -> None:
     b.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     b.add_argument("--workers", type=int, help="processes (default: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds a finished corpus")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_build)
 
     t = dsub.add_parser("tokenize", help="tokenize a corpus into memory-mapped shards")
@@ -146,7 +148,7 @@ def add_subcommands(subparsers) -> None:
     t.add_argument("--workers", type=int, help="processes (default: all cores)")
     t.add_argument("--chunk-mb", type=float, default=16.0, help="corpus MB per shard (default: %(default)s)")
     t.add_argument("--force", action="store_true", help="redo even if OUT holds finished shards")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_tokenize)
 
     i = dsub.add_parser("inspect", help="print shard statistics and decode a few documents")
@@ -185,7 +187,7 @@ def add_subcommands(subparsers) -> None:
     k.add_argument("--workers", type=int, help="extraction processes; sandboxed programs run one more in "
                                                "parallel (default: all cores)")
     k.add_argument("--force", action="store_true", help="redo even if OUT holds a finished run with these settings")
-    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=_cmd_tasks)
 
     tok = subparsers.add_parser("tokenizer", help="train the BPE tokenizer",
@@ -201,5 +203,18 @@ def add_subcommands(subparsers) -> None:
     tt.add_argument("--max-train-mb", type=float, default=100.0, help="train on a sample of this size, 0 = all (default: %(default)s)")
     tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: %(default)s)")
     tt.add_argument("--force", action="store_true", help="retrain even if OUT holds a tokenizer")
-    tt.add_argument("--quiet", action="store_true", help="no progress bar")
+    tt.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     tt.set_defaults(func=_cmd_tok_train)
+    for parser in (*dsub.choices.values(), *tsub.choices.values()):
+        _show_defaults(parser)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
+    and whose help does not state it already."""
+    for act in p._actions:
+        d = act.default
+        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
+                or d is argparse.SUPPRESS or "default" in (act.help or ""):
+            continue
+        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"

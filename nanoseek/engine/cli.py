@@ -159,3 +159,16 @@ def add_subcommands(sub) -> None:
     p.add_argument("--think", action="store_true", help="start in thinking mode (toggle with /think)")
     _add_sampling_args(p, 512)
     p.set_defaults(func=cmd_chat)
+    for name in ("generate", "chat"):
+        _show_defaults(sub.choices[name])
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
+    and whose help does not state it already."""
+    for act in p._actions:
+        d = act.default
+        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
+                or d is argparse.SUPPRESS or "default" in (act.help or ""):
+            continue
+        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"

@@ -26,6 +26,17 @@ from pathlib import Path
 from .. import chat_format
 
 
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
+    and whose help does not state it already."""
+    for act in p._actions:
+        d = act.default
+        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
+                or d is argparse.SUPPRESS or "default" in (act.help or ""):
+            continue
+        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"
+
+
 def _sandbox_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sandbox")
     g.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "unshare", "none"],
@@ -43,20 +54,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-prompts", metavar="FILE", help="write the task's prompts as JSONL and exit")
     p.add_argument("--out", help="output directory for results.jsonl and summary.json "
                                  "(default: <samples>_results/)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, seed_flag: bool = True) -> None:
     g = p.add_argument_group("generation (with --model)")
     g.add_argument("--model", help="checkpoint directory to generate samples with")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
     g.add_argument("--n", type=int, default=1, help="samples per problem")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--gen-seed", type=int, default=0, help="sampling seed")
+    # `--seed` is the sampling seed, except in insecure-code where it already seeds the prompt sample
+    g.add_argument(*(("--seed", "--gen-seed") if seed_flag else ("--gen-seed",)), dest="gen_seed", type=int, metavar="SEED",
+                   default=0, help="sampling seed")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--limit", type=int, default=None, help="only the first N problems (per subset)")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+    g.add_argument("--max-num-seqs", "--batch-size", dest="batch_size", type=int, default=8, metavar="N",
+                   help="sequences decoded together")
     g.add_argument("--threads", type=int, default=None, help="torch threads for generation")
 
 
@@ -117,11 +131,12 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--shards", required=True, help="token shards written by `nanoseek data tokenize`")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--micro-batch", "--batch-size", dest="batch_size", type=int, default=4, metavar="N",
+                   help="rows per forward pass")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many scored tokens")
     p.add_argument("--out", help="directory for summary.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bpb)
 
     p = sub.add_parser("insecure-code", help="insecure-code rate of autocomplete samples (bandit + CodeShield)")
@@ -134,8 +149,10 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--min-confidence", default="LOW", choices=["LOW", "MEDIUM", "HIGH"])
     p.add_argument("--detector", default="both", choices=["bandit", "codeshield", "both"],
                    help="static detector(s): bandit, CodeShield (regex + semgrep rules), or both (default)")
-    _model_args(p)
+    _model_args(p, seed_flag=False)
     p.set_defaults(func=cmd_insecure)
+    for p in sub.choices.values():
+        _show_defaults(p)
 
 
 # ------------------------------------------------------------------------------ commands

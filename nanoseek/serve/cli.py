@@ -63,11 +63,11 @@ def add_subcommands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $NANOSEEK_API_KEY)")
-    p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
+    p.add_argument("--served-model-name", "--model-name", dest="model_name", metavar="NAME", default=None,
                    help="model id clients use (default: nanoseek)")
-    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+    p.add_argument("--max-num-seqs", "--max-batch", dest="max_batch", metavar="N", type=int, default=8,
                    help="decode slots (requests decoding together)")
-    p.add_argument("--max-len", "--max-model-len", dest="max_len", type=int, default=4096,
+    p.add_argument("--max-model-len", "--max-len", dest="max_len", metavar="N", type=int, default=4096,
                    help="tokens per slot (prompt + completion); at most the checkpoint's max_position_embeddings")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-prompt-tokens", type=int, default=None)
@@ -77,3 +77,15 @@ def add_subcommands(sub) -> None:
                    help="on SIGTERM: seconds running requests get to finish before they are ended (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+    _show_defaults(p)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
+    and whose help does not state it already."""
+    for act in p._actions:
+        d = act.default
+        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
+                or d is argparse.SUPPRESS or "default" in (act.help or ""):
+            continue
+        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"
