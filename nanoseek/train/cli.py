@@ -463,7 +463,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
     p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
-    p.add_argument("--corpus-mb", "--max-mb", dest="corpus_mb", type=float, default=None,
+    p.add_argument("--max-mb", "--corpus-mb", dest="corpus_mb", metavar="MB", type=float, default=None,
                    help="source MB to read for the corpus (default: 16 on CPU, 400 on GPU)")
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None,
                    help="tokenizer vocabulary (default: 4096 on CPU, 16384 on GPU)")
@@ -472,6 +472,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--no-rl", action="store_true", help="stop after SFT (no GRPO)")
     p.add_argument("--sft-minutes", type=float, default=None, help="SFT budget (default 2.5 on CPU, 10 on GPU)")
     p.add_argument("--rl-minutes", type=float, default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
-    p.add_argument("--max-tasks", "--tasks", dest="tasks", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
+    p.add_argument("--max-tasks", "--tasks", dest="tasks", metavar="N", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
