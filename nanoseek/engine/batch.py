@@ -395,7 +395,7 @@ class BatchRunner:
         last = self._mask(logits[0, -1])
         check_logits(last)
         if not self.spec_k:   # (with speculation the row also carries MTP state: no reuse)
-            self._prefix = (tuple(seq.prompt), last)
+            self._prefix = (tuple(seq.prompt), last.clone())   # a copy: not a view keeping the chunk's logits
         self._start_decoding(seq, last)
 
     def _start_decoding(self, seq: Sequence, last: torch.Tensor) -> None:

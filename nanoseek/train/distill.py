@@ -179,9 +179,11 @@ class DistillObjective(RolloutObjective):
         else:
             tokens = batch["labels"][pos][None]
             w = torch.tensor(self.cfg.weights, device=student.device)[:, None]
-            kl, _ = sampled_reverse_kl_loss(student, (w * batch["teacher_tok_lp"]).sum(0)[None], tokens)
+            kl, kl_tokens = sampled_reverse_kl_loss(student, (w * batch["teacher_tok_lp"]).sum(0)[None], tokens)
+            kl_logged = kl_tokens.mean()      # the unbiased KL estimate (kl itself is a surrogate loss)
         loss = kl + self.balance_alpha * t.balance + self.indexer_weight * t.indexer
-        out = {"loss": loss, "kl": kl.detach(), "balance": t.balance.detach(), "indexer": t.indexer.detach()}
+        out = {"loss": loss, "kl": (kl if self.cfg.estimator == "full" else kl_logged).detach(),
+               "balance": t.balance.detach(), "indexer": t.indexer.detach()}
         with torch.no_grad():
             lp = torch.log_softmax(student[0].float(), -1)
             out["entropy"] = -(lp.exp() * lp).sum(-1).mean()

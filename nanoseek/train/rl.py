@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,8 @@ class RLLoader:
         return self._cached[1]
 
     def _rollout_seed(self, step: int, attempt: int) -> int:
-        return ((self.seed * 7919 + step) * 1009 + self.index) * 31 + attempt
+        h = hashlib.blake2b(f"{self.seed}:{step}:{self.index}:{attempt}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 2
 
     def _sample(self, tasks: list[dict], step: int, attempt: int, timing: dict) -> tuple[list, list[dict]]:
         """Rollouts of `tasks` (G each) and their reward terms; rows are scored as they finish."""
@@ -316,14 +318,17 @@ class RLLoader:
         truncated = torch.tensor([r.truncated for r in outs])
         if c.overlong == "mask":
             mask = overlong_filter_mask(mask, truncated)
+        failed = torch.tensor([r.finish_reason == "error" for r in outs])   # the engine ended the row
+        mask = mask & ~failed[:, None]
         batch.update(advantages=adv, mask=mask)
         dev = run.dist.device
         if c.updates_per_batch > 1 or self.obj.ref is not None:
             with torch.no_grad():
-                if c.updates_per_batch > 1:   # the policy before this batch's first update
-                    batch["old_logprobs"] = _logprobs(run.model, batch, dev)
-                if self.obj.ref is not None:
-                    batch["ref_logprobs"] = _logprobs(self.obj.ref, batch, dev)
+                with run.autocast():          # the precision of the training forward
+                    if c.updates_per_batch > 1:   # the policy before this batch's first update
+                        batch["old_logprobs"] = _logprobs(run.model, batch, dev)
+                    if self.obj.ref is not None:
+                        batch["ref_logprobs"] = _logprobs(self.obj.ref, batch, dev)
         names = sorted({k for t in terms for k in t})
         stats = {f"reward_{k}" if k != "total" else "reward": sum(t.get(k, 0.0) for t in terms) / len(terms)
                  for k in names}
@@ -331,6 +336,7 @@ class RLLoader:
             stats["pass_rate"] = stats.pop("reward_pass")
         lengths = [len(r.tokens) for r in outs]
         stats.update(zero_var_groups=float(zero.float().mean()), response_len=sum(lengths) / len(lengths),
+                     failed_rows=float(failed.float().mean()),
                      truncated=float(truncated.float().mean()), rollout_tokens=float(sum(
                          len(r.prompt) + len(r.tokens) for r in outs)), **timing,
                      rollout_tok_per_s=sum(lengths) / max(timing["generation_s"], 1e-9))

@@ -194,6 +194,7 @@ class SFTData:
         self.train: list[tuple[np.ndarray, np.ndarray]] = []
         self.weights: list[float] = []
         self.val: list[tuple[np.ndarray, np.ndarray]] = []
+        self.val_weights: list[float] = []
         self.stats = {"conversations": 0, "invalid": 0, "thinking": 0, "split": 0, "split_pieces": 0,
                       "dropped_turns": 0, "dropped": 0, "examples": 0, "val_examples": 0,
                       "tokens": 0, "trained_tokens": 0}
@@ -236,6 +237,7 @@ class SFTData:
                 item = (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool))
                 if held_out:
                     self.val.append(item)
+                    self.val_weights.append(weight)
                     st["val_examples"] += 1
                 else:
                     self.train.append(item)
@@ -254,12 +256,14 @@ class SFTData:
     def finalize(self) -> None:
         """Too few examples for a split: everything trains."""
         if self.stats["examples"] + self.stats["val_examples"] < self.cfg.min_val_pool and self.val:
-            for item in self.val:
+            for item, w in zip(self.val, self.val_weights):
                 self.train.append(item)
-                self.weights.append(1.0)
+                self.weights.append(w)
+                self.stats["tokens"] += int(item[0].size)
+                self.stats["trained_tokens"] += int(item[1].sum())
             self.stats["examples"] += len(self.val)
             self.stats["val_examples"] = 0
-            self.val = []
+            self.val, self.val_weights = [], []
 
 
 def epoch_order(weights: list[float], seed: int, epoch: int) -> np.ndarray:
@@ -349,11 +353,18 @@ class SFTLoader:
 
     def __next__(self) -> dict:
         picked: list[list[int]] = []
+        empty = 0
         while len(picked) < self.micro_batch:
             rows = self.rows(self.epoch)
             if self.cursor >= len(rows):
-                if not self.loop or not rows:
+                if not self.loop:
                     break
+                # an epoch can hold no row for this shard (fractional weights drew nothing, or
+                # fewer rows than data shards): go on to the next, but not forever
+                empty = empty + 1 if not rows else 0
+                if empty > 100:
+                    raise ValueError(f"SFT data shard {self.index} of {self.n_data} got no row in 100 epochs in a "
+                                     f"row: too little data for this many ranks x micro-steps (or weights near 0)")
                 self.epoch, self.cursor = self.epoch + 1, 0
                 continue
             take = rows[self.cursor: self.cursor + self.micro_batch - len(picked)]

@@ -627,11 +627,12 @@ def save(run: Run, step: int, export: bool = False) -> None:
     d = run.dist
     states = [s for rank_states in gather_objects([ld.state_dict() for ld in run.loaders], d) for s in rank_states]
     to_save, optim_state = gathered_state(run.model, run.opt, run.fsdp)
+    # every rank checks its (replicated or gathered) copy, so all ranks stop together
+    bad = [k for k, v in to_save.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:   # never let a damaged model replace (and, with --keep-last, prune) a good checkpoint
+        raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
+                             f"no checkpoint written")
     if d.is_main:
-        bad = [k for k, v in to_save.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:   # never let a damaged model replace (and, with --keep-last, prune) a good checkpoint
-            raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
-                                 f"no checkpoint written")
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()

@@ -132,6 +132,24 @@ def test_sft_data_counts_invalid_lines_and_holds_out(train_data, tmp_path):
     assert [x.tolist() for x, _ in again.val] == [x.tolist() for x, _ in data.val]   # deterministic split
 
 
+def test_loader_steps_over_empty_epochs_and_refuses_starved_shards(train_data, tmp_path):
+    from nanoseek.train.sft import SFTLoader
+
+    tok = load_tokenizer(train_data[1])
+    f = write_jsonl(tmp_path / "d.jsonl", conversations(2))
+    data = SFTData(SFTConfig(data=[f"{f}:0.3"], val_fraction=0.0), tok, capacity=65, seed=0)
+    # with weight 0.3 some epochs hold no example at all: the loader moves on instead of stopping
+    ld = SFTLoader(data, 1, 64, 0, 1, seed=1, pad_id=tok.pad_id)
+    assert any(len(ld.rows(e)) == 0 for e in range(20))
+    batches = [next(ld) for _ in range(10)]
+    assert all(b["input_ids"].shape == (1, 64) for b in batches)
+    # a shard that can never get a row is a clear error, not a bare StopIteration
+    one = SFTData(SFTConfig(data=[str(write_jsonl(tmp_path / "one.jsonl", conversations(1)))], val_fraction=0.0),
+                  tok, capacity=65)
+    with pytest.raises(ValueError, match="got no row"):
+        next(SFTLoader(one, 1, 64, 1, 2, seed=0, pad_id=tok.pad_id))
+
+
 # ------------------------------------------------------------------------- training
 
 def test_sft_overfits_one_conversation_and_writes_a_model_dir(base_model, tmp_path):
