@@ -450,7 +450,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
                         strict_mtp: bool = False) -> "Transformer":
         """Load a model directory (config.json + safetensors, ours / transformers' / the official
-        release's names, FP8 dequantised). The config is checked against the weights' headers on
+        release's names, FP8 and FP4 dequantised). The config is checked against the weights' headers on
         the meta device first, so an untrusted config.json cannot make us allocate what the
         checkpoint does not hold."""
         path = Path(path)
