@@ -89,6 +89,8 @@ def test_loop_flags_keep_trainconfig_defaults_unless_given():
 @pytest.mark.parametrize("cmd,expected", [
     (["train"], ["(default: 0.1)", "(default: 256)", "(default: from the model's width)", "(default: cosine)"]),
     (["sft"], ["(default: from the sft recipe and the model)"]),
+    (["rl"], ["(default: 0.28)", "(default: mask)", "(default: from the rl recipe and the model)"]),
+    (["distill"], ["--prompts-per-step PROMPTS_PER_STEP over all ranks (default: 8)"]),
     (["serve"], ["(default: 8000)", "(default: 8)"]),
     (["generate"], ["(default: 128)"]),
     (["eval", "humaneval"], ["(default: 1,10,100)", "(default: 8)"]),
@@ -100,3 +102,19 @@ def test_help_shows_defaults(cmd, expected, capsys):
     out = " ".join(capsys.readouterr().out.split())
     for e in expected:
         assert e in out, (cmd, e)
+
+
+def test_rl_flags_are_generated_from_rlconfig():
+    from nanoseek.train import cli as tcli
+    from nanoseek.train.rl import RLConfig
+
+    names = {f.name for f in dataclasses.fields(RLConfig)}
+    assert names - set(tcli._RL_FLAGS) == set(tcli.RL_NOT_FLAGS)
+    args = build_parser().parse_args("rl m --tasks t.jsonl --out o".split())
+    assert tcli.config_from_flags(RLConfig, args, tcli._RL_FLAGS) == RLConfig(tasks="t.jsonl")
+    args = build_parser().parse_args("rl m --tasks t --out o --group-size 4 --scale-by-std --overlong none "
+                                     "--tis-cap 3 --reward-workers 2 --mtp-weight 0.5".split())
+    rl = tcli.config_from_flags(RLConfig, args, tcli._RL_FLAGS)
+    assert (rl.group_size, rl.scale_by_std, rl.overlong, rl.tis_cap, rl.reward_workers, rl.mtp_weight) == (
+        4, True, "none", 3.0, 2, 0.0)
+    assert tcli._loop_overrides(args)["mtp_weight"] == 0.5     # the loop's flag, as before

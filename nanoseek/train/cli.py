@@ -277,49 +277,84 @@ def _print_done(summary: dict, metric: str) -> None:
         print(f"model: {summary['model_dir']}\nchat with it: nanoseek chat --model {summary['model_dir']}")
 
 
+# RLConfig fields as `rl` flags (dest = the field; default and type from the dataclass).
+_RL_FLAGS: dict[str, dict] = {
+    "tasks": dict(required=True, help="JSONL of tasks: HumanEval-shaped for the code reward; a \"prompt\" field "
+                                      "for plug-in rewards"),
+    "held_out": dict(help="held-out tasks for pass@k", none="TASKS.heldout.jsonl if present"),
+    "reward": dict(help="'code' (sandboxed unit tests) or module:function / path/to/file.py:function returning "
+                        "a float"),
+    "protocol": dict(choices=["chat", "completion"],
+                     help="chat: the task is a user message; completion: the model continues the prompt"),
+    "group_size": dict(help="samples per prompt"),
+    "prompts_per_step": dict(help="prompts per optimizer step, over all ranks"),
+    "micro_steps": dict(help="accumulation micro-steps per rank"),
+    "max_new_tokens": dict(help="completion length limit"),
+    "temperature": dict(help="rollout temperature (1: sampler = policy)"),
+    "top_p": dict(),
+    "top_k": dict(help="0: off"),
+    "scale_by_std": dict(help="divide advantages by the group's std (GRPO; off: Dr. GRPO)"),
+    "aggregation": dict(choices=["token", "sequence"],
+                        help="token: DAPO's token-level mean; sequence: per-sequence mean, then over sequences"),
+    "clip_low": dict(help="PPO ratio clip below 1"),
+    "clip_high": dict(help="PPO ratio clip above 1 (DAPO's clip-higher)"),
+    "updates_per_batch": dict(help="optimizer steps per rollout batch (>1: PPO ratio clipping matters)"),
+    "kl_coef": dict(help="k3 KL to the frozen initial policy (0: off)"),
+    "tis_cap": dict(help="cap of the truncated importance-sampling weight (sampler vs trainer log-probs)"),
+    "overlong": dict(choices=["mask", "penalty", "none"],
+                     help="completions cut by --max-new-tokens: masked out of the loss (DAPO's overlong "
+                          "filtering), DAPO's soft length penalty, or nothing"),
+    "overlong_buffer": dict(help="penalty ramp length in tokens", none="max-new-tokens/4"),
+    "resample_zero_variance": dict(help="re-sample groups whose rewards are all equal, up to N times "
+                                        "(0: drop and count them)"),
+    "partial_credit": dict(help="code reward: share of asserts passed instead of all-pass"),
+    "syntax_weight": dict(help="shaping: weight of the syntax-valid term"),
+    "format_weight": dict(help="shaping (chat): weight of the ```python block term"),
+    "length_weight": dict(help="shaping: penalty per token beyond the length target"),
+    "eval_tasks": dict(help="held-out tasks per evaluation"),
+    "eval_samples": dict(help="samples per held-out task (pass@1 and pass@k)"),
+    "reward_workers": dict(help="sandbox threads scoring the code reward", none="cores + 1"),
+}
+# RLConfig fields with no `rl` flag: mtp_weight is the loop's --mtp-weight (rl_train_config's default).
+RL_NOT_FLAGS = frozenset({"mtp_weight"})
+
+
+def add_config_flags(p, cls, table: dict[str, dict]) -> None:
+    """`--field-name` flags for the fields of dataclass `cls` named in `table` (help, choices, flags,
+    `none`: what a None default means); argparse defaults are the dataclass defaults, shown in --help."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, spec in table.items():
+        f = fields[name]
+        d = _field_default(f)
+        kw = {k: v for k, v in spec.items() if k not in ("flags", "none", "help")}
+        kw.setdefault("dest", name)
+        kw.setdefault("default", d)
+        base = _type_name(f.type)
+        if base == "bool":
+            kw.setdefault("action", "store_true")
+        elif "action" not in kw:
+            kw["type"] = _TYPES[base]
+        text = spec.get("help", "")
+        if not kw.get("required"):
+            shown = spec.get("none", "none") if d is None else ("off" if d is False else d)
+            text = f"{text} (default: {shown})".strip()
+        kw["help"] = text.replace("%", "%%")
+        p.add_argument(*(spec.get("flags") or ("--" + name.replace("_", "-"),)), **kw)
+
+
+def config_from_flags(cls, args: argparse.Namespace, table: dict[str, dict]):
+    """The dataclass `cls` from the flags add_config_flags added (other fields keep their defaults)."""
+    return cls(**{name: getattr(args, spec.get("dest", name)) for name, spec in table.items()})
+
+
 def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.rl import RLConfig
 
-    d = RLConfig()
     a = p.add_argument
     a("model_pos", nargs="?", metavar="MODEL", help="model directory (config.json, safetensors, tokenizer files)")
     a("--model", dest="model_opt", help="same as the positional MODEL")
-    a("--tasks", required=True, help="JSONL of tasks: HumanEval-shaped for the code reward; a \"prompt\" field "
-                                     "for plug-in rewards")
-    a("--held-out", dest="held_out", help="held-out tasks for pass@k (default: TASKS.heldout.jsonl if present)")
     a("--out", dest="run_dir", required=True, help="run directory; the trained model goes to OUT/model")
-    a("--reward", default=d.reward, help="'code' (sandboxed unit tests, default) or module:function / "
-                                          "path/to/file.py:function returning a float")
-    a("--protocol", choices=["chat", "completion"], default=d.protocol,
-      help="chat: the task is a user message (default); completion: the model continues the prompt")
-    a("--group-size", type=int, default=d.group_size, help=f"samples per prompt (default {d.group_size})")
-    a("--prompts-per-step", type=int, default=d.prompts_per_step,
-      help=f"prompts per optimizer step, over all ranks (default {d.prompts_per_step})")
-    a("--micro-steps", type=int, default=d.micro_steps, help="accumulation micro-steps per rank (default 1)")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"completion length limit (default {d.max_new_tokens})")
-    a("--temperature", type=float, default=d.temperature, help="rollout temperature (default 1: sampler = policy)")
-    a("--top-p", type=float, default=d.top_p)
-    a("--top-k", type=int, default=d.top_k)
-    a("--scale-by-std", action="store_true", help="divide advantages by the group's std (GRPO; default off: Dr. GRPO)")
-    a("--aggregation", choices=["token", "sequence"], default=d.aggregation,
-      help="token: DAPO's token-level mean (default); sequence: per-sequence mean, then over sequences")
-    a("--clip-low", type=float, default=d.clip_low)
-    a("--clip-high", type=float, default=d.clip_high)
-    a("--updates-per-batch", type=int, default=d.updates_per_batch,
-      help="optimizer steps per rollout batch (>1: PPO ratio clipping matters)")
-    a("--kl-coef", type=float, default=d.kl_coef, help="k3 KL to the frozen initial policy (default 0: off)")
-    a("--overlong", choices=["mask", "penalty", "none"], default=d.overlong,
-      help="completions cut by --max-new-tokens: masked out of the loss (default, DAPO's overlong filtering), "
-           "DAPO's soft length penalty, or nothing")
-    a("--overlong-buffer", type=int, default=None, help="penalty ramp length in tokens (default max-new-tokens/4)")
-    a("--resample-zero-variance", type=int, default=d.resample_zero_variance,
-      help="re-sample groups whose rewards are all equal, up to N times (default 0: drop and count them)")
-    a("--partial-credit", action="store_true", help="code reward: share of asserts passed instead of all-pass")
-    a("--syntax-weight", type=float, default=0.0, help="shaping: weight of the syntax-valid term")
-    a("--format-weight", type=float, default=0.0, help="shaping (chat): weight of the ```python block term")
-    a("--length-weight", type=float, default=0.0, help="shaping: penalty per token beyond the length target")
-    a("--eval-tasks", type=int, default=d.eval_tasks, help="held-out tasks per evaluation")
-    a("--eval-samples", type=int, default=d.eval_samples, help="samples per held-out task (pass@1 and pass@k)")
+    add_config_flags(p.add_argument_group("GRPO (RLConfig)"), RLConfig, _RL_FLAGS)
     add_loop_arguments(p, rows=False, recipe="rl")
 
 
@@ -329,16 +364,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
     try:
         model = _model_arg(args)
-        rl = RLConfig(tasks=args.tasks, held_out=args.held_out, reward=args.reward, protocol=args.protocol,
-                      group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                      micro_steps=args.micro_steps, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      scale_by_std=args.scale_by_std, aggregation=args.aggregation, clip_low=args.clip_low,
-                      clip_high=args.clip_high, updates_per_batch=args.updates_per_batch, kl_coef=args.kl_coef,
-                      overlong=args.overlong, overlong_buffer=args.overlong_buffer,
-                      resample_zero_variance=args.resample_zero_variance, partial_credit=args.partial_credit,
-                      syntax_weight=args.syntax_weight, format_weight=args.format_weight,
-                      length_weight=args.length_weight, eval_tasks=args.eval_tasks, eval_samples=args.eval_samples)
+        rl = config_from_flags(RLConfig, args, _RL_FLAGS)
         cfg = rl_train_config(model, args.run_dir, rl, **_loop_overrides(args))
         if cfg.max_steps is None and cfg.minutes is None:
             return _err("give --max-steps or --minutes")
@@ -475,3 +501,16 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-tasks", "--tasks", dest="tasks", metavar="N", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
+    for name in ("sft", "distill", "speedrun"):
+        _show_defaults(subparsers.choices[name])
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
+    and whose help does not state it already."""
+    for act in p._actions:
+        d = act.default
+        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
+                or d is argparse.SUPPRESS or "default" in (act.help or ""):
+            continue
+        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"
