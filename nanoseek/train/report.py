@@ -24,18 +24,12 @@ import json
 import os
 from pathlib import Path
 
+from nanoseek.jsonl import read_jsonl
+
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut by a kill: skip it
-    return out
+    """Records of a log a kill may have cut mid-line (the torn line is skipped); [] if absent."""
+    return list(read_jsonl(path, skip_invalid=True)) if path.is_file() else []
 
 
 def _fmt(v, digits: int = 4) -> str:
