@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nanoseek.jsonl import read_jsonl
+
 from nanoseek.train.parallelize import Dist, all_reduce
 
 
@@ -100,9 +102,9 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # drop records written after the checkpoint we resume from: the curve stays one curve
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # (a line torn by a kill is dropped, as the reader of the log does)
+            keep = [r for r in read_jsonl(self.path, skip_invalid=True) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
