@@ -30,7 +30,7 @@ RANK = {
     "engine": 3,
     "model": 2, "data": 2,
     "checkpoint": 1, "config": 1, "chat_format": 1,
-    "_extras": 0, "jsonl": 0,
+    "_extras": 0, "jsonl": 0, "_argparse": 0,
 }
 # Temporary aliases kept for code that is still moving (re-exports only); none at present.
 ALIASES: set[str] = set()

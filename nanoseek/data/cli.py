@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from nanoseek._argparse import show_defaults
+
 
 def _err(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
@@ -206,15 +208,6 @@ def add_subcommands(subparsers) -> None:
     tt.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     tt.set_defaults(func=_cmd_tok_train)
     for parser in (*dsub.choices.values(), *tsub.choices.values()):
-        _show_defaults(parser)
+        show_defaults(parser)
 
 
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
-    and whose help does not state it already."""
-    for act in p._actions:
-        d = act.default
-        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
-                or d is argparse.SUPPRESS or "default" in (act.help or ""):
-            continue
-        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"

@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from nanoseek._argparse import show_defaults
+
 from .loading import DTYPES as _DTYPES
 from .loading import load_model_and_tokenizer  # noqa: F401  (re-exported: callers import it from here)
 
@@ -160,15 +162,6 @@ def add_subcommands(sub) -> None:
     _add_sampling_args(p, 512)
     p.set_defaults(func=cmd_chat)
     for name in ("generate", "chat"):
-        _show_defaults(sub.choices[name])
+        show_defaults(sub.choices[name])
 
 
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
-    and whose help does not state it already."""
-    for act in p._actions:
-        d = act.default
-        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
-                or d is argparse.SUPPRESS or "default" in (act.help or ""):
-            continue
-        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"

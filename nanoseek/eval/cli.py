@@ -23,18 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+from nanoseek._argparse import show_defaults
+
 from .. import chat_format
-
-
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
-    and whose help does not state it already."""
-    for act in p._actions:
-        d = act.default
-        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
-                or d is argparse.SUPPRESS or "default" in (act.help or ""):
-            continue
-        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"
 
 
 def _sandbox_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +143,7 @@ def add_subcommands(subparsers) -> None:
     _model_args(p, seed_flag=False)
     p.set_defaults(func=cmd_insecure)
     for p in sub.choices.values():
-        _show_defaults(p)
+        show_defaults(p)
 
 
 # ------------------------------------------------------------------------------ commands

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from nanoseek._argparse import show_defaults
+
 _DTYPES = ("bf16", "bfloat16", "float32", "fp32")
 
 
@@ -77,15 +79,6 @@ def add_subcommands(sub) -> None:
                    help="on SIGTERM: seconds running requests get to finish before they are ended (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
-    _show_defaults(p)
+    show_defaults(p)
 
 
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
-    and whose help does not state it already."""
-    for act in p._actions:
-        d = act.default
-        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
-                or d is argparse.SUPPRESS or "default" in (act.help or ""):
-            continue
-        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"

@@ -9,6 +9,8 @@ import sys
 import typing
 from pathlib import Path
 
+from nanoseek._argparse import show_defaults
+
 from nanoseek.train.trainer import TrainConfig
 
 
@@ -502,15 +504,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
     for name in ("sft", "distill", "speedrun"):
-        _show_defaults(subparsers.choices[name])
+        show_defaults(subparsers.choices[name])
 
 
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of the options whose default is a value (not None / off)
-    and whose help does not state it already."""
-    for act in p._actions:
-        d = act.default
-        if not act.option_strings or act.help == argparse.SUPPRESS or d is None or d is False \
-                or d is argparse.SUPPRESS or "default" in (act.help or ""):
-            continue
-        act.help = f"{act.help} (default: %(default)s)" if act.help else "(default: %(default)s)"
