@@ -431,10 +431,28 @@ class SFTObjective(Objective):
     def val_batches(self, run):
         if not self.data or not self.data.val:
             return None
-        d = run.dist
-        ld = SFTLoader(self.data, run.cfg.micro_batch, run.cfg.seq_len, d.rank, d.world, 0,
-                       pad_id=run.tokenizer.pad_id, loop=False, split="val")
-        return ld if ld.rows_per_epoch() else iter(())
+        d, c, pad = run.dist, run.cfg, run.tokenizer.pad_id
+
+        def loader(rank: int) -> SFTLoader:
+            return SFTLoader(self.data, c.micro_batch, c.seq_len, rank, d.world, 0, pad_id=pad, loop=False,
+                             split="val")
+
+        # every rank runs as many forwards as the busiest one (a padding batch has no target):
+        # under FSDP each forward is a collective, and ranks with fewer rows would leave it hanging
+        n_max = max(math.ceil(loader(r).rows_per_epoch() / c.micro_batch) for r in range(d.world))
+
+        def batches():
+            n = 0
+            if loader(d.rank).rows_per_epoch():
+                for b in loader(d.rank):
+                    n += 1
+                    yield b
+            for _ in range(n_max - n):
+                yield {"input_ids": torch.full((1, c.seq_len), pad, dtype=torch.long),
+                       "labels": torch.full((1, c.seq_len), IGNORE_INDEX, dtype=torch.long),
+                       "doc_ids": torch.zeros((1, c.seq_len), dtype=torch.int32)}
+
+        return batches()
 
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
         return model_loss_terms(model, batch, phase, self.balance_alpha, self.indexer_weight)

@@ -213,3 +213,27 @@ def test_sft_torchrun_two_processes_match_one(base_model, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
         assert x["expert_load"] == y["expert_load"]
     assert (tmp_path / "ddp" / "model" / "tokenizer.json").is_file()
+
+
+def test_every_rank_runs_as_many_validation_batches(train_data, tmp_path):
+    """Under FSDP each validation forward is a collective: ranks with fewer held-out rows pad
+    with target-free batches instead of leaving the others waiting."""
+    from types import SimpleNamespace
+
+    from nanoseek.train.parallelize import Dist
+
+    tok = load_tokenizer(train_data[1])
+    obj = SFTObjective(SFTConfig(data=[str(write_jsonl(tmp_path / "d.jsonl", conversations(60)))],
+                                 val_fraction=0.05))
+    cfg = SimpleNamespace(micro_batch=1, seq_len=64, seed=0, progress=False)
+    run = SimpleNamespace(cfg=cfg, tokenizer=tok, dist=Dist(0, 1))
+    obj.data = SFTData(obj.cfg, tok, 65, seed=0)
+    world = len(obj.data.val) + 1                      # more ranks than held-out rows: the last gets none
+    counts, targets = [], []
+    for rank in range(world):
+        run.dist = Dist(rank, world)
+        bs = list(obj.val_batches(run))
+        counts.append(len(bs))
+        targets.append(sum(int((b["labels"] != -100).sum()) for b in bs))
+    assert len(set(counts)) == 1 and counts[0] >= 1
+    assert targets[-1] == 0 and sum(targets) == sum(int(m[1:].sum()) for _, m in obj.data.val)
