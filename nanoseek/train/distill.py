@@ -40,7 +40,8 @@ from nanoseek.chat_format import encode_ids
 from nanoseek.eval.common import read_jsonl
 from nanoseek.train.objectives import reverse_kl, sampled_reverse_kl_loss, teacher_weights
 from nanoseek.train.parallelize import gather_objects
-from nanoseek.train.rollouts import RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts, step_prompts
+from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
+                                     step_prompts)
 
 # Distillation LR as a share of the pre-training LR of the student's width (presets.pretrain_lr):
 # the targets are dense (a full distribution per token), so the signal is far less noisy than
@@ -231,16 +232,11 @@ class DistillObjective(RolloutObjective):
         return out
 
 
-class DistillLoader:
+class DistillLoader(RolloutLoader):
     """Batch source of one data shard: the student's samples for the step's prompts, with the
     teachers' scores. Deterministic from (seed, step, shard): resume regenerates exactly."""
 
-    def __init__(self, objective: DistillObjective, run, index: int, n_data: int, seed: int):
-        self.obj, self.run, self.index, self.n_data, self.seed = objective, run, index, n_data, seed
-        self.calls = 0
-
-    def __iter__(self):
-        return self
+    kind = "distill"
 
     def __next__(self) -> dict:
         c, run, tok = self.obj.cfg, self.run, self.run.tokenizer
@@ -265,15 +261,6 @@ class DistillLoader:
               "rollout_tok_per_s": sum(lengths) / max(stats.seconds, 1e-9)}
         batch["stats"] = {k: torch.tensor(float(v)) for k, v in st.items()}
         return batch
-
-    def state_dict(self) -> dict:
-        return {"calls": self.calls, "seed": self.seed, "index": self.index, "n_data": self.n_data}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "index", "n_data"):
-            if state.get(k) != getattr(self, k):
-                raise ValueError(f"distill loader state does not match this run ({k}: saved {state.get(k)})")
-        self.calls = int(state["calls"])
 
 
 def distill_train_config(student_dir: str, out: str, **overrides):

@@ -47,7 +47,8 @@ from nanoseek.eval.rewards import RewardConfig, make_reward
 from nanoseek.train.objectives import (group_advantages, grpo_loss, overlong_filter_mask,
                                        overlong_penalty, token_logprobs)
 from nanoseek.train.parallelize import gather_objects
-from nanoseek.train.rollouts import RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts, step_prompts
+from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
+                                     step_prompts)
 
 # RL learning rate as a share of the pre-training LR of the model's width (presets.pretrain_lr):
 # policy-gradient steps are noisy and a collapsed policy does not recover, so RL moves the
@@ -232,18 +233,16 @@ def _entropy(logits: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torc
     return tot / mask.sum().clamp(min=1)
 
 
-class RLLoader:
+class RLLoader(RolloutLoader):
     """The batch source of one data shard: each step's rollouts, rewards and advantages as
     training tensors (reused `updates_per_batch` times). Deterministic from (seed, step, shard):
     a resumed run regenerates exactly the batches it would have made."""
 
-    def __init__(self, objective: RLObjective, run, index: int, n_data: int, seed: int):
-        self.obj, self.run, self.index, self.n_data, self.seed = objective, run, index, n_data, seed
-        self.calls = 0
-        self._cached: tuple[int, dict] | None = None
+    kind = "RL"
 
-    def __iter__(self):
-        return self
+    def __init__(self, objective: RLObjective, run, index: int, n_data: int, seed: int):
+        super().__init__(objective, run, index, n_data, seed)
+        self._cached: tuple[int, dict] | None = None
 
     def __next__(self) -> dict:
         k = self.obj.cfg.updates_per_batch
@@ -343,14 +342,8 @@ class RLLoader:
         batch["stats"] = {k: torch.tensor(float(v)) for k, v in stats.items()}
         return batch
 
-    def state_dict(self) -> dict:
-        return {"calls": self.calls, "seed": self.seed, "index": self.index, "n_data": self.n_data}
-
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "index", "n_data"):
-            if state.get(k) != getattr(self, k):
-                raise ValueError(f"RL loader state does not match this run ({k}: saved {state.get(k)})")
-        self.calls = int(state["calls"])
+        super().load_state_dict(state)
         if self.calls % self.obj.cfg.updates_per_batch:
             raise ValueError("this checkpoint was written in the middle of a reused batch; resume needs "
                              "checkpoints at multiples of --updates-per-batch")

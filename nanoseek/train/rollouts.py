@@ -162,3 +162,26 @@ class RolloutObjective(Objective):
         n = torch.tensor([float(sum(b["stats"]["rollout_tokens"] for b in batches))], dtype=torch.float64)
         return int(all_reduce(n, run.dist).item())
 
+
+class RolloutLoader:
+    """Base of the RL and distillation batch sources of one data shard: a batch is a function of
+    (seed, call count, shard), so the state to save for exact resume is the call count alone."""
+
+    kind = "rollout"
+
+    def __init__(self, objective, run, index: int, n_data: int, seed: int):
+        self.obj, self.run, self.index, self.n_data, self.seed = objective, run, index, n_data, seed
+        self.calls = 0
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "seed": self.seed, "index": self.index, "n_data": self.n_data}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "index", "n_data"):
+            if state.get(k) != getattr(self, k):
+                raise ValueError(f"{self.kind} loader state does not match this run ({k}: saved {state.get(k)})")
+        self.calls = int(state["calls"])
+
