@@ -282,6 +282,17 @@ class BatchRunner:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or any(s is not None for s in self.slots))
 
+    def run_to_completion(self) -> None:
+        """Step until every added request has finished, with the model in eval mode (restored
+        afterwards): the driver of callers that want whole results, not a stream."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            while self.has_work():
+                self.step()
+        finally:
+            self.model.train(was_training)
+
     def _free_slot(self) -> int | None:
         for i, s in enumerate(self.slots):
             if s is None:

@@ -229,13 +229,7 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int 
     runner = BatchRunner(model, 1, len(prompt) + max(max_new_tokens, 1), speculative_tokens=num_draft)
     seq = Sequence(prompt, params)
     runner.add(seq)
-    was_training = model.training
-    model.eval()
-    try:
-        while runner.has_work():
-            runner.step()
-    finally:
-        model.train(was_training)
+    runner.run_to_completion()
     out = list(seq.tokens)
     if seq.stop_token is not None:
         out.append(seq.stop_token)

@@ -94,13 +94,7 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], *, n: int = 1, m
                                 stop_strings=tuple(stop), logprobs=True)
         runner.add(Sequence(p, params, tokenizer=tokenizer,
                             on_delta=lambda s, d, i=i: finished(i, s) if d.finish_reason is not None else None))
-    was_training = model.training
-    model.eval()
-    try:
-        while runner.has_work():
-            runner.step()
-    finally:
-        model.train(was_training)
+    runner.run_to_completion()
     if stats is not None:
         stats.seconds += time.perf_counter() - t0
         stats.tokens += sum(len(r.tokens) for r in out if r is not None)
