@@ -66,8 +66,6 @@ from nanoseek.train.parallelize import (Dist, all_reduce, all_reduce_max, barrie
                                         gathered_state, load_optimizer_state, no_sync, parallelize, setup_distributed,
                                         unshard)
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class TrainConfig:
