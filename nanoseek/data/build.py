@@ -38,6 +38,7 @@ from pathlib import Path
 
 from nanoseek.data import clean, dedup, licenses
 from nanoseek.data import sources as srcs
+from nanoseek.jsonl import read_jsonl
 
 PIPELINE_VERSION = 1   # bump when filters change what a build produces
 _EXAMPLES = 3          # example paths kept per drop reason in the manifest
@@ -573,6 +574,4 @@ def iter_documents(corpus_dir: str | os.PathLike, split: str = "train"):
     """Yield the records of one split of a corpus, in file order."""
     m = load_manifest(corpus_dir)
     for name in m["files"][split]:
-        with open(Path(corpus_dir) / name, "rb") as f:
-            for line in f:
-                yield json.loads(line)
+        yield from read_jsonl(Path(corpus_dir) / name)

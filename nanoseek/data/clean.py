@@ -27,8 +27,6 @@ file with no candidate costs a few substring searches instead of a regex pass.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import re
 from collections import Counter
@@ -38,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.data.dedup import ngram_hashes, token_hashes
+from nanoseek.jsonl import read_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Quality heuristics
@@ -393,13 +392,11 @@ def humaneval_benchmark() -> Benchmark:
 def jsonl_benchmark(path: str | Path) -> Benchmark:
     """A user-supplied evaluation set: every string field of every JSONL record is protected."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    if not path.is_file():
+        raise FileNotFoundError(f"--decontam-extra {path}: no such file")
     texts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                texts += [v for v in (rec.values() if isinstance(rec, dict) else [rec]) if isinstance(v, str)]
+    for rec in read_jsonl(path, objects=False):   # a bad line: ValueError naming file:line
+        texts += [v for v in (rec.values() if isinstance(rec, dict) else [rec]) if isinstance(v, str)]
     name = path.name.split(".")[0]
     return Benchmark(name, f"{path} ({len(texts)} strings)", texts)
 

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoseek.jsonl import iter_lines
+
 IGNORE_INDEX = -100
 _PLAN = "plan.json"
 _INDEX = "index.json"
@@ -82,18 +84,22 @@ def _init_tokenize_worker(tokenizer_dir: str) -> None:
     _TW["tok"] = load_tokenizer(tokenizer_dir)
 
 
+def _corpus_records(src: str, start: int, end: int):
+    """The records of corpus file `src` whose lines start in [start, end) (_chunks' ranges). The
+    corpus is ours, so a bad line is an error, not a skip."""
+    with open(src, "rb") as f:
+        for ln in iter_lines(f, start=start, end=end):
+            if ln.error is not None:
+                raise ValueError(f"{src} @byte {ln.offset}: {ln.error}")
+            yield ln.obj
+
+
 def _tokenize_chunk(job: dict) -> dict:
     """Tokenize one corpus slice into one shard (runs in a worker)."""
     tok = _TW["tok"]
     dtype = np.dtype(job["dtype"])
-    with open(job["src"], "rb") as f:
-        f.seek(job["start"])
-        buf = f.read(job["end"] - job["start"])
     pieces, lengths, nbytes = [], [], 0
-    for line in buf.splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in _corpus_records(job["src"], job["start"], job["end"]):
         text = rec["content"]
         ids = tok.encode_to_numpy(text, dtype=np.uint32)
         # Check ~1/verify_every of the documents, chosen by content id (not by position, so

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import json
 import lzma
 import os
 import re
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.data import licenses
+from nanoseek.jsonl import TOO_LONG, iter_lines
 
 # --------------------------------------------------------------------------------------------
 # Languages
@@ -929,54 +929,22 @@ def _read_jsonl(task: Task, limits: SizeLimits):
         if problem:
             yield Skip("unreadable", _file_size(task.path), task.path, f"cannot read JSONL: {problem}")
             return
-    max_line = _max_line_bytes(limits)
     where = task.path
+    # A chunk owns the lines that *start* inside [start, end); a .jsonl.gz is one whole chunk.
+    start, end = (0, None) if gz or task.end < 0 else (task.start, task.end)
     try:
         with (gzip.open(task.path, "rb") if gz else open(task.path, "rb")) as f:
-            if gz:
-                start, end = 0, -1
-            else:
-                # A chunk owns the lines that *start* inside [start, end).
-                start, end = task.start, task.end
-                if start > 0:
-                    f.seek(start - 1)
-                    if f.read(1) != b"\n":
-                        while True:   # skip the rest of the line the previous chunk owns
-                            piece = f.readline(1 << 20)
-                            if not piece or piece.endswith(b"\n"):
-                                break
-                    start = f.tell()
+            for ln in iter_lines(f, start=start, end=end, max_bytes=_max_line_bytes(limits)):
+                at = f"{where} @byte {ln.offset}"
+                if ln.kind == TOO_LONG:
+                    yield Skip("too_large", ln.size, at, "JSONL line longer than any record")
+                elif ln.error is not None:
+                    yield Skip("unreadable", 0, at, f"bad JSONL line: {ln.error}")
                 else:
-                    f.seek(0)
-            offset = start
-            while end < 0 or offset < end:
-                at = offset
-                line = f.readline(max_line + 1)
-                if not line:
-                    break
-                offset += len(line)
-                if len(line) > max_line and not line.endswith(b"\n"):
-                    while True:   # drain the oversized line without holding it
-                        piece = f.readline(1 << 20)
-                        offset += len(piece)
-                        if not piece or piece.endswith(b"\n"):
-                            break
-                    yield Skip("too_large", offset - at, f"{where} @byte {at}", "JSONL line longer than any record")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                    yield Skip("unreadable", 0, f"{where} @byte {at}", f"invalid JSON line: {e}")
-                    continue
-                if not isinstance(rec, dict):
-                    yield Skip("unreadable", 0, f"{where} @byte {at}", "invalid JSON line: record is not a JSON object")
-                    continue
-                out = {}
-                for role in _COLUMNS:
-                    c = _pick(rec, role)
-                    out[role] = rec.get(c) if c else None
-                yield from _table_rows(task, [(at, out)], where, limits)
+                    out = {}
+                    for role in _COLUMNS:
+                        c = _pick(ln.obj, role)
+                        out[role] = ln.obj.get(c) if c else None
+                    yield from _table_rows(task, [(ln.offset, out)], where, limits)
     except _STREAM_ERRORS as e:
         yield Skip("unreadable", task.est_bytes, task.path, f"cannot read JSONL: {type(e).__name__}: {e}")

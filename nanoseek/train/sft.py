@@ -33,7 +33,6 @@ the assistant tokens -- one more objective on the one trainer loop (trainer.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 import time
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from .. import chat_format
+from ..jsonl import INVALID, scan_jsonl
 from .objectives import Objective, model_loss_terms
 
 if TYPE_CHECKING:
@@ -116,22 +116,16 @@ def read_conversations(path: str) -> Iterator[tuple[int, dict | None, str | None
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, None, f"not JSON ({e.msg})"
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-                yield n, None, 'not an object with a non-empty "messages" list'
-                continue
-            if obj.get("tools") is not None and not isinstance(obj["tools"], list):
-                yield n, None, '"tools" is not a list'
-                continue
-            yield n, obj, None
+    for ln in scan_jsonl(p):
+        obj = ln.obj
+        if ln.kind == INVALID:
+            yield ln.lineno, None, ln.error
+        elif not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+            yield ln.lineno, None, 'not an object with a non-empty "messages" list'
+        elif obj.get("tools") is not None and not isinstance(obj["tools"], list):
+            yield ln.lineno, None, '"tools" is not a list'
+        else:
+            yield ln.lineno, obj, None
 
 
 def _has_reasoning(messages: list[dict]) -> bool:
