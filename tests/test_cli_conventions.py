@@ -118,3 +118,92 @@ def test_rl_flags_are_generated_from_rlconfig():
     assert (rl.group_size, rl.scale_by_std, rl.overlong, rl.tis_cap, rl.reward_workers, rl.mtp_weight) == (
         4, True, "none", 3.0, 2, 0.0)
     assert tcli._loop_overrides(args)["mtp_weight"] == 0.5     # the loop's flag, as before
+
+
+def _config_tables():
+    from nanoseek.train import cli as tcli
+    from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.rl import RLConfig
+    from nanoseek.train.sft import SFTConfig
+
+    # (subcommand, its required arguments, dataclass, flag table, fields with no flag on purpose)
+    return [("sft", "m --data d --out o", SFTConfig, tcli._SFT_FLAGS, frozenset()),
+            ("distill", "m --teacher t --prompts p --out o", DistillConfig, tcli._DISTILL_FLAGS, frozenset()),
+            ("rl", "m --tasks t --out o", RLConfig, tcli._RL_FLAGS, tcli.RL_NOT_FLAGS)]
+
+
+def _subparser(cmd: str):
+    return build_parser()._subparsers._group_actions[0].choices[cmd]
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_every_config_field_has_a_flag_whose_help_shows_its_default(i):
+    import argparse
+
+    cmd, _, cls, table, not_flags = _config_tables()[i]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(table) <= set(fields) and set(fields) - set(table) == set(not_flags)
+    actions = {a.dest: a for a in _subparser(cmd)._actions}
+    fmt = argparse.HelpFormatter(cmd)
+    for name, spec in table.items():
+        act = actions[spec.get("dest", name)]
+        f = fields[name]
+        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert act.default == d, name
+        if act.required:
+            continue
+        if d is None:
+            shown = spec.get("none", "none")       # what None means, in words
+        else:
+            shown = ("on" if d else "off") if isinstance(d, bool) else d
+        assert fmt._expand_help(act).endswith(f"(default: {shown})"), (name, act.help)
+
+
+def test_existing_sft_and_distill_flag_names_still_parse():
+    sft = {s for a in _subparser("sft")._actions for s in a.option_strings}
+    assert {"--model", "--data", "--out", "--thinking-ratio", "--val-fraction", "--epochs"} <= sft
+    distill = {s for a in _subparser("distill")._actions for s in a.option_strings}
+    assert {"--student", "--model", "--teacher", "--weights", "--prompts", "--held-out", "--out",
+            "--samples-per-prompt", "--prompts-per-step", "--micro-steps", "--max-new-tokens", "--temperature",
+            "--estimator", "--kl-form", "--teacher-dtype", "--eval-prompts"} <= distill
+
+
+def test_sft_and_distill_namespaces_build_their_configs():
+    from nanoseek.train import cli as tcli
+    from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.sft import SFTConfig
+
+    for cmd, required, cls, table, _ in _config_tables():
+        args = build_parser().parse_args(f"{cmd} {required}".split())
+        base = {"sft": dict(data=["d"]), "distill": dict(teachers=["t"], prompts="p"), "rl": dict(tasks="t")}[cmd]
+        assert tcli.config_from_flags(cls, args, table) == cls(**base), cmd
+    args = build_parser().parse_args("sft m --out o --data a.jsonl:2 --data b.jsonl --thinking-ratio 0.5 "
+                                     "--val-fraction 0 --max-val 3 --min-val-pool 0 --epochs 2".split())
+    assert tcli.config_from_flags(SFTConfig, args, tcli._SFT_FLAGS) == SFTConfig(
+        data=["a.jsonl:2", "b.jsonl"], thinking_ratio=0.5, val_fraction=0.0, max_val=3, min_val_pool=0, epochs=2.0)
+    args = build_parser().parse_args(
+        "distill --student s --out o --teacher a --teacher b --weights 0.7,0.3 --prompts p --held-out h "
+        "--samples-per-prompt 2 --prompts-per-step 4 --micro-steps 2 --max-new-tokens 9 --temperature 0.5 "
+        "--estimator sampled --kl-form sum --teacher-dtype bf16 --eval-prompts 3 --lr 0.01".split())
+    assert tcli.config_from_flags(DistillConfig, args, tcli._DISTILL_FLAGS) == DistillConfig(
+        prompts="p", held_out="h", teachers=["a", "b"], weights=[0.7, 0.3], samples_per_prompt=2,
+        prompts_per_step=4, micro_steps=2, max_new_tokens=9, temperature=0.5, estimator="sampled", kl_form="sum",
+        teacher_dtype="bf16", eval_prompts=3)
+    assert tcli._loop_overrides(args) == {"lr": 0.01}            # the loop's flags stay TrainConfig's
+    with pytest.raises(SystemExit):
+        build_parser().parse_args("distill s --out o --teacher a --prompts p --weights 0.7,x".split())
+
+
+def test_sft_command_gets_one_epoch_only_without_another_horizon(tmp_path, monkeypatch):
+    from nanoseek.config import ModelConfig
+    from nanoseek.train import trainer
+
+    ModelConfig.from_preset("tiny").save_json(tmp_path / "config.json")
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda cfg, objective: seen.append((cfg, objective.cfg)) or {})
+    assert main(["sft", str(tmp_path), "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--max-val", "9"]) == 0
+    assert main(["sft", "--model", str(tmp_path), "--data", "d.jsonl", "--out", str(tmp_path / "o"),
+                 "--max-steps", "5"]) == 0
+    (c1, s1), (c2, s2) = seen
+    assert (s1.epochs, s1.max_val, c1.max_steps) == (1.0, 9, None)
+    assert (s2.epochs, s2.max_val, c2.max_steps) == (None, 256, 5)

@@ -1,15 +1,17 @@
-"""`nanoseek train`, `nanoseek sft`, `nanoseek report` and `nanoseek speedrun`: thin wrappers over
-trainer.py, sft.py, report.py and speedrun.py (see docs/train.md)."""
+"""`nanoseek train`, `sft`, `rl`, `distill`, `report` and `speedrun`: thin wrappers over trainer.py,
+sft.py, rl.py, distill.py, report.py and speedrun.py (see docs/train.md). Flags that mirror a config
+dataclass (TrainConfig, SFTConfig, RLConfig, DistillConfig) are generated from it; the tables here
+add only help text, choices, kept older spellings and what a None default means."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
 
-from nanoseek._argparse import show_defaults
+from nanoseek._argparse import (SCALAR_TYPES, add_config_flags, config_from_flags, field_default, float_list,
+                                show_defaults, type_name)
 
 from nanoseek.train.trainer import TrainConfig
 
@@ -160,28 +162,10 @@ _RECIPE_SETS = {
     "eval_tokens", "sample_prompts", "sample_tokens", "mtp_weight", "mtp_weight_decay", "ckpt_every", "keep_last",
 }
 
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def _type_name(t) -> str:
-    """'int' for `int`, `int | None` or the string annotations of `from __future__ import annotations`."""
-    if not isinstance(t, str):
-        t = " | ".join(getattr(x, "__name__", str(x)) for x in (typing.get_args(t) or (t,)))
-    return t.replace(" | None", "").replace(" | NoneType", "").strip()
-
-
-def _field_default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
-
-
 def _shown_default(f: dataclasses.Field, spec: dict, recipe: str | None) -> str:
     if recipe and f.name in _RECIPE_SETS:
         return f"from the {recipe} recipe and the model"
-    d = _field_default(f)
+    d = field_default(f)
     if d is None:
         return spec.get("none", "from the model's size")
     if d is False:
@@ -204,11 +188,11 @@ def _add_fields(p: argparse.ArgumentParser, table: dict[str, dict], rows: bool =
         kw.setdefault("dest", name)
         kw.setdefault("default", None)             # None: the field keeps its (recipe's) default
         if "action" not in kw and "nargs" not in kw:
-            base = _type_name(f.type)
+            base = type_name(f.type)
             if base == "bool":
                 kw["action"] = "store_true"
             else:
-                kw["type"] = _TYPES[base]
+                kw["type"] = SCALAR_TYPES[base]
         flags = spec.get("flags") or ("--" + name.replace("_", "-"),)
         text = spec.get("help", "")
         if not kw.get("required") and name != "sample_prompts" and name != "progress":
@@ -231,21 +215,29 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_loop_arguments(p)
 
 
+# SFTConfig fields as `sft` flags (dest = the field; default and type from the dataclass).
+_SFT_FLAGS: dict[str, dict] = {
+    "data": dict(action="append", required=True, metavar="FILE[:WEIGHT]",
+                 help='JSONL of {"messages": [...], "tools": [...]?} (repeatable; WEIGHT repeats each example that '
+                      "many times per epoch, fractions sampled)"),
+    "thinking_ratio": dict(help="share of examples with reasoning_content rendered in thinking mode (0: chat mode)"),
+    "val_fraction": dict(help="held-out share of the conversations for the validation loss (at most --max-val)"),
+    "max_val": dict(help="held-out examples at most"),
+    "min_val_pool": dict(help="fewer examples than this: no held-out split, all of them train"),
+    "epochs": dict(help="passes over the (weighted) data, when neither --max-steps nor --minutes is given",
+                   none="1 without --max-steps / --minutes"),
+}
+
+
 def add_sft_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek.train.sft import SFTConfig
+
     a = p.add_argument
     a("model_pos", nargs="?", metavar="MODEL", help="model directory to fine-tune (config.json, safetensors, "
                                                     "tokenizer files)")
     a("--model", dest="model_opt", help="same as the positional MODEL")
-    a("--data", action="append", required=True, metavar="FILE[:WEIGHT]",
-      help='JSONL of {"messages": [...], "tools": [...]?} (repeatable; WEIGHT repeats each example that many '
-           "times per epoch, fractions sampled)")
     a("--out", dest="run_dir", required=True, help="run directory; the fine-tuned model goes to OUT/model")
-    a("--thinking-ratio", dest="thinking_ratio", type=float, default=0.0,
-      help="share of examples with reasoning_content rendered in thinking mode (default 0: chat mode)")
-    a("--val-fraction", dest="val_fraction", type=float, default=0.05,
-      help="held-out share of the conversations for the validation loss (default 0.05, at most 256)")
-    a("--epochs", type=float, default=None, help="passes over the data (used when neither --max-steps nor "
-                                                 "--minutes is given; default 1)")
+    add_config_flags(p.add_argument_group("SFT data (SFTConfig)"), SFTConfig, _SFT_FLAGS)
     add_loop_arguments(p, recipe="sft")
 
 
@@ -321,34 +313,6 @@ _RL_FLAGS: dict[str, dict] = {
 RL_NOT_FLAGS = frozenset({"mtp_weight"})
 
 
-def add_config_flags(p, cls, table: dict[str, dict]) -> None:
-    """`--field-name` flags for the fields of dataclass `cls` named in `table` (help, choices, flags,
-    `none`: what a None default means); argparse defaults are the dataclass defaults, shown in --help."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, spec in table.items():
-        f = fields[name]
-        d = _field_default(f)
-        kw = {k: v for k, v in spec.items() if k not in ("flags", "none", "help")}
-        kw.setdefault("dest", name)
-        kw.setdefault("default", d)
-        base = _type_name(f.type)
-        if base == "bool":
-            kw.setdefault("action", "store_true")
-        elif "action" not in kw:
-            kw["type"] = _TYPES[base]
-        text = spec.get("help", "")
-        if not kw.get("required"):
-            shown = spec.get("none", "none") if d is None else ("off" if d is False else d)
-            text = f"{text} (default: {shown})".strip()
-        kw["help"] = text.replace("%", "%%")
-        p.add_argument(*(spec.get("flags") or ("--" + name.replace("_", "-"),)), **kw)
-
-
-def config_from_flags(cls, args: argparse.Namespace, table: dict[str, dict]):
-    """The dataclass `cls` from the flags add_config_flags added (other fields keep their defaults)."""
-    return cls(**{name: getattr(args, spec.get("dest", name)) for name, spec in table.items()})
-
-
 def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.rl import RLConfig
 
@@ -381,30 +345,36 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+# DistillConfig fields as `distill` flags (dest = the field; default and type from the dataclass).
+_DISTILL_FLAGS: dict[str, dict] = {
+    "teachers": dict(flags=("--teacher",), action="append", required=True, metavar="MODEL",
+                     help="teacher model directory (repeatable); must share the student's tokenizer"),
+    "weights": dict(type=float_list, metavar="W1,W2,...", none="equal",
+                    help="teacher weights, comma-separated, summing to 1"),
+    "prompts": dict(required=True, help='JSONL of {"prompt": text} or {"messages": [...]}'),
+    "held_out": dict(help="held-out prompts for the KL evaluation", none="PROMPTS.heldout.jsonl if present"),
+    "samples_per_prompt": dict(help="student completions per prompt"),
+    "prompts_per_step": dict(help="over all ranks"),
+    "micro_steps": dict(help="accumulation micro-steps per rank"),
+    "max_new_tokens": dict(help="completion length limit"),
+    "temperature": dict(help="student sampling temperature"),
+    "estimator": dict(choices=["full", "sampled"],
+                      help="full: reverse KL over the whole vocabulary; sampled: the sampled token's log-ratio only"),
+    "kl_form": dict(choices=["mixture", "sum"],
+                    help="several teachers: KL to their log-geometric mixture (same gradient) or the weighted sum"),
+    "teacher_dtype": dict(choices=["bf16", "fp32"], help="teachers' weights dtype", none="as saved"),
+    "eval_prompts": dict(help="held-out prompts per evaluation"),
+}
+
+
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.distill import DistillConfig
 
-    d = DistillConfig()
     a = p.add_argument
     a("model_pos", nargs="?", metavar="STUDENT", help="student model directory (config.json, safetensors, tokenizer)")
     a("--student", "--model", dest="model_opt", help="same as the positional STUDENT")
-    a("--teacher", action="append", required=True, metavar="MODEL",
-      help="teacher model directory (repeatable); must share the student's tokenizer")
-    a("--weights", default=None, help="teacher weights, comma-separated, summing to 1 (default: equal)")
-    a("--prompts", required=True, help='JSONL of {"prompt": text} or {"messages": [...]}')
-    a("--held-out", dest="held_out", help="held-out prompts for the KL evaluation (default PROMPTS.heldout.jsonl)")
     a("--out", dest="run_dir", required=True, help="run directory; the student goes to OUT/model")
-    a("--samples-per-prompt", type=int, default=d.samples_per_prompt)
-    a("--prompts-per-step", type=int, default=d.prompts_per_step, help="over all ranks")
-    a("--micro-steps", type=int, default=d.micro_steps, help="accumulation micro-steps per rank")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens)
-    a("--temperature", type=float, default=d.temperature, help="student sampling temperature (default 1)")
-    a("--estimator", choices=["full", "sampled"], default=d.estimator,
-      help="full: reverse KL over the whole vocabulary (default); sampled: the sampled token's log-ratio only")
-    a("--kl-form", choices=["mixture", "sum"], default=d.kl_form,
-      help="several teachers: KL to their log-geometric mixture (default, same gradient) or the weighted sum")
-    a("--teacher-dtype", choices=["bf16", "fp32"], default=None, help="teachers' weights dtype (default: as saved)")
-    a("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per evaluation")
+    add_config_flags(p.add_argument_group("distillation (DistillConfig)"), DistillConfig, _DISTILL_FLAGS)
     add_loop_arguments(p, rows=False, recipe="distill")
 
 
@@ -414,18 +384,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     try:
         model = _model_arg(args)
-        weights = None
-        if args.weights:
-            try:
-                weights = [float(x) for x in args.weights.split(",")]
-            except ValueError:
-                return _err(f"--weights {args.weights!r}: give numbers separated by commas")
-        dc = DistillConfig(prompts=args.prompts, held_out=args.held_out, teachers=list(args.teacher),
-                           weights=weights, samples_per_prompt=args.samples_per_prompt,
-                           prompts_per_step=args.prompts_per_step, micro_steps=args.micro_steps,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           estimator=args.estimator, kl_form=args.kl_form, teacher_dtype=args.teacher_dtype,
-                           eval_prompts=args.eval_prompts)
+        dc = config_from_flags(DistillConfig, args, _DISTILL_FLAGS)
         cfg = distill_train_config(model, args.run_dir, **_loop_overrides(args))
         if cfg.max_steps is None and cfg.minutes is None:
             return _err("give --max-steps or --minutes")
@@ -443,9 +402,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     try:
         model = _model_arg(args)
         cfg = sft_train_config(model, args.run_dir, **_loop_overrides(args))
-        epochs = args.epochs if args.epochs is not None else (1.0 if cfg.max_steps is None and cfg.minutes is None else None)
-        sft = SFTConfig(data=list(args.data), thinking_ratio=args.thinking_ratio, val_fraction=args.val_fraction,
-                        epochs=epochs)
+        sft = config_from_flags(SFTConfig, args, _SFT_FLAGS)
+        if sft.epochs is None and cfg.max_steps is None and cfg.minutes is None:
+            sft.epochs = 1.0       # no horizon given: one pass over the data
         summary = train(cfg, SFTObjective(sft, cfg.balance_alpha, cfg.indexer_weight))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
@@ -503,7 +462,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-tasks", "--tasks", dest="tasks", metavar="N", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
-    for name in ("sft", "distill", "speedrun"):
-        show_defaults(subparsers.choices[name])
+    show_defaults(subparsers.choices["speedrun"])     # its flags mirror no dataclass
 
 
