@@ -168,7 +168,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) 
 
 
 FP4_BLOCK = 32
-# e2m1 code -> value (code = sign bit << 3 | exponent << 1 | mantissa), as the official FP4_TABLE
+# e2m1 code -> value (code = sign bit << 3 | exponent << 1 | mantissa): the OCP MX e2m1 grid, as
+# DeepGEMM's FP4 helpers decode it (code 8 is -0.0 here, +0.0 there: equal as numbers)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _FP4 = getattr(torch, "float4_e2m1fn_x2", None)
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -177,13 +178,15 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """MXFP4 weight -> fp32 [..., out, in].
 
-    Layout of the official DeepSeek-V4 release (its `inference/convert.py` `cast_e2m1fn_to_e4m3fn`
-    and `inference/model.py` `Linear`): `packed` is [..., out, in // 2], two e2m1 values per byte
-    packed along the input dimension, the LOW nibble holding the even element (2j) and the high
-    nibble the odd one (2j+1); on disk it is int8 (safetensors "I8", the HF release) or
-    `float4_e2m1fn_x2` ("F4", what the official convert.py writes for its own loader); uint8 is
-    accepted too. `scale` is [..., out, in // block] (float8_e8m0fnu, or any float dtype), one
-    power-of-two scale per `block` (32) consecutive input elements of a row."""
+    The layout of the DeepSeek-V4 release's routed experts (docs/model.md, "FP4 and convert", names
+    the sources checked and what each confirmed): `packed` is [..., out, in // 2], two e2m1 codes
+    per byte packed along the input dimension, the LOW nibble holding the even element (2j) and the
+    high nibble the odd one (2j+1); stored as int8 (safetensors "I8"), uint8, or
+    `float4_e2m1fn_x2` ("F4"). `scale` is [..., out, in // block] (float8_e8m0fnu as released,
+    uint8 holding the raw e8m0 exponent bytes, or any float dtype): one power-of-two scale per
+    `block` (32) consecutive input elements of a row."""
+    if scale.dtype != torch.uint8 and not scale.is_floating_point():
+        raise ValueError(f"FP4 scale of dtype {scale.dtype}: expected e8m0, uint8 e8m0 bytes or a float")
     b = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
     table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=b.device)
     vals = torch.stack([table[(b & 0x0F).long()], table[(b >> 4).long()]], dim=-1).flatten(-2)
@@ -191,8 +194,16 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_B
     if scale.shape[:-1] != vals.shape[:-1] or scale.shape[-1] * block < in_f:
         raise ValueError(f"FP4 scale of shape {tuple(scale.shape)} does not fit a weight of logical "
                          f"shape {tuple(vals.shape)} with blocks of {block}")
-    s = scale.float().repeat_interleave(block, dim=-1)[..., :in_f]
+    s = _e8m0_bytes_to_float(scale) if scale.dtype == torch.uint8 else scale.float()
+    s = s.repeat_interleave(block, dim=-1)[..., :in_f]
     return vals * s
+
+
+def _e8m0_bytes_to_float(b: torch.Tensor) -> torch.Tensor:
+    """Raw e8m0 exponent bytes (how kernels such as DeepGEMM's and vLLM's hold the scales) ->
+    2^(b - 127); 0xFF is e8m0's NaN."""
+    s = torch.exp2(b.float() - 127.0)
+    return torch.where(b == 0xFF, torch.full_like(s, float("nan")), s)
 
 
 def _is_scale(k: str) -> bool:

@@ -121,6 +121,25 @@ def test_dequantize_fp4_nibble_order_and_table():
         dequantize_fp4(packed, torch.ones(1, 1), block=4)
 
 
+def test_dequantize_fp4_packs_the_input_axis_with_one_scale_per_32_inputs_of_a_row():
+    """The layout DeepGEMM's MegaMoE test builds for the V4 experts (weights [E, n, k] -> int8
+    [E, n, k // 2] + ue8m0 [E, n, k // 32]) and vLLM's deepseek_v4 loader copies checkpoint
+    tensors into: the packed (halved) axis is the input one, scales run along it per row."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (3, 4, 64))                       # [E, out, in] e2m1 codes
+    packed = (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8).view(torch.int8)
+    exps = torch.randint(120, 134, (3, 4, 2), dtype=torch.uint8)   # raw e8m0 bytes, [E, out, in / 32]
+    want = torch.tensor(E2M1_VALUES)[codes] * torch.exp2(exps.float() - 127).repeat_interleave(32, -1)
+    got = dequantize_fp4(packed, exps)
+    assert got.shape == (3, 4, 64) and torch.equal(got, want)
+    assert torch.equal(dequantize_fp4(packed, exps.view(torch.float8_e8m0fnu)), want)
+    assert dequantize_fp4(packed[:1, :1, :1], torch.tensor([[[0xFF]]], dtype=torch.uint8)).isnan().all()
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize_fp4(packed, exps.to(torch.int32))
+    with pytest.raises(ValueError, match="does not fit"):             # scales along the output axis
+        dequantize_fp4(packed, exps.transpose(-1, -2).contiguous())
+
+
 @pytest.mark.parametrize("fp4_storage", ["int8", "float4", "uint8"])
 def test_fp4_fp8_official_checkpoint_loads_to_the_dequantised_model(tiny_model, tmp_path, fp4_storage):
     src, dst = tmp_path / "ours", tmp_path / "official"
