@@ -87,7 +87,8 @@ class Attention(nn.Module):
         comp, comp_bias, index_info = (None, None, None)
         if self.compressor is not None:
             comp, comp_bias, index_info = self._compressed(x, qr, cos, sin, ctx, cache)
-        out, p_comp, raw_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        want = index_info is not None and ctx.collect_indexer
+        out, p_comp, raw_comp = self._attend(q_blocks, keys_t, win_bias, comp, comp_bias, s, want)
         if index_info is not None and ctx.collect_indexer:
             scores, allowed, visible = index_info
             ctx.aux.indexer.append(indexer_kl(scores, p_comp, allowed))
@@ -225,27 +226,87 @@ class Attention(nn.Module):
         return cache.indexer.entries[: x.shape[0], :n]
 
     # ------------------------------------------------------------- the math
-    def _attend(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
-        """Joint sink-softmax over the window blocks and the compressed entries.
+    # The fused path (default) runs the joint softmax as ONE scaled_dot_product_attention call
+    # (a flash kernel on CPU and GPU: no [.., keys] probability tensors in memory, forward or
+    # backward); `use_sdpa = False` selects the plain reference below, which the tests compare
+    # it against.
+    use_sdpa = True
+
+    def _attend(self, q_blocks, keys_t, win_bias, comp, comp_bias, s, want_probs: bool = False):
+        """Joint sink-softmax over the window blocks and the compressed entries -> (out [B,S,H,D],
+        p_comp [B,S,H,N] | None, raw_comp [B,S,H,N] | None); the two last only when `want_probs`
+        (the indexer's KL target and recall) or on the reference path.
 
         q_blocks: [B, nb, Bq*H, D] (the decode step is nb = Bq = 1); keys_t: [B, nb, D, Kw];
         win_bias: broadcastable to [B, nb, Bq, Kw]; comp: [B, N, D]; comp_bias: [B, S, N]."""
+        if not self.use_sdpa:
+            return self._attend_reference(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        out = self._attend_sdpa(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        if not want_probs or comp is None or not comp.shape[1]:
+            return out, None, None
+        with torch.no_grad():  # the indexer's target is detached: the logits again, forward only
+            logits_w, logits_c, raw_c, lse = self._logits(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+            p_c = torch.exp(logits_c - lse.unsqueeze(-1))
+        return out, p_c, raw_c
+
+    def _attend_sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
+        """The same joint softmax as `_attend_reference` in one fused attention call.
+
+        Every query block gets one key set: its window span, all compressed entries (masked per
+        query) and a "sink key". The sink enters through one extra channel: queries carry
+        sink_h / scale there, the sink key carries 1 and every real key 0, so the sink key's
+        logit is exactly sink_h and its gradient reaches `attn_sink` through the query. Keys
+        double as values (K == V in V4): the sink's value is 0 on the D real channels, so it
+        only adds to the denominator; the extra output channel is dropped."""
         h, d = self.h, self.d
         scale = d**-0.5
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
-        logits_w = torch.matmul(q_blocks, keys_t).float() * scale  # [B, nb, bq*H, Kw]
+        dtype = q_blocks.dtype
+        q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
+        sink = (_fp32_or_wider(self.attn_sink) / scale).to(dtype).view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)
+        q = torch.cat([q, sink], dim=-1).flatten(0, 1)  # [B*nb, H, bq, D+1]
+        keys = [keys_t.transpose(-1, -2)]  # [B, nb, Kw, D]
+        masks = [win_bias.expand(b, nb, bq, -1)]
+        if comp is not None and comp.shape[1]:
+            n = comp.shape[1]
+            keys.append(comp.to(dtype).unsqueeze(1).expand(b, nb, n, d))
+            pad = nb * bq - s  # padded query rows see every entry: their outputs are dropped
+            masks.append((F.pad(comp_bias, (0, 0, 0, pad)) if pad else comp_bias).view(b, nb, bq, n))
+        sink_key = F.pad(q.new_ones(1, 1, 1, 1), (d, 0)).expand(b, nb, 1, d + 1)
+        kv = torch.cat([F.pad(torch.cat(keys, dim=2), (0, 1)), sink_key], dim=2).flatten(0, 1).unsqueeze(1)
+        masks.append(win_bias.new_zeros(1, 1, 1, 1).expand(b, nb, bq, 1))
+        mask = torch.cat(masks, dim=-1).flatten(0, 1).unsqueeze(1).to(dtype)  # [B*nb, 1, bq, K]
+        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = out[..., :d].unflatten(0, (b, nb)).transpose(2, 3)  # [B, nb, bq, H, D]
+        return out.reshape(b, nb * bq, h, d)[:, :s]
+
+    def _logits(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
+        """Scaled, masked logits of the window blocks [B,nb,bq,H,Kw] and of the compressed entries
+        [B,S,H,N] (and without the mask), and the joint log-normaliser with the sink [B,S,H]."""
+        h, d = self.h, self.d
+        scale = d**-0.5
+        b, nb = q_blocks.shape[:2]
+        bq = q_blocks.shape[2] // h
+        logits_w = _fp32_or_wider(torch.matmul(q_blocks, keys_t)) * scale  # [B, nb, bq*H, Kw]
         logits_w = logits_w.unflatten(2, (bq, h)) + win_bias.unsqueeze(-2)  # [B,nb,bq,H,Kw]
         lse = torch.logsumexp(logits_w, dim=-1).flatten(1, 2)[:, :s]  # [B,S,H]
-        sink = self.attn_sink.float()
-        lse = torch.logaddexp(lse, sink)
+        lse = torch.logaddexp(lse, _fp32_or_wider(self.attn_sink))
         q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
         if comp is not None and comp.shape[1]:
-            raw_c = torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype)).float().unflatten(1, (s, h)) * scale
+            raw_c = _fp32_or_wider(torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype))).unflatten(1, (s, h)) * scale
             logits_c = raw_c + comp_bias.unsqueeze(2)  # [B,S,H,N]
             lse = torch.logaddexp(lse, torch.logsumexp(logits_c, dim=-1))
         else:
             logits_c = raw_c = None
+        return logits_w, logits_c, raw_c, lse
+
+    def _attend_reference(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
+        """Two partial softmaxes sharing one log-normaliser, written out op by op."""
+        h = self.h
+        b, nb = q_blocks.shape[:2]
+        bq = q_blocks.shape[2] // h
+        logits_w, logits_c, raw_c, lse = self._logits(q_blocks, keys_t, win_bias, comp, comp_bias, s)
         lse_blocks = F.pad(lse, (0, 0, 0, nb * bq - s)).unflatten(1, (nb, bq)) if nb * bq != s else lse.unflatten(1, (nb, bq))
         p_w = torch.exp(logits_w - lse_blocks.unsqueeze(-1))  # [B,nb,bq,H,Kw]
         out = torch.matmul(p_w.flatten(2, 3).to(keys_t.dtype), keys_t.transpose(-1, -2))  # [B,nb,bq*H,D]
@@ -255,3 +316,8 @@ class Attention(nn.Module):
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
         return out, p_c, raw_c
+
+
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """Softmax statistics in fp32 at least (bf16/fp16 are widened, a float64 model stays exact)."""
+    return t if t.dtype == torch.float64 else t.float()

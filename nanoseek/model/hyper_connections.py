@@ -15,6 +15,15 @@ Everything in here runs in fp32, as in the reference.
 
 The final hyper head collapses the streams once more (only `pre`, no Sinkhorn) before the last
 RMSNorm and the LM head; MTP blocks own one too.
+
+Speed (eager, where most CPU users run): the n x n stream mixes are per-token 4 x 4 products.
+As batched matmuls ([T,4,4] @ [T,4,d]) they hit PyTorch's per-matrix slow path on CPU (one
+tiny GEMM per token, forward and backward), and the RMS scaling and Sinkhorn leave long
+autograd chains. With `HyperConnection.fused = True` (the default) the same arithmetic runs as
+three autograd Functions with hand-written backward passes (`_MixRMS`, `_Sinkhorn`,
+`_StreamMix`): every big-tensor pass is a broadcast multiply-add over d, and Sinkhorn's
+backward walks its saved normalisers. `fused = False` is the plain reference, op by op, that the
+tests compare them against (values and every gradient).
 """
 
 from __future__ import annotations
@@ -46,19 +55,56 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+class _Sinkhorn(torch.autograd.Function):
+    """`sinkhorn` with a hand-written backward: each normalisation m' = m / s (s = m.sum(dim) +
+    eps) has gradient (g - sum(g * m', dim)) / s; the backward replays them in reverse from the
+    saved normalisers (n x n per token: small), instead of autograd's ~7 nodes per step."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        p = torch.softmax(logits, dim=-1)
+        m = p + eps
+        dims, sums = [], []
+        for i in range(2 * iters - 1):
+            dim = -2 if i % 2 == 0 else -1  # columns first, then rows / columns alternately
+            s = m.sum(dim=dim, keepdim=True).add_(eps)
+            m = m / s
+            dims.append(dim)
+            sums.append(s)
+        ctx.dims = dims
+        ctx.save_for_backward(p, m, *sums)
+        return m
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, m, *sums = ctx.saved_tensors
+        for dim, s in zip(reversed(ctx.dims), reversed(sums)):
+            g = (g - (g * m).sum(dim=dim, keepdim=True)) / s
+            m = m * s  # this step's input (m' * s = m)
+        # softmax backward (the eps shift has gradient 1)
+        g = p * (g - (g * p).sum(dim=-1, keepdim=True))
+        return g, None, None
+
+
 def mix_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int, eps: float):
     """mix [..., 2n+n*n] -> pre [..., n], post [..., n], comb [..., n, n] (spec 1.2 step 3)."""
     pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = base.split([n, n, n * n])
     pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
     post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-    comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), iters, eps)
+    comb_logits = (comb_w * scale[2] + comb_b).unflatten(-1, (n, n))
+    if HyperConnection.fused and torch.is_grad_enabled() and comb_logits.requires_grad:
+        comb = _Sinkhorn.apply(comb_logits, iters, eps)
+    else:
+        comb = sinkhorn(comb_logits, iters, eps)
     return pre, post, comb
 
 
 class HyperConnection(nn.Module):
     """One mHC site. Parameters are named like the official checkpoint (`hc_attn_fn` etc. are
     views of these, see `Block`)."""
+
+    fused = True  # the fused kernels of the module docstring; False: the plain reference
 
     def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -83,6 +129,8 @@ class HyperConnection(nn.Module):
     def expand(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed)."""
         dtype = streams.dtype
+        if HyperConnection.fused:
+            return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
         mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
 
@@ -108,12 +156,75 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
     matmul, so it is applied to the few mix outputs instead of the 4d-wide input (spec 1.2.2)."""
     flat = streams.flatten(-2).float()
     with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+        if HyperConnection.fused:
+            return _MixRMS.apply(flat.reshape(-1, flat.shape[-1]), fn.float(), eps).view(*flat.shape[:-1], -1)
         mix = F.linear(flat, fn.float())
     return mix * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
 
 
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j X_j as one batched [1,n] @ [n,d] product: weights [...,n], streams [...,n,d]."""
+    """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] (in fp32)."""
     with torch.autocast(device_type=streams.device.type, enabled=False):
-        out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
+        if HyperConnection.fused:  # a broadcast multiply and a sum over n (no per-token GEMMs)
+            out = (streams.float() * weights.unsqueeze(-1)).sum(-2)
+        else:
+            out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
     return out.to(streams.dtype)
+
+
+class _MixRMS(torch.autograd.Function):
+    """mix = (flat @ fn^T) * r, r = rsqrt(mean(flat^2) + eps), for flat [T, n*d], fn [M, n*d].
+
+    Backward: d mix / d flat = g r fn + flat * (-r^3 / (n d)) sum_m g_m raw_m, i.e. one addmm
+    over the wide input; the mean square is one norm pass (no squared copy saved)."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+        raw = flat @ fn.t()
+        r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
+        ctx.save_for_backward(flat, fn, raw, r)
+        return raw * r
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        flat, fn, raw, r = ctx.saved_tensors
+        gr = g * r
+        coef = (g * raw).sum(-1, keepdim=True) * r.pow(3) * (-1.0 / flat.shape[-1])
+        grad_flat = (flat * coef).addmm_(gr, fn) if ctx.needs_input_grad[0] else None
+        grad_fn = gr.t().contiguous() @ flat if ctx.needs_input_grad[1] else None
+        return grad_flat, grad_fn, None
+
+
+class _StreamMix(torch.autograd.Function):
+    """out[..., k, :] = post_k * y + sum_j comb[j, k] X_j as n broadcast multiply-adds over d.
+
+    y [...,d], X [...,n,d], post [...,n], comb [...,n,n]; the backward is the same shape of
+    work: grad X_j = sum_k comb[j,k] g_k, grad y = sum_k post_k g_k, and the per-token
+    dot products over d for grad post / grad comb."""
+
+    @staticmethod
+    def forward(ctx, y, streams, post, comb):
+        out = post.unsqueeze(-1) * y.unsqueeze(-2)
+        for j in range(streams.shape[-2]):
+            out.addcmul_(comb[..., j, :].unsqueeze(-1), streams[..., j, :].unsqueeze(-2))
+        ctx.save_for_backward(y, streams, post, comb)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, streams, post, comb = ctx.saved_tensors
+        n = streams.shape[-2]
+        grad_y = grad_x = grad_post = grad_comb = None
+        tmp = torch.empty_like(g)  # one scratch tensor for every product reduced over d or n
+        if ctx.needs_input_grad[0]:
+            grad_y = torch.mul(g, post.unsqueeze(-1), out=tmp).sum(-2)
+        if ctx.needs_input_grad[1]:
+            grad_x = comb[..., :, 0].unsqueeze(-1) * g[..., 0, :].unsqueeze(-2)
+            for k in range(1, n):
+                grad_x.addcmul_(comb[..., :, k].unsqueeze(-1), g[..., k, :].unsqueeze(-2))
+        if ctx.needs_input_grad[2]:
+            grad_post = torch.mul(g, y.unsqueeze(-2), out=tmp).sum(-1)
+        if ctx.needs_input_grad[3]:
+            grad_comb = torch.stack([torch.mul(g, streams[..., j, :].unsqueeze(-2), out=tmp).sum(-1)
+                                     for j in range(n)], dim=-2)
+        return grad_y, grad_x, grad_post, grad_comb

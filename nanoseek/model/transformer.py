@@ -38,6 +38,7 @@ from .attention import Attention
 from .cache import DecodeCache
 from .context import AuxTerms, ForwardContext
 from .hyper_connections import HyperConnection, HyperHead
+from .loss import linear_cross_entropy
 from .moe import MoE
 from .norm import RMSNorm
 
@@ -319,10 +320,14 @@ class Transformer(nn.Module):
         ctx = self._context(input_ids, None, doc_ids=doc_ids, collect_balance=balance_alpha > 0,
                             collect_indexer=want_idx)
         streams = self.hidden_streams(input_ids, ctx)
-        logits = self.logits_from_streams(streams)
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        logits = None
+        if return_logits:
+            logits = self.logits_from_streams(streams)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        else:  # the fused head + CE (model/loss.py): no [tokens, vocab] tensors kept
+            ce = self._head_loss(self.norm(self.hc_head(streams)), labels, ignore_index)
         n_tokens = int((labels != ignore_index).sum())
-        zero = logits.new_zeros(())
+        zero = ce.new_zeros(())
         mtp_losses = []
         if mtp_weight > 0 and len(self.mtp):
             mtp_losses = self._mtp_losses(input_ids, labels, streams, ctx, ignore_index)
@@ -333,7 +338,15 @@ class Transformer(nn.Module):
         indexer = torch.stack(idx_terms).mean() if idx_terms else zero
         total = ce + mtp_weight * mtp + balance_alpha * balance + indexer_weight * indexer
         recall = torch.stack(ctx.aux.indexer_recall).mean() if ctx.aux.indexer_recall else None
-        return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits if return_logits else None, recall)
+        return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits, recall)
+
+    def _head_loss(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Mean CE of head(h) against labels (linear_cross_entropy; autocast as `self.head` would)."""
+        w = self.head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        return linear_cross_entropy(h, w, labels, ignore_index)
 
     def _mtp_losses(self, input_ids, labels, streams, ctx: ForwardContext, ignore_index: int):
         """Depth k (1-based) sees streams of positions 0..S-1-k and the embeddings of tokens
@@ -350,12 +363,11 @@ class Transformer(nn.Module):
                                  collect_indexer=ctx.collect_indexer, aux=ctx.aux,
                                  doc_ids=None if doc is None else doc[:, : s - k])
             streams, h = self._block_runner(sub)(block, streams[:, : s - k], nxt, sub)
-            logits = self.head(h).float()
             target = labels[:, k:]
             if doc is not None:  # the module at t must not predict across a document boundary
                 target = target.masked_fill(doc[:, : s - k] != doc[:, k:], ignore_index)
             if bool((target != ignore_index).any()):
-                losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index))
+                losses.append(self._head_loss(h, target, ignore_index))
         return losses
 
     # ---------------------------------------------------- cache & balance

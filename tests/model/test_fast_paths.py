@@ -1,0 +1,169 @@
+"""The fast paths of the model against their plain references (issue: performance).
+
+* attention: one fused scaled_dot_product_attention call (sink as an extra key channel) vs the
+  op-by-op joint softmax (`Attention.use_sdpa = False`): outputs, every gradient (the sink's
+  included), the indexer's KL target and recall;
+* mHC: the hand-written autograd Functions (`HyperConnection.fused`) checked by
+  torch.autograd.gradcheck in float64 and against the plain formulas;
+* head + cross-entropy: `linear_cross_entropy` vs F.cross_entropy (values, gradients,
+  ignore_index, autocast) and Transformer.loss with and without kept logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model import hyper_connections as hc
+from nanoseek.model.attention import Attention
+from nanoseek.model.loss import linear_cross_entropy
+
+
+def _tiny(**kw) -> ModelConfig:
+    c = ModelConfig.from_preset("tiny")
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.fixture
+def plain_paths():
+    """Restore the class switches whatever a test does."""
+    yield
+    Attention.use_sdpa = True
+    hc.HyperConnection.fused = True
+
+
+def _loss_and_grads(model, ids, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model.loss(ids, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _assert_grads_close(a: dict, b: dict, rtol: float = 1e-4):
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        err = (a[name] - b[name]).abs().max() / scale
+        assert err < rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sdpa_attention_equals_reference(plain_paths, packed):
+    torch.manual_seed(0)
+    model = Transformer(_tiny()).double()  # float64: the two paths agree to rounding
+    with torch.no_grad():  # non-zero sinks, so the sink channel carries real mass
+        for layer in model.layers:
+            layer.attn.attn_sink.normal_(0, 1.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150))
+    kw = {}
+    if packed:
+        kw["doc_ids"] = torch.cat([torch.zeros(2, 40, dtype=torch.long), torch.ones(2, 110, dtype=torch.long)], 1)
+    Attention.use_sdpa = False
+    ref, g_ref = _loss_and_grads(model, ids, **kw)
+    Attention.use_sdpa = True
+    out, g_out = _loss_and_grads(model, ids, **kw)
+    for term in ("loss", "ce", "mtp", "indexer", "indexer_recall"):
+        # (the indexer's own KL runs in fp32 in every dtype: looser there)
+        tol = 1e-6 if term.startswith("indexer") else 1e-12
+        torch.testing.assert_close(getattr(out, term), getattr(ref, term), rtol=tol, atol=tol)
+    assert any("attn_sink" in n for n in g_out)
+    _assert_grads_close(g_ref, g_out, rtol=1e-9)
+
+
+def test_sdpa_attention_cached_decode_equals_reference(plain_paths):
+    torch.manual_seed(1)
+    model = Transformer(_tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 90))
+    outs = []
+    for fused in (False, True):
+        Attention.use_sdpa = fused
+        with torch.no_grad():
+            cache = model.new_cache(2, 128)
+            first = model(ids[:, :70], cache=cache)
+            steps = [model(ids[:, i : i + 1], cache=cache) for i in range(70, 90)]
+        outs.append(torch.cat([first, *steps], dim=1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_mhc_functions_gradcheck_float64():
+    torch.manual_seed(0)
+    n, d = 3, 5
+    logits = torch.randn(2, 4, n, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: hc._Sinkhorn.apply(x, 4, 1e-6), (logits,))
+    flat = torch.randn(6, n * d, dtype=torch.float64, requires_grad=True)
+    fn = torch.randn(n * n + 2 * n, n * d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: hc._MixRMS.apply(a, b, 1e-6), (flat, fn))
+    args = (torch.randn(2, 3, d, dtype=torch.float64), torch.randn(2, 3, n, d, dtype=torch.float64),
+            torch.rand(2, 3, n, dtype=torch.float64), torch.rand(2, 3, n, n, dtype=torch.float64))
+    args = tuple(a.requires_grad_() for a in args)
+    assert torch.autograd.gradcheck(hc._StreamMix.apply, args)
+
+
+def test_mhc_fused_equals_plain(plain_paths):
+    torch.manual_seed(0)
+    site = hc.HyperConnection(16, 4, 20, 1e-6, 1e-6)
+    torch.nn.init.normal_(site.fn, std=0.1)
+    torch.nn.init.normal_(site.base, std=0.5)
+    streams0 = torch.randn(2, 7, 4, 16)
+    weights = torch.randn(2, 7, 4, 16)
+    results = []
+    for fused in (False, True):
+        hc.HyperConnection.fused = fused
+        site.zero_grad()
+        streams = streams0.clone().requires_grad_()
+        x, post, comb = site.collapse(streams)
+        out = site.expand(torch.tanh(x), streams, post, comb)
+        (out * weights).sum().backward()
+        results.append([out.detach(), comb.detach(), streams.grad, site.fn.grad, site.base.grad, site.scale.grad])
+    for a, b in zip(*results):  # fp32 (exactness is gradcheck's job above): summation order only
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # the inference path (no grad) uses the in-place Sinkhorn: the same matrices
+    with torch.no_grad():
+        _, _, comb_ng = site.collapse(streams0)
+    torch.testing.assert_close(comb_ng, results[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_linear_cross_entropy_equals_torch():
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, requires_grad=True)
+    w = torch.randn(1000, 32, requires_grad=True)  # several chunks of rows at this vocab size
+    labels = torch.randint(0, 1000, (300,))
+    labels[::7] = -100
+    ours = linear_cross_entropy(h, w, labels)
+    (ours * 2.5).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), labels)
+    (ref * 2.5).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-6)
+    # every label ignored: NaN, as F.cross_entropy
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full((300,), -100)))
+    # no gradient wanted: the value alone
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels), ref.detach())
+
+
+def test_model_loss_fused_head_equals_logits_path():
+    torch.manual_seed(0)
+    model = Transformer(_tiny()).double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    labels = ids.roll(-1, 1)
+    labels[:, ::5] = -100
+    kept, g_kept = _loss_and_grads(model, ids, labels=labels, return_logits=True)
+    fused, g_fused = _loss_and_grads(model, ids, labels=labels)
+    assert kept.logits is not None and fused.logits is None
+    for term in ("loss", "ce", "mtp"):  # both round the logits to fp32 (as the model always does)
+        torch.testing.assert_close(getattr(fused, term), getattr(kept, term), rtol=1e-6, atol=1e-6)
+    _assert_grads_close(g_kept, g_fused, rtol=1e-4)
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model.loss(ids, labels=labels, return_logits=True)
+        b = model.loss(ids, labels=labels)
+    torch.testing.assert_close(b.ce, a.ce, rtol=1e-3, atol=1e-3)
