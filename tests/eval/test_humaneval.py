@@ -157,3 +157,18 @@ def test_prompts_and_truncation(problems):
     raw = "    return 1\n\ndef helper():\n    pass\n"
     assert humaneval.truncate(raw) == "    return 1\n"
     assert humaneval.test_imports("import math\nfrom random import randint\nimport sys\n") == ["math", "random"]
+
+
+def test_problem_file_errors_are_clear(tmp_path):
+    """A --problems file goes through the one JSONL reader: a bad line or a problem without its
+    fields is a user error naming file:line, never a traceback from json or a KeyError."""
+    bad = tmp_path / "problems.jsonl"
+    good = {"task_id": "t/0", "prompt": "def f():\n", "test": "def check(c): pass\n", "entry_point": "f"}
+    bad.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(EvalInputError, match=r"problems.jsonl:2: not valid JSON"):
+        humaneval.load_problems(str(bad))
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"task_id": "t/1", "prompt": "x"}) + "\n")
+    with pytest.raises(EvalInputError, match=r"problems.jsonl:2: a problem needs string fields test, entry_point"):
+        humaneval.load_problems(str(bad))
+    bad.write_text(json.dumps(good) + "\n\n")
+    assert humaneval.load_problems(str(bad)) == {"t/0": good}
