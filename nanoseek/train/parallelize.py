@@ -10,8 +10,8 @@ gathered save / load of sharded state. The model and the training loop know noth
 FSDP2 (`fully_shard`) puts one unit on every block (main and MTP) plus one on the root, so only
 one block's parameters are gathered at a time. Checkpoints gather full tensors (a collective on
 every rank, rank 0 writes), so a sharded run writes the same files as an unsharded one and they
-load at any world size, with or without FSDP. Muon gathers each sharded matrix's update for
-Newton-Schulz itself (optim.py).
+load at any world size, with or without FSDP. Muon splits its Newton-Schulz work over the ranks
+itself, under DDP and FSDP2 alike (optim.py, "Distributed Newton-Schulz").
 """
 
 from __future__ import annotations
