@@ -74,6 +74,23 @@ def _fsdp(ns_dtype: str, world: int):
     return [p.detach().full_tensor() for p in params], (opt.ns_matrices, opt.ns_flops), momentum
 
 
+def _other_layout(ns_dtype: str, world: int):
+    """DTensors sharded along dim 1 (not FSDP2's layout): Muon falls back to gathering every
+    update and orthogonalising all of them on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w0, grads = _problem()
+    mesh = init_device_mesh("cpu", (world,))
+    params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(1)])) for w in w0]
+    opt = Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
+    for g in grads:
+        for p, x in zip(params, g):
+            p.grad = distribute_tensor(x, mesh, [Shard(1)])
+        opt.step()
+    return [p.detach().full_tensor() for p in params], (opt.ns_matrices, opt.ns_flops)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -83,6 +100,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for nd in DTYPES:
             res[("ddp", nd)] = _ddp(nd)
             res[("fsdp", nd)] = _fsdp(nd, world)
+        res[("other", "float32")] = _other_layout("float32", world)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -127,6 +145,15 @@ def test_two_ranks_give_the_single_process_update(two_ranks, mode, ns_dtype):
     assert sum(counts) == len(mats) and all(0 < c < len(mats) for c in counts), counts
     assert sum(flops) == ref_flops
     assert abs(flops[0] - flops[1]) <= max(ns_flops(s) for s in mats), (counts, flops)
+
+
+def test_other_dtensor_layouts_gather_and_match(two_ranks):
+    ref, (count, _) = _single("float32")
+    for res in two_ranks:
+        params, (c, _) = res[("other", "float32")]
+        assert c == count                      # no split: every rank orthogonalised every matrix
+        for got, want in zip(params, ref):
+            assert torch.allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_fsdp_momentum_stays_sharded_and_matches(two_ranks):
