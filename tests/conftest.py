@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 
+# The engine compiles the decode step by default (engine/compiling.py); the suite decodes eagerly
+# unless a test asks (tests/model/test_compile.py, tests/engine/test_compiling.py), so that it
+# does not wait for inductor's code generation in every engine test.
+os.environ.setdefault("NANOSEEK_COMPILE", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "fixtures" / "reference"
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"  # the project's machines and CI only

@@ -56,6 +56,7 @@ from typing import Callable
 
 import torch
 
+from .compiling import compile_for_decoding
 from .sampling import SamplingParams, check_logits, sample_row, token_logprobs
 from .speculative import SpecStats, spec_round
 
@@ -226,13 +227,12 @@ class BatchRunner:
 
     def __init__(self, model, max_batch: int, max_len: int, chunk_size: int = 512, cache_dtype=None,
                  vocab_limit: int | None = None, speculative_tokens: int = 0, mtp_flush: int = 64,
-                 compile: bool = False):
+                 compile: bool | None = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError("max_batch must be >= 1 and max_len >= 2")
-        if compile and not getattr(model, "blocks_compiled", True):
-            # torch.compile of the one-token decode step (Transformer.compile_blocks; prefill stays
-            # eager). Compiles lazily on the first decode steps; see docs/engine.md for the cost.
-            model.compile_blocks()
+        # torch.compile of the one-token decode step (Transformer.compile_blocks; prefill stays
+        # eager). Compiles lazily on the first decode steps; None = auto (engine/compiling.py).
+        compile_for_decoding(model, compile)
         if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be an int >= 0 (0 = off), got {speculative_tokens!r}")
         if speculative_tokens and not len(getattr(model, "mtp", ())):

@@ -112,7 +112,7 @@ class Engine:
     tokens each). Thread-safe: submit() and RequestStream.cancel() may be called from any thread."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int = 4096, chunk_size: int = 512,
-                 cache_dtype=None, idle_wait_s: float = 0.05, speculative_tokens: int = 0, compile: bool = False):
+                 cache_dtype=None, idle_wait_s: float = 0.05, speculative_tokens: int = 0, compile: bool | None = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.runner = BatchRunner(model, max_batch, max_len, chunk_size=chunk_size, cache_dtype=cache_dtype,

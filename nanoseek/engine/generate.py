@@ -106,7 +106,7 @@ def _split_stop(stop, eos: int | None, stop_on_eos: bool) -> tuple[tuple[int, ..
 
 def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, top_logprobs,
          tokenizer, stop_on_eos, chunk_size, max_len, cache_dtype, info=None,
-         speculative_tokens: int = 0, compile: bool = False) -> Iterator[tuple[int, Delta, Sequence]]:
+         speculative_tokens: int = 0, compile: bool | None = None) -> Iterator[tuple[int, Delta, Sequence]]:
     prompts, _ = _as_prompts(input_ids)
     stop_ids, stop_strs = _split_stop(stop, getattr(model.config, "eos_token_id", None), stop_on_eos)
     need = max(len(p) for p in prompts) + max(max_new_tokens, 1)
@@ -142,7 +142,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
                   top_k: int = 0, seed: int | None = None, stop=None, logprobs: bool = False, *,
                   top_logprobs: int = 0, tokenizer=None, stop_on_eos: bool = True,
                   chunk_size: int = DEFAULT_CHUNK, max_len: int | None = None, cache_dtype=None,
-                  speculative_tokens: int = 0, compile: bool = False) -> list[Completion]:
+                  speculative_tokens: int = 0, compile: bool | None = None) -> list[Completion]:
     """Like `generate` but returns a Completion (tokens, text, logprobs, finish_reason) per prompt."""
     done: dict[int, Sequence] = {}
     info: dict = {}
@@ -166,7 +166,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     (ids, logprobs) with the same nesting. Keyword options: tokenizer (for stop strings),
     stop_on_eos=True, chunk_size=512, max_len (cache capacity; default just enough),
     top_logprobs, cache_dtype, speculative_tokens (MTP drafts per round, 0 = off; see
-    speculative.py), compile (torch.compile the decode step: Transformer.compile_blocks).
+    speculative.py), compile (torch.compile the decode step: Transformer.compile_blocks; None =
+    auto, on where a compiler exists, see engine/compiling.py; False = eager).
     See the module docstring."""
     _, batched = _as_prompts(input_ids)
     res = generate_full(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, **kw)
@@ -182,7 +183,7 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
                     top_logprobs: int = 0, tokenizer=None, stop_on_eos: bool = True,
                     chunk_size: int = DEFAULT_CHUNK, max_len: int | None = None,
                     cache_dtype=None, speculative_tokens: int = 0, info: dict | None = None,
-                    compile: bool = False) -> Iterator[StreamEvent]:
+                    compile: bool | None = None) -> Iterator[StreamEvent]:
     """Yield StreamEvents (index, tokens, text, logprobs, finish_reason) as tokens are produced.
     Each row's last event has finish_reason set. Closing the generator stops generation.
     `info` (a dict) receives "cache_bytes" and "runner" (its .spec_stats, .steps) when given."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .compiling import compile_for_decoding
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
@@ -29,10 +31,11 @@ def resolve_dtype(dtype):
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                             dtype=None, threads: int | None = None, compile: bool = False):
+                             dtype=None, threads: int | None = None, compile: bool | None = None):
     """(Transformer in eval mode, Tokenizer) from a checkpoint directory; clear errors if absent.
     dtype: None (as saved), a torch.dtype or a name ("bf16", "float32", ...).
-    compile=True: torch.compile the decode step (Transformer.compile_blocks; compiles on first use)."""
+    compile: torch.compile the decode step (Transformer.compile_blocks; compiles on first use);
+    None = auto (on where a compiler toolchain exists: engine/compiling.py), False = eager."""
     import torch
 
     from ..data.tokenizer import load_tokenizer
@@ -50,6 +53,5 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | 
     tok = load_tokenizer(tdir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
-    if compile:
-        model.compile_blocks()
+    compile_for_decoding(model, compile)
     return model, tok

@@ -92,7 +92,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, t
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         res = generate_full(model, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
-                            seed=seed + i, stop=stop, tokenizer=tokenizer)
+                            seed=seed + i, stop=stop, tokenizer=tokenizer, compile=False)
         texts += [c.text for c in res]
     return texts
 

@@ -27,7 +27,7 @@ def model_complete_fn(model, tokenizer, special_prompts: bool = False, batch_siz
         for i in range(0, len(flat), batch_size):
             res = generate_full(model, flat[i : i + batch_size], max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed * 100_003 + i, stop=list(stop or []) or None,
-                                tokenizer=tokenizer)
+                                tokenizer=tokenizer, compile=False)  # eager: a model mid-pipeline
             texts.extend(c.text for c in res)
         return [texts[j * n : (j + 1) * n] for j in range(len(prompts))]
 

@@ -212,7 +212,16 @@ class Transformer(nn.Module):
         if compiled is None or (ctx.cache is not None and ctx.start is not None):
             return _call_block
         if ctx.cache is not None:  # one-token decode: the whole block is one graph
-            return lambda block, *args: compiled(_decode_block, block)(block, *args)
+            def decode(block, *args):
+                if "_compiled_blocks" in self.__dict__:
+                    out = self._compiled_call(compiled(_decode_block, block), block, *args)
+                    if out is not None:
+                        return out
+                return _call_block(block, *args)  # compilation failed: eager from here on
+
+            return decode
+        if self.__dict__.get("_compiled_decode_only"):
+            return _call_block
         collect = ctx.collect_balance or ctx.collect_indexer
 
         def run(block, *args):
@@ -393,7 +402,7 @@ class Transformer(nn.Module):
             m.update_bias(speed)
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None, fullgraph: bool = False,
-                       **options) -> "Transformer":
+                       decode_only: bool = False, **options) -> "Transformer":
         """Regional torch.compile (torchtitan-style, per block): blocks of the same kind (class,
         layer type, MoE routing; see block_kind) share compiled functions (parameters are graph
         inputs), so compile time grows with the number of block kinds (x grad mode), not with
@@ -409,6 +418,12 @@ class Transformer(nn.Module):
           shapes, cache writes in the graph), with automatic dynamic shapes (a second batch size
           compiles one batch-generic graph per block kind instead of one per size).
         * Prefill chunks (multi-token calls with a cache) stay eager.
+
+        decode_only=True compiles the one-token decode step only (uncached calls stay eager: what
+        the engine's default does, so a model compiled for serving trains and scores as before).
+        If the first compiled call fails to compile (no C++ toolchain, an unsupported op), a
+        one-line warning is issued and the model runs eagerly from then on (uncompile_blocks);
+        once a compiled call has succeeded, errors propagate.
 
         `options` (e.g. fullgraph=True) go to torch.compile. Returns self; `uncompile_blocks()`
         undoes it."""
@@ -428,11 +443,30 @@ class Transformer(nn.Module):
             return fns[key]
 
         self.__dict__["_compiled_blocks"] = compiled
+        self.__dict__["_compiled_decode_only"] = decode_only
+        self.__dict__["_compiled_ok"] = set()  # entry points whose first compiled call succeeded
         return self
 
     def uncompile_blocks(self) -> "Transformer":
-        self.__dict__.pop("_compiled_blocks", None)
+        for key in ("_compiled_blocks", "_compiled_decode_only", "_compiled_ok"):
+            self.__dict__.pop(key, None)
         return self
+
+    def _compiled_call(self, fn, *args):
+        """Call a compiled entry point; its first call returns None (and uncompiles the model)
+        if compilation fails, so the caller runs the block eagerly."""
+        ok = self.__dict__["_compiled_ok"]
+        if fn in ok:
+            return fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure; eager is always correct
+            warnings.warn(f"torch.compile of the model failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "running eagerly", RuntimeWarning, stacklevel=3)
+            self.uncompile_blocks()
+            return None
+        ok.add(fn)
+        return out
 
     @property
     def blocks_compiled(self) -> bool:

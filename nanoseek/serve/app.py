@@ -207,8 +207,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           tokenizer_dir: str | None = None, model_name: str | None = None, max_batch: int = 8,
           max_len: int = 4096, dtype: str | None = None, threads: int | None = None,
           config: ServeConfig | None = None, log_level: str = "info", speculative_tokens: int = 0,
-          compile: bool = False) -> None:
-    """Load a checkpoint + tokenizer, start the engine thread and run uvicorn until SIGTERM/SIGINT."""
+          compile: bool | None = None) -> None:
+    """Load a checkpoint + tokenizer, start the engine thread and run uvicorn until SIGTERM/SIGINT.
+    compile: the decode step (None = auto, engine/compiling.py)."""
     from ..engine.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir, tokenizer_dir, dtype=dtype, threads=threads, compile=compile)

@@ -53,8 +53,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: as saved)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (minutes of compilation on first use; see docs/engine.md)")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="torch.compile the decode step even where auto would not (default: auto -- compiled "
+                        "where a C++ compiler exists, cached on disk; see docs/engine.md)")
+    p.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
+                   help="never compile: eager decode steps (as vLLM's flag)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: K draft tokens per round (0 = off; see docs/engine.md)")
 

@@ -1,0 +1,67 @@
+"""When the engine compiles the decode step by default, and where the compiled code is cached.
+
+    from nanoseek.engine.compiling import resolve_compile
+    resolve_compile(None)    # "auto": True where torch.compile can build CPU/GPU kernels
+    resolve_compile(False)   # never (the CLI's --enforce-eager)
+
+A one-token decode step of a V4 model is thousands of tiny ops in eager mode (mHC Sinkhorn,
+norms, RoPE, routing); `Transformer.compile_blocks` fuses each block into one inductor graph,
+~3x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve` and the Python
+`nanoseek.generate*` compile the decode step unless told not to -- decode only: prefill, training
+and scoring stay eager (`compile_blocks(decode_only=True)`).
+
+First use compiles (about a minute for `small` on 2 cores); inductor's on-disk caches (FX graph +
+AOTAutograd) make every later process start in seconds. They live in
+~/.cache/nanoseek/inductor (or $NANOSEEK_CACHE/inductor; an explicit $TORCHINDUCTOR_CACHE_DIR
+wins), not in /tmp where a reboot would empty them. torch keys the entries by graph, config and
+torch version, so a new model shape or torch release compiles once more.
+
+"auto" is off when $NANOSEEK_COMPILE is 0/false/off (the test suite sets it: tests exercise the
+compiled path explicitly), and on a CPU machine without a C++ compiler (inductor's CPU backend
+needs one). Should compilation still fail at the first step, the model warns once and runs
+eagerly (Transformer._compiled_call).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+_OFF = ("0", "false", "off", "no")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek")
+
+
+def use_persistent_cache() -> None:
+    """Point inductor's caches at ~/.cache/nanoseek/inductor unless the user chose a directory."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+def has_cxx_compiler() -> bool:
+    cxx = os.environ.get("CXX")
+    return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
+
+
+def resolve_compile(compile: bool | None, device_type: str = "cpu") -> bool:
+    """None ("auto") -> whether to compile the decode step here; True/False pass through."""
+    if compile is not None:
+        return bool(compile)
+    if os.environ.get("NANOSEEK_COMPILE", "").strip().lower() in _OFF:
+        return False
+    return device_type == "cuda" or has_cxx_compiler()
+
+
+def compile_for_decoding(model, compile: bool | None) -> bool:
+    """Compile `model`'s decode step in place when `compile` (None = auto) says so; returns
+    whether it is compiled. A model already compiled (by the user, any mode) is left as it is."""
+    if getattr(model, "blocks_compiled", False):
+        return True
+    device = next(model.parameters()).device.type
+    if not resolve_compile(compile, device):
+        return False
+    use_persistent_cache()
+    model.compile_blocks(decode_only=compile is None)
+    return True

@@ -1,0 +1,91 @@
+"""The engine's default decode compilation (engine/compiling.py): when "auto" compiles, that it
+compiles the decode step only, where inductor's cache goes, and that a failing compiler falls
+back to eager with a warning and the same tokens.
+
+(The suite runs with NANOSEEK_COMPILE=0, tests/conftest.py, so other tests decode eagerly; the
+compiled numbers themselves are tests/model/test_compile.py's subject.)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.engine import compiling
+from nanoseek.engine.generate import generate
+from nanoseek.model.transformer import _call_block
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", hc_sinkhorn_iters=3)).eval()
+
+
+def test_resolve_compile(monkeypatch):
+    assert compiling.resolve_compile(True) is True and compiling.resolve_compile(False) is False
+    monkeypatch.setenv("NANOSEEK_COMPILE", "off")
+    assert compiling.resolve_compile(None) is False
+    monkeypatch.delenv("NANOSEEK_COMPILE")
+    monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: False)
+    assert compiling.resolve_compile(None) is False            # CPU without a C++ compiler: eager
+    assert compiling.resolve_compile(None, "cuda") is True
+    monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: True)
+    assert compiling.resolve_compile(None) is True
+
+
+def test_auto_compiles_decode_only_with_a_persistent_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # recorded, so the test's value is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: True)
+    model = _tiny()
+    assert compiling.compile_for_decoding(model, None) is True
+    assert model.blocks_compiled
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    # uncached calls (training, scoring) stay eager; one-token cached steps take the compiled path
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert model._block_runner(model._context(ids, None)) is _call_block
+    cache = model.new_cache(1, 16)
+    assert model._block_runner(model._context(ids[:, :1], cache)) is not _call_block
+    # an explicit False never compiles; an already compiled model is left as it is
+    assert compiling.compile_for_decoding(_tiny(), False) is False
+    assert compiling.compile_for_decoding(model, False) is True
+
+
+def test_failing_compiler_falls_back_to_eager():
+    model = _tiny(1)
+    prompt = torch.randint(0, model.config.vocab_size, (12,)).tolist()
+    expected = generate(model, prompt, 6, compile=False)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    model.compile_blocks(backend=broken_backend, decode_only=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = generate(model, prompt, 6)
+    assert got == expected
+    assert any(issubclass(w.category, RuntimeWarning) and "running eagerly" in str(w.message) for w in caught)
+    assert not model.blocks_compiled
+
+
+def test_compiled_decode_only_matches_eager():
+    """decode_only with dynamo tracing (backend="eager": no code generation, fast): same tokens."""
+    model = _tiny(2)
+    prompt = torch.randint(0, model.config.vocab_size, (10,)).tolist()
+    expected = generate(model, prompt, 6, compile=False)
+    model.compile_blocks(backend="eager", decode_only=True)
+    assert generate(model, prompt, 6) == expected
+    assert model.blocks_compiled
