@@ -105,6 +105,8 @@ _LOOP_FLAGS: dict[str, dict] = {
     "lr": dict(help="peak LR", none="from the model's width"),
     "adamw_lr": dict(help="LR of the AdamW parameters (embeddings, norms, biases)", none="from the model's width"),
     "weight_decay": dict(help="decoupled weight decay"),
+    "muon_ns_dtype": dict(choices=["auto", "float32", "bfloat16"],
+                          help="Muon's Newton-Schulz dtype (auto: bf16 where bf16 matmuls are native)"),
     "warmup_steps": dict(help="linear LR warm-up", none="from the model's size"),
     "decay_frac": dict(help="share of the run over which the LR decays"),
     "decay_shape": dict(choices=["cosine", "linear"], help="LR decay shape (linear: WSD)"),

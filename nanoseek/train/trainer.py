@@ -89,6 +89,7 @@ class TrainConfig:
     lr: float | None = None                   # None: from the depth dial (presets.py), else 2e-3
     adamw_lr: float | None = None
     weight_decay: float = 0.1
+    muon_ns_dtype: str = "auto"               # Newton-Schulz: auto (bf16 where bf16 matmuls are native) | float32 | bfloat16
     warmup_steps: int | None = None
     decay_frac: float = 0.2                   # the last 20% of steps decay
     decay_shape: str = "cosine"               # cosine | linear (WSD)
@@ -392,7 +393,8 @@ def _wrap(run: Run) -> None:
         # blocks, so compile time scales with the number of block kinds, not with depth; the
         # MoE grouped expert pass stays eager (data-dependent shapes). See docs/model.md.
         model.compile_blocks(backend="inductor" if cfg.compile is True else str(cfg.compile))
-    run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
+    run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay,
+                                                       ns_dtype=cfg.muon_ns_dtype))
     run.eval_model = _RootCall(run.module, model) if run.fsdp else model
     run.use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and d.device.type == "cuda")
 
