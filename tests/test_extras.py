@@ -65,3 +65,18 @@ def test_base_commands_run_without_any_extra():
         r = subprocess.run([sys.executable, "-c", BLOCK.format(optional=optional, argv=argv)],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"nanoseek {' '.join(argv)} without extras:\n{r.stdout}\n{r.stderr}"
+
+
+def test_keep_freed_memory_applies_once_on_glibc(monkeypatch):
+    """The trainer's malloc setting: applied on Linux/glibc (this project's machines), switchable off."""
+    import sys
+
+    from nanoseek import _runtime
+
+    monkeypatch.setattr(_runtime, "_done", False)
+    monkeypatch.setenv("NANOSEEK_KEEP_FREED_MEMORY", "0")
+    assert _runtime.keep_freed_memory() is False and _runtime._done is False
+    monkeypatch.delenv("NANOSEEK_KEEP_FREED_MEMORY")
+    expected = sys.platform.startswith("linux")
+    assert _runtime.keep_freed_memory() is expected
+    assert _runtime.keep_freed_memory() is expected  # idempotent

@@ -9,7 +9,7 @@
       -> engine          (3)
       -> model | data    (2)  (beside each other: neither imports the other)
       -> checkpoint | config | chat_format   (1)
-      -> _extras | jsonl (0)  (helpers with no nanoseek imports)
+      -> _extras | jsonl | _argparse | _runtime (0)  (helpers with no nanoseek imports)
 
 A library module imports only strictly lower layers (or its own package); nothing but
 nanoseek/cli.py imports a face; and no two modules import each other, directly or round a loop.
@@ -30,7 +30,7 @@ RANK = {
     "engine": 3,
     "model": 2, "data": 2,
     "checkpoint": 1, "config": 1, "chat_format": 1,
-    "_extras": 0, "jsonl": 0, "_argparse": 0,
+    "_extras": 0, "jsonl": 0, "_argparse": 0, "_runtime": 0,
 }
 # Temporary aliases kept for code that is still moving (re-exports only); none at present.
 ALIASES: set[str] = set()

@@ -258,6 +258,13 @@ class Attention(nn.Module):
         logit is exactly sink_h and its gradient reaches `attn_sink` through the query. Keys
         double as values (K == V in V4): the sink's value is 0 on the D real channels, so it
         only adds to the denominator; the extra output channel is dropped."""
+        # the kernel runs in fp32 whatever the activation dtype (CPU flash attention is slower in
+        # bf16 than in fp32, and the reference keeps the softmax in fp32 anyway)
+        with torch.autocast(device_type=q_blocks.device.type, enabled=False):
+            out = self._sdpa(_fp32_or_wider(q_blocks), keys_t, win_bias, comp, comp_bias, s)
+        return out.to(q_blocks.dtype)
+
+    def _sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         h, d = self.h, self.d
         scale = d**-0.5
         b, nb = q_blocks.shape[:2]
@@ -266,7 +273,7 @@ class Attention(nn.Module):
         q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
         sink = (_fp32_or_wider(self.attn_sink) / scale).to(dtype).view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)
         q = torch.cat([q, sink], dim=-1).flatten(0, 1)  # [B*nb, H, bq, D+1]
-        keys = [keys_t.transpose(-1, -2)]  # [B, nb, Kw, D]
+        keys = [keys_t.transpose(-1, -2).to(dtype)]  # [B, nb, Kw, D]
         masks = [win_bias.expand(b, nb, bq, -1)]
         if comp is not None and comp.shape[1]:
             n = comp.shape[1]

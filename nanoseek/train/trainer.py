@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nanoseek._runtime import keep_freed_memory
 from nanoseek.eval.bpb import bits_per_byte_sums  # noqa: F401  (re-exported: one definition of bpb)
 from nanoseek.eval.bpb import evaluate_bpb as eval_bpb
 from nanoseek.train.checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_model_state, load_tree,
@@ -413,6 +414,7 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     from nanoseek.model import Transformer
 
     cfg = resolve_defaults(cfg)
+    keep_freed_memory()  # no page faults for every re-allocated activation (nanoseek/_runtime.py)
     d = setup_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

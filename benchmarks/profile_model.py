@@ -1,0 +1,100 @@
+"""Where a training step's time goes: torch.profiler op tables of the model's plain reference paths
+vs its fast paths, in one run (the tables in docs/model.md "Speed" come from here).
+
+    python benchmarks/profile_model.py                  # small config, 4 x 512, fp32, 2 threads
+    python benchmarks/profile_model.py --rows 15 --threads 1
+    python benchmarks/profile_model.py --decode         # also one eager batch-1 decode step
+
+"reference" switches every fast path off: attention as the op-by-op joint softmax
+(`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`)
+and the head's cross-entropy over kept logits (`loss(return_logits=True)`). "fast" is the default
+model. Each mode is timed (forward + loss + backward, median of --reps after a warm-up) and then
+profiled once; the tables list the ops with the most self time. Timings on a shared machine move
+by 10-30% between runs; compare the two modes of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model import hyper_connections
+from nanoseek.model.attention import Attention
+
+
+def set_mode(fast: bool) -> None:
+    Attention.use_sdpa = fast
+    hyper_connections.HyperConnection.fused = fast
+
+
+def train_step(model, ids, fast: bool):
+    def step():
+        set_mode(fast)
+        model.loss(ids, mtp_weight=0.0, indexer_weight=0.0, return_logits=not fast).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def table(prof, rows: int) -> str:
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| op | self time (ms) | share | calls |", "|---|---|---|---|"]
+    for e in events[:rows]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.1%} | {e.count} |")
+    lines.append(f"| **all ops** | **{total / 1e3:.1f}** | | **{sum(e.count for e in events)}** |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--decode", action="store_true", help="also profile one eager batch-1 decode step")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset(args.preset))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    steps = {mode: train_step(model, ids, mode == "fast") for mode in ("reference", "fast")}
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for fn in steps.values():
+        fn()
+    for _ in range(args.reps):  # alternate, so drift of the machine hits both modes alike
+        for mode, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[mode].append(time.perf_counter() - t)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"{args.preset}, {args.batch} x {args.seq}, fp32, threads={torch.get_num_threads()}: forward + loss + "
+          f"backward, median of {args.reps}")
+    for mode in steps:
+        print(f"  {mode:9s} {med[mode]:.2f} s  ({args.batch * args.seq / med[mode]:.0f} tok/s)")
+    print(f"  fast / reference: {med['reference'] / med['fast']:.2f}x\n")
+    for mode, fn in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"### {mode}\n\n{table(prof, args.rows)}\n")
+    if args.decode:
+        set_mode(True)
+        model.eval()
+        with torch.no_grad():
+            cache = model.new_cache(1, args.seq + 8)
+            tok = model(ids[:1], cache=cache)[:, -1:].argmax(-1)
+            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(tok, cache=cache)
+        print(f"### one eager decode step (batch 1, after {args.seq} tokens)\n\n{table(prof, args.rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
