@@ -175,11 +175,16 @@ def main() -> None:
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast training: auto = only if bf16 matmuls are at least half as fast as fp32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: the trainer's allocator setting for both (nanoseek/_runtime.py); "
+                         "default: glibc's, as a plain script of either library runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     # the trainer's allocator setting (nanoseek/_runtime.py), for both implementations alike
-    keep_freed_memory()
+    if args.malloc == "keep":
+        keep_freed_memory()
+    print(f"allocator: {'freed memory kept for reuse (as nanoseek train)' if args.malloc == 'keep' else 'glibc default'}")
     torch.manual_seed(0)
     batch, seq = (2, 256) if args.quick else (4, 512)
     steps = args.steps or (2 if args.quick else 4)

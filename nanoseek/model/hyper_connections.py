@@ -20,8 +20,8 @@ Speed (eager, where most CPU users run): the n x n stream mixes are per-token 4 
 As batched matmuls ([T,4,4] @ [T,4,d]) they hit PyTorch's per-matrix slow path on CPU (one
 tiny GEMM per token, forward and backward), and the RMS scaling and Sinkhorn leave long
 autograd chains. With `HyperConnection.fused = True` (the default) the same arithmetic runs as
-three autograd Functions with hand-written backward passes (`_MixRMS`, `_Sinkhorn`,
-`_StreamMix`): every big-tensor pass is a broadcast multiply-add over d, and Sinkhorn's
+four autograd Functions with hand-written backward passes (`_MixRMS`, `_Sinkhorn`,
+`_WeightedSum`, `_StreamMix`): every big-tensor pass is a broadcast multiply-add over d, and Sinkhorn's
 backward walks its saved normalisers. `fused = False` is the plain reference, op by op, that the
 tests compare them against (values and every gradient).
 """
@@ -165,11 +165,32 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] (in fp32)."""
     with torch.autocast(device_type=streams.device.type, enabled=False):
-        if HyperConnection.fused:  # a broadcast multiply and a sum over n (no per-token GEMMs)
-            out = (streams.float() * weights.unsqueeze(-1)).sum(-2)
-        else:
+        if HyperConnection.fused and torch.is_grad_enabled() and (streams.requires_grad or weights.requires_grad):
+            out = _WeightedSum.apply(weights, streams.float())  # no per-token GEMMs, no [.., n, d] temporary
+        else:  # inference: one small batched product per call (a decode step has few tokens)
             out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
     return out.to(streams.dtype)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out = sum_j w_j X_j as n multiply-adds into a [..., d] result; the backward writes grad X
+    = w g once and takes grad w = <X_j, g> through the same buffer (one [..., n, d] allocation)."""
+
+    @staticmethod
+    def forward(ctx, weights, streams):
+        out = streams[..., 0, :] * weights[..., 0:1]
+        for j in range(1, streams.shape[-2]):
+            out.addcmul_(streams[..., j, :], weights[..., j : j + 1])
+        ctx.save_for_backward(weights, streams)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        weights, streams = ctx.saved_tensors
+        buf = torch.empty_like(streams)
+        grad_w = torch.mul(streams, g.unsqueeze(-2), out=buf).sum(-1) if ctx.needs_input_grad[0] else None
+        grad_x = torch.mul(weights.unsqueeze(-1), g.unsqueeze(-2), out=buf) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_x
 
 
 class _MixRMS(torch.autograd.Function):

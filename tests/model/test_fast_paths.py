@@ -102,6 +102,9 @@ def test_mhc_functions_gradcheck_float64():
             torch.rand(2, 3, n, dtype=torch.float64), torch.rand(2, 3, n, n, dtype=torch.float64))
     args = tuple(a.requires_grad_() for a in args)
     assert torch.autograd.gradcheck(hc._StreamMix.apply, args)
+    w = torch.rand(2, 3, n, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, n, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(hc._WeightedSum.apply, (w, x))
 
 
 def test_mhc_fused_equals_plain(plain_paths):
