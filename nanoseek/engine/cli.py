@@ -65,7 +65,7 @@ def cmd_generate(args) -> int:
     t0, n, info, run = time.perf_counter(), 0, None, {}
     for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                               args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size,
-                              speculative_tokens=args.speculative, info=run):
+                              speculative_tokens=args.speculative, info=run, compile=args.compile):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         n += len(ev.tokens)
@@ -130,7 +130,7 @@ def cmd_chat(args) -> int:
         sys.stdout.write("assistant> ")
         for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                   args.seed, args.stop, tokenizer=tok, max_len=len(ids) + args.max_new_tokens,
-                                  speculative_tokens=args.speculative):
+                                  speculative_tokens=args.speculative, compile=args.compile):
             text += ev.text
             piece = ev.text
             if in_reasoning and chat_format.THINK_END in text:

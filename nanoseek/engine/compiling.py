@@ -36,8 +36,17 @@ def cache_root() -> Path:
 
 
 def use_persistent_cache() -> None:
-    """Point inductor's caches at ~/.cache/nanoseek/inductor unless the user chose a directory."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    """Point inductor's caches at ~/.cache/nanoseek/inductor unless the user chose a directory.
+    (Importing dynamo already fills in torch's /tmp default, so that value counts as unset;
+    inductor reads the variable again at every cache access.)"""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = default_cache_dir()
+    except (ImportError, AttributeError):  # another torch layout: only an unset variable is ours
+        torch_default = None
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or current == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
 def has_cxx_compiler() -> bool:

@@ -46,14 +46,18 @@ def test_resolve_compile(monkeypatch):
 
 def test_auto_compiles_decode_only_with_a_persistent_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # recorded, so the test's value is undone
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    # torch's own default (which importing dynamo writes into the environment) counts as unset
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
     monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: True)
     model = _tiny()
     assert compiling.compile_for_decoding(model, None) is True
     assert model.blocks_compiled
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's choice wins
+    compiling.use_persistent_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     # uncached calls (training, scoring) stay eager; one-token cached steps take the compiled path
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     assert model._block_runner(model._context(ids, None)) is _call_block
@@ -89,3 +93,26 @@ def test_compiled_decode_only_matches_eager():
     model.compile_blocks(backend="eager", decode_only=True)
     assert generate(model, prompt, 6) == expected
     assert model.blocks_compiled
+
+
+@pytest.mark.parametrize("flag, expected", [(None, [True]), ("--enforce-eager", []), ("--compile", [False])])
+def test_cli_compile_flags(tmp_path, monkeypatch, flag, expected):
+    """`nanoseek generate`: auto compiles the decode step only; --enforce-eager never compiles
+    (also not through generate_stream's own default); --compile compiles unconditionally."""
+    from nanoseek.cli import main
+    from tests.engine.fixtures import save_model_dir
+
+    save_model_dir(tmp_path / "m")
+    monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: True)
+    calls, real = [], Transformer.compile_blocks
+
+    def record(self, decode_only=False, **kw):  # dynamo tracing only: no code generation
+        calls.append(decode_only)
+        return real(self, backend="eager", decode_only=decode_only)
+
+    monkeypatch.setattr(Transformer, "compile_blocks", record)
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "2"]
+    assert main(args + ([flag] if flag else [])) == 0
+    assert calls == expected
