@@ -95,10 +95,10 @@ def test_compiled_decode_only_matches_eager():
     assert model.blocks_compiled
 
 
-@pytest.mark.parametrize("flag, expected", [(None, [True]), ("--enforce-eager", []), ("--compile", [False])])
+@pytest.mark.parametrize("flag, expected", [(None, []), ("--enforce-eager", []), ("--compile", [False])])
 def test_cli_compile_flags(tmp_path, monkeypatch, flag, expected):
-    """`nanoseek generate`: auto compiles the decode step only; --enforce-eager never compiles
-    (also not through generate_stream's own default); --compile compiles unconditionally."""
+    """`nanoseek generate` (one short generation): auto stays eager, --enforce-eager never compiles
+    (also not through generate_stream's own default), --compile compiles unconditionally."""
     from nanoseek.cli import main
     from tests.engine.fixtures import save_model_dir
 
@@ -116,3 +116,11 @@ def test_cli_compile_flags(tmp_path, monkeypatch, flag, expected):
     args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "2"]
     assert main(args + ([flag] if flag else [])) == 0
     assert calls == expected
+
+
+def test_one_shot_generate_compiles_only_long_outputs():
+    from nanoseek.engine.cli import ONE_SHOT_COMPILE_MIN_TOKENS, one_shot_compile
+
+    assert one_shot_compile(None, 64) is False
+    assert one_shot_compile(None, ONE_SHOT_COMPILE_MIN_TOKENS) is None  # auto
+    assert one_shot_compile(True, 8) is True and one_shot_compile(False, 4096) is False
