@@ -175,9 +175,10 @@ def main() -> None:
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast training: auto = only if bf16 matmuls are at least half as fast as fp32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                    help="keep: the trainer's allocator setting for both (nanoseek/_runtime.py); "
-                         "default: glibc's, as a plain script of either library runs")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="default",
+                    help="default: glibc's, as a plain script of either library runs (a new user's "
+                         "setting); keep: `nanoseek train`'s allocator setting (nanoseek/_runtime.py) for both "
+                         "-- it speeds transformers up far more than nanoseek (docs/train.md)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
