@@ -18,20 +18,13 @@ import time
 
 from nanoseek._argparse import show_defaults
 
-from .loading import DTYPES as _DTYPES
+from .loading import add_loading_args
 from .loading import load_model_and_tokenizer  # noqa: F401  (re-exported: callers import it from here)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: as saved)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="torch.compile the decode step even where auto would not (default: auto -- compiled "
-                        "where a C++ compiler exists, cached on disk; see docs/engine.md)")
-    p.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
-                   help="never compile: eager decode steps (as vLLM's flag)")
+    add_loading_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:

@@ -55,3 +55,16 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | 
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
     compile_for_decoding(model, compile)
     return model, tok
+
+
+def add_loading_args(p) -> None:
+    """The loading flags shared by `generate`, `chat` and `serve` (each adds its own model
+    argument): --tokenizer, --dtype, --threads and the decode-step compilation switches."""
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as saved)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="torch.compile the decode step even where auto would not (default: auto -- compiled "
+                        "where a C++ compiler exists, cached on disk; see docs/engine.md)")
+    p.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
+                   help="never compile: eager decode steps (as vLLM's flag)")

@@ -17,8 +17,7 @@ import os
 import sys
 
 from nanoseek._argparse import show_defaults
-
-_DTYPES = ("bf16", "bfloat16", "float32", "fp32")
+from nanoseek.engine.loading import add_loading_args
 
 
 def cmd_serve(args) -> int:
@@ -50,14 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
                    help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--model", default=None, help="the same, as an option")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: as saved)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="torch.compile the decode step even where auto would not (default: auto -- compiled "
-                        "where a C++ compiler exists, cached on disk; see docs/engine.md)")
-    p.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
-                   help="never compile: eager decode steps (as vLLM's flag)")
+    add_loading_args(p)
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: K draft tokens per round (0 = off; see docs/engine.md)")
 
