@@ -14,6 +14,7 @@ and prints nanoseek/transformers ratios (training: the better of fp32 / bf16 on 
     python benchmarks/bench_model.py                 # full run (~10 min on 2 cores)
     python benchmarks/bench_model.py --quick         # fewer steps, shorter sequences
     python benchmarks/bench_model.py --only nanoseek  # skip transformers
+    python benchmarks/bench_model.py --only nanoseek --bf16-decode   # + bf16-weight decoding: speed, quality
 
 The machines are noisy: timings are medians over repeated steps, and only ratios measured in
 the same run are meaningful. Aggregate decode at 8 concurrent requests: bench_generate.py.
@@ -161,6 +162,29 @@ def generate_hf(model, prompt, new_tokens):
     return time.perf_counter() - t
 
 
+def bf16_decode_check(model, prompt, new_tokens) -> None:
+    """bf16 weights for decoding: speed vs fp32 and the quality cost (logit error on the prompt,
+    greedy agreement over new_tokens), eager, the same weights."""
+    import copy
+
+    from nanoseek.engine.generate import generate
+
+    half = copy.deepcopy(model).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        ref, low = model(prompt), half(prompt).float()
+    err = (ref - low).abs().max().item() / ref.abs().max().item()
+    ids = prompt[0].tolist()
+    times = {}
+    outs = {}
+    for name, m in (("fp32", model), ("bf16", half)):
+        t = time.perf_counter()
+        outs[name] = generate(m, ids, new_tokens, stop_on_eos=False, compile=False)
+        times[name] = time.perf_counter() - t
+    agree = next((i for i, (a, b) in enumerate(zip(outs["fp32"], outs["bf16"])) if a != b), new_tokens)
+    print(f"bf16 weights (eager): {times['fp32'] / times['bf16']:.2f}x the fp32 speed, max logit error "
+          f"{err:.1e} of the largest logit, greedy tokens identical for the first {agree} of {new_tokens}")
+
+
 def decode_bytes_per_token(config: ModelConfig) -> int:
     """fp32 weight bytes a batch-1 decode step reads: the activated parameters less the
     embedding table (one row is read)."""
@@ -175,6 +199,8 @@ def main() -> None:
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast training: auto = only if bf16 matmuls are at least half as fast as fp32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--bf16-decode", action="store_true",
+                    help="also: bf16 weights for decoding, speed and quality cost vs fp32 (eager)")
     ap.add_argument("--malloc", choices=["keep", "default"], default="default",
                     help="default: glibc's, as a plain script of either library runs (a new user's "
                          "setting); keep: `nanoseek train`'s allocator setting (nanoseek/_runtime.py) for both "
@@ -254,6 +280,8 @@ def main() -> None:
               f"prefill {seq} tok {r['prefill_s'] * 1e3:7.1f} ms ({seq / r['prefill_s']:.0f} tok/s); "
               f"generate {new_tokens} tok {r['generate_tok_s']:6.1f} tok/s incl. prefill "
               f"({r['generate_tok_s'] / roof:.0%} of the decode roofline){extra}", flush=True)
+    if args.bf16_decode and "nanoseek" in impls:
+        bf16_decode_check(impls["nanoseek"], prompt, new_tokens)
     if len(impls) == 2:
         a, b = results["nanoseek"], results["transformers"]
 
