@@ -234,13 +234,20 @@ _SFT_FLAGS: dict[str, dict] = {
 def add_sft_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.sft import SFTConfig
 
-    a = p.add_argument
-    a("model_pos", nargs="?", metavar="MODEL", help="model directory to fine-tune (config.json, safetensors, "
-                                                    "tokenizer files)")
-    a("--model", dest="model_opt", help="same as the positional MODEL")
-    a("--out", dest="run_dir", required=True, help="run directory; the fine-tuned model goes to OUT/model")
-    add_config_flags(p.add_argument_group("SFT data (SFTConfig)"), SFTConfig, _SFT_FLAGS)
-    add_loop_arguments(p, recipe="sft")
+    _add_recipe_arguments(p, "MODEL", ("--model",), "model directory to fine-tune (config.json, safetensors, "
+                          "tokenizer files)", "the fine-tuned model", "SFT data (SFTConfig)", SFTConfig, _SFT_FLAGS,
+                          "sft", rows=True)
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, metavar: str, aliases: tuple[str, ...], model_help: str,
+                          what: str, group: str, config_cls, flags: dict, recipe: str, rows: bool) -> None:
+    """sft / rl / distill: the model (positional, or as an option), --out, the recipe's config
+    dataclass as flags, then the shared loop flags."""
+    p.add_argument("model_pos", nargs="?", metavar=metavar, help=model_help)
+    p.add_argument(*aliases, dest="model_opt", help=f"same as the positional {metavar}")
+    p.add_argument("--out", dest="run_dir", required=True, help=f"run directory; {what} goes to OUT/model")
+    add_config_flags(p.add_argument_group(group), config_cls, flags)
+    add_loop_arguments(p, rows=rows, recipe=recipe)
 
 
 def _model_arg(args) -> str:
@@ -318,12 +325,8 @@ RL_NOT_FLAGS = frozenset({"mtp_weight"})
 def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.rl import RLConfig
 
-    a = p.add_argument
-    a("model_pos", nargs="?", metavar="MODEL", help="model directory (config.json, safetensors, tokenizer files)")
-    a("--model", dest="model_opt", help="same as the positional MODEL")
-    a("--out", dest="run_dir", required=True, help="run directory; the trained model goes to OUT/model")
-    add_config_flags(p.add_argument_group("GRPO (RLConfig)"), RLConfig, _RL_FLAGS)
-    add_loop_arguments(p, rows=False, recipe="rl")
+    _add_recipe_arguments(p, "MODEL", ("--model",), "model directory (config.json, safetensors, tokenizer files)",
+                          "the trained model", "GRPO (RLConfig)", RLConfig, _RL_FLAGS, "rl", rows=False)
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
@@ -372,12 +375,9 @@ _DISTILL_FLAGS: dict[str, dict] = {
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     from nanoseek.train.distill import DistillConfig
 
-    a = p.add_argument
-    a("model_pos", nargs="?", metavar="STUDENT", help="student model directory (config.json, safetensors, tokenizer)")
-    a("--student", "--model", dest="model_opt", help="same as the positional STUDENT")
-    a("--out", dest="run_dir", required=True, help="run directory; the student goes to OUT/model")
-    add_config_flags(p.add_argument_group("distillation (DistillConfig)"), DistillConfig, _DISTILL_FLAGS)
-    add_loop_arguments(p, rows=False, recipe="distill")
+    _add_recipe_arguments(p, "STUDENT", ("--student", "--model"),
+                          "student model directory (config.json, safetensors, tokenizer)", "the student",
+                          "distillation (DistillConfig)", DistillConfig, _DISTILL_FLAGS, "distill", rows=False)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
