@@ -40,14 +40,15 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     The first division is by column sums; each later round divides rows then columns, so the
     result is (approximately) doubly stochastic.
     """
-    m = torch.softmax(logits, dim=-1) + eps
-    if not (torch.is_grad_enabled() and m.requires_grad):
-        # inference: the same arithmetic in place (half the kernel launches, no allocations)
-        m.div_(m.sum(dim=-2, keepdim=True).add_(eps))
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        # inference: the same arithmetic in place, tokens last (see _tokens_last)
+        m = torch.softmax(_tokens_last(logits), dim=1).add_(eps)
+        m.div_(m.sum(dim=0, keepdim=True).add_(eps))
         for _ in range(iters - 1):
-            m.div_(m.sum(dim=-1, keepdim=True).add_(eps))
-            m.div_(m.sum(dim=-2, keepdim=True).add_(eps))
-        return m
+            m.div_(m.sum(dim=1, keepdim=True).add_(eps))
+            m.div_(m.sum(dim=0, keepdim=True).add_(eps))
+        return _tokens_first(m, logits.shape)
+    m = torch.softmax(logits, dim=-1) + eps
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         m = m / (m.sum(dim=-1, keepdim=True) + eps)
@@ -55,35 +56,51 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def _tokens_last(x: torch.Tensor) -> torch.Tensor:
+    """[..., n, n] -> contiguous [n, n, T]. Sinkhorn's ~120 ops each touch only n*n numbers per
+    token; with the tokens innermost every op is one vectorised pass over T (a row or column
+    sum adds n contiguous rows) instead of a strided reduction over tiny 4-element rows."""
+    n = x.shape[-1]
+    return x.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _tokens_first(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of _tokens_last: [n, n, T] -> contiguous tensor of `shape` ([..., n, n])."""
+    return x.permute(2, 0, 1).reshape(shape)
+
+
 class _Sinkhorn(torch.autograd.Function):
     """`sinkhorn` with a hand-written backward: each normalisation m' = m / s (s = m.sum(dim) +
     eps) has gradient (g - sum(g * m', dim)) / s; the backward replays them in reverse from the
-    saved normalisers (n x n per token: small), instead of autograd's ~7 nodes per step."""
+    saved normalisers (n x n per token: small), instead of autograd's ~7 nodes per step.
+    Both directions run tokens-last ([n, n, T], see _tokens_last): dim 0 sums columns, dim 1 rows."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        p = torch.softmax(logits, dim=-1)
+        p = torch.softmax(_tokens_last(logits), dim=1)
         m = p + eps
         dims, sums = [], []
         for i in range(2 * iters - 1):
-            dim = -2 if i % 2 == 0 else -1  # columns first, then rows / columns alternately
+            dim = 0 if i % 2 == 0 else 1  # columns first, then rows / columns alternately
             s = m.sum(dim=dim, keepdim=True).add_(eps)
             m = m / s
             dims.append(dim)
             sums.append(s)
         ctx.dims = dims
+        ctx.shape = logits.shape
         ctx.save_for_backward(p, m, *sums)
-        return m
+        return _tokens_first(m, logits.shape)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         p, m, *sums = ctx.saved_tensors
+        g = _tokens_last(g)
         for dim, s in zip(reversed(ctx.dims), reversed(sums)):
             g = (g - (g * m).sum(dim=dim, keepdim=True)) / s
             m = m * s  # this step's input (m' * s = m)
         # softmax backward (the eps shift has gradient 1)
-        g = p * (g - (g * p).sum(dim=-1, keepdim=True))
-        return g, None, None
+        g = p * (g - (g * p).sum(dim=1, keepdim=True))
+        return _tokens_first(g, ctx.shape), None, None
 
 
 def mix_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int, eps: float):
