@@ -36,6 +36,7 @@ from .. import checkpoint
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import DecodeCache
+from . import gemv
 from .context import AuxTerms, ForwardContext
 from .hyper_connections import HyperConnection, HyperHead
 from .loss import linear_cross_entropy
@@ -244,7 +245,14 @@ class Transformer(nn.Module):
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.hc_head(streams))
-        return self.head(h).float()
+        return self._head(h).float()
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """self.head(h); a decode step's few rows go through gemv.rows_linear (the head is the
+        one weight big enough for oneDNN's faster matrix-vector product to pay, see gemv.py)."""
+        if type(self.head) is nn.Linear and gemv.applies(h, self.head.weight):
+            return gemv.rows_linear(h, self.head.weight)
+        return self.head(h)
 
     def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False,
                 doc_ids: torch.Tensor | None = None):
@@ -278,7 +286,7 @@ class Transformer(nn.Module):
         new_streams, h = block(streams, self.embed(next_ids), ctx, layer_cache)
         if cache is not None:
             cache.mtp_pos[depth] += next_ids.shape[1]
-        return self.head(h).float(), new_streams
+        return self._head(h).float(), new_streams
 
     @torch.no_grad()
     def rollback(self, cache: DecodeCache, snapshot: dict, keep: int) -> None:

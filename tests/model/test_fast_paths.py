@@ -6,7 +6,9 @@
 * mHC: the hand-written autograd Functions (`HyperConnection.fused`) checked by
   torch.autograd.gradcheck in float64 and against the plain formulas;
 * head + cross-entropy: `linear_cross_entropy` vs F.cross_entropy (values, gradients,
-  ignore_index, autocast) and Transformer.loss with and without kept logits.
+  ignore_index, autocast) and Transformer.loss with and without kept logits;
+* decode head: `gemv.rows_linear` (oneDNN's matrix-vector product) vs F.linear, when it applies
+  and when it must not (autograd, autocast), and a cached decode through it vs the full forward.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model import gemv
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
@@ -170,3 +173,38 @@ def test_model_loss_fused_head_equals_logits_path():
         a = model.loss(ids, labels=labels, return_logits=True)
         b = model.loss(ids, labels=labels)
     torch.testing.assert_close(b.ce, a.ce, rtol=1e-3, atol=1e-3)
+
+
+def test_rows_linear_equals_linear():
+    torch.manual_seed(0)
+    w = torch.randn(8192, 512)  # 16 MB: the `small` head
+    for x in (torch.randn(1, 512), torch.randn(2, 1, 512)):
+        with torch.no_grad():
+            assert gemv.applies(x, w)
+            torch.testing.assert_close(gemv.rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert not gemv.applies(torch.randn(64, 512), w)  # prefill: a GEMM, F.linear's job
+    assert not gemv.applies(torch.randn(1, 64), torch.randn(128, 64))  # small weights stay
+    x = torch.randn(1, 512, requires_grad=True)
+    assert not gemv.applies(x, w)  # autograd needs F.linear's backward
+    y = gemv.rows_linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).unsqueeze(0), rtol=1e-4, atol=1e-3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemv.applies(torch.randn(1, 512), w)
+
+
+def test_decode_head_rows_linear_equals_full_forward(monkeypatch):
+    monkeypatch.setattr(gemv, "MIN_BYTES", 0)  # the tiny head is small: force the path
+    torch.manual_seed(0)
+    model = Transformer(_tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(gemv.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 64)
+        first = model(ids[:, :30], cache=cache)
+        steps = [model(ids[:, i : i + 1], cache=cache) for i in range(30, 40)]
+    assert len(calls) == 10  # one per decode step, none for the 30-token prefill or the full pass
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-4, atol=1e-4)
