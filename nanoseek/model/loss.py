@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
-# rows per chunk: ~4 MB of fp32 logits, so a chunk's logits / softmax / gradient stay in L2/L3
-_CHUNK_ELEMENTS = 1 << 20
+# rows per chunk: ~16 MB of fp32 logits, which stay in L3 while the chunk's products run as
+# GEMMs big enough to be efficient (512 rows at an 8K vocab: fp32 forward + backward of the
+# `small` head at 4 x 512 tokens 360 -> 316 ms vs 128-row chunks, bf16 177 -> 161 ms)
+_CHUNK_ELEMENTS = 1 << 22
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
