@@ -389,7 +389,7 @@ class BatchRunner:
         hi = min(len(seq.prompt), lo + self.chunk_size)
         ids = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long, device=self.device)
         if self.spec_k:
-            logits, streams = self.model(ids, cache=self.scratch, return_streams=True)
+            logits, streams = self.model(ids, cache=self.scratch, return_streams=True, logits_to_keep=1)
             # MTP position t sees (H_t, token t+1), as in training: pair the chunk's tokens with
             # the streams one position earlier (the previous chunk's last H for the first one).
             h = streams[:, :-1] if lo == 0 else torch.cat([seq.last_h, streams[:, :-1]], dim=1)
@@ -398,7 +398,7 @@ class BatchRunner:
                 self.model.mtp_forward(h, nxt, cache=self.scratch)
             seq.last_h = streams[:, -1:].clone()  # (not a view that keeps the chunk's streams alive)
         else:
-            logits = self.model(ids, cache=self.scratch)
+            logits = self.model(ids, cache=self.scratch, logits_to_keep=1)  # only the last row is sampled
         seq.prefilled = hi
         if hi < len(seq.prompt):
             return

@@ -255,13 +255,15 @@ class Transformer(nn.Module):
         return self.head(h)
 
     def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False,
-                doc_ids: torch.Tensor | None = None):
+                doc_ids: torch.Tensor | None = None, logits_to_keep: int = 0):
         """Logits [B, S, vocab] in fp32 (and the final residual streams [B,S,n,d] if asked, the MTP
         module's input). With a cache, consumes the tokens and advances it. `doc_ids` [B,S]
-        (uncached): packed documents attend and compress only within themselves."""
+        (uncached): packed documents attend and compress only within themselves.
+        `logits_to_keep` > 0 (transformers' name): logits of the last that many positions only
+        -- a prefill needs one row, and the head over every prompt position is ~8% of it."""
         ctx = self._context(input_ids, cache, doc_ids=doc_ids)
         streams = self.hidden_streams(input_ids, ctx)
-        logits = self.logits_from_streams(streams)
+        logits = self.logits_from_streams(streams[:, -logits_to_keep:] if logits_to_keep > 0 else streams)
         if cache is not None:
             cache.pos += input_ids.shape[1]
         return (logits, streams) if return_streams else logits

@@ -212,7 +212,7 @@ def greedy_complete(model: nn.Module, tokenizer, prompt: str | list[int], max_ne
     dev = next(model.parameters()).device
     ids = list(prompt) if not isinstance(prompt, str) else [tokenizer.bos_id] + tokenizer.encode(prompt)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
-    logits = model(torch.tensor([ids], device=dev), cache=cache)
+    logits = model(torch.tensor([ids], device=dev), cache=cache, logits_to_keep=1)
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(logits[0, -1].argmax())

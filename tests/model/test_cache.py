@@ -39,6 +39,20 @@ def test_chunked_prefill_equals_full_forward():
     assert (got - full).abs().max().item() <= 1e-4
 
 
+def test_logits_to_keep_is_the_last_rows_and_advances_the_cache_alike():
+    model = model_with_topk(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logits_to_keep=5), full[:, -5:], rtol=1e-5, atol=1e-6)  # (GEMM blocking)
+        cache = model.new_cache(2, 48)
+        last = model(ids[:, :30], cache=cache, logits_to_keep=1)  # the engine's prefill
+        assert last.shape == (2, 1, model.config.vocab_size)
+        steps = [model(ids[:, t : t + 1], cache=cache) for t in range(30, 40)]
+    torch.testing.assert_close(last, full[:, 29:30], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 30:], rtol=1e-4, atol=1e-4)
+
+
 def test_rows_at_different_positions_decode_together():
     """Continuous batching: rows prefilled separately (different lengths) decode in one batch."""
     model = model_with_topk(3)
