@@ -16,14 +16,14 @@ Everything in here runs in fp32, as in the reference.
 The final hyper head collapses the streams once more (only `pre`, no Sinkhorn) before the last
 RMSNorm and the LM head; MTP blocks own one too.
 
-Speed (eager, where most CPU users run): the n x n stream mixes are per-token 4 x 4 products.
-As batched matmuls ([T,4,4] @ [T,4,d]) they hit PyTorch's per-matrix slow path on CPU (one
-tiny GEMM per token, forward and backward), and the RMS scaling and Sinkhorn leave long
-autograd chains. With `HyperConnection.fused = True` (the default) the same arithmetic runs as
-four autograd Functions with hand-written backward passes (`_MixRMS`, `_Sinkhorn`,
-`_WeightedSum`, `_StreamMix`): every big-tensor pass is a broadcast multiply-add over d, and Sinkhorn's
-backward walks its saved normalisers. `fused = False` is the plain reference, op by op, that the
-tests compare them against (values and every gradient).
+Speed (eager, where most CPU users run): the n x n stream mixes are per-token 4 x 4 products,
+and the RMS scaling and Sinkhorn leave long autograd chains. With `HyperConnection.fused = True`
+(the default) the same arithmetic runs as four autograd Functions with hand-written backward
+passes (`_MixRMS`, `_Sinkhorn`, `_WeightedSum`, `_StreamMix`): every big-tensor pass is either
+a broadcast multiply-add over d or a per-token matmul whose shapes PyTorch's CPU kernels handle
+well (measured per shape, see _StreamMix), Sinkhorn runs tokens-last and its backward walks its
+saved normalisers. `fused = False` is the plain reference, op by op, that the tests compare
+them against (values and every gradient).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _tokens_last(x: torch.Tensor) -> torch.Tensor:
 
 def _tokens_first(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of _tokens_last: [n, n, T] -> contiguous tensor of `shape` ([..., n, n])."""
-    return x.permute(2, 0, 1).reshape(shape)
+    return x.permute(2, 0, 1).contiguous().view(shape)  # (a reshape would keep the token stride 1)
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -147,7 +147,8 @@ class HyperConnection(nn.Module):
         """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed)."""
         dtype = streams.dtype
         if HyperConnection.fused:
-            return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
+            with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+                return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
         mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
 
@@ -234,35 +235,31 @@ class _MixRMS(torch.autograd.Function):
 
 
 class _StreamMix(torch.autograd.Function):
-    """out[..., k, :] = post_k * y + sum_j comb[j, k] X_j as n broadcast multiply-adds over d.
+    """out[..., k, :] = post_k * y + sum_j comb[j, k] X_j.
 
-    y [...,d], X [...,n,d], post [...,n], comb [...,n,n]; the backward is the same shape of
-    work: grad X_j = sum_k comb[j,k] g_k, grad y = sum_k post_k g_k, and the per-token
-    dot products over d for grad post / grad comb."""
+    y [...,d], X [...,n,d], post [...,n], comb [...,n,n]. The stream mix is comb^T @ X per token
+    (a batched matmul whose inner dimension is n = 4) plus one broadcast multiply-add; the
+    backward is grad X = comb @ g, grad comb = X @ g^T (inner dimension d: per-token GEMMs that
+    run near memory speed, 3x faster here than n broadcast passes over [..., n, d]), grad y =
+    post @ g, and grad post = <g_k, y> over d. (Measured on [4, 512, 4, 512] fp32, 2 cores:
+    backward 8.5 -> 4.0 ms, forward 2.0 -> 1.7 ms.)"""
 
     @staticmethod
     def forward(ctx, y, streams, post, comb):
-        out = post.unsqueeze(-1) * y.unsqueeze(-2)
-        for j in range(streams.shape[-2]):
-            out.addcmul_(comb[..., j, :].unsqueeze(-1), streams[..., j, :].unsqueeze(-2))
+        out = torch.matmul(comb.transpose(-1, -2), streams).addcmul_(post.unsqueeze(-1), y.unsqueeze(-2))
         ctx.save_for_backward(y, streams, post, comb)
         return out
 
     @staticmethod
     def backward(ctx, g):
         y, streams, post, comb = ctx.saved_tensors
-        n = streams.shape[-2]
         grad_y = grad_x = grad_post = grad_comb = None
-        tmp = torch.empty_like(g)  # one scratch tensor for every product reduced over d or n
         if ctx.needs_input_grad[0]:
-            grad_y = torch.mul(g, post.unsqueeze(-1), out=tmp).sum(-2)
+            grad_y = torch.matmul(post.unsqueeze(-2), g).squeeze(-2)
         if ctx.needs_input_grad[1]:
-            grad_x = comb[..., :, 0].unsqueeze(-1) * g[..., 0, :].unsqueeze(-2)
-            for k in range(1, n):
-                grad_x.addcmul_(comb[..., :, k].unsqueeze(-1), g[..., k, :].unsqueeze(-2))
-        if ctx.needs_input_grad[2]:
-            grad_post = torch.mul(g, y.unsqueeze(-2), out=tmp).sum(-1)
+            grad_x = torch.matmul(comb, g)
+        if ctx.needs_input_grad[2]:  # (a matmul with a 1-column right side is slower than this)
+            grad_post = (g * y.unsqueeze(-2)).sum(-1)
         if ctx.needs_input_grad[3]:
-            grad_comb = torch.stack([torch.mul(g, streams[..., j, :].unsqueeze(-2), out=tmp).sum(-1)
-                                     for j in range(n)], dim=-2)
+            grad_comb = torch.matmul(streams, g.transpose(-1, -2))
         return grad_y, grad_x, grad_post, grad_comb

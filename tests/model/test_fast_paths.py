@@ -134,6 +134,26 @@ def test_mhc_fused_equals_plain(plain_paths):
     torch.testing.assert_close(comb_ng, results[1][1], rtol=1e-6, atol=1e-7)
 
 
+def test_mhc_stays_fp32_under_autocast():
+    """bf16 autocast must not reach the mHC arithmetic (spec: fp32), forward or backward."""
+    torch.manual_seed(0)
+    site = hc.HyperConnection(16, 4, 20, 1e-6, 1e-6)
+    torch.nn.init.normal_(site.fn, std=0.1)
+    streams0 = torch.randn(2, 7, 4, 16)
+    results = []
+    for autocast in (False, True):
+        site.zero_grad()
+        streams = streams0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x, post, comb = site.collapse(streams)
+            out = site.expand(torch.tanh(x), streams, post, comb)
+        assert out.dtype == torch.float32
+        (out * streams0).sum().backward()
+        results.append([out.detach(), streams.grad, site.fn.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 def test_linear_cross_entropy_equals_torch(monkeypatch):
     from nanoseek.model import loss
     monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 1 << 16)  # 65 rows a chunk: five chunks, the last partial
