@@ -62,7 +62,7 @@ from nanoseek.train.checkpoint import (latest_checkpoint, latest_intact_checkpoi
 from nanoseek.train.metrics import (MetricsLog, TermMeter, expert_load_metrics, measure_peak_flops,  # noqa: F401
                                     training_flops_per_token)
 from nanoseek.train.objectives import Objective, PretrainObjective
-from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, fast_bf16_matmul, lr_schedule
+from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, lr_schedule
 from nanoseek.train.parallelize import (Dist, all_reduce, all_reduce_max, barrier, gather_objects,  # noqa: F401
                                         gathered_state, load_optimizer_state, no_sync, parallelize, setup_distributed,
                                         unshard)
@@ -122,7 +122,7 @@ class TrainConfig:
     resume: bool = False
     # --- systems ---
     device: str = "auto"                      # auto | cpu | cuda
-    autocast: str = "auto"                    # auto (bf16 where bf16 matmuls are native) | bf16 | off
+    autocast: str = "auto"                    # auto (bf16 on CUDA, off on CPU) | bf16 | off
     compile: bool | str = False               # True / "inductor", or another torch.compile backend name
     deterministic: bool = False
     find_unused_parameters: bool = False
@@ -397,10 +397,7 @@ def _wrap(run: Run) -> None:
     run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay,
                                                        ns_dtype=cfg.muon_ns_dtype))
     run.eval_model = _RootCall(run.module, model) if run.fsdp else model
-    # auto: bf16 where bf16 matmuls are native (CUDA with bf16 tensor cores, CPUs with AMX /
-    # AVX512-BF16: a CPU step of the speedrun model 1.1x, of `small` 1.13-1.16x faster than fp32;
-    # docs/train.md), fp32 elsewhere (emulated bf16 is slower than fp32)
-    run.use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and fast_bf16_matmul(d.device.type))
+    run.use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and d.device.type == "cuda")
 
 
 def _load_tokenizer(cfg: TrainConfig):

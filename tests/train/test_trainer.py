@@ -128,9 +128,8 @@ def test_compiled_training_follows_the_eager_run(train_data, tmp_path):
     the eager run's loss trajectory. aot_eager keeps the test cheap: it traces forward and
     backward exactly as inductor does, without generating C++."""
     a, b = tmp_path / "eager", tmp_path / "compiled"
-    # fp32 (autocast "auto" is bf16 on CPUs with native bf16): parity to float tolerance
-    train(tiny_cfg(train_data, a, max_steps=3, deterministic=True, autocast="off"))
-    s = train(tiny_cfg(train_data, b, max_steps=3, deterministic=True, compile="aot_eager", autocast="off"))
+    train(tiny_cfg(train_data, a, max_steps=3, deterministic=True))
+    s = train(tiny_cfg(train_data, b, max_steps=3, deterministic=True, compile="aot_eager"))
     ra, rb = records(a), records(b)
     assert [r["step"] for r in rb] == [1, 2, 3]
     for x, y in zip(ra, rb):
@@ -187,8 +186,7 @@ def single_process_run(train_data, tmp_path_factory):
     n = _torch.get_num_threads()
     _torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("single")
-    train(tiny_cfg(train_data, run, max_steps=4, batch_tokens=256, muon_ns_dtype="float32",
-                   autocast="off"))  # as the 2-process runs
+    train(tiny_cfg(train_data, run, max_steps=4, batch_tokens=256, muon_ns_dtype="float32"))  # as the 2-process runs
     _torch.set_num_threads(n)
     return records(run)
 
@@ -199,10 +197,9 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, single_pro
     common = ["--shards", str(shards), "--model", "tiny", "--seq-len", "64", "--micro-batch", "2",
               "--batch-tokens", "256", "--steps", "4", "--lr", "3e-3", "--warmup-steps", "2",
               "--eval-every", "0", "--peak-tflops", "1", "--no-progress",
-              # fp32 Newton-Schulz and forward ("auto" is bf16 on CPUs with native bf16): bf16's
-              # rounding would magnify the sharded/unsharded gradient differences (sums in another
-              # order) past the tolerance within 4 steps
-              "--muon-ns-dtype", "float32", "--autocast", "off"]
+              # fp32 Newton-Schulz: bf16's rounding would magnify the sharded/unsharded gradient
+              # differences (sums in another order) past the tolerance within 4 steps
+              "--muon-ns-dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     port = "29517" if mode == "ddp" else "29518"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
