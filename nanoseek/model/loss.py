@@ -41,15 +41,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             hc, lab, ok = h[s : s + chunk], safe[s : s + chunk], valid[s : s + chunk]
             logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, lab.unsqueeze(1)).squeeze(1)
+            # log-sum-exp by hand, in place: exp(logits - max) is computed once and serves both
+            # the normaliser and the gradient (torch.logsumexp would allocate its own [rows,
+            # vocab] temporaries, and the softmax would need a second exp pass)
+            mx = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(mx).exp_()
+            z = p.sum(dim=-1)
+            lse = z.log() + mx.squeeze(1)
             total += ((lse - target) * ok).sum()
             if not (want_h or want_w):
                 continue
             # d(sum of CE)/d logits = softmax - one-hot, zero on ignored rows
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g = p.div_(z.unsqueeze(1))
             g.scatter_add_(1, lab.unsqueeze(1), torch.full_like(target, -1.0).unsqueeze(1))
-            g.mul_(ok.unsqueeze(1))
+            if not bool(ok.all()):
+                g.mul_(ok.unsqueeze(1))
             g = g.to(h.dtype)
             if want_h:
                 torch.mm(g, weight, out=grad_h[s : s + chunk])
