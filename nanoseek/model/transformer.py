@@ -261,6 +261,8 @@ class Transformer(nn.Module):
         (uncached): packed documents attend and compress only within themselves.
         `logits_to_keep` > 0 (transformers' name): logits of the last that many positions only
         -- a prefill needs one row, and the head over every prompt position is ~8% of it."""
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         ctx = self._context(input_ids, cache, doc_ids=doc_ids)
         streams = self.hidden_streams(input_ids, ctx)
         logits = self.logits_from_streams(streams[:, -logits_to_keep:] if logits_to_keep > 0 else streams)

@@ -51,6 +51,8 @@ def test_logits_to_keep_is_the_last_rows_and_advances_the_cache_alike():
         steps = [model(ids[:, t : t + 1], cache=cache) for t in range(30, 40)]
     torch.testing.assert_close(last, full[:, 29:30], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 30:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
 
 
 def test_rows_at_different_positions_decode_together():
