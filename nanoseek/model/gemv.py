@@ -19,6 +19,8 @@ graph; anything else -- or a oneDNN error, after which the process stops trying 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +30,15 @@ MAX_ROWS = 16  # a decode step's rows (batch x new tokens); prefill is a GEMM, n
 _usable = torch.backends.mkldnn.is_available()
 
 
+@functools.cache
+def _bf16_supported() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not _usable or x.device.type != "cpu" or x.dtype != weight.dtype:
         return False
-    if x.dtype is not torch.float32 and not (x.dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if x.dtype is not torch.float32 and not (x.dtype is torch.bfloat16 and _bf16_supported()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
@@ -42,10 +49,14 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T (no bias), through oneDNN where `applies`."""
+    return onednn_linear(x, weight) if applies(x, weight) else F.linear(x, weight)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN product for a caller that has checked `applies` (F.linear if oneDNN refuses)."""
     global _usable
-    if applies(x, weight):
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
-        except RuntimeError:  # an oneDNN build that refuses the shape or dtype: stop trying
-            _usable = False
-    return F.linear(x, weight)
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
+    except RuntimeError:  # an oneDNN build that refuses the shape or dtype: stop trying
+        _usable = False
+        return F.linear(x, weight)

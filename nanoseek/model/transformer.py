@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         """self.head(h); a decode step's few rows go through gemv.rows_linear (the head is the
         one weight big enough for oneDNN's faster matrix-vector product to pay, see gemv.py)."""
         if type(self.head) is nn.Linear and gemv.applies(h, self.head.weight):
-            return gemv.rows_linear(h, self.head.weight)
+            return gemv.onednn_linear(h, self.head.weight)
         return self.head(h)
 
     def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None, return_streams: bool = False,
