@@ -139,7 +139,10 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.n).tolist()
-        xs = x[token]  # tokens sorted by expert: each expert reads one contiguous slice
+        # tokens sorted by expert: each expert reads one contiguous slice (index_select, not
+        # x[token]: its backward is one index_add instead of an accumulating index_put, ~5%
+        # of the layer's forward + backward)
+        xs = x.index_select(0, token)
         outs = []
         # unbind / split once: indexing w[e] or slicing xs per expert would make autograd build a
         # full-size zero gradient for every expert (O(E^2) memory traffic); the backward of

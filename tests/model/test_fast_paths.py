@@ -7,6 +7,9 @@
   torch.autograd.gradcheck in float64 and against the plain formulas;
 * head + cross-entropy: `linear_cross_entropy` vs F.cross_entropy (values, gradients,
   ignore_index, autocast) and Transformer.loss with and without kept logits;
+* RMSNorm: the autograd Function (`RMSNorm.fused`) by gradcheck in float64 and against the plain
+  formula (fp32, bf16 input, no weight);
+* RoPE: the complex-product rotation (`rope.use_complex`) against the real-valued formula;
 * decode head: `gemv.rows_linear` (oneDNN's matrix-vector product) vs F.linear, when it applies
   and when it must not (autograd, autocast), and a cached decode through it vs the full forward.
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import gemv
+from nanoseek.model import gemv, norm, rope
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
@@ -37,6 +40,8 @@ def plain_paths():
     yield
     Attention.use_sdpa = True
     hc.HyperConnection.fused = True
+    norm.RMSNorm.fused = True
+    rope.use_complex = True
 
 
 def _loss_and_grads(model, ids, **kw):
@@ -152,6 +157,64 @@ def test_mhc_stays_fp32_under_autocast():
         results.append([out.detach(), streams.grad, site.fn.grad])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_rmsnorm_function_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: norm._RMSNorm.apply(a, b, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda a: norm._RMSNorm.apply(a, None, 1e-6), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_fused_equals_plain(plain_paths, dtype):
+    torch.manual_seed(0)
+    layer = norm.RMSNorm(48, 1e-6)
+    torch.nn.init.normal_(layer.weight, 1.0, 0.3)
+    x0 = (torch.randn(2, 9, 48) * 3).to(dtype)
+    g = torch.randn(2, 9, 48)
+    results = []
+    for fused in (False, True):
+        norm.RMSNorm.fused = fused
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        z = norm.rms_normalize(x, 1e-6)  # the unweighted per-head variant
+        assert y.dtype == dtype and z.dtype == torch.float32
+        (y.float() * g).sum().add((z * g).sum()).backward()
+        assert x.grad.dtype == dtype
+        results.append([y.float(), z, x.grad.float(), layer.weight.grad])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tol)
+    with torch.no_grad():  # inference takes the plain formula whatever the switch
+        torch.testing.assert_close(layer(x0).float(), results[0][0], **tol)
+
+
+@pytest.mark.parametrize("case", ["heads", "no_pass_through", "strided", "bf16", "inverse"])
+def test_rope_complex_equals_real(plain_paths, case):
+    from nanoseek.model.rope import apply_rope, inv_frequencies, rope_angles
+    torch.manual_seed(0)
+    rd = 16
+    cos, sin = rope_angles(torch.arange(11).expand(2, 11) * 3, inv_frequencies(rd, 10000.0))
+    x0 = {"heads": torch.randn(2, 11, 3, 64), "no_pass_through": torch.randn(2, 11, rd),
+          # odd strides: the rotated channels cannot be viewed as complex numbers in place
+          "strided": torch.randn(2, 11, 3, 67)[..., 1:66:1][..., :65][..., 1:],
+          "bf16": torch.randn(2, 11, 3, 64).bfloat16(), "inverse": torch.randn(2, 11, 64)}[case]
+    g = torch.randn(x0.shape)
+    results = []
+    for use in (False, True):
+        rope.use_complex = use
+        x = x0.clone() if case != "strided" else x0.detach()
+        x.requires_grad_()
+        y = apply_rope(x, cos, sin, inverse=case == "inverse")
+        (y.float() * g).sum().backward()
+        assert y.dtype == x0.dtype and y.shape == x0.shape
+        results.append([y.float(), x.grad.float()])
+    for a, b in zip(*results):  # the same products and sums: equal up to fused multiply-add rounding
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[0][0], x0.float())  # the rotation did something
 
 
 def test_linear_cross_entropy_equals_torch(monkeypatch):
