@@ -13,9 +13,9 @@ input. `_RMSNorm` is the same arithmetic as one autograd Function with the textb
 
 with xhat = x r and r = 1/rms(x) saved from the forward (about half the time of the plain
 version, forward + backward, at the `[tokens, 192]` shapes of the speedrun model; ~40% of it on
-`[tokens, 4, 192]` mHC streams). It is used only when a gradient is wanted and outside
-torch.compile (Inductor fuses the plain formula itself); `RMSNorm.fused = False` selects the
-plain formula everywhere, which the tests compare it against.
+`[tokens, 4, 192]` mHC streams). Its forward is the plain formula's ops, bit for bit. It is used
+only when a gradient is wanted (inference has no autograd to save); `RMSNorm.fused = False`
+selects the plain formula everywhere, which the tests compare it against.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class RMSNorm(nn.Module):
 
 
 def _use_function(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    return (RMSNorm.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # also under torch.compile (dynamo traces the Function; Inductor fuses its forward and
+    # backward): a compiled training step then computes the eager step's gradients
+    return (RMSNorm.fused and torch.is_grad_enabled()
             and (x.requires_grad or (weight is not None and weight.requires_grad)))
 
 
@@ -60,8 +62,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         xf = _fp32_or_wider(x)
-        # the mean square as one norm pass (no squared copy)
-        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        # the plain formula's exact ops: the forward is bit-identical to it (a no-grad pass, e.g.
+        # GRPO's old log-probs, sees the same numbers as the training pass)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
         xhat = xf * r
         ctx.in_dtype = x.dtype
         ctx.save_for_backward(xhat, r, weight)

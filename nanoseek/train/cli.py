@@ -47,14 +47,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train(cfg, objective=None) -> dict:
+    """`train()` for a command, which owns its process: under torchrun the process group ends with
+    the run (parallelize.shutdown_distributed), so no rank exits while a peer still talks to it."""
+    from nanoseek.train.parallelize import shutdown_distributed
     from nanoseek.train.trainer import train
 
+    summary = train(cfg, objective)
+    shutdown_distributed()
+    return summary
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if cfg.max_steps is None and cfg.minutes is None:
             return _err("give --max-steps / --steps or --minutes")
-        summary = train(cfg)
+        summary = _train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
     if summary.get("checkpoint"):
@@ -331,7 +340,6 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_rl(args: argparse.Namespace) -> int:
     from nanoseek.train.rl import RLConfig, RLObjective, rl_train_config
-    from nanoseek.train.trainer import train
 
     try:
         model = _model_arg(args)
@@ -341,7 +349,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
             return _err("give --max-steps or --minutes")
         objective = RLObjective(rl, cfg.balance_alpha, cfg.indexer_weight)
         try:
-            summary = train(cfg, objective)
+            summary = _train(cfg, objective)
         finally:
             objective.close()
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -382,7 +390,6 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from nanoseek.train.distill import DistillConfig, DistillObjective, distill_train_config
-    from nanoseek.train.trainer import train
 
     try:
         model = _model_arg(args)
@@ -390,7 +397,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         cfg = distill_train_config(model, args.run_dir, **_loop_overrides(args))
         if cfg.max_steps is None and cfg.minutes is None:
             return _err("give --max-steps or --minutes")
-        summary = train(cfg, DistillObjective(dc, cfg.balance_alpha, cfg.indexer_weight))
+        summary = _train(cfg, DistillObjective(dc, cfg.balance_alpha, cfg.indexer_weight))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
     _print_done(summary, "heldout_kl")
@@ -399,7 +406,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.train.sft import SFTConfig, SFTObjective, sft_train_config
-    from nanoseek.train.trainer import train
 
     try:
         model = _model_arg(args)
@@ -407,7 +413,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         sft = config_from_flags(SFTConfig, args, _SFT_FLAGS)
         if sft.epochs is None and cfg.max_steps is None and cfg.minutes is None:
             sft.epochs = 1.0       # no horizon given: one pass over the data
-        summary = train(cfg, SFTObjective(sft, cfg.balance_alpha, cfg.indexer_weight))
+        summary = _train(cfg, SFTObjective(sft, cfg.balance_alpha, cfg.indexer_weight))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
     _print_done(summary, "val_loss")

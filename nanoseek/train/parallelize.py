@@ -51,9 +51,28 @@ def setup_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device(device)
+    global _owned_group
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _owned_group = True
     return Dist(rank, world, local, dev)
+
+
+_owned_group = False  # setup_distributed made the process group (not the caller)
+
+
+def shutdown_distributed() -> None:
+    """End of a torchrun command: wait for every rank, then tear down the process group if
+    setup_distributed made it (a caller's own group is left alone). Without this a rank can exit
+    while a peer's communication threads still talk to it, and the C++ runtime aborts at exit
+    ("terminate called without an active exception") after the run itself succeeded. For the
+    process's owner (the `nanoseek` commands) only: gloo cannot re-initialise a group in the
+    same process, so `train()` itself leaves the group up for a caller that trains twice."""
+    global _owned_group
+    if _owned_group and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _owned_group = False
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:

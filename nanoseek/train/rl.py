@@ -46,7 +46,7 @@ from nanoseek.eval.passk import pass_at_ks
 from nanoseek.eval.rewards import RewardConfig, make_reward
 from nanoseek.train.objectives import (group_advantages, grpo_loss, overlong_filter_mask,
                                        overlong_penalty, token_logprobs)
-from nanoseek.train.parallelize import gather_objects
+from nanoseek.train.parallelize import all_reduce, gather_objects
 from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
                                      step_prompts)
 
@@ -146,6 +146,7 @@ class RLObjective(RolloutObjective):
         if run.fsdp or run.cfg.fsdp:
             raise ValueError("rl samples with the unsharded model: use DDP (drop --fsdp)")
         c = self.cfg
+        self._dist = run.dist
         self.tasks = read_tasks(c.tasks)
         held = c.held_out or default_held_out(c.tasks)
         self.held_out = read_tasks(held)[: c.eval_tasks] if held else []
@@ -216,7 +217,13 @@ class RLObjective(RolloutObjective):
         return out
 
     def summary(self) -> dict:
-        return {"zero_variance_groups": self.zero_var_total}
+        """Totals over every rank (each samples its own share of the prompts). Collective:
+        trainer.finish calls it on all ranks."""
+        d = getattr(self, "_dist", None)
+        total = self.zero_var_total
+        if d is not None and d.enabled:  # a tensor all-reduce, as the trainer's own totals
+            total = int(all_reduce(torch.tensor(float(total)), d).item())
+        return {"zero_variance_groups": total}
 
     def close(self) -> None:
         if self.reward is not None:

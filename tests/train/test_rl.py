@@ -23,7 +23,11 @@ from nanoseek.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
-REWARD = "def share_a(task, completion):\n    return completion.count('a') / max(1, len(completion))\n"
+REWARD = ("def share_a(task, completion):\n    return completion.count('a') / max(1, len(completion))\n\n\n"
+          # constant on odd-numbered prompts: their groups have zero variance and leave the loss
+          "def share_a_even(task, completion):\n"
+          "    if int(task['prompt'].split('(')[0].rsplit('_', 1)[1]) % 2:\n        return 1.0\n"
+          "    return share_a(task, completion)\n")
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +159,12 @@ def test_rl_resume_is_bitwise_identical(setup, tmp_path):
 
 def test_rl_torchrun_two_processes_match_one(setup, tmp_path):
     base, prompts, reward = setup
+    reward = reward.replace(":share_a", ":share_a_even")   # some zero-variance groups, on both ranks' shares
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg, rl = rl_cfg(setup, tmp_path / "single", max_steps=3, rl={"micro_steps": 2})
-    train(cfg, RLObjective(rl))
+    rl.reward = reward
+    single = train(cfg, RLObjective(rl))
     torch.set_num_threads(n)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
@@ -174,6 +180,10 @@ def test_rl_torchrun_two_processes_match_one(setup, tmp_path):
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-6)        # the same rollouts, split over ranks
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
         assert x["expert_load"] == y["expert_load"]
+    # the run's total counts every rank's groups, not rank 0's alone
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert single["zero_variance_groups"] > 0
+    assert ddp["zero_variance_groups"] == single["zero_variance_groups"]
 
 
 def test_rl_code_reward_end_to_end(setup, tmp_path):
