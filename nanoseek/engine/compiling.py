@@ -10,8 +10,9 @@ norms, RoPE, routing); `Transformer.compile_blocks` fuses each block into one in
 `nanoseek.generate*` compile the decode step unless told not to -- decode only: prefill, training
 and scoring stay eager (`compile_blocks(decode_only=True)`).
 
-First use compiles (about a minute for `small` on 2 cores); inductor's on-disk caches (FX graph +
-AOTAutograd) make every later process start in seconds. They live in
+First use compiles (under a minute for `small` on 2 cores); inductor's on-disk caches (FX graph +
+AOTAutograd) make every later process start in seconds. On CPU the graphs are called through
+inductor's C++ wrapper (decode_compile_options). They live in
 ~/.cache/nanoseek/inductor (or $NANOSEEK_CACHE/inductor; an explicit $TORCHINDUCTOR_CACHE_DIR
 wins), not in /tmp where a reboot would empty them. torch keys the entries by graph, config and
 torch version, so a new model shape or torch release compiles once more.
@@ -72,5 +73,14 @@ def compile_for_decoding(model, compile: bool | None) -> bool:
     if not resolve_compile(compile, device):
         return False
     use_persistent_cache()
-    model.compile_blocks(decode_only=compile is None)
+    model.compile_blocks(decode_only=compile is None, **decode_compile_options(device))
     return True
+
+
+def decode_compile_options(device_type: str) -> dict:
+    """torch.compile options for the decode step. On CPU, inductor's C++ wrapper: each compiled
+    block is called from generated C++ instead of a generated Python function, which removes
+    most of the per-graph launch overhead a one-token step pays eight times (`small`, same
+    process, warm caches: 11.6 -> 10.0 ms a step, identical tokens; a process with warm caches
+    starts in 6 s instead of 10; the first compile ever takes ~45 s instead of ~25 s)."""
+    return {"options": {"cpp_wrapper": True}} if device_type == "cpu" else {}
