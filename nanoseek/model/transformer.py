@@ -486,14 +486,20 @@ class Transformer(nn.Module):
 
     def compile_kernels(self) -> "Transformer":
         """torch.compile the mHC weight computation (Sinkhorn: ~40% of the kernels a decode step
-        launches) into fused kernels. Costs ~30 s of compilation on first use per process;
-        worth it for serving and long training runs, not for short scripts or tests."""
+        launches) into fused kernels, for inference: calls that record gradients keep the eager
+        autograd Functions (compiling the 20-iteration Sinkhorn's backward kept inductor's C++
+        compiler busy for over 14 minutes on the 2-core machine). Costs ~30 s of compilation on
+        first use per process; worth it for serving, not for short scripts or tests."""
         from .hyper_connections import HyperConnection, mix_weights
 
         compiled = torch.compile(mix_weights, dynamic=True)
+
+        def pick(*args):
+            return mix_weights(*args) if torch.is_grad_enabled() else compiled(*args)
+
         for m in self.modules():
             if isinstance(m, HyperConnection):
-                m.mix_weights = compiled
+                m.mix_weights = pick
         return self
 
     # ---------------------------------------------------- parameters

@@ -174,3 +174,12 @@ def test_compiled_kernels_give_the_same_logits():
         step = model(ids[:, 30:31], cache=cache)
     assert (compiled - eager).abs().max().item() <= 1e-4
     assert (step[:, 0] - eager[:, 30]).abs().max().item() <= 1e-4
+    # a call that records gradients keeps the eager autograd Functions: dynamo sees no new frame
+    # (compiling the Sinkhorn backward would take inductor many minutes)
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["total"]
+    model.zero_grad()
+    model.loss(ids).loss.backward()
+    assert counters["frames"]["total"] == frames
+    assert model.layers[0].hc_attn.fn.grad is not None
