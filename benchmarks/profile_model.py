@@ -4,6 +4,7 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py                  # small config, 4 x 512, fp32, 2 threads
     python benchmarks/profile_model.py --rows 15 --threads 1
     python benchmarks/profile_model.py --decode         # also one eager batch-1 decode step
+    python benchmarks/profile_model.py --switches --preset speedrun   # each fast path off vs on
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
 (`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`)
@@ -11,6 +12,11 @@ and the head's cross-entropy over kept logits (`loss(return_logits=True)`). "fas
 model. Each mode is timed (forward + loss + backward, median of --reps after a warm-up) and then
 profiled once; the tables list the ops with the most self time. Timings on a shared machine move
 by 10-30% between runs; compare the two modes of one run.
+
+--switches instead times the full V4 objective's forward + backward (CE + MTP + balance +
+indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
+(`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`) and prints
+each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import hyper_connections
+from nanoseek.model import hyper_connections, norm, rope
 from nanoseek.model.attention import Attention
 
 
@@ -50,6 +56,39 @@ def table(prof, rows: int) -> str:
     return "\n".join(lines)
 
 
+SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = the fast path)
+    "RMSNorm.fused": (norm.RMSNorm, "fused"),
+    "rope.use_complex": (rope, "use_complex"),
+    "HyperConnection.fused": (hyper_connections.HyperConnection, "fused"),
+    "Attention.use_sdpa": (Attention, "use_sdpa"),
+}
+
+
+def switch_ab(model, ids, reps: int) -> None:
+    """Median forward + backward of the V4 objective with each switch off vs on (the others on)."""
+    def step(name: str, on: bool) -> float:
+        obj, attr = SWITCHES[name]
+        setattr(obj, attr, on)
+        t = time.perf_counter()
+        model.loss(ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        setattr(obj, attr, True)
+        return dt
+
+    print(f"V4 objective forward + backward, batch {tuple(ids.shape)}, threads={torch.get_num_threads()}, "
+          f"median of {reps} alternating rounds")
+    for name in SWITCHES:
+        times = {False: [], True: []}
+        for on in (False, True):
+            step(name, on)
+        for _ in range(reps):
+            for on in (False, True):
+                times[on].append(step(name, on))
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        print(f"  {name:22s} off {off * 1e3:7.1f} ms   on {on * 1e3:7.1f} ms   {off / on:.3f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -59,12 +98,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--decode", action="store_true", help="also profile one eager batch-1 decode step")
+    ap.add_argument("--switches", action="store_true", help="time each fast-path switch off vs on instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset(args.preset))
+    if args.preset == "speedrun":  # nanoseek/train/speedrun.py on CPU: depth 3, 4K vocabulary, 4 x 256
+        from nanoseek.train.presets import scaled_model_config
+
+        model = Transformer(scaled_model_config(depth=3, vocab_size=4096, seq_len=256))
+        args.seq = 256 if args.seq == 512 else args.seq
+    else:
+        model = Transformer(ModelConfig.from_preset(args.preset))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    if args.switches:
+        switch_ab(model, ids, max(args.reps, 8))
+        return
     steps = {mode: train_step(model, ids, mode == "fast") for mode in ("reference", "fast")}
     times: dict[str, list[float]] = {m: [] for m in steps}
     for fn in steps.values():
