@@ -138,6 +138,7 @@ class RLObjective(RolloutObjective):
         self.reward = None
         self.ref = None
         self.zero_var_total = 0
+        self._dist = None  # the run's ranks (prepare), for the totals in summary()
 
     # --- set-up ---
     def prepare(self, run) -> None:
@@ -219,8 +220,7 @@ class RLObjective(RolloutObjective):
     def summary(self) -> dict:
         """Totals over every rank (each samples its own share of the prompts). Collective:
         trainer.finish calls it on all ranks."""
-        d = getattr(self, "_dist", None)
-        total = self.zero_var_total
+        d, total = self._dist, self.zero_var_total
         if d is not None and d.enabled:  # a tensor all-reduce, as the trainer's own totals
             total = int(all_reduce(torch.tensor(float(total)), d).item())
         return {"zero_variance_groups": total}
