@@ -33,6 +33,7 @@ from torch import nn
 from ..config import CSA, HCA, ModelConfig
 from .cache import LayerCache
 from .compressor import Compressor
+from .gemv import Linear
 from .context import ForwardContext
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
 from .norm import RMSNorm, rms_normalize
@@ -50,13 +51,13 @@ class Attention(nn.Module):
         self.groups, self.o_rank, self.eps = c.o_groups, c.o_lora_rank, c.rms_norm_eps
         self.rate = c.compress_rate(layer_type)
         self.index_topk = c.index_topk
-        self.wq_a = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.wq_a = Linear(c.hidden_size, c.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-        self.wq_b = nn.Linear(c.q_lora_rank, self.h * self.d, bias=False)
-        self.wkv = nn.Linear(c.hidden_size, self.d, bias=False)
+        self.wq_b = Linear(c.q_lora_rank, self.h * self.d, bias=False)
+        self.wkv = Linear(c.hidden_size, self.d, bias=False)
         self.kv_norm = RMSNorm(self.d, c.rms_norm_eps)
-        self.wo_a = nn.Linear(self.h * self.d // self.groups, self.groups * self.o_rank, bias=False)
-        self.wo_b = nn.Linear(self.groups * self.o_rank, c.hidden_size, bias=False)
+        self.wo_a = Linear(self.h * self.d // self.groups, self.groups * self.o_rank, bias=False)
+        self.wo_b = Linear(self.groups * self.o_rank, c.hidden_size, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(self.h, dtype=torch.float32))
         self.compressor = self.indexer = None
         if layer_type in (CSA, HCA):

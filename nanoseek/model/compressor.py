@@ -24,9 +24,9 @@ Three ways to run it, all producing bit-compatible entries:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .gemv import Linear, linear
 from .norm import RMSNorm
 from .rope import apply_rope, rope_angles
 
@@ -36,8 +36,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.d, self.m, self.overlap, self.rope_dim = head_dim, rate, overlap, rope_dim
         coff = 2 if overlap else 1
-        self.wkv = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
-        self.wgate = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.wkv = Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.wgate = Linear(hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
         self.ape = nn.Parameter(torch.zeros(rate, coff * head_dim, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
 
@@ -46,7 +46,7 @@ class Compressor(nn.Module):
         """fp32 value and gate projections [B, S, coff*d] (autocast off: the reference runs in fp32)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float()
-            return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
+            return linear(xf, self.wkv.weight.float()), linear(xf, self.wgate.weight.float())
 
     def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv=None, prev_gate=None) -> torch.Tensor:
         """kv/gate [B, n, m, coff*d] (gate already includes ape) -> pooled [B, n, d] fp32.

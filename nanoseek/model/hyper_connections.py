@@ -29,8 +29,9 @@ them against (values and every gradient).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from . import gemv
 
 
 
@@ -146,6 +147,10 @@ class HyperConnection(nn.Module):
     def expand(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed)."""
         dtype = streams.dtype
+        if gemv.in_graph(streams.shape[:-2].numel(), y, streams, post, comb):
+            # a compiled decode step: one pointwise kernel instead of a per-token bmm
+            mixed = (comb.to(dtype).unsqueeze(-1) * streams.unsqueeze(-2)).sum(-3)
+            return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
         if HyperConnection.fused:
             with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
                 return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
@@ -174,9 +179,9 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
     matmul, so it is applied to the few mix outputs instead of the 4d-wide input (spec 1.2.2)."""
     flat = streams.flatten(-2).float()
     with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
-        if HyperConnection.fused:
+        if HyperConnection.fused and not gemv.as_reduction(flat, fn.float()):
             return _MixRMS.apply(flat.reshape(-1, flat.shape[-1]), fn.float(), eps).view(*flat.shape[:-1], -1)
-        mix = F.linear(flat, fn.float())
+        mix = gemv.linear(flat, fn.float())  # (in a compiled decode step: one fused reduction)
     return mix * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
 
 
@@ -185,6 +190,8 @@ def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=streams.device.type, enabled=False):
         if HyperConnection.fused and torch.is_grad_enabled() and (streams.requires_grad or weights.requires_grad):
             out = _WeightedSum.apply(weights, streams.float())  # no per-token GEMMs, no [.., n, d] temporary
+        elif gemv.in_graph(streams.shape[:-2].numel(), weights, streams):  # compiled decode step
+            out = (weights.unsqueeze(-1) * streams.float()).sum(-2)
         else:  # inference: one small batched product per call (a decode step has few tokens)
             out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
     return out.to(streams.dtype)

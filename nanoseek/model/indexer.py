@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compressor import Compressor
+from .gemv import Linear
 from .rope import apply_rope
 
 
@@ -35,8 +36,8 @@ class Indexer(nn.Module):
                  rope_dim: int, eps: float):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim
-        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
-        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = Linear(hidden_size, n_heads, bias=False)
         self.compressor = Compressor(hidden_size, head_dim, rate, overlap=True, rope_dim=rope_dim, eps=eps)
 
     def scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
 from .context import ForwardContext
+from .gemv import Linear, linear
 
 
 def balanced_hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
@@ -67,7 +68,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x [N, D] -> (weights [N,k] fp32, indices [N,k], scores [N,E] fp32)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            scores = score_fn(F.linear(x.float(), self.weight.float()), self.scoring)
+            scores = score_fn(linear(x.float(), self.weight.float()), self.scoring)
         if self.is_hash:
             if input_ids is None:
                 raise ValueError("hash-routed MoE layers need the input token ids")
@@ -84,9 +85,9 @@ class SharedExpert(nn.Module):
     def __init__(self, dim: int, inter: int, limit: float):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter, bias=False)
-        self.w2 = nn.Linear(inter, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.w1 = Linear(dim, inter, bias=False)
+        self.w2 = Linear(inter, dim, bias=False)
+        self.w3 = Linear(dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))

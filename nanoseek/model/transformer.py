@@ -81,8 +81,8 @@ class MTPBlock(Block):
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__(config, layer_type, "moe")
         c = config
-        self.e_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
-        self.h_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.e_proj = gemv.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.h_proj = gemv.Linear(c.hidden_size, c.hidden_size, bias=False)
         self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)

@@ -11,7 +11,11 @@
   formula (fp32, bf16 input, no weight);
 * RoPE: the complex-product rotation (`rope.use_complex`) against the real-valued formula;
 * decode head: `gemv.rows_linear` (oneDNN's matrix-vector product) vs F.linear, when it applies
-  and when it must not (autograd, autocast), and a cached decode through it vs the full forward.
+  and when it must not (autograd, autocast), and a cached decode through it vs the full forward;
+* compiled decode products: `gemv.linear` (and mHC's products) as multiply + sum inside a graph,
+  which form each graph holds (dynamo's captured ops), and inductor's code against float64.
+  (tests/model/test_compile.py and tests/engine/test_generate.py decode through them: compiled
+  tokens and logits == eager.)
 """
 
 from __future__ import annotations
@@ -295,3 +299,64 @@ def test_decode_head_rows_linear_equals_full_forward(monkeypatch):
         steps = [model(ids[:, i : i + 1], cache=cache) for i in range(30, 40)]
     assert len(calls) == 10  # one per decode step, none for the 30-token prefill or the full pass
     torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The torch functions / methods in the graph dynamo captures for fn(*args) (run eagerly)."""
+    ops: set[str] = set()
+
+    def backend(gm, example_inputs):
+        ops.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                   if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return ops, out
+
+
+def test_linear_in_a_compiled_graph_is_a_reduction():
+    """In a graph, without autograd, up to MAX_ROWS rows: multiply + sum, not a linear; with more
+    rows, gradients, or outside a graph, F.linear. Values equal the float64 product."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)
+    for rows, grad, reduced in ((1, False, True), (gemv.MAX_ROWS, False, True), (gemv.MAX_ROWS + 1, False, False),
+                                (1, True, False)):
+        x = torch.randn(rows, 40, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            ops, y = _graph_ops(lambda x: gemv.linear(x, w), x)
+        assert ("linear" not in ops and {"mul", "sum"} <= ops) == reduced, (rows, grad, ops)
+        torch.testing.assert_close(y.detach().double(), x.detach().double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+    assert gemv.linear(torch.randn(1, 40), w).shape == (1, 96)  # eager: F.linear (no graph)
+    layer = gemv.Linear(40, 96, bias=True)
+    assert set(layer.state_dict()) == {"weight", "bias"}  # nn.Linear's names: checkpoints are unchanged
+    with torch.no_grad():
+        ops, y = _graph_ops(layer, x.detach()[:1])
+        torch.testing.assert_close(y, F.linear(x.detach()[:1], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert "linear" not in ops
+
+
+def test_compiled_decode_products_with_inductor():
+    """The code inductor generates for the reductions (the engine's decode step on CPU): a
+    Linear, the mHC mix / weighted sum / stream mix of one decode token, against float64."""
+    torch.manual_seed(0)
+    layer = gemv.Linear(64, 48, bias=False)
+    site = hc.HyperConnection(16, 4, 3, 1e-6, 1e-6)
+    with torch.no_grad():
+        site.fn.normal_(0, 0.1)
+    x, streams, y = torch.randn(2, 1, 64), torch.randn(2, 1, 4, 16), torch.randn(2, 1, 16)
+
+    def step(x, streams, y):
+        mixed, post, comb = site.collapse(streams)
+        return layer(x), mixed, site.expand(y, streams, post, comb)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = [t.double() for t in step(x, streams, y)]
+        got = torch.compile(step, backend="inductor", fullgraph=True)(x, streams, y)
+    torch._dynamo.reset()
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the float64 product itself
+        torch.testing.assert_close(got[0].double(), x.double() @ layer.weight.double().t(), rtol=1e-5, atol=1e-5)
