@@ -116,6 +116,8 @@ def test_compiled_decode_gives_eager_greedy_tokens():
     eager, eager_logits, eager_cache = greedy()
     model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: the decode block has no break
     compiled, comp_logits, comp_cache = greedy()
+    # the blocks and the step's tail (hyper head, norm, LM head) ran as compiled graphs
+    assert model.__dict__["_compiled_tail"] in model.__dict__["_compiled_ok"]
     assert compiled == eager
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
     for a, b in zip(eager_cache.layers, comp_cache.layers):  # the cache state itself agrees
