@@ -12,6 +12,7 @@ so that load drift on a shared machine hits both alike; only the printed ratios 
     python benchmarks/bench_compile.py decode --preset small --threads 1            # ~10 min on 2 busy cores
     python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
     python benchmarks/bench_compile.py decode --preset small --python-wrapper   # C++ vs Python graph wrapper
+    python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
 
@@ -33,6 +34,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import generate_stream
 from nanoseek.engine.compiling import decode_compile_options
+from nanoseek.model import gemv
 
 
 def _batch(vocab: int, b: int, s: int, seed: int = 0):
@@ -89,6 +91,8 @@ def bench_decode(args) -> None:
     n = args.new_tokens
 
     def once(model, compile_: bool):
+        # the copy compiled without the reductions traced (and guards) the switch off
+        gemv.reduction_in_graphs = model is not nored
         stamps, toks = [], []
         for ev in generate_stream(model, prompt, n, stop_on_eos=False, compile=compile_):
             for t in ev.tokens:
@@ -99,17 +103,24 @@ def bench_decode(args) -> None:
     print(f"batch-1 decode ({args.preset}, prompt {args.prompt} tokens, {n} new tokens, "
           f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
     # the engine's options (on CPU: inductor's C++ wrapper, engine/compiling.py)
-    compiled.compile_blocks(backend=args.backend, **(decode_compile_options("cpu") if args.backend == "inductor" else {}))
+    options = decode_compile_options("cpu") if args.backend == "inductor" else {}
+    nored = None
+    compiled.compile_blocks(backend=args.backend, **options)
     t0 = time.perf_counter()
     _, toks_c = once(compiled, True)
     print(f"  first compiled generation (compilation + {n} tokens): {time.perf_counter() - t0:.1f} s", flush=True)
-    runs = {"eager": [], "compiled": [], "Python wrapper": [], "transformers": []}
+    runs = {"eager": [], "compiled": [], "Python wrapper": [], "no reductions": [], "transformers": []}
     _, toks_e = once(eager, False)
     pyw = None
     if args.python_wrapper:  # the same graphs called through generated Python instead of C++
         pyw = copy.deepcopy(eager).compile_blocks(backend=args.backend)
         toks_p = once(pyw, True)[1]
         print(f"  Python-wrapper copy compiled; greedy tokens identical to eager: {toks_p == toks_e}", flush=True)
+    if args.no_reductions:  # the same graphs with MKL's products instead of gemv.linear's reductions
+        nored = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
+        toks_n = once(nored, True)[1]
+        print(f"  copy without the decode reductions compiled; greedy tokens identical to eager: {toks_n == toks_e}",
+              flush=True)
     hf_run = None
     if args.transformers:
         from bench_generate import transformers_decode  # benchmarks/ is the script's directory
@@ -121,13 +132,18 @@ def bench_decode(args) -> None:
         runs["compiled"].append(once(compiled, True)[0])
         if pyw is not None:
             runs["Python wrapper"].append(once(pyw, True)[0])
+        if nored is not None:
+            runs["no reductions"].append(once(nored, True)[0])
         if hf_run is not None:
             runs["transformers"].append(hf_run())
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     for k, v in med.items():
-        print(f"  {k:12s}: {v:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs[k])})")
+        print(f"  {k:13s}: {v:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs[k])})")
     print(f"  ratio compiled / eager: {med['compiled'] / med['eager']:.2f}x; "
           f"greedy tokens identical: {toks_c == toks_e}")
+    if "no reductions" in med:
+        print(f"  ratio compiled / compiled without gemv's decode reductions: "
+              f"{med['compiled'] / med['no reductions']:.2f}x")
     if "Python wrapper" in med:
         print(f"  ratio compiled (engine options) / compiled with the Python wrapper: "
               f"{med['compiled'] / med['Python wrapper']:.2f}x")
@@ -151,6 +167,8 @@ def main() -> None:
     ap.add_argument("--fresh-cache", action="store_true", help="use an empty inductor cache (cold compile)")
     ap.add_argument("--python-wrapper", action="store_true",
                     help="decode: also a copy compiled with inductor's Python wrapper (the engine uses the C++ one on CPU)")
+    ap.add_argument("--no-reductions", action="store_true",
+                    help="decode: also a copy compiled with gemv.reduction_in_graphs off (MKL's products in the graphs)")
     args = ap.parse_args()
     if args.fresh_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")

@@ -15,6 +15,7 @@ and prints nanoseek/transformers ratios (training: the better of fp32 / bf16 on 
     python benchmarks/bench_model.py --quick         # fewer steps, shorter sequences
     python benchmarks/bench_model.py --only nanoseek  # skip transformers
     python benchmarks/bench_model.py --only nanoseek --bf16-decode   # + bf16-weight decoding: speed, quality
+    python benchmarks/bench_model.py --generate-only 7   # only generate vs transformers, 7 alternating rounds
 
 The machines are noisy: timings are medians over repeated steps, and only ratios measured in
 the same run are meaningful. Aggregate decode at 8 concurrent requests: bench_generate.py.
@@ -162,6 +163,23 @@ def generate_hf(model, prompt, new_tokens):
     return time.perf_counter() - t
 
 
+def generate_rounds(ours, hf, prompt, new_tokens: int, rounds: int) -> None:
+    """`nanoseek.generate` (default options) and transformers' `generate` in alternating rounds,
+    so that the machine's load drift hits both alike: median tok/s of each and their ratio."""
+    generate_nanoseek(ours, prompt, new_tokens)  # compiles the decode step (default options)
+    generate_hf(hf, prompt, new_tokens)
+    times = {"nanoseek": [], "transformers": []}
+    for _ in range(rounds):
+        times["nanoseek"].append(generate_nanoseek(ours, prompt, new_tokens))
+        times["transformers"].append(generate_hf(hf, prompt, new_tokens))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:>12}: generate {new_tokens} tok after {prompt.shape[1]} {new_tokens / med[k]:6.1f} tok/s "
+              f"(rounds: {', '.join(f'{new_tokens / t:.1f}' for t in v)})")
+    print(f"ratio nanoseek/transformers, generate (default options, prefill included), median of {rounds} "
+          f"alternating rounds: {med['transformers'] / med['nanoseek']:.2f}x (target 4x)")
+
+
 def bf16_decode_check(model, prompt, new_tokens) -> None:
     """bf16 weights for decoding: speed vs fp32 and the quality cost (logit error on the prompt,
     greedy agreement over new_tokens), eager, the same weights."""
@@ -201,6 +219,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--bf16-decode", action="store_true",
                     help="also: bf16 weights for decoding, speed and quality cost vs fp32 (eager)")
+    ap.add_argument("--generate-only", type=int, metavar="ROUNDS", default=0,
+                    help="only `generate` vs transformers' `generate`, in ROUNDS alternating rounds")
     ap.add_argument("--malloc", choices=["keep", "default"], default="default",
                     help="default: glibc's, as a plain script of either library runs (a new user's "
                          "setting); keep: `nanoseek train`'s allocator setting (nanoseek/_runtime.py) for both "
@@ -228,6 +248,12 @@ def main() -> None:
             impls["transformers"] = hf
     if args.only == "transformers":
         impls.pop("nanoseek")
+    if args.generate_only:
+        if len(impls) < 2:
+            raise SystemExit("--generate-only compares with transformers: install it and drop --only")
+        prompt = torch.randint(0, config.vocab_size, (1, seq))
+        generate_rounds(ours.eval(), impls["transformers"].eval(), prompt, new_tokens, args.generate_only)
+        return
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16)
     fpt = train_flops_per_token(config, seq)
