@@ -33,8 +33,8 @@ from torch import nn
 from ..config import CSA, HCA, ModelConfig
 from .cache import LayerCache
 from .compressor import Compressor
-from .gemv import Linear
 from .context import ForwardContext
+from .gemv import Linear
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
 from .norm import RMSNorm, rms_normalize
 from .rope import apply_rope, inv_frequencies, rope_angles

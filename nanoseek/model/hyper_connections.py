@@ -23,7 +23,9 @@ passes (`_MixRMS`, `_Sinkhorn`, `_WeightedSum`, `_StreamMix`): every big-tensor 
 a broadcast multiply-add over d or a per-token matmul whose shapes PyTorch's CPU kernels handle
 well (measured per shape, see _StreamMix), Sinkhorn runs tokens-last and its backward walks its
 saved normalisers. `fused = False` is the plain reference, op by op, that the tests compare
-them against (values and every gradient).
+them against (values and every gradient). Inside a compiled decode step (few tokens, no
+autograd: `gemv.in_graph`) the mix, weighted sum and stream mix are written as broadcast
+multiply + sum instead, which inductor fuses into single kernels (docs/model.md "Speed").
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import torch
 from torch import nn
 
 from . import gemv
-
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -150,7 +151,7 @@ class HyperConnection(nn.Module):
         if gemv.in_graph(streams.shape[:-2].numel(), y, streams, post, comb):
             # a compiled decode step: one pointwise kernel instead of a per-token bmm
             mixed = (comb.to(dtype).unsqueeze(-1) * streams.unsqueeze(-2)).sum(-3)
-            return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
+            return post.to(dtype).unsqueeze(-1) * y.to(dtype).unsqueeze(-2) + mixed
         if HyperConnection.fused:
             with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
                 return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
