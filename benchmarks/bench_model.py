@@ -226,6 +226,8 @@ def main() -> None:
                          "setting); keep: `nanoseek train`'s allocator setting (nanoseek/_runtime.py) for both "
                          "-- it speeds transformers up far more than nanoseek (docs/train.md)")
     args = ap.parse_args()
+    if args.generate_only < 0:
+        ap.error(f"--generate-only takes a number of rounds >= 1 (got {args.generate_only})")
     if args.threads:
         torch.set_num_threads(args.threads)
     # the trainer's allocator setting (nanoseek/_runtime.py), for both implementations alike
