@@ -186,10 +186,11 @@ class Compressor(nn.Module):
             # torch.compile: no data-dependent branch or row selection; every row computes the
             # entry and only closing rows write it (the others write back what they hold), so
             # the step is one static-shape graph with the same results
-            entry_idx = entry_idx.clamp(max=state.entries.shape[1] - 1)
             keep = closing.unsqueeze(1)
-            old = state.entries[rows, entry_idx]
-            state.entries[rows, entry_idx] = torch.where(keep, entries.to(state.entries.dtype), old)
+            if state.entries.shape[1]:  # (a cache shorter than m tokens has no entry slot to write)
+                entry_idx = entry_idx.clamp(max=state.entries.shape[1] - 1)
+                old = state.entries[rows, entry_idx]
+                state.entries[rows, entry_idx] = torch.where(keep, entries.to(state.entries.dtype), old)
             if self.overlap:
                 keep = keep.unsqueeze(2)
                 state.kv[:b, :m] = torch.where(keep, state.kv[:b, m:], state.kv[:b, :m])

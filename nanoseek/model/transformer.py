@@ -198,30 +198,23 @@ class Transformer(nn.Module):
 
     def hidden_streams(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Final residual streams [B,S,n,d] before the hyper head."""
-        x = self.embed(input_ids)
-        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        streams = self._input_streams(input_ids)
         run = self._block_runner(ctx)
         for i, layer in enumerate(self.layers):
             streams = run(layer, streams, ctx, ctx.cache.layers[i] if ctx.cache is not None else None)
         return streams
 
-    def _block_runner(self, ctx: ForwardContext):
-        """The compiled block call (see compile_blocks) for uncached calls and one-token decode
-        steps; multi-token cached chunks (prefill) run eagerly: their start position is a Python
-        int that would recompile the graphs for every chunk, and prefill is not launch-bound."""
-        compiled = self.__dict__.get("_compiled_blocks")
-        if compiled is None or (ctx.cache is not None and ctx.start is not None):
-            return _call_block
-        if ctx.cache is not None:  # one-token decode: the whole block is one graph
-            def decode(block, *args):
-                if "_compiled_blocks" in self.__dict__:
-                    out = self._compiled_call(compiled(_decode_block, block), block, *args)
-                    if out is not None:
-                        return out
-                return _call_block(block, *args)  # compilation failed: eager from here on
+    def _input_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
 
-            return decode
-        if self.__dict__.get("_compiled_decode_only"):
+    def _block_runner(self, ctx: ForwardContext):
+        """The compiled block call (see compile_blocks) for uncached calls; cached calls run
+        eagerly here: multi-token chunks (prefill) because their start position is a Python int
+        that would recompile the graphs for every chunk (and prefill is not launch-bound), and
+        a compiled one-token step takes `_compiled_step` instead."""
+        compiled = self.__dict__.get("_compiled_blocks")
+        if compiled is None or ctx.cache is not None or self.__dict__.get("_compiled_decode_only"):
             return _call_block
         collect = ctx.collect_balance or ctx.collect_indexer
 
@@ -243,19 +236,38 @@ class Transformer(nn.Module):
 
         return run
 
+    def _runs_compiled_step(self, ctx: ForwardContext) -> bool:
+        """Whether this call is a one-token decode step of a compiled model (`_compiled_step`)."""
+        return "_compiled_blocks" in self.__dict__ and ctx.cache is not None and ctx.start is None
+
+    def _compiled_step(self, input_ids: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """A one-token decode step of a compiled model -> (logits, final streams).
+
+        The blocks run as a few graphs of consecutive blocks (`decode_groups`: `small`'s eight
+        blocks as 1 + 2 + 2 + 2 + 1), the last one with the step's tail (hyper head, final norm,
+        LM head): each graph entry costs ~0.1 ms of guards, wrappers and argument handling on a
+        2-core CPU, which one graph per block paid nine times a step. Should a graph fail to
+        compile, that group and everything after it run eagerly (`_compiled_call`)."""
+        streams = self._input_streams(input_ids)
+        groups = self.__dict__["_decode_groups"]
+        for n, group in enumerate(groups):
+            blocks = tuple(self.layers[i] for i in group)
+            caches = tuple(ctx.cache.layers[i] for i in group)
+            last = n == len(groups) - 1
+            entry, args = (_decode_last, (self, blocks, streams, ctx, caches)) if last else \
+                (_decode_group, (blocks, streams, ctx, caches))
+            compiled = self.__dict__.get("_compiled_blocks")
+            out = self._compiled_call(compiled(entry, blocks), *args) if compiled is not None else None
+            if out is None:
+                out = entry(*args)
+            if last:
+                return out
+            streams = out
+        raise AssertionError("unreachable: decode_groups covers every layer")
+
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.hc_head(streams))
         return self._head(h).float()
-
-    def _step_logits(self, streams: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """logits_from_streams; a compiled one-token decode step runs it as one more graph
-        (hyper head, norm and head fused: ~0.5 ms instead of ~1.3 ms eagerly on `small`)."""
-        tail = self.__dict__.get("_compiled_tail")
-        if tail is not None and ctx.cache is not None and ctx.start is None:
-            out = self._compiled_call(tail, self, streams)
-            if out is not None:
-                return out
-        return self.logits_from_streams(streams)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """self.head(h); a decode step's few rows go through gemv.rows_linear (the head is the
@@ -277,8 +289,11 @@ class Transformer(nn.Module):
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         ctx = self._context(input_ids, cache, doc_ids=doc_ids)
-        streams = self.hidden_streams(input_ids, ctx)
-        logits = self._step_logits(streams[:, -logits_to_keep:] if logits_to_keep > 0 else streams, ctx)
+        if self._runs_compiled_step(ctx):
+            logits, streams = self._compiled_step(input_ids, ctx)
+        else:
+            streams = self.hidden_streams(input_ids, ctx)
+            logits = self.logits_from_streams(streams[:, -logits_to_keep:] if logits_to_keep > 0 else streams)
         if cache is not None:
             cache.pos += input_ids.shape[1]
         return (logits, streams) if return_streams else logits
@@ -439,10 +454,11 @@ class Transformer(nn.Module):
           (shared expert, combine, mHC expansion), with static shapes (`dynamic=False`; the MTP
           block's S-1 rows are one more static graph). Between them the MoE's grouped expert pass
           runs eagerly: its shapes depend on the routing (tokens per expert).
-        * One-token decode steps: the whole block is one graph (experts gathered per token, static
-          shapes, cache writes in the graph), with automatic dynamic shapes (a second batch size
-          compiles one batch-generic graph per block kind instead of one per size). The hyper
-          head, final norm and LM head of the step are one more graph (`_decode_tail`).
+        * One-token decode steps: runs of consecutive blocks are one graph each (experts gathered
+          per token, static shapes, cache writes in the graph; `decode_groups` picks the runs so
+          that repeated runs share a graph), the last run with the hyper head, final norm and LM
+          head (`_compiled_step`), with automatic dynamic shapes (a second batch size compiles
+          one batch-generic graph per run kind instead of one per size).
         * Prefill chunks (multi-token calls with a cache) stay eager.
 
         decode_only=True compiles the one-token decode step only (uncached calls stay eager: what
@@ -457,25 +473,26 @@ class Transformer(nn.Module):
         kw = dict(backend=backend, mode=mode, fullgraph=fullgraph, **options)
         fns: dict = {}
 
-        def compiled(entry, block):
-            # one compiled copy of each entry point per block kind, each with its own code object:
-            # dynamo keeps its graph cache and guards per code object, so a decode step checks
-            # one guard set per block instead of scanning every kind's graphs in turn
-            key = (entry.__name__, block_kind(block))
+        def compiled(entry, blocks):
+            # one compiled copy of each entry point per block kind (a tuple of kinds for a decode
+            # group), each with its own code object: dynamo keeps its graph cache and guards per
+            # code object, so a call checks one guard set instead of scanning every kind's graphs
+            grouped = isinstance(blocks, tuple)
+            key = (entry.__name__, tuple(map(block_kind, blocks)) if grouped else block_kind(blocks))
             if key not in fns:
                 code = entry.__code__.replace(co_name=f"{entry.__name__}_{len(fns)}")
                 fn = types.FunctionType(code, entry.__globals__, code.co_name)
-                fns[key] = torch.compile(fn, dynamic=None if entry is _decode_block else False, **kw)
+                fns[key] = torch.compile(fn, dynamic=None if grouped else False, **kw)
             return fns[key]
 
         self.__dict__["_compiled_blocks"] = compiled
-        self.__dict__["_compiled_tail"] = torch.compile(_decode_tail, dynamic=None, **kw)
+        self.__dict__["_decode_groups"] = decode_groups([block_kind(b) for b in self.layers])
         self.__dict__["_compiled_decode_only"] = decode_only
         self.__dict__["_compiled_ok"] = set()  # entry points whose first compiled call succeeded
         return self
 
     def uncompile_blocks(self) -> "Transformer":
-        for key in ("_compiled_blocks", "_compiled_tail", "_compiled_decode_only", "_compiled_ok"):
+        for key in ("_compiled_blocks", "_decode_groups", "_compiled_decode_only", "_compiled_ok"):
             self.__dict__.pop(key, None)
         return self
 
@@ -574,12 +591,36 @@ def _block_back(block: nn.Module, *args):
     return block.back(*args)
 
 
-def _decode_block(block: nn.Module, *args):
-    return block(*args)
+def _decode_group(blocks: tuple, streams: torch.Tensor, ctx: ForwardContext, caches: tuple) -> torch.Tensor:
+    for block, cache in zip(blocks, caches):
+        streams = block(streams, ctx, cache)
+    return streams
 
 
-def _decode_tail(model: Transformer, streams: torch.Tensor) -> torch.Tensor:
-    return model.logits_from_streams(streams)
+def _decode_last(model: Transformer, blocks: tuple, streams: torch.Tensor, ctx: ForwardContext, caches: tuple):
+    streams = _decode_group(blocks, streams, ctx, caches)
+    return model.logits_from_streams(streams), streams
+
+
+def decode_groups(kinds: list, size: int = 2) -> list[tuple[int, ...]]:
+    """How a compiled decode step splits the blocks into graphs: runs of `size` consecutive
+    blocks, the first run possibly shorter. Of the `size` possible alignments it takes the one
+    whose distinct runs hold the fewest blocks (what inductor compiles; the last run, which also
+    computes the step's tail, always counts as distinct), then the one with fewer runs.
+
+    `small` ([sliding, CSA, HCA, CSA, HCA, CSA, HCA, CSA]): [0], [1, 2], [3, 4], [5, 6], [7]: five
+    graph entries a step instead of nine (eight blocks + the tail), and four blocks' worth of
+    graphs to compile (sliding, CSA + HCA, CSA + tail) instead of three."""
+    n = len(kinds)
+    best = None
+    for offset in range(min(size, n)):
+        starts = sorted({0, *range(offset, n, size)})
+        groups = [tuple(range(a, b)) for a, b in zip(starts, starts[1:] + [n])]
+        distinct = {(tuple(kinds[i] for i in g), i == len(groups) - 1) for i, g in enumerate(groups)}
+        cost = (sum(len(k) for k, _ in distinct), len(groups))
+        if best is None or cost < best[0]:
+            best = (cost, groups)
+    return best[1]
 
 
 def raise_recompile_limits(limit: int = 64) -> None:

@@ -61,8 +61,10 @@ def test_auto_compiles_decode_only_with_a_persistent_cache(monkeypatch, tmp_path
     # uncached calls (training, scoring) stay eager; one-token cached steps take the compiled path
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     assert model._block_runner(model._context(ids, None)) is _call_block
+    assert not model._runs_compiled_step(model._context(ids, None))
     cache = model.new_cache(1, 16)
-    assert model._block_runner(model._context(ids[:, :1], cache)) is not _call_block
+    assert not model._runs_compiled_step(model._context(ids, cache))  # a prefill chunk
+    assert model._runs_compiled_step(model._context(ids[:, :1], cache))
     # an explicit False never compiles; an already compiled model is left as it is
     assert compiling.compile_for_decoding(_tiny(), False) is False
     assert compiling.compile_for_decoding(model, False) is True

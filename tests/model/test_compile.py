@@ -9,6 +9,8 @@ graph breaks.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -116,13 +118,84 @@ def test_compiled_decode_gives_eager_greedy_tokens():
     eager, eager_logits, eager_cache = greedy()
     model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: the decode block has no break
     compiled, comp_logits, comp_cache = greedy()
-    # the blocks and the step's tail (hyper head, norm, LM head) ran as compiled graphs
-    assert model.__dict__["_compiled_tail"] in model.__dict__["_compiled_ok"]
+    # the block and the step's tail (hyper head, norm, LM head) ran as one compiled graph
+    assert model.__dict__["_decode_groups"] == [(0,)] and len(model.__dict__["_compiled_ok"]) == 1
     assert compiled == eager
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
     for a, b in zip(eager_cache.layers, comp_cache.layers):  # the cache state itself agrees
         for ta, tb in zip(a.tensors(), b.tensors()):
             torch.testing.assert_close(tb, ta, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_groups_pick_the_alignment_with_least_to_compile():
+    """decode_groups splits the blocks into graphs of consecutive pairs: of the two alignments,
+    the one whose distinct runs hold the fewest blocks (the last run, which carries the tail,
+    always counts), then the one with fewer runs; every layer appears once, in order."""
+    from nanoseek.model.transformer import decode_groups
+
+    small = ["S", "C", "H", "C", "H", "C", "H", "C"]
+    assert decode_groups(small) == [(0,), (1, 2), (3, 4), (5, 6), (7,)]  # S, CH x3, C+tail: 4 blocks
+    assert decode_groups(small[:4]) == [(0, 1), (2, 3)]  # a tie on blocks (4): fewer runs
+    assert decode_groups(["S"]) == [(0,)]
+    assert decode_groups(small, size=1) == [(i,) for i in range(8)]
+    kinds = ["S", "S", "C", "H"] + ["C", "H"] * 19 + ["C"]  # the flash layout
+    groups = decode_groups(kinds)
+    assert [i for g in groups for i in g] == list(range(len(kinds)))
+    assert max(map(len, groups)) == 2 and len(groups) == 22
+
+
+def test_compiled_decode_runs_groups_of_blocks():
+    """Three block kinds, decoded as two compiled graphs ([sliding, CSA], [HCA] + the tail; dynamo
+    tracing only): the greedy tokens and logits of eager, and both graphs actually ran."""
+    model = _model(seed=2).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 19))
+
+    def greedy(steps=12):
+        cache = model.new_cache(1, 64)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+            out, logits = [], []
+            for _ in range(steps):
+                lg = model(tok, cache=cache)[:, -1]
+                logits.append(lg)
+                tok = lg.argmax(-1, keepdim=True)
+                out.append(int(tok))
+        return out, torch.stack(logits)
+
+    eager, eager_logits = greedy()
+    model.compile_blocks(backend="eager", fullgraph=True)  # fullgraph: a group has no break either
+    assert model.__dict__["_decode_groups"] == [(0, 1), (2,)]
+    compiled, comp_logits = greedy()
+    assert len(model.__dict__["_compiled_ok"]) == 2
+    assert compiled == eager
+    torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_decode_with_a_cache_shorter_than_an_entry():
+    """A cache too short to hold one compressed entry (max_len < the HCA rate: a short one-shot
+    generation) decodes compiled, without falling back to eager, and gives eager's logits (the
+    compiled compressor step once indexed the empty entry table)."""
+    model = _model(seed=3).eval()
+    max_len = model.config.hca_compress_rate - 1
+    prompt = torch.randint(0, model.config.vocab_size, (1, 3))
+
+    def decode():
+        cache = model.new_cache(1, max_len)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+            logits = []
+            for _ in range(max_len - prompt.shape[1]):
+                logits.append(model(tok, cache=cache)[:, -1])
+                tok = logits[-1].argmax(-1, keepdim=True)
+        return torch.stack(logits)
+
+    eager = decode()
+    model.compile_blocks(backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compile-failure fallback warns: make it fail here
+        compiled = decode()
+    assert model.blocks_compiled and model.__dict__["_compiled_ok"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def _fullgraph(fn):
