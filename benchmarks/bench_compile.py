@@ -13,6 +13,7 @@ so that load drift on a shared machine hits both alike; only the printed ratios 
     python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
     python benchmarks/bench_compile.py decode --preset small --python-wrapper   # C++ vs Python graph wrapper
     python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
+    python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
 
@@ -109,44 +110,38 @@ def bench_decode(args) -> None:
     t0 = time.perf_counter()
     _, toks_c = once(compiled, True)
     print(f"  first compiled generation (compilation + {n} tokens): {time.perf_counter() - t0:.1f} s", flush=True)
-    runs = {"eager": [], "compiled": [], "Python wrapper": [], "no reductions": [], "transformers": []}
     _, toks_e = once(eager, False)
-    pyw = None
+    variants = {}  # copies compiled another way, timed alongside: name -> model
     if args.python_wrapper:  # the same graphs called through generated Python instead of C++
-        pyw = copy.deepcopy(eager).compile_blocks(backend=args.backend)
-        toks_p = once(pyw, True)[1]
-        print(f"  Python-wrapper copy compiled; greedy tokens identical to eager: {toks_p == toks_e}", flush=True)
+        variants["Python wrapper"] = copy.deepcopy(eager).compile_blocks(backend=args.backend)
     if args.no_reductions:  # the same graphs with MKL's products instead of gemv.linear's reductions
-        nored = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
-        toks_n = once(nored, True)[1]
-        print(f"  copy without the decode reductions compiled; greedy tokens identical to eager: {toks_n == toks_e}",
-              flush=True)
+        variants["no reductions"] = nored = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
+    if args.per_block:  # one decode graph per block (+ one for the tail's) instead of decode_groups' runs
+        variants["per-block graphs"] = copy.deepcopy(eager).compile_blocks(
+            backend=args.backend, decode_group_size=1, **options)
+    for name, model in variants.items():
+        print(f"  {name} copy compiled; greedy tokens identical to eager: {once(model, True)[1] == toks_e}", flush=True)
     hf_run = None
     if args.transformers:
         from bench_generate import transformers_decode  # benchmarks/ is the script's directory
 
         hf_run = transformers_decode(eager, prompt, n)[1]
 
+    runs = {"eager": [], "compiled": [], **{name: [] for name in variants}, "transformers": []}
     for _ in range(args.reps):
         runs["eager"].append(once(eager, False)[0])
         runs["compiled"].append(once(compiled, True)[0])
-        if pyw is not None:
-            runs["Python wrapper"].append(once(pyw, True)[0])
-        if nored is not None:
-            runs["no reductions"].append(once(nored, True)[0])
+        for name, model in variants.items():
+            runs[name].append(once(model, True)[0])
         if hf_run is not None:
             runs["transformers"].append(hf_run())
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     for k, v in med.items():
-        print(f"  {k:13s}: {v:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs[k])})")
+        print(f"  {k:16s}: {v:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs[k])})")
     print(f"  ratio compiled / eager: {med['compiled'] / med['eager']:.2f}x; "
           f"greedy tokens identical: {toks_c == toks_e}")
-    if "no reductions" in med:
-        print(f"  ratio compiled / compiled without gemv's decode reductions: "
-              f"{med['compiled'] / med['no reductions']:.2f}x")
-    if "Python wrapper" in med:
-        print(f"  ratio compiled (engine options) / compiled with the Python wrapper: "
-              f"{med['compiled'] / med['Python wrapper']:.2f}x")
+    for name in variants:
+        print(f"  ratio compiled (engine options) / {name}: {med['compiled'] / med[name]:.2f}x")
     if "transformers" in med:
         print(f"  ratio eager / transformers: {med['eager'] / med['transformers']:.2f}x, "
               f"compiled / transformers: {med['compiled'] / med['transformers']:.2f}x (target >= 4x)")
@@ -163,6 +158,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--per-block", action="store_true",
+                    help="decode: also time a copy compiled with one graph per block (decode_group_size=1)")
     ap.add_argument("--transformers", action="store_true", help="decode: also time transformers' generate")
     ap.add_argument("--fresh-cache", action="store_true", help="use an empty inductor cache (cold compile)")
     ap.add_argument("--python-wrapper", action="store_true",

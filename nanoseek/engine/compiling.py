@@ -5,8 +5,8 @@
     resolve_compile(False)   # never (the CLI's --enforce-eager)
 
 A one-token decode step of a V4 model is thousands of tiny ops in eager mode (mHC Sinkhorn,
-norms, RoPE, routing); `Transformer.compile_blocks` fuses each block into one inductor graph,
-~3x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve` and the Python
+norms, RoPE, routing); `Transformer.compile_blocks` fuses each run of two blocks into one
+inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve` and the Python
 `nanoseek.generate*` compile the decode step unless told not to -- decode only: prefill, training
 and scoring stay eager (`compile_blocks(decode_only=True)`).
 
@@ -80,7 +80,7 @@ def compile_for_decoding(model, compile: bool | None) -> bool:
 def decode_compile_options(device_type: str) -> dict:
     """torch.compile options for the decode step. On CPU, inductor's C++ wrapper: each compiled
     block is called from generated C++ instead of a generated Python function, which removes
-    most of the per-graph launch overhead a one-token step pays eight times (`small`, same
+    most of the per-graph launch overhead a one-token step pays for each of its graphs (`small`, same
     process, warm caches: 1.06-1.16x a step, identical tokens, `bench_compile.py decode
     --python-wrapper`; a process with warm caches starts in 6 s instead of 10; the first compile
     ever takes ~45 s instead of ~25 s)."""

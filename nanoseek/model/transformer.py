@@ -442,7 +442,7 @@ class Transformer(nn.Module):
             m.update_bias(speed)
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None, fullgraph: bool = False,
-                       decode_only: bool = False, **options) -> "Transformer":
+                       decode_only: bool = False, decode_group_size: int = 2, **options) -> "Transformer":
         """Regional torch.compile (torchtitan-style, per block): blocks of the same kind (class,
         layer type, MoE routing; see block_kind) share compiled functions (parameters are graph
         inputs), so compile time grows with the number of block kinds (x grad mode), not with
@@ -461,6 +461,7 @@ class Transformer(nn.Module):
           one batch-generic graph per run kind instead of one per size).
         * Prefill chunks (multi-token calls with a cache) stay eager.
 
+        decode_group_size: blocks per decode graph (`decode_groups`; 1 = one graph per block).
         decode_only=True compiles the one-token decode step only (uncached calls stay eager: what
         the engine's default does, so a model compiled for serving trains and scores as before).
         If the first compiled call fails to compile (no C++ toolchain, an unsupported op), a
@@ -469,6 +470,8 @@ class Transformer(nn.Module):
 
         `options` (e.g. fullgraph=True) go to torch.compile. Returns self; `uncompile_blocks()`
         undoes it."""
+        if decode_group_size < 1:
+            raise ValueError(f"decode_group_size must be >= 1, got {decode_group_size}")
         raise_recompile_limits()
         kw = dict(backend=backend, mode=mode, fullgraph=fullgraph, **options)
         fns: dict = {}
@@ -486,7 +489,7 @@ class Transformer(nn.Module):
             return fns[key]
 
         self.__dict__["_compiled_blocks"] = compiled
-        self.__dict__["_decode_groups"] = decode_groups([block_kind(b) for b in self.layers])
+        self.__dict__["_decode_groups"] = decode_groups([block_kind(b) for b in self.layers], decode_group_size)
         self.__dict__["_compiled_decode_only"] = decode_only
         self.__dict__["_compiled_ok"] = set()  # entry points whose first compiled call succeeded
         return self
