@@ -24,6 +24,7 @@ useful work).
     python benchmarks/bench_train.py --config small  # `small`, batch 4 x 512 (several minutes)
     python benchmarks/bench_train.py --quick         # half the micro-batch, fewer steps
     python benchmarks/bench_train.py --threads 1     # robust on a shared machine
+    python benchmarks/bench_train.py --malloc keep   # the trainer's allocator setting, for all steps alike
     python benchmarks/bench_train.py --muon-ab       # + Muon step alone: cache-sized Newton-Schulz chunks
                                                      #   vs one batch per shape, and bf16 vs fp32 iterations;
                                                      #   + the trainer step with fp32 iterations
@@ -43,6 +44,7 @@ import time
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek._runtime import keep_freed_memory
 from nanoseek.train import optim as optim_mod
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer
@@ -150,12 +152,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed rounds (default 3, --quick 2)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["nanoseek", "transformers"], default=None)
+    ap.add_argument("--malloc", choices=["keep", "default"], default="default",
+                    help="keep: glibc keeps freed memory for reuse, as `nanoseek train` sets for its process "
+                         "(nanoseek/_runtime.py), for every step timed here alike; default: glibc's defaults")
     ap.add_argument("--muon-ab", action="store_true",
                     help="also time a Muon step alone: one whole-bucket Newton-Schulz batch vs the default "
                          "chunks, and fp32 vs bf16 iterations")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
     config, batch, seq, accum = bench_config(args.config, args.quick)
     reps = args.steps or (2 if args.quick else 3)
     torch.manual_seed(0)
@@ -167,7 +174,8 @@ def main() -> None:
     print(f"{args.config}: {accum} x micro-batch {batch} x {seq} = {accum * batch * seq} tokens/step, threads "
           f"{torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, {fpt / 1e6:.1f} MFLOP/token "
           f"(6 x activated params + attention); Muon Newton-Schulz in {str(ns_dtype).removeprefix('torch.')} "
-          f"(CPU capability {torch.backends.cpu.get_cpu_capability()})")
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); allocator: "
+          f"{'freed memory kept (as nanoseek train), for every step alike' if args.malloc == 'keep' else 'glibc default'}")
 
     fns, phases = {}, {}
     if args.only != "transformers":
