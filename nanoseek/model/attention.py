@@ -36,6 +36,7 @@ from .compressor import Compressor
 from .context import ForwardContext
 from .gemv import Linear
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
+from .precision import fp32_region
 from .norm import RMSNorm, rms_normalize
 from .rope import apply_rope, inv_frequencies, rope_angles
 
@@ -261,7 +262,7 @@ class Attention(nn.Module):
         only adds to the denominator; the extra output channel is dropped."""
         # the kernel runs in fp32 whatever the activation dtype (CPU flash attention is slower in
         # bf16 than in fp32, and the reference keeps the softmax in fp32 anyway)
-        with torch.autocast(device_type=q_blocks.device.type, enabled=False):
+        with fp32_region(q_blocks.device.type):
             out = self._sdpa(_fp32_or_wider(q_blocks), keys_t, win_bias, comp, comp_bias, s)
         return out.to(q_blocks.dtype)
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .gemv import Linear, linear
 from .norm import RMSNorm
+from .precision import fp32_region
 from .rope import apply_rope, rope_angles
 
 
@@ -44,7 +45,7 @@ class Compressor(nn.Module):
     # ----------------------------------------------------------------- pieces
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 value and gate projections [B, S, coff*d] (autocast off: the reference runs in fp32)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with fp32_region(x.device.type):
             xf = x.float()
             return linear(xf, self.wkv.weight.float()), linear(xf, self.wgate.weight.float())
 

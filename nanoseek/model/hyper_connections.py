@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import gemv
+from .precision import fp32_region
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -153,7 +154,7 @@ class HyperConnection(nn.Module):
             mixed = (comb.to(dtype).unsqueeze(-1) * streams.unsqueeze(-2)).sum(-3)
             return post.to(dtype).unsqueeze(-1) * y.to(dtype).unsqueeze(-2) + mixed
         if HyperConnection.fused:
-            with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+            with fp32_region(streams.device.type):  # mHC stays fp32
                 return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
         mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
@@ -179,7 +180,7 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
     """(flat @ fn^T) * rsqrt(mean(flat^2) + eps) in fp32: the RMS scaling commutes with the
     matmul, so it is applied to the few mix outputs instead of the 4d-wide input (spec 1.2.2)."""
     flat = streams.flatten(-2).float()
-    with torch.autocast(device_type=streams.device.type, enabled=False):  # mHC stays fp32
+    with fp32_region(streams.device.type):  # mHC stays fp32
         if HyperConnection.fused and not gemv.as_reduction(flat, fn.float()):
             return _MixRMS.apply(flat.reshape(-1, flat.shape[-1]), fn.float(), eps).view(*flat.shape[:-1], -1)
         mix = gemv.linear(flat, fn.float())  # (in a compiled decode step: one fused reduction)
@@ -188,7 +189,7 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
 
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] (in fp32)."""
-    with torch.autocast(device_type=streams.device.type, enabled=False):
+    with fp32_region(streams.device.type):
         if HyperConnection.fused and torch.is_grad_enabled() and (streams.requires_grad or weights.requires_grad):
             out = _WeightedSum.apply(weights, streams.float())  # no per-token GEMMs, no [.., n, d] temporary
         elif gemv.in_graph(streams.shape[:-2].numel(), weights, streams):  # compiled decode step

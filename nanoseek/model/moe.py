@@ -28,6 +28,7 @@ from torch import nn
 from ..config import HASH_MOE, ModelConfig
 from .context import ForwardContext
 from .gemv import Linear, linear
+from .precision import fp32_region
 
 
 def balanced_hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
@@ -67,7 +68,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x [N, D] -> (weights [N,k] fp32, indices [N,k], scores [N,E] fp32)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with fp32_region(x.device.type):
             scores = score_fn(linear(x.float(), self.weight.float()), self.scoring)
         if self.is_hash:
             if input_ids is None:

@@ -198,6 +198,35 @@ def test_compiled_decode_with_a_cache_shorter_than_an_entry():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_graphs_hold_no_autocast_regions():
+    """Without autocast, the fp32 regions (mHC, compressor, router, attention kernel) are not
+    entered, so the decode graphs dynamo captures hold no autocast enter/exit calls: AOT
+    autograd's on-disk cache refuses graphs with them, which re-traced every graph in each new
+    process. Under autocast the regions still switch it off."""
+    from nanoseek.model.precision import fp32_region
+
+    model = _model(seed=4).eval()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model.compile_blocks(backend=capture)
+    cache = model.new_cache(1, 32)
+    with torch.no_grad():
+        tok = model(torch.randint(0, model.config.vocab_size, (1, 9)), cache=cache)[:, -1:].argmax(-1)
+        for _ in range(3):
+            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert graphs and len(targets) > 100  # the decode graphs were captured
+    assert not [t for t in targets if "autocast" in t]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fp32_region("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+
+
 def _fullgraph(fn):
     return torch.compile(fn, backend="eager", fullgraph=True)
 

@@ -1,0 +1,24 @@
+"""fp32 regions under autocast: `with fp32_region(x.device.type): ...`
+
+The parts of V4 that the reference runs in fp32 (mHC, the compressor's projections, the router,
+the attention kernel) turn autocast off around themselves. When autocast is not on (inference,
+fp32 training) that context does nothing -- except inside a compiled graph: dynamo records the
+enter and exit as calls, and AOT autograd's on-disk cache refuses graphs holding them, so every
+such graph was traced again by AOT autograd in each new process (about 6 of the ~11 s before a
+warm process decodes its first `small` token). So the context is entered only when autocast is
+on. Whether it is belongs to dynamo's global-state guard: a graph traced without autocast is
+never reused under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def fp32_region(device_type: str):
+    """`torch.autocast(device_type, enabled=False)` when autocast is on there, else a no-op."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
