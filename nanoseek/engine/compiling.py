@@ -6,14 +6,14 @@
 
 A one-token decode step of a V4 model is thousands of tiny ops in eager mode (mHC Sinkhorn,
 norms, RoPE, routing); `Transformer.compile_blocks` fuses each run of two blocks into one
-inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve` and the Python
-`nanoseek.generate*` compile the decode step unless told not to -- decode only: prefill, training
-and scoring stay eager (`compile_blocks(decode_only=True)`).
+inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve`
+and the Python `nanoseek.generate*` compile the decode step unless told not to -- decode only:
+prefill, training and scoring stay eager (`compile_blocks(decode_only=True)`).
 
 First use compiles (about a minute for `small` on 2 cores); inductor's on-disk caches (FX graph +
 AOTAutograd) make every later process start in seconds (~6-7 s for `small`, mostly dynamo
-re-tracing the graphs; model/precision.py keeps them cacheable). On CPU the graphs are called through
-inductor's C++ wrapper (decode_compile_options). They live in
+re-tracing the graphs; model/precision.py keeps them cacheable). On CPU the graphs are called
+through inductor's C++ wrapper (decode_compile_options). They live in
 ~/.cache/nanoseek/inductor (or $NANOSEEK_CACHE/inductor; an explicit $TORCHINDUCTOR_CACHE_DIR
 wins), not in /tmp where a reboot would empty them. torch keys the entries by graph, config and
 torch version, so a new model shape or torch release compiles once more.
@@ -80,8 +80,8 @@ def compile_for_decoding(model, compile: bool | None) -> bool:
 
 def decode_compile_options(device_type: str) -> dict:
     """torch.compile options for the decode step. On CPU, inductor's C++ wrapper: each compiled
-    block is called from generated C++ instead of a generated Python function, which removes
-    most of the per-graph launch overhead a one-token step pays for each of its graphs (`small`, same
+    graph is called from generated C++ instead of a generated Python function, which removes
+    most of the launch overhead a one-token step pays for each of its graphs (`small`, same
     process, warm caches: 1.06-1.16x a step, identical tokens, `bench_compile.py decode
     --python-wrapper`; a process with warm caches starts in 6 s instead of 10; the first compile
     ever takes ~45 s instead of ~25 s)."""

@@ -36,8 +36,8 @@ from .compressor import Compressor
 from .context import ForwardContext
 from .gemv import Linear
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
-from .precision import fp32_region
 from .norm import RMSNorm, rms_normalize
+from .precision import fp32_region
 from .rope import apply_rope, inv_frequencies, rope_angles
 
 NEG = -1e30  # finite "minus infinity" for masks: keeps logsumexp gradients NaN-free
