@@ -176,8 +176,10 @@ def generate_rounds(ours, hf, prompt, new_tokens: int, rounds: int) -> None:
     for k, v in times.items():
         print(f"{k:>12}: generate {new_tokens} tok after {prompt.shape[1]} {new_tokens / med[k]:6.1f} tok/s "
               f"(rounds: {', '.join(f'{new_tokens / t:.1f}' for t in v)})")
+    per_round = [h / n for n, h in zip(times["nanoseek"], times["transformers"])]
     print(f"ratio nanoseek/transformers, generate (default options, prefill included), median of {rounds} "
-          f"alternating rounds: {med['transformers'] / med['nanoseek']:.2f}x (target 4x)")
+          f"alternating rounds: {med['transformers'] / med['nanoseek']:.2f}x (target 4x); per round "
+          f"{min(per_round):.2f}-{max(per_round):.2f}x, median {statistics.median(per_round):.2f}x")
 
 
 def bf16_decode_check(model, prompt, new_tokens) -> None:
