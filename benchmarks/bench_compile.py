@@ -1,19 +1,24 @@
 """Benchmark: torch.compile (Transformer.compile_blocks, regional per-block compilation) vs eager.
 
-Two measurements, each eager vs compiled on the same weights in one process, runs alternating
-so that load drift on a shared machine hits both alike; only the printed ratios mean much:
+Three measurements; the first two eager vs compiled on the same weights in one process, runs
+alternating so that load drift on a shared machine hits both alike; only the printed ratios mean much:
   * train: one training step of the full V4 objective (CE + MTP + balance + indexer KL, packed
     documents) forward + backward, tokens/s; the optimizer step is excluded (compile does not
     touch it). The first compiled step's time is reported as the compile time.
   * decode: batch-1 greedy decode tokens/s after a --prompt-token prompt through the engine
     (nanoseek.generate_stream, prefill excluded), eager vs compile=True; with --transformers
     also transformers' generate on the same weights in the same run (the issue's baseline).
+  * startup: seconds from a new process's start to its first 16 tokens with the compiled decode
+    graphs already in the on-disk caches, against the graphs as they were before
+    model/precision.py (autocast calls in them, refused by AOT autograd's cache), in alternating
+    subprocesses, each variant with a cache of its own.
 
     python benchmarks/bench_compile.py decode --preset small --threads 1            # ~10 min on 2 busy cores
     python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
     python benchmarks/bench_compile.py decode --preset small --python-wrapper   # C++ vs Python graph wrapper
     python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
     python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
+    python benchmarks/bench_compile.py startup --preset small                  # a new process's warm start
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
 
@@ -147,9 +152,73 @@ def bench_decode(args) -> None:
               f"compiled / transformers: {med['compiled'] / med['transformers']:.2f}x (target >= 4x)")
 
 
+# One process's start: build the model, time its first default `generate` (compiling the decode
+# step, or loading it from the on-disk caches), print that and AOT autograd's cache counters.
+# "autocast" re-creates the graphs as they were before model/precision.py: every fp32 region
+# entered autocast(enabled=False), which AOT autograd's cache refuses.
+_STARTUP = """
+import contextlib, json, sys, time, torch
+t0 = time.perf_counter()
+from nanoseek import ModelConfig, Transformer
+from nanoseek.engine.generate import generate
+if sys.argv[1] == "autocast":
+    from nanoseek.model import attention, compressor, hyper_connections, moe
+    def always(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    for m in (attention, compressor, hyper_connections, moe):
+        m.fp32_region = always
+if int(sys.argv[4]):
+    torch.set_num_threads(int(sys.argv[4]))
+torch.manual_seed(0)
+config = ModelConfig.from_preset(sys.argv[2])
+model = Transformer(config).eval()
+ids = torch.randint(32, config.vocab_size, (int(sys.argv[3]),)).tolist()
+t = time.perf_counter()
+generate(model, ids, 16, stop_on_eos=False)
+first = time.perf_counter() - t
+from torch._dynamo.utils import counters
+print(json.dumps({"first": first, "process": time.perf_counter() - t0, "aot": dict(counters["aot_autograd"])}))
+"""
+
+
+def bench_startup(args) -> None:
+    """Seconds from a new process's start to its first 16 generated tokens, with the decode
+    graphs in the on-disk caches: now vs the graphs with autocast calls (see _STARTUP), each
+    first compiled once into a cache of its own, then started --reps times in alternation."""
+    import json
+    import subprocess
+    import sys
+
+    def start(variant: str, cache: str) -> dict:
+        env = {**os.environ, "NANOSEEK_CACHE": cache, "NANOSEEK_COMPILE": "1"}
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        out = subprocess.run([sys.executable, "-c", _STARTUP, variant, args.preset, str(args.prompt),
+                              str(args.threads or 0)], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    print(f"process start to 16 tokens ({args.preset}, prompt {args.prompt} tokens; each variant "
+          f"compiles once into an empty cache of its own first)", flush=True)
+    caches = {v: tempfile.mkdtemp(prefix=f"nanoseek-{v}-") for v in ("now", "autocast")}
+    for v, cache in caches.items():
+        cold = start(v, cache)
+        print(f"  {v:8s}: empty cache {cold['first']:.1f} s", flush=True)
+    runs: dict[str, list] = {v: [] for v in caches}
+    for _ in range(args.reps):
+        for v, cache in caches.items():
+            runs[v].append(start(v, cache))
+    med = {}
+    for v, rs in runs.items():
+        med[v] = statistics.median(r["first"] for r in rs)
+        firsts = ", ".join(f"{r['first']:.1f}" for r in rs)
+        print(f"  {v:8s}: warm cache {med[v]:.1f} s to 16 tokens (runs {firsts}; "
+              f"whole process {statistics.median(r['process'] for r in rs):.1f} s; AOT autograd cache "
+              f"{rs[-1]['aot']})")
+    print(f"  ratio warm start, autocast calls in the graphs / now: {med['autocast'] / med['now']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "decode"])
+    ap.add_argument("what", choices=["train", "decode", "startup"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
@@ -171,7 +240,7 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
-    (bench_train if args.what == "train" else bench_decode)(args)
+    {"train": bench_train, "decode": bench_decode, "startup": bench_startup}[args.what](args)
 
 
 if __name__ == "__main__":
