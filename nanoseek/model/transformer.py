@@ -249,15 +249,11 @@ class Transformer(nn.Module):
         2-core CPU, which one graph per block paid nine times a step. Should a graph fail to
         compile, that group and everything after it run eagerly (`_compiled_call`)."""
         streams = self._input_streams(input_ids)
-        groups = self.__dict__["_decode_groups"]
-        for n, group in enumerate(groups):
-            blocks = tuple(self.layers[i] for i in group)
+        for group, blocks, entry, fn in self.__dict__["_decode_plan"]:
             caches = tuple(ctx.cache.layers[i] for i in group)
-            last = n == len(groups) - 1
-            entry, args = (_decode_last, (self, blocks, streams, ctx, caches)) if last else \
-                (_decode_group, (blocks, streams, ctx, caches))
-            compiled = self.__dict__.get("_compiled_blocks")
-            out = self._compiled_call(compiled(entry, blocks), *args) if compiled is not None else None
+            last = entry is _decode_last
+            args = (self, blocks, streams, ctx, caches) if last else (blocks, streams, ctx, caches)
+            out = self._compiled_call(fn, *args) if "_compiled_blocks" in self.__dict__ else None
             if out is None:
                 out = entry(*args)
             if last:
@@ -489,13 +485,22 @@ class Transformer(nn.Module):
             return fns[key]
 
         self.__dict__["_compiled_blocks"] = compiled
-        self.__dict__["_decode_groups"] = decode_groups([block_kind(b) for b in self.layers], decode_group_size)
+        groups = decode_groups([block_kind(b) for b in self.layers], decode_group_size)
+        self.__dict__["_decode_groups"] = groups
+        # each step's (layer indices, blocks, entry point, compiled entry), resolved once here
+        # rather than on every step
+        plan = []
+        for n, group in enumerate(groups):
+            blocks = tuple(self.layers[i] for i in group)
+            entry = _decode_last if n == len(groups) - 1 else _decode_group
+            plan.append((group, blocks, entry, compiled(entry, blocks)))
+        self.__dict__["_decode_plan"] = plan
         self.__dict__["_compiled_decode_only"] = decode_only
         self.__dict__["_compiled_ok"] = set()  # entry points whose first compiled call succeeded
         return self
 
     def uncompile_blocks(self) -> "Transformer":
-        for key in ("_compiled_blocks", "_decode_groups", "_compiled_decode_only", "_compiled_ok"):
+        for key in ("_compiled_blocks", "_decode_groups", "_decode_plan", "_compiled_decode_only", "_compiled_ok"):
             self.__dict__.pop(key, None)
         return self
 
