@@ -18,6 +18,7 @@ alternating so that load drift on a shared machine hits both alike; only the pri
     python benchmarks/bench_compile.py decode --preset small --python-wrapper   # C++ vs Python graph wrapper
     python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
     python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
+    python benchmarks/bench_compile.py decode --preset small --guarded         # direct steady-state steps vs guards
     python benchmarks/bench_compile.py startup --preset small                  # a new process's warm start
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
@@ -40,7 +41,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import generate_stream
 from nanoseek.engine.compiling import decode_compile_options
-from nanoseek.model import gemv
+from nanoseek.model import dispatch, gemv
 
 
 def _batch(vocab: int, b: int, s: int, seed: int = 0):
@@ -99,6 +100,7 @@ def bench_decode(args) -> None:
     def once(model, compile_: bool):
         # the copy compiled without the reductions traced (and guards) the switch off
         gemv.reduction_in_graphs = model is not nored
+        dispatch.enabled = model is not guarded  # that copy checks dynamo's guards at every step
         stamps, toks = [], []
         for ev in generate_stream(model, prompt, n, stop_on_eos=False, compile=compile_):
             for t in ev.tokens:
@@ -110,7 +112,7 @@ def bench_decode(args) -> None:
           f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
     # the engine's options (on CPU: inductor's C++ wrapper, engine/compiling.py)
     options = decode_compile_options("cpu") if args.backend == "inductor" else {}
-    nored = None
+    nored = guarded = None
     compiled.compile_blocks(backend=args.backend, **options)
     t0 = time.perf_counter()
     _, toks_c = once(compiled, True)
@@ -124,6 +126,8 @@ def bench_decode(args) -> None:
     if args.per_block:  # one decode graph per block (+ one for the tail's) instead of decode_groups' runs
         variants["per-block graphs"] = copy.deepcopy(eager).compile_blocks(
             backend=args.backend, decode_group_size=1, **options)
+    if args.guarded:  # the same graphs, every step through dynamo's guards (model/dispatch.py)
+        variants["guarded steps"] = guarded = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
     for name, model in variants.items():
         print(f"  {name} copy compiled; greedy tokens identical to eager: {once(model, True)[1] == toks_e}", flush=True)
     hf_run = None
@@ -229,6 +233,8 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--per-block", action="store_true",
                     help="decode: also time a copy compiled with one graph per block (decode_group_size=1)")
+    ap.add_argument("--guarded", action="store_true",
+                    help="decode: also a copy whose every step checks dynamo's guards (model/dispatch.py off)")
     ap.add_argument("--transformers", action="store_true", help="decode: also time transformers' generate")
     ap.add_argument("--fresh-cache", action="store_true", help="use an empty inductor cache (cold compile)")
     ap.add_argument("--python-wrapper", action="store_true",

@@ -51,13 +51,14 @@ def _bf16_supported() -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not _usable or x.device.type != "cpu" or x.dtype != weight.dtype:
+    # (compiling first: the bf16 capability query below would break a compiled graph)
+    if torch.compiler.is_compiling() or not _usable or x.device.type != "cpu" or x.dtype != weight.dtype:
         return False
     if x.dtype is not torch.float32 and not (x.dtype is torch.bfloat16 and _bf16_supported()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu"):
         return False
     return x.numel() // max(x.shape[-1], 1) <= MAX_ROWS and weight.numel() * weight.element_size() >= MIN_BYTES
 

@@ -198,6 +198,128 @@ def test_compiled_decode_with_a_cache_shorter_than_an_entry():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def _decode_steps(model, cache, tok, steps):
+    """`steps` greedy one-token steps on `cache` -> (tokens, logits [steps, B, vocab])."""
+    out, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            lg = model(tok, cache=cache)[:, -1]
+            logits.append(lg)
+            tok = lg.argmax(-1, keepdim=True)
+            out.append(tok[:, 0].tolist())
+    return out, torch.stack(logits), tok
+
+
+def test_steady_decode_steps_call_the_compiled_code_without_guards():
+    """After a decode loop's first compiled step (guards checked), later steps with the same
+    cache and state call the graphs' compiled code directly (model/dispatch.py): the same tokens
+    and logits as eager, dynamo's entry points are not called again, and a new cache or another
+    batch size goes through the guards once more."""
+    from nanoseek.model import dispatch
+
+    model = _model(seed=5).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 19))
+
+    def run(steps=10):
+        cache = model.new_cache(1, 64)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+        return _decode_steps(model, cache, tok, steps)[:2]
+
+    eager, eager_logits = run()
+    model.compile_blocks(backend="eager", fullgraph=True)
+    steps = model.__dict__["_dispatch"]
+    entered = []
+    compiled_call = model._compiled_call
+    model._compiled_call = lambda fn, *a: entered.append(fn) or compiled_call(fn, *a)
+    tokens, logits = run()
+    assert tokens == eager
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+    assert (steps.guarded_steps, steps.direct_steps) == (1, 9)
+    assert len(entered) == len(model.__dict__["_decode_groups"])  # dynamo's entries: first step only
+    dispatch.enabled = False
+    try:
+        guarded, guarded_logits = run()
+    finally:
+        dispatch.enabled = True
+    assert guarded == tokens and torch.equal(guarded_logits, logits)  # the same compiled graphs
+    assert (steps.guarded_steps, steps.direct_steps) == (11, 9)
+    run(3)  # a new cache: its first step is guarded
+    assert (steps.guarded_steps, steps.direct_steps) == (12, 11)
+    cache = model.new_cache(2, 64)  # batch 2 (a new graph), then its steady state
+    _decode_steps(model, cache, torch.randint(0, model.config.vocab_size, (2, 1)), 3)
+    assert (steps.guarded_steps, steps.direct_steps) == (13, 13)
+
+
+def _to_bf16_in_place(cache):
+    """The same cache object, its window rings and compressed entries replaced by bf16 copies."""
+    for lc in cache.layers:
+        lc.window = lc.window.bfloat16()
+        for s in (lc.compressor, lc.indexer):
+            if s is not None:
+                s.entries = s.entries.bfloat16()
+
+
+def test_steady_decode_steps_notice_casts_and_grad_mode():
+    """The direct calls are dropped as soon as what dynamo's guards check changes under the same
+    cache object: its tensors replaced by bf16 ones, the parameters cast to bf16 in place, a step
+    recording gradients. The steps after each change give what an eager twin gives."""
+    model = _model(seed=6).eval()
+    twin = _model(seed=6).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 11))
+    model.compile_blocks(backend="eager", fullgraph=True)
+    steps = model.__dict__["_dispatch"]
+
+    def both(tok, n, tol):
+        a = _decode_steps(model, cache, tok, n)
+        b = _decode_steps(twin, twin_cache, tok, n)
+        assert a[0] == b[0]
+        torch.testing.assert_close(a[1], b[1], rtol=tol, atol=tol)
+        return a[2]
+
+    cache, twin_cache = model.new_cache(1, 64), twin.new_cache(1, 64)
+    with torch.no_grad():
+        tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+        twin(prompt, cache=twin_cache)
+    tok = both(tok, 3, 1e-6)
+    assert (steps.guarded_steps, steps.direct_steps) == (1, 2)
+    _to_bf16_in_place(cache), _to_bf16_in_place(twin_cache)
+    tok = both(tok, 3, 1e-6)
+    assert (steps.guarded_steps, steps.direct_steps) == (2, 4)
+    model.bfloat16(), twin.bfloat16()  # in place: the same parameter objects, another dtype
+    tok = both(tok, 3, 2e-2)  # bf16 (the graphs sum their products in another order)
+    assert (steps.guarded_steps, steps.direct_steps) == (3, 6)
+    with torch.enable_grad():  # a step that records gradients always checks the guards
+        model(tok, cache=cache)
+    assert (steps.guarded_steps, steps.direct_steps) == (4, 6)
+
+
+def test_compiled_code_for_finds_the_guarded_entry():
+    """dispatch.compiled_code_for returns the code dynamo runs once its guards pass: none for
+    arguments the guards reject, none for code that resumes after a graph break (it would run
+    uncompiled), and for a break-free function a callable giving the function's result."""
+    from nanoseek.model.dispatch import compiled_code_for
+
+    def plain(x, y):
+        return x * 2 + y
+
+    def broken(x):
+        y = x + 1
+        torch._dynamo.graph_break()
+        return y * 2
+
+    x, y = torch.arange(4.0), torch.ones(4)
+    torch.compile(plain, backend="eager")(x, y)
+    torch.compile(broken, backend="eager")(x)
+    direct = compiled_code_for(plain, (x, y))
+    assert direct is not None and direct is not plain
+    x2, y2 = torch.randn(4), torch.randn(4)  # what the guards accept: other values, same metadata
+    torch.testing.assert_close(direct(x2, y2), plain(x2, y2))
+    assert compiled_code_for(plain, (x.double(), y)) is None  # the dtype guard fails
+    assert compiled_code_for(plain, (x, x)) is None  # aliased inputs: another graph
+    assert compiled_code_for(broken, (x,)) is None
+
+
 def test_decode_graphs_hold_no_autocast_regions():
     """Without autocast, the fp32 regions (mHC, compressor, router, attention kernel) are not
     entered, so the decode graphs dynamo captures hold no autocast enter/exit calls: AOT
