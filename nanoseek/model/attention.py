@@ -103,6 +103,17 @@ class Attention(nn.Module):
         o = torch.einsum("bsgi,gri->bsgr", o, wo_a)
         return self.wo_b(o.flatten(2))
 
+    def write_cache(self, x: torch.Tensor, ctx: ForwardContext, cache: LayerCache) -> None:
+        """What a prefill chunk (`ctx.start` set) writes into the cache -- the window ring, the
+        compressor's and the indexer's state and entries -- without attending: for rows whose
+        attention output nothing reads (Block.forward_last). Leaves the cache as forward() would."""
+        cos, sin = rope_angles(ctx.positions, self.inv_freq)
+        _write_ring(cache, apply_rope(self.kv_norm(self.wkv(x)), cos, sin), ctx.start)
+        if self.compressor is not None:
+            self.compressor.chunk(x, cache.compressor, ctx.start, self.inv_freq)
+        if self.indexer is not None:
+            self.indexer.compressor.chunk(x, cache.indexer, ctx.start, self.inv_freq)
+
     # ------------------------------------------------------------ window part
     def _window_blocks(self, q, kv, ctx: ForwardContext, cache: LayerCache | None):
         """Blockwise window attention layout for a chunk starting at ctx.start (same for all rows).
@@ -140,11 +151,8 @@ class Attention(nn.Module):
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=kv.device).masked_fill(~allowed, NEG)
         qp = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
         q_blocks = qp.reshape(b, nb, bq * self.h, self.d)
-        if cache is not None:  # remember the chunk's last R tokens (R > W leaves room for rollback)
-            ring_size = cache.window.shape[1]
-            keep = min(s, ring_size)
-            slots = (torch.arange(s - keep, s, device=kv.device) + start) % ring_size
-            cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
+        if cache is not None:
+            _write_ring(cache, kv, start)
         return q_blocks, keys_t, bias if bias.dim() == 4 else bias.unsqueeze(0)
 
     def _window_step(self, q, kv, pos, cache: LayerCache):
@@ -325,6 +333,16 @@ class Attention(nn.Module):
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
         return out, p_c, raw_c
+
+
+def _write_ring(cache: LayerCache, kv: torch.Tensor, start: int) -> None:
+    """Remember a chunk's last R tokens in the window ring (slot of position p: p % R; R > W
+    leaves room for a speculative rollback)."""
+    b, s = kv.shape[:2]
+    ring_size = cache.window.shape[1]
+    keep = min(s, ring_size)
+    slots = (torch.arange(s - keep, s, device=kv.device) + start) % ring_size
+    cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
 
 
 def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:

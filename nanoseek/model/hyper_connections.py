@@ -145,6 +145,12 @@ class HyperConnection(nn.Module):
         x = _weighted_sum(pre, streams)
         return x, post, comb
 
+    def block_input(self, streams: torch.Tensor) -> torch.Tensor:
+        """collapse()'s block input alone: no post / comb weights (no Sinkhorn)."""
+        mix = _normalized_mix(streams, self.fn, self.norm_eps)
+        pre = torch.sigmoid(mix[..., : self.n] * self.scale[0] + self.base[: self.n]) + self.hc_eps
+        return _weighted_sum(pre, streams)
+
     @staticmethod
     def expand(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed)."""

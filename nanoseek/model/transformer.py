@@ -59,6 +59,19 @@ class Block(nn.Module):
         *state, flat, w, idx = self.front(streams, ctx, cache)
         return self.back(*state, flat, self.ffn.experts(flat, idx, w))
 
+    def forward_last(self, streams: torch.Tensor, ctx: ForwardContext, cache, keep: int) -> torch.Tensor:
+        """forward() of a prefill chunk (`ctx.start` set) when only the output's last `keep` rows
+        are read (the last block, Transformer.forward with logits_to_keep) -> those rows' streams.
+        The earlier rows still enter the cache (Attention.write_cache: window ring, compressor and
+        indexer state); their queries, attention, FFN and mHC mixing are skipped. The kept rows
+        then run as a chunk of their own, which reads what the earlier rows wrote."""
+        s = streams.shape[1]
+        if s <= keep:
+            return self.forward(streams, ctx, cache)
+        head, tail = _split_context(ctx, s - keep)
+        self.attn.write_cache(self.attn_norm(self.hc_attn.block_input(streams[:, : s - keep])), head, cache)
+        return self.forward(streams[:, s - keep :], tail, cache)
+
     # front -> routed experts -> back: regional torch.compile (Transformer.compile_blocks) compiles
     # front and back as two graphs and runs the data-dependent grouped expert pass between them
     def front(self, streams: torch.Tensor, ctx: ForwardContext, cache=None):
@@ -196,12 +209,18 @@ class Transformer(nn.Module):
         start = int(pos[0]) if pos.numel() else 0
         return ForwardContext(positions=(torch.arange(s, device=dev) + start).expand(b, s), start=start, **common)
 
-    def hidden_streams(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Final residual streams [B,S,n,d] before the hyper head."""
+    def hidden_streams(self, input_ids: torch.Tensor, ctx: ForwardContext, keep: int = 0) -> torch.Tensor:
+        """Final residual streams [B,S,n,d] before the hyper head. `keep` > 0 with a prefill
+        chunk: only the last `keep` rows are wanted, so the last block computes only those
+        (Block.forward_last; the cache still takes every row) -> [B, keep, n, d]."""
         streams = self._input_streams(input_ids)
         run = self._block_runner(ctx)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            streams = run(layer, streams, ctx, ctx.cache.layers[i] if ctx.cache is not None else None)
+            cache = ctx.cache.layers[i] if ctx.cache is not None else None
+            if i == last and keep > 0 and cache is not None and ctx.start is not None:
+                return layer.forward_last(streams, ctx, cache, keep)
+            streams = run(layer, streams, ctx, cache)
         return streams
 
     def _input_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -320,7 +339,9 @@ class Transformer(nn.Module):
         if self._runs_compiled_step(ctx):
             logits, streams = self._compiled_step(input_ids, ctx)
         else:
-            streams = self.hidden_streams(input_ids, ctx)
+            # the last block computes only the rows whose logits are kept, unless the caller
+            # wants every row's streams (speculative decoding's MTP input)
+            streams = self.hidden_streams(input_ids, ctx, keep=0 if return_streams else logits_to_keep)
             logits = self.logits_from_streams(streams[:, -logits_to_keep:] if logits_to_keep > 0 else streams)
         if cache is not None:
             cache.pos += input_ids.shape[1]
@@ -621,6 +642,15 @@ def block_kind(block: nn.Module) -> tuple:
 
 def _call_block(block: nn.Module, *args):
     return block(*args)
+
+
+def _split_context(ctx: ForwardContext, at: int) -> tuple[ForwardContext, ForwardContext]:
+    """A prefill chunk's context cut into rows [0, at) and [at, S): two consecutive chunks."""
+    def rows(lo: int, hi: int | None) -> ForwardContext:
+        ids = ctx.input_ids[:, lo:hi] if ctx.input_ids is not None else None
+        return dataclasses.replace(ctx, positions=ctx.positions[:, lo:hi], input_ids=ids, start=ctx.start + lo)
+
+    return rows(0, at), rows(at, None)
 
 
 # The compiled entry points (compile_blocks makes one copy with its own code object per block

@@ -55,6 +55,56 @@ def test_logits_to_keep_is_the_last_rows_and_advances_the_cache_alike():
         model(ids, logits_to_keep=-1)
 
 
+@pytest.mark.parametrize("last", ["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"])
+@pytest.mark.parametrize("keep", [1, 4])
+def test_prefill_with_logits_to_keep_skips_the_last_blocks_other_rows(last, keep):
+    """With logits_to_keep, a prefill chunk's last block computes only the kept rows
+    (Block.forward_last): its FFN sees `keep` rows, yet the logits are the full forward's last
+    rows, the cache holds exactly what a plain prefill leaves (every tensor), and the decode
+    steps after it agree. Chunks of 13 on a 58-token prompt (windows of 16, compressed entries
+    of 4 and 8 split across chunks), for each kind of last layer."""
+    torch.manual_seed(0)
+    kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention", last]
+    cfg = ModelConfig.from_preset("tiny", index_topk=3, layer_types=kinds)
+    model = perturbed(Transformer(cfg), seed=7).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(4))
+    rows = []
+    model.layers[-1].ffn.shared_experts.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0] // 2))
+
+    def prefill(keep_rows):
+        cache = model.new_cache(2, 72)
+        outs = [model(ids[:, a : min(a + 13, 58)], cache=cache, logits_to_keep=keep_rows) for a in range(0, 58, 13)]
+        return outs, cache
+
+    with torch.no_grad():
+        full = model(ids)
+        rows.clear()
+        outs, cache = prefill(keep)
+        assert rows == [keep] * 5  # the last block's FFN ran on the kept rows only
+        plain_outs, plain_cache = prefill(0)
+    ends = [min(a + 13, 58) for a in range(0, 58, 13)]
+    for out, plain, end in zip(outs, plain_outs, ends):
+        assert out.shape[1] == keep
+        torch.testing.assert_close(out, plain[:, -keep:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, full[:, end - keep : end], rtol=1e-4, atol=1e-4)
+    for kind, a, b in zip(kinds, cache.layers, plain_cache.layers):
+        torch.testing.assert_close(a.window, b.window, rtol=1e-5, atol=1e-6)
+        for sa, sb in ((a.compressor, b.compressor), (a.indexer, b.indexer)):
+            if sa is None:
+                continue
+            torch.testing.assert_close(sa.entries, sb.entries, rtol=1e-5, atol=1e-6)
+            # the partial window's buffer: the previous window (overlapping CSA compressors) and
+            # the 58 % m tokens buffered since; slots past those are stale in either cache
+            m = sa.kv.shape[1] // (2 if kind == "compressed_sparse_attention" else 1)
+            used = (m if kind == "compressed_sparse_attention" else 0) + 58 % m
+            torch.testing.assert_close(sa.kv[:, :used], sb.kv[:, :used], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(sa.gate[:, :used], sb.gate[:, :used], rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.pos, plain_cache.pos)
+    with torch.no_grad():
+        steps = [model(ids[:, t : t + 1], cache=cache) for t in range(58, 70)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 58:], rtol=1e-4, atol=1e-4)
+
+
 def test_rows_at_different_positions_decode_together():
     """Continuous batching: rows prefilled separately (different lengths) decode in one batch."""
     model = model_with_topk(3)
