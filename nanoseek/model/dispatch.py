@@ -15,8 +15,9 @@ very arguments is found with dynamo's own guard manager, and its transformed byt
 Python function whose body calls the compiled graph -- is kept. Later steps call those functions
 directly, as long as nothing the guards check has changed: the step's `key`
 (Transformer._step_key: the input's shape, dtype and device, grad / inference mode, autocast, the
-default dtype, the model's training and dense-CSA flags and the fast-path switches the graphs
-were traced under), the cache object (by identity, through a weak reference), the dtype, device
+default dtype, the thread count, deterministic algorithms, TF32, the torch-function mode stack,
+the model's training, dense-CSA and collection flags and the fast-path switches the graphs were
+traced under), the cache object (by identity, through a weak reference), the dtype, device
 and shape of each of its tensors (read afresh every step: ~40 for `small`), and the dtype and
 device of every parameter and buffer the graphs read (~240). That costs ~50 us a step. Anything
 else -- a new cache (every `generate` call allocates one), another batch size, a parameter cast

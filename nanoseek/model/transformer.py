@@ -304,8 +304,13 @@ class Transformer(nn.Module):
         dev = input_ids.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         switches = (gemv.reduction_in_graphs, HyperConnection.fused, Attention.use_sdpa, RMSNorm.fused)
-        return (tuple(input_ids.shape), input_ids.device, input_ids.dtype, torch.is_inference_mode_enabled(),
-                autocast, torch.get_default_dtype(), self.training, ctx.dense_csa, switches)
+        # (dynamo's global-state guard also covers the thread count, deterministic algorithms and
+        # the torch-function mode stack, e.g. a FlopCounterMode entered mid-loop)
+        state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                 torch.backends.cuda.matmul.allow_tf32, torch._C._len_torch_function_stack(),
+                 torch.get_default_dtype(), torch.is_inference_mode_enabled(), autocast)
+        return (tuple(input_ids.shape), input_ids.device, input_ids.dtype, state, self.training, ctx.dense_csa,
+                ctx.collect_balance, ctx.collect_indexer, switches)
 
     def _step_tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers a compiled decode step's graphs read."""

@@ -289,9 +289,16 @@ def test_steady_decode_steps_notice_casts_and_grad_mode():
     model.bfloat16(), twin.bfloat16()  # in place: the same parameter objects, another dtype
     tok = both(tok, 3, 2e-2)  # bf16 (the graphs sum their products in another order)
     assert (steps.guarded_steps, steps.direct_steps) == (3, 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # part of dynamo's global-state guard
+    try:
+        tok = both(tok, 2, 2e-2)
+    finally:
+        torch.set_num_threads(threads)
+    assert (steps.guarded_steps, steps.direct_steps) == (4, 7)
     with torch.enable_grad():  # a step that records gradients always checks the guards
         model(tok, cache=cache)
-    assert (steps.guarded_steps, steps.direct_steps) == (4, 6)
+    assert (steps.guarded_steps, steps.direct_steps) == (5, 7)
 
 
 def test_compiled_code_for_finds_the_guarded_entry():
