@@ -218,7 +218,9 @@ class Transformer(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             cache = ctx.cache.layers[i] if ctx.cache is not None else None
-            if i == last and keep > 0 and cache is not None and ctx.start is not None:
+            # (a block with hooks -- FSDP's parameter gathering, a user's probe -- runs whole)
+            if (i == last and keep > 0 and cache is not None and ctx.start is not None
+                    and not (layer._forward_pre_hooks or layer._forward_hooks)):
                 return layer.forward_last(streams, ctx, cache, keep)
             streams = run(layer, streams, ctx, cache)
         return streams

@@ -105,6 +105,20 @@ def test_prefill_with_logits_to_keep_skips_the_last_blocks_other_rows(last, keep
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 58:], rtol=1e-4, atol=1e-4)
 
 
+def test_a_last_block_with_hooks_runs_whole_in_prefill():
+    """A hook on the last block (FSDP2 gathers a block's parameters in one; a user's probe) sees
+    the block's whole output: with a hook present, logits_to_keep does not prune it."""
+    model = model_with_topk(3)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5))
+    seen = []
+    model.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        last = model(ids, cache=model.new_cache(1, 24), logits_to_keep=1)
+        full = model(ids)
+    assert seen == [20, 20]
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-4, atol=1e-4)
+
+
 def test_rows_at_different_positions_decode_together():
     """Continuous batching: rows prefilled separately (different lengths) decode in one batch."""
     model = model_with_topk(3)
