@@ -260,6 +260,36 @@ def _to_bf16_in_place(cache):
                 s.entries = s.entries.bfloat16()
 
 
+def test_decode_graphs_serve_every_cache_length():
+    """The compressed-entry tables, the only cache tensors sized by max_len, are compiled with a
+    dynamic length: a second cache length (each `generate` sizes its cache to its prompt + new
+    tokens) reuses the graphs instead of compiling them again, and decodes as eager does."""
+    model = _model(seed=7).eval()
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, 9))
+
+    def decode(max_len):
+        cache = model.new_cache(1, max_len)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+        return _decode_steps(model, cache, tok, 4)[:2]
+
+    eager = {n: decode(n) for n in (40, 56)}
+    model.compile_blocks(backend=counting)
+    first = decode(40)
+    graphs = len(compiled)
+    second = decode(56)
+    assert graphs > 0 and len(compiled) == graphs  # no new graph for the second length
+    for n, got in ((40, first), (56, second)):
+        assert got[0] == eager[n][0]
+        torch.testing.assert_close(got[1], eager[n][1], rtol=1e-5, atol=1e-6)
+
+
 def test_steady_decode_steps_notice_casts_and_grad_mode():
     """The direct calls are dropped as soon as what dynamo's guards check changes under the same
     cache object: its tensors replaced by bf16 ones, the parameters cast to bf16 in place, a step
