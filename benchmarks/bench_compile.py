@@ -19,6 +19,7 @@ alternating so that load drift on a shared machine hits both alike; only the pri
     python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
     python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
     python benchmarks/bench_compile.py decode --preset small --guarded         # direct steady-state steps vs guards
+    python benchmarks/bench_compile.py decode --preset small --no-memory-planning   # pooled graph buffers vs not
     python benchmarks/bench_compile.py startup --preset small                  # a new process's warm start
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
@@ -126,6 +127,9 @@ def bench_decode(args) -> None:
     if args.per_block:  # one decode graph per block (+ one for the tail's) instead of decode_groups' runs
         variants["per-block graphs"] = copy.deepcopy(eager).compile_blocks(
             backend=args.backend, decode_group_size=1, **options)
+    if args.no_memory_planning:  # the engine's options without inductor's pooled buffers
+        plain = {"options": {k: v for k, v in options.get("options", {}).items() if k != "memory_planning"}}
+        variants["no memory planning"] = copy.deepcopy(eager).compile_blocks(backend=args.backend, **plain)
     if args.guarded:  # the same graphs, every step through dynamo's guards (model/dispatch.py)
         variants["guarded steps"] = guarded = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
     for name, model in variants.items():
@@ -233,6 +237,8 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--per-block", action="store_true",
                     help="decode: also time a copy compiled with one graph per block (decode_group_size=1)")
+    ap.add_argument("--no-memory-planning", action="store_true",
+                    help="decode: also a copy compiled without inductor's memory planning (the engine uses it on CPU)")
     ap.add_argument("--guarded", action="store_true",
                     help="decode: also a copy whose every step checks dynamo's guards (model/dispatch.py off)")
     ap.add_argument("--transformers", action="store_true", help="decode: also time transformers' generate")
