@@ -10,10 +10,12 @@ inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`
 and the Python `nanoseek.generate*` compile the decode step unless told not to -- decode only:
 prefill, training and scoring stay eager (`compile_blocks(decode_only=True)`).
 
-First use compiles (about a minute for `small` on 2 cores), once for every cache length (the graphs
-take the compressed-entry tables' length as dynamic: model/transformer.py `_cache_length_dynamic`);
-inductor's on-disk caches (FX graph + AOTAutograd) make every later process start in seconds
-(~6-7 s for `small`, mostly dynamo re-tracing the graphs; model/precision.py keeps them cacheable). On CPU the graphs are called
+First use compiles (about a minute for `small` on 2 cores; a second cache length -- each `generate`
+sizes its cache to its prompt + new tokens -- compiles the graphs once more with the length
+dynamic, after which every length is served; steady decode loops keep using the static graphs
+where they apply, model/dispatch.py); inductor's on-disk caches (FX graph + AOTAutograd) make
+every later process start in seconds (~6-7 s for `small`, mostly dynamo re-tracing the graphs;
+model/precision.py keeps them cacheable). On CPU the graphs are called
 through inductor's C++ wrapper (decode_compile_options). They live in
 ~/.cache/nanoseek/inductor (or $NANOSEEK_CACHE/inductor; an explicit $TORCHINDUCTOR_CACHE_DIR
 wins), not in /tmp where a reboot would empty them. torch keys the entries by graph, config and

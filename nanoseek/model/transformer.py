@@ -277,8 +277,6 @@ class Transformer(nn.Module):
         key = self._step_key(input_ids, ctx)
         state = [ctx.positions, *(t for lc in ctx.cache.layers for t in lc.tensors())]
         direct = steps.calls(ctx.cache, key, state)
-        if direct is None:
-            _cache_length_dynamic(ctx.cache)
         learned = []
         streams = self._input_streams(input_ids)
         for n, (group, blocks, entry, fn, raw) in enumerate(self.__dict__["_decode_plan"]):
@@ -651,15 +649,6 @@ def block_kind(block: nn.Module) -> tuple:
 
 def _call_block(block: nn.Module, *args):
     return block(*args)
-
-
-def _cache_length_dynamic(cache: DecodeCache) -> None:
-    """Compile the decode graphs for any cache length: the compressed-entry tables are the only
-    cache tensors whose size follows max_len, and every `generate` call sizes its cache to its
-    prompt + new tokens. Without this a second length recompiled every graph (dynamo's automatic
-    dynamic shapes: a second full compilation on a cold cache, ~3.5 s of tracing on a warm one)."""
-    for state in cache.states():
-        torch._dynamo.maybe_mark_dynamic(state.entries, 1)
 
 
 def _split_context(ctx: ForwardContext, at: int) -> tuple[ForwardContext, ForwardContext]:

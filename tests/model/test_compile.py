@@ -260,14 +260,15 @@ def _to_bf16_in_place(cache):
                 s.entries = s.entries.bfloat16()
 
 
-def test_decode_graphs_serve_every_cache_length():
-    """The compressed-entry tables, the only cache tensors sized by max_len, are compiled with a
-    dynamic length: a second cache length (each `generate` sizes its cache to its prompt + new
-    tokens) reuses the graphs instead of compiling them again, and decodes as eager does."""
+def test_decode_at_another_cache_length_returns_to_the_static_graphs():
+    """Each `generate` sizes its cache to its prompt + new tokens. A second length makes dynamo add
+    dynamic-shape graphs; both lengths decode as eager does, and a later loop at the first length
+    calls its static graphs again (the direct calls take the oldest accepting entry, where dynamo
+    would take the newest)."""
     model = _model(seed=7).eval()
     compiled = []
 
-    def counting(gm, example_inputs):
+    def recording(gm, example_inputs):
         compiled.append(gm)
         return gm.forward
 
@@ -280,14 +281,18 @@ def test_decode_graphs_serve_every_cache_length():
         return _decode_steps(model, cache, tok, 4)[:2]
 
     eager = {n: decode(n) for n in (40, 56)}
-    model.compile_blocks(backend=counting)
-    first = decode(40)
-    graphs = len(compiled)
-    second = decode(56)
-    assert graphs > 0 and len(compiled) == graphs  # no new graph for the second length
-    for n, got in ((40, first), (56, second)):
+    model.compile_blocks(backend=recording)
+    runs = [(n, decode(n)) for n in (40, 56, 40)]
+    for n, got in runs:
         assert got[0] == eager[n][0]
         torch.testing.assert_close(got[1], eager[n][1], rtol=1e-5, atol=1e-6)
+    static, dynamic = compiled[: len(compiled) // 2], compiled[len(compiled) // 2 :]
+    assert static and len(dynamic) == len(static)  # the second length compiled every graph again
+    learned = model.__dict__["_dispatch"]._learned.calls  # the last loop's direct calls (length 40)
+    entries = [torch._dynamo.eval_frame._debug_get_cache_entry_list(raw.__code__)
+               for _, _, _, _, raw in model.__dict__["_decode_plan"]]
+    assert all(len(e) == 2 for e in entries)  # static (oldest) and dynamic (newest) per graph
+    assert [f.__code__ for f in learned] == [e[-1].code for e in entries]
 
 
 def test_steady_decode_steps_notice_casts_and_grad_mode():
@@ -355,6 +360,11 @@ def test_compiled_code_for_finds_the_guarded_entry():
     assert compiled_code_for(plain, (x.double(), y)) is None  # the dtype guard fails
     assert compiled_code_for(plain, (x, x)) is None  # aliased inputs: another graph
     assert compiled_code_for(broken, (x,)) is None
+    torch.compile(plain, backend="eager")(torch.ones(5), torch.ones(5))  # a second shape: a dynamic entry
+    dynamic, static = torch._dynamo.eval_frame._debug_get_cache_entry_list(plain.__code__)  # newest first
+    assert dynamic.guard_manager.check({"x": x, "y": y}) and static.guard_manager.check({"x": x, "y": y})
+    assert compiled_code_for(plain, (x, y)).__code__ is static.code  # both accept (4,): the static one
+    assert compiled_code_for(plain, (torch.ones(6), torch.ones(6))).__code__ is dynamic.code
 
 
 def test_decode_graphs_hold_no_autocast_regions():
