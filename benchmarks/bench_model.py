@@ -7,8 +7,9 @@ Measures, for both implementations on identical weights (the issue's table, "as 
   * `nanoseek.generate` with default options (the decode step compiles where it can, see
     engine/compiling.py; the first call, compilation included, is reported apart) vs
     transformers' `generate`: greedy, batch 1, 64 new tokens after a 512-token prompt, prefill
-    included; plus the tok/s as a share of the memory-bandwidth roofline (activated fp32 weight
-    bytes per token / a read bandwidth measured in the same run);
+    included, the two in alternating rounds (the machine's speed drifts); plus the tok/s as a
+    share of the memory-bandwidth roofline (activated fp32 weight bytes per token / a read
+    bandwidth measured in the same run);
 and prints nanoseek/transformers ratios (training: the better of fp32 / bf16 on each side).
 
     python benchmarks/bench_model.py                 # full run (~10 min on 2 cores)
@@ -163,9 +164,10 @@ def generate_hf(model, prompt, new_tokens):
     return time.perf_counter() - t
 
 
-def generate_rounds(ours, hf, prompt, new_tokens: int, rounds: int) -> None:
+def generate_rounds(ours, hf, prompt, new_tokens: int, rounds: int) -> dict[str, float]:
     """`nanoseek.generate` (default options) and transformers' `generate` in alternating rounds,
-    so that the machine's load drift hits both alike: median tok/s of each and their ratio."""
+    so that the machine's load drift hits both alike: prints the median tok/s of each and their
+    ratio; returns the median seconds of each."""
     generate_nanoseek(ours, prompt, new_tokens)  # compiles the decode step (default options)
     generate_hf(hf, prompt, new_tokens)
     times = {"nanoseek": [], "transformers": []}
@@ -180,6 +182,7 @@ def generate_rounds(ours, hf, prompt, new_tokens: int, rounds: int) -> None:
     print(f"ratio nanoseek/transformers, generate (default options, prefill included), median of {rounds} "
           f"alternating rounds: {med['transformers'] / med['nanoseek']:.2f}x (target 4x); per round "
           f"{min(per_round):.2f}-{max(per_round):.2f}x, median {statistics.median(per_round):.2f}x")
+    return med
 
 
 def bf16_decode_check(model, prompt, new_tokens) -> None:
@@ -238,7 +241,7 @@ def main() -> None:
     print(f"allocator: {'freed memory kept for reuse (as nanoseek train)' if args.malloc == 'keep' else 'glibc default'}")
     torch.manual_seed(0)
     batch, seq = (2, 256) if args.quick else (4, 512)
-    steps = args.steps or (2 if args.quick else 4)
+    steps = args.steps or (3 if args.quick else 4)  # (a median of 2 is their mean: one slow step decides)
     new_tokens = 16 if args.quick else 64
     config = ModelConfig.from_preset("small")
     ours = Transformer(config)
@@ -298,18 +301,24 @@ def main() -> None:
         if name == "nanoseek":
             r["decode_loop_tok_s"] = decode_nanoseek(model, prompt, new_tokens)  # eager, bare loop
             r["first_generate_s"] = generate_nanoseek(model, prompt, new_tokens)  # compiles (default)
-            r["generate_s"] = median_time(lambda: generate_nanoseek(model, prompt, new_tokens), 0, max(2, steps - 1))
-        else:
-            r["generate_s"] = median_time(lambda: generate_hf(model, prompt, new_tokens), 1, max(2, steps - 1))
-        r["generate_tok_s"] = new_tokens / r["generate_s"]
+        if len(impls) == 1:  # (with both, `generate` is timed below in alternating rounds)
+            gen = generate_nanoseek if name == "nanoseek" else generate_hf
+            r["generate_s"] = median_time(lambda: gen(model, prompt, new_tokens), 1, max(2, steps - 1))
         extra = (f", bare eager decode loop {r['decode_loop_tok_s']:.1f} tok/s, first generate call "
                  f"{r['first_generate_s']:.1f} s") if name == "nanoseek" else ""
         print(f"{name:>12}: train fp32 {r['train_fp32_tok_s']:7.1f} tok/s (MFU {r['train_fp32_mfu']:.1%}, "
               f"peak RSS {r['train_fp32_rss']:.0f} MiB), bf16 {r['train_bf16_tok_s']:7.1f} tok/s "
               f"(MFU {r['train_bf16_mfu']:.1%}, peak RSS {r['train_bf16_rss']:.0f} MiB); "
-              f"prefill {seq} tok {r['prefill_s'] * 1e3:7.1f} ms ({seq / r['prefill_s']:.0f} tok/s); "
-              f"generate {new_tokens} tok {r['generate_tok_s']:6.1f} tok/s incl. prefill "
-              f"({r['generate_tok_s'] / roof:.0%} of the decode roofline){extra}", flush=True)
+              f"prefill {seq} tok {r['prefill_s'] * 1e3:7.1f} ms ({seq / r['prefill_s']:.0f} tok/s){extra}",
+              flush=True)
+    if len(impls) == 2:
+        med = generate_rounds(impls["nanoseek"], impls["transformers"], prompt, new_tokens, max(3, 2 * steps - 1))
+        for name, t in med.items():
+            results[name]["generate_s"] = t
+    for name, r in results.items():
+        if "generate_s" in r:
+            print(f"{name:>12}: generate {new_tokens} tok {new_tokens / r['generate_s']:6.1f} tok/s incl. prefill "
+                  f"({new_tokens / r['generate_s'] / roof:.0%} of the decode roofline)")
     if args.bf16_decode and "nanoseek" in impls:
         bf16_decode_check(impls["nanoseek"], prompt, new_tokens)
     if len(impls) == 2:
