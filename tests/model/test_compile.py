@@ -107,13 +107,8 @@ def test_compiled_decode_gives_eager_greedy_tokens():
                 first.append(model(p, cache=row)[0, -1].argmax())
                 cache.copy_row_(r, row, 0)
             tok = torch.stack(first)[:, None]
-            out, logits = [tok[:, 0].tolist()], []
-            for _ in range(steps):
-                lg = model(tok, cache=cache)[:, -1]
-                logits.append(lg)
-                tok = lg.argmax(-1, keepdim=True)
-                out.append(tok[:, 0].tolist())
-        return out, torch.stack(logits), cache
+        out, logits, _ = _decode_steps(model, cache, tok, steps)
+        return [tok[:, 0].tolist()] + out, logits, cache
 
     eager, eager_logits, eager_cache = greedy()
     model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: the decode block has no break
@@ -144,28 +139,36 @@ def test_decode_groups_pick_the_alignment_with_least_to_compile():
     assert max(map(len, groups)) == 2 and len(groups) == 22
 
 
+def _greedy(model, prompt, steps, max_len=64):
+    """Prefill `prompt` into a new cache, then `steps` greedy steps -> (tokens, logits)."""
+    cache = model.new_cache(prompt.shape[0], max_len)
+    with torch.no_grad():
+        tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
+    return _decode_steps(model, cache, tok, steps)[:2]
+
+
+def _decode_steps(model, cache, tok, steps):
+    """`steps` greedy one-token steps on `cache` -> (tokens, logits [steps, B, vocab])."""
+    out, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            lg = model(tok, cache=cache)[:, -1]
+            logits.append(lg)
+            tok = lg.argmax(-1, keepdim=True)
+            out.append(tok[:, 0].tolist())
+    return out, torch.stack(logits), tok
+
+
 def test_compiled_decode_runs_groups_of_blocks():
     """Three block kinds, decoded as two compiled graphs ([sliding, CSA], [HCA] + the tail; dynamo
     tracing only): the greedy tokens and logits of eager, and both graphs actually ran."""
     model = _model(seed=2).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 19))
 
-    def greedy(steps=12):
-        cache = model.new_cache(1, 64)
-        with torch.no_grad():
-            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
-            out, logits = [], []
-            for _ in range(steps):
-                lg = model(tok, cache=cache)[:, -1]
-                logits.append(lg)
-                tok = lg.argmax(-1, keepdim=True)
-                out.append(int(tok))
-        return out, torch.stack(logits)
-
-    eager, eager_logits = greedy()
+    eager, eager_logits = _greedy(model, prompt, 12)
     model.compile_blocks(backend="eager", fullgraph=True)  # fullgraph: a group has no break either
     assert model.__dict__["_decode_groups"] == [(0, 1), (2,)]
-    compiled, comp_logits = greedy()
+    compiled, comp_logits = _greedy(model, prompt, 12)
     assert len(model.__dict__["_compiled_ok"]) == 2
     assert compiled == eager
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-5, atol=1e-6)
@@ -198,18 +201,6 @@ def test_compiled_decode_with_a_cache_shorter_than_an_entry():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-def _decode_steps(model, cache, tok, steps):
-    """`steps` greedy one-token steps on `cache` -> (tokens, logits [steps, B, vocab])."""
-    out, logits = [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            lg = model(tok, cache=cache)[:, -1]
-            logits.append(lg)
-            tok = lg.argmax(-1, keepdim=True)
-            out.append(tok[:, 0].tolist())
-    return out, torch.stack(logits), tok
-
-
 def test_steady_decode_steps_call_the_compiled_code_without_guards():
     """After a decode loop's first compiled step (guards checked), later steps with the same
     cache and state call the graphs' compiled code directly (model/dispatch.py): the same tokens
@@ -221,10 +212,7 @@ def test_steady_decode_steps_call_the_compiled_code_without_guards():
     prompt = torch.randint(0, model.config.vocab_size, (1, 19))
 
     def run(steps=10):
-        cache = model.new_cache(1, 64)
-        with torch.no_grad():
-            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
-        return _decode_steps(model, cache, tok, steps)[:2]
+        return _greedy(model, prompt, steps)
 
     eager, eager_logits = run()
     model.compile_blocks(backend="eager", fullgraph=True)
@@ -275,10 +263,7 @@ def test_decode_at_another_cache_length_returns_to_the_static_graphs():
     prompt = torch.randint(0, model.config.vocab_size, (1, 9))
 
     def decode(max_len):
-        cache = model.new_cache(1, max_len)
-        with torch.no_grad():
-            tok = model(prompt, cache=cache)[:, -1:].argmax(-1)
-        return _decode_steps(model, cache, tok, 4)[:2]
+        return _greedy(model, prompt, 4, max_len)
 
     eager = {n: decode(n) for n in (40, 56)}
     model.compile_blocks(backend=recording)
