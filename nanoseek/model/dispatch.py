@@ -120,6 +120,3 @@ class StepDispatch:
             return
         weights = list(weights)
         self._learned = _Learned(weakref.ref(cache), key, weights, _meta(weights), _state_meta(state), list(calls))
-
-    def forget(self) -> None:
-        self._learned = None
