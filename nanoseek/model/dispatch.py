@@ -42,6 +42,10 @@ import torch
 
 enabled = True  # False: every step goes through dynamo's guards (the A/B of bench_compile.py --guarded)
 
+# the depth of the torch-function mode stack (part of dynamo's global-state guard); a torch
+# without this counter gets no direct calls rather than an unchecked one
+_mode_stack_depth = getattr(torch._C, "_len_torch_function_stack", None)
+
 try:  # dynamo's cache entries and their guard managers (torch >= 2.6)
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 except ImportError:  # pragma: no cover -- another torch layout: always guarded
@@ -57,7 +61,7 @@ def compiled_code_for(fn: Callable, args: tuple) -> Callable | None:
     first and adds a dynamic-shape entry when they change (a second cache length, a second batch
     size), and prefers the newest; the static graph is the faster one (a `small` decode step
     with the cache length dynamic measured 4-7% slower)."""
-    if _debug_get_cache_entry_list is None:
+    if _debug_get_cache_entry_list is None or _mode_stack_depth is None:
         return None
     code = fn.__code__
     f_locals = dict(zip(code.co_varnames[: code.co_argcount], args))
@@ -69,6 +73,12 @@ def compiled_code_for(fn: Callable, args: tuple) -> Callable | None:
     if entry is None or any(name.startswith("__resume_at") for name in entry.code.co_names):
         return None
     return types.FunctionType(entry.code, fn.__globals__, code.co_name)
+
+
+def mode_stack_depth() -> int:
+    """How many torch-function modes are active (-1 where this torch cannot tell: then
+    compiled_code_for returns nothing and every step is guarded)."""
+    return _mode_stack_depth() if _mode_stack_depth is not None else -1
 
 
 def _meta(tensors: list[torch.Tensor]) -> tuple:

@@ -309,7 +309,7 @@ class Transformer(nn.Module):
         # (dynamo's global-state guard also covers the thread count, deterministic algorithms and
         # the torch-function mode stack, e.g. a FlopCounterMode entered mid-loop)
         state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-                 torch.backends.cuda.matmul.allow_tf32, torch._C._len_torch_function_stack(),
+                 torch.backends.cuda.matmul.allow_tf32, dispatch.mode_stack_depth(),
                  torch.get_default_dtype(), torch.is_inference_mode_enabled(), autocast)
         return (tuple(input_ids.shape), input_ids.device, input_ids.dtype, state, self.training, ctx.dense_csa,
                 ctx.collect_balance, ctx.collect_indexer, switches)
