@@ -5,6 +5,7 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --rows 15 --threads 1
     python benchmarks/profile_model.py --decode         # also one eager batch-1 decode step
     python benchmarks/profile_model.py --switches --preset speedrun   # each fast path off vs on
+    python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
 (`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`)
@@ -17,6 +18,16 @@ by 10-30% between runs; compare the two modes of one run.
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
+
+--op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
+bf16 autocast) with a dispatch mode and a wall clock around each kernel call, and prints the time
+by op and by op + input shapes, forward and backward apart, plus how much goes to ops under 30 us
+(per-op overhead). Use it for big elementwise ops: on this kind of shared 2-core machine
+torch.profiler's self times inflated 16 MB multiplies and batched products 10-20x (42 ms for a
+[4, 512, 4, 512] multiply that takes ~2 ms), while the dispatch-mode times add up to the
+step's own wall time. One bias: autograd accumulates a gradient that arrives from several
+consumers in place (`add_`) in a plain run, but out of place (`add`) under the mode, whose Python
+references keep the first gradient alive; read the backward `add` rows as an upper bound.
 """
 
 from __future__ import annotations
@@ -25,8 +36,11 @@ import argparse
 import statistics
 import time
 
+import collections
+
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import hyper_connections, norm, rope
@@ -54,6 +68,68 @@ def table(prof, rows: int) -> str:
         lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.1%} | {e.count} |")
     lines.append(f"| **all ops** | **{total / 1e3:.1f}** | | **{sum(e.count for e in events)}** |")
     return "\n".join(lines)
+
+
+class OpTimer(TorchDispatchMode):
+    """Wall time of every aten op dispatched under it, keyed (phase, op, input shapes, dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.stats: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = time.perf_counter() - t
+        tensors = [a for a in args if isinstance(a, torch.Tensor)][:3]
+        key = (self.phase, func.overloadpacket.__name__, " ".join(str(list(a.shape)) for a in tensors),
+               "/".join(str(a.dtype).removeprefix("torch.") for a in tensors[:2]))
+        self.stats[key][0] += dt
+        self.stats[key][1] += 1
+        return out
+
+
+def op_times(model, ids, bf16: bool, rows: int) -> None:
+    """Print where one fast forward + loss + backward goes, op by op (see the module docstring)."""
+    timer = OpTimer()
+
+    def step():
+        timer.phase = "forward"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(ids, mtp_weight=0.0, indexer_weight=0.0).loss
+        timer.phase = "backward"
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    step()
+    wall = time.perf_counter() - t
+    with timer:
+        step()  # (one warm-up under the mode: its first dispatches are slower)
+    timer.stats.clear()
+    with timer:
+        step()
+    total = sum(v[0] for v in timer.stats.values())
+    n = sum(v[1] for v in timer.stats.values())
+    small = [v for v in timer.stats.values() if v[0] / v[1] < 30e-6]
+    print(f"{'bf16 autocast' if bf16 else 'fp32'} step, batch {tuple(ids.shape)}: {wall * 1e3:.0f} ms plain; "
+          f"{n} aten ops timed, {total * 1e3:.0f} ms in all; {sum(v[1] for v in small)} ops under 30 us "
+          f"take {sum(v[0] for v in small) * 1e3:.0f} ms\n")
+    by_op: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
+    for (phase, op, _, _), (dt, c) in timer.stats.items():
+        by_op[(phase, op)][0] += dt
+        by_op[(phase, op)][1] += c
+    lines = ["| phase | op | ms | share | calls |", "|---|---|---|---|---|"]
+    for (phase, op), (dt, c) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {phase} | `{op}` | {dt * 1e3:.1f} | {dt / total:.1%} | {c} |")
+    print("\n".join(lines) + "\n")
+    lines = ["| phase | op | inputs | dtypes | ms | calls |", "|---|---|---|---|---|---|"]
+    for (phase, op, shapes, dtypes), (dt, c) in sorted(timer.stats.items(), key=lambda kv: -kv[1][0])[:2 * rows]:
+        lines.append(f"| {phase} | `{op}` | {shapes} | {dtypes} | {dt * 1e3:.1f} | {c} |")
+    print("\n".join(lines))
 
 
 SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = the fast path)
@@ -99,6 +175,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--decode", action="store_true", help="also profile one eager batch-1 decode step")
     ap.add_argument("--switches", action="store_true", help="time each fast-path switch off vs on instead")
+    ap.add_argument("--op-times", action="store_true",
+                    help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
+    ap.add_argument("--bf16", action="store_true", help="with --op-times: the step under bf16 autocast")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +192,9 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     if args.switches:
         switch_ab(model, ids, max(args.reps, 8))
+        return
+    if args.op_times:
+        op_times(model.train(), ids, args.bf16, args.rows)
         return
     steps = {mode: train_step(model, ids, mode == "fast") for mode in ("reference", "fast")}
     times: dict[str, list[float]] = {m: [] for m in steps}

@@ -1,0 +1,57 @@
+"""benchmarks/profile_model.py --op-times: the per-op wall-clock timer the speed tables rely on."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _tool():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_model.py"
+    spec = importlib.util.spec_from_file_location("profile_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_op_timer_counts_each_product_in_its_phase():
+    # three bias-free linears: the forward is 3 products; the backward 3 weight gradients and 2
+    # input gradients (the network's input does not require one) -- counted independently of
+    # autograd's internals by the layer structure alone
+    torch.manual_seed(0)
+    net = nn.Sequential(*(nn.Linear(32, 32, bias=False) for _ in range(3)))
+    x = torch.randn(8, 32)
+    timer = _tool().OpTimer()
+    t = time.perf_counter()
+    with timer:
+        loss = net(x).square().sum()
+        timer.phase = "backward"
+        loss.backward()
+    wall = time.perf_counter() - t
+    calls = {}
+    for (phase, op, shapes, dtypes), (dt, n) in timer.stats.items():
+        assert dt > 0 and n > 0 and dtypes.startswith("float32")
+        calls[(phase, op)] = calls.get((phase, op), 0) + n
+    assert calls[("forward", "mm")] == 3
+    assert calls[("backward", "mm")] == 5
+    assert ("forward", "sum") in calls and ("backward", "sum") not in calls  # the loss's sum: forward only
+    assert sum(v[0] for v in timer.stats.values()) <= wall
+    shapes = {k[2] for k in timer.stats if k[:2] == ("forward", "mm")}
+    assert shapes == {"[8, 32] [32, 32]"}
+
+
+def test_op_times_report_on_a_tiny_model(capsys, tiny_config):
+    from nanoseek import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).train()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 32))
+    _tool().op_times(model, ids, bf16=False, rows=5)
+    out = capsys.readouterr().out
+    assert out.startswith("fp32 step, batch (2, 32):")
+    assert "| forward | `" in out and "| backward | `" in out
+    assert all(p.grad is None for p in model.parameters())  # the tool leaves no gradients behind
