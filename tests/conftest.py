@@ -13,6 +13,16 @@ REFERENCE = REPO / "tests" / "fixtures" / "reference"
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"  # the project's machines and CI only
 
 
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (a script, not a package) as a module, for tests of its parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def in_ci() -> bool:
     """CI=true: what CI runs must not silently skip what the set-up is meant to provide."""
     return os.environ.get("CI", "").lower() == "true"

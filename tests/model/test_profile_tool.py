@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..conftest import load_benchmark
+
 
 def _tool():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_model.py"
-    spec = importlib.util.spec_from_file_location("profile_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("profile_model")
 
 
 def test_op_timer_counts_each_product_in_its_phase():

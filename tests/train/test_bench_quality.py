@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,13 @@ import torch
 from nanoseek import ModelConfig
 from nanoseek.model import count_parameters
 
+from ..conftest import load_benchmark
+
 transformers = pytest.importorskip("transformers")
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_quality")
 
 
 def test_doc_mask_and_positions():
