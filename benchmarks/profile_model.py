@@ -33,10 +33,9 @@ references keep the first gradient alive; read the backward `add` rows as an upp
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
-
-import collections
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -179,6 +178,8 @@ def main() -> None:
                     help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
     ap.add_argument("--bf16", action="store_true", help="with --op-times: the step under bf16 autocast")
     args = ap.parse_args()
+    if args.bf16 and not args.op_times:
+        ap.error("--bf16 applies to --op-times only (the other modes time fp32 steps)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
