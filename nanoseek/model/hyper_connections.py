@@ -106,11 +106,16 @@ class _Sinkhorn(torch.autograd.Function):
         return _tokens_first(g, ctx.shape), None, None
 
 
+def _pre(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float) -> torch.Tensor:
+    """pre = sigmoid(a_pre * mix_pre + b_pre) + eps: how the streams are collapsed into one input."""
+    return torch.sigmoid(mix * scale + base) + eps
+
+
 def mix_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int, eps: float):
     """mix [..., 2n+n*n] -> pre [..., n], post [..., n], comb [..., n, n] (spec 1.2 step 3)."""
     pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = base.split([n, n, n * n])
-    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
+    pre = _pre(pre_w, scale[0], pre_b, eps)
     post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
     comb_logits = (comb_w * scale[2] + comb_b).unflatten(-1, (n, n))
     if HyperConnection.fused and torch.is_grad_enabled() and comb_logits.requires_grad:
@@ -148,7 +153,7 @@ class HyperConnection(nn.Module):
     def block_input(self, streams: torch.Tensor) -> torch.Tensor:
         """collapse()'s block input alone: no post / comb weights (no Sinkhorn)."""
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
-        pre = torch.sigmoid(mix[..., : self.n] * self.scale[0] + self.base[: self.n]) + self.hc_eps
+        pre = _pre(mix[..., : self.n], self.scale[0], self.base[: self.n], self.hc_eps)
         return _weighted_sum(pre, streams)
 
     @staticmethod
@@ -178,7 +183,7 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
-        pre = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps
+        pre = _pre(mix, self.scale, self.base, self.hc_eps)
         return _weighted_sum(pre, streams)
 
 

@@ -286,6 +286,7 @@ class Transformer(nn.Module):
             if direct is not None:
                 out = direct[n](*args)
             else:
+                # (a group that fails to compile uncompiles the model: the rest of the step is eager)
                 out = self._compiled_call(fn, *args) if "_compiled_blocks" in self.__dict__ else None
                 if out is None:
                     out, raw = entry(*args), None
@@ -546,7 +547,6 @@ class Transformer(nn.Module):
 
         self.__dict__["_compiled_blocks"] = lambda entry, blocks: compiled(entry, blocks)[0]
         groups = decode_groups([block_kind(b) for b in self.layers], decode_group_size)
-        self.__dict__["_decode_groups"] = groups
         # each step's (layer indices, blocks, entry point, compiled entry, the function it
         # compiles), resolved once here rather than on every step
         plan = []
@@ -561,8 +561,7 @@ class Transformer(nn.Module):
         return self
 
     def uncompile_blocks(self) -> "Transformer":
-        for key in ("_compiled_blocks", "_decode_groups", "_decode_plan", "_dispatch", "_compiled_decode_only",
-                    "_compiled_ok"):
+        for key in ("_compiled_blocks", "_decode_plan", "_dispatch", "_compiled_decode_only", "_compiled_ok"):
             self.__dict__.pop(key, None)
         return self
 

@@ -87,6 +87,30 @@ def test_failing_compiler_falls_back_to_eager():
     assert not model.blocks_compiled
 
 
+def test_a_later_group_failing_to_compile_finishes_the_step_eagerly():
+    """The first decode graph compiles, the second (tiny's last group) does not: after one
+    compiled group the step finishes eagerly, the model is uncompiled, the tokens are eager's.
+    (A failure in the first group, with groups after it: test_failing_compiler_falls_back_to_eager.)"""
+    model = _tiny(1)  # tiny: 4 blocks -> 2 decode graphs
+    prompt = torch.randint(0, model.config.vocab_size, (12,)).tolist()
+    expected = generate(model, prompt, 6, compile=False)
+    seen = []
+
+    def second_fails(gm, example_inputs):
+        seen.append(gm)
+        if len(seen) == 2:
+            raise RuntimeError("no C++ compiler for this one")
+        return gm.forward
+
+    model.compile_blocks(backend=second_fails, decode_only=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = generate(model, prompt, 6)
+    assert got == expected and len(seen) == 2
+    assert any(issubclass(w.category, RuntimeWarning) and "running eagerly" in str(w.message) for w in caught)
+    assert not model.blocks_compiled
+
+
 def test_compiled_decode_only_matches_eager():
     """decode_only with dynamo tracing (backend="eager": no code generation, fast): same tokens."""
     model = _tiny(2)

@@ -114,7 +114,7 @@ def test_compiled_decode_gives_eager_greedy_tokens():
     model.compile_blocks(backend="aot_eager", fullgraph=True)  # fullgraph: the decode block has no break
     compiled, comp_logits, comp_cache = greedy()
     # the block and the step's tail (hyper head, norm, LM head) ran as one compiled graph
-    assert model.__dict__["_decode_groups"] == [(0,)] and len(model.__dict__["_compiled_ok"]) == 1
+    assert [plan[0] for plan in model.__dict__["_decode_plan"]] == [(0,)] and len(model.__dict__["_compiled_ok"]) == 1
     assert compiled == eager
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
     for a, b in zip(eager_cache.layers, comp_cache.layers):  # the cache state itself agrees
@@ -167,7 +167,7 @@ def test_compiled_decode_runs_groups_of_blocks():
 
     eager, eager_logits = _greedy(model, prompt, 12)
     model.compile_blocks(backend="eager", fullgraph=True)  # fullgraph: a group has no break either
-    assert model.__dict__["_decode_groups"] == [(0, 1), (2,)]
+    assert [plan[0] for plan in model.__dict__["_decode_plan"]] == [(0, 1), (2,)]
     compiled, comp_logits = _greedy(model, prompt, 12)
     assert len(model.__dict__["_compiled_ok"]) == 2
     assert compiled == eager
@@ -224,7 +224,7 @@ def test_steady_decode_steps_call_the_compiled_code_without_guards():
     assert tokens == eager
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
     assert (steps.guarded_steps, steps.direct_steps) == (1, 9)
-    assert len(entered) == len(model.__dict__["_decode_groups"])  # dynamo's entries: first step only
+    assert len(entered) == len(model.__dict__["_decode_plan"])  # dynamo's entries: first step only
     dispatch.enabled = False
     try:
         guarded, guarded_logits = run()
