@@ -42,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.config import PRESETS
 from nanoseek.model import hyper_connections, norm, rope
 from nanoseek.model.attention import Attention
 
@@ -166,7 +167,7 @@ def switch_ab(model, ids, reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="small", choices=[*PRESETS, "speedrun"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
@@ -178,6 +179,9 @@ def main() -> None:
                     help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
     ap.add_argument("--bf16", action="store_true", help="with --op-times: the step under bf16 autocast")
     args = ap.parse_args()
+    for name in ("batch", "seq", "reps", "rows"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.bf16 and not args.op_times:
         ap.error("--bf16 applies to --op-times only (the other modes time fp32 steps)")
     if args.threads:
