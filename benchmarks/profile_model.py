@@ -8,15 +8,17 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
-(`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`)
-and the head's cross-entropy over kept logits (`loss(return_logits=True)`). "fast" is the default
-model. Each mode is timed (forward + loss + backward, median of --reps after a warm-up) and then
-profiled once; the tables list the ops with the most self time. Timings on a shared machine move
-by 10-30% between runs; compare the two modes of one run.
+(`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`,
+which also leaves out the C Sinkhorn of `cpu_kernels`) and the head's cross-entropy over kept
+logits (`loss(return_logits=True)`). "fast" is the default model. Each mode is timed (forward
++ loss + backward, median of --reps after a warm-up) and then profiled once; the tables list the
+ops with the most self time. Timings on a shared machine move by 10-30% between runs; compare
+the two modes of one run.
 
 --switches instead times the full V4 objective's forward + backward (CE + MTP + balance +
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
-(`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`) and prints
+(`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
+`cpu_kernels.enabled`: the C Sinkhorn) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 
 --op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
@@ -43,13 +45,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import PRESETS
-from nanoseek.model import hyper_connections, norm, rope
+from nanoseek.model import cpu_kernels, hyper_connections, norm, rope
 from nanoseek.model.attention import Attention
 
 
 def set_mode(fast: bool) -> None:
     Attention.use_sdpa = fast
     hyper_connections.HyperConnection.fused = fast
+    cpu_kernels.enabled = fast
 
 
 def train_step(model, ids, fast: bool):
@@ -137,6 +140,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "rope.use_complex": (rope, "use_complex"),
     "HyperConnection.fused": (hyper_connections.HyperConnection, "fused"),
     "Attention.use_sdpa": (Attention, "use_sdpa"),
+    "cpu_kernels.enabled": (cpu_kernels, "enabled"),
 }
 
 

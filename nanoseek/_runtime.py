@@ -1,7 +1,9 @@
-"""Process-level settings for long CPU runs (bottom layer: imports nothing of nanoseek).
+"""Process-level settings for long CPU runs, and where nanoseek caches what it builds (bottom
+layer: imports nothing of nanoseek).
 
-    from nanoseek._runtime import keep_freed_memory
+    from nanoseek._runtime import keep_freed_memory, cache_root
     keep_freed_memory()          # the trainer calls it once per process
+    cache_root()                 # ~/.cache/nanoseek or $NANOSEEK_CACHE
 
 Why: glibc's malloc serves every allocation above its mmap threshold (128 KiB, adapting up to
 32 MiB) with a fresh mmap and hands it back to the kernel on free. A training step allocates
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _done = False
@@ -40,3 +43,9 @@ def keep_freed_memory() -> bool:
         return False
     _done = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+def cache_root() -> Path:
+    """Where nanoseek keeps what it builds for this machine (inductor's compiled graphs, the C
+    kernels): $NANOSEEK_CACHE, else ~/.cache/nanoseek."""
+    return Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek")

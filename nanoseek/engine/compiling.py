@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+
+from .._runtime import cache_root
 
 _OFF = ("0", "false", "off", "no")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek")
 
 
 def use_persistent_cache() -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import gemv
+from . import cpu_kernels, gemv
 from .precision import fp32_region
 
 
@@ -44,6 +44,8 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     result is (approximately) doubly stochastic.
     """
     if not (torch.is_grad_enabled() and logits.requires_grad):
+        if HyperConnection.fused and cpu_kernels.sinkhorn_applies(logits, iters):
+            return cpu_kernels.sinkhorn(logits, iters, eps)  # one C call (eager CPU)
         # inference: the same arithmetic in place, tokens last (see _tokens_last)
         m = torch.softmax(_tokens_last(logits), dim=1).add_(eps)
         m.div_(m.sum(dim=0, keepdim=True).add_(eps))
@@ -106,6 +108,22 @@ class _Sinkhorn(torch.autograd.Function):
         return _tokens_first(g, ctx.shape), None, None
 
 
+class _SinkhornKernel(torch.autograd.Function):
+    """`sinkhorn` as one C call each way (model/cpu_kernels.py, kernels/sinkhorn.c): the same
+    steps as _Sinkhorn, with the forward recomputed inside the backward from the saved logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        ctx.iters, ctx.eps = iters, eps
+        return cpu_kernels.sinkhorn(logits, iters, eps)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        return cpu_kernels.sinkhorn_backward(logits, g, ctx.iters, ctx.eps), None, None
+
+
 def _pre(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float) -> torch.Tensor:
     """pre = sigmoid(a_pre * mix_pre + b_pre) + eps: how the streams are collapsed into one input."""
     return torch.sigmoid(mix * scale + base) + eps
@@ -119,7 +137,8 @@ def mix_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: i
     post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
     comb_logits = (comb_w * scale[2] + comb_b).unflatten(-1, (n, n))
     if HyperConnection.fused and torch.is_grad_enabled() and comb_logits.requires_grad:
-        comb = _Sinkhorn.apply(comb_logits, iters, eps)
+        kernel = _SinkhornKernel if cpu_kernels.sinkhorn_applies(comb_logits, iters) else _Sinkhorn
+        comb = kernel.apply(comb_logits, iters, eps)
     else:
         comb = sinkhorn(comb_logits, iters, eps)
     return pre, post, comb

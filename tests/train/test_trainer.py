@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model import cpu_kernels
 from nanoseek.model.moe import MoE
 from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree
 from nanoseek.train.objectives import PretrainObjective
@@ -123,10 +124,16 @@ def test_resume_is_bitwise_identical(train_data, tmp_path):
     assert ta["loaders"] == tb["loaders"] and ta["trainer"]["tokens"] == tb["trainer"]["tokens"]
 
 
-def test_compiled_training_follows_the_eager_run(train_data, tmp_path):
+def test_compiled_training_follows_the_eager_run(train_data, tmp_path, monkeypatch):
     """`--compile BACKEND` trains through the compiled block halves (regional compile) and gives
     the eager run's loss trajectory. aot_eager keeps the test cheap: it traces forward and
-    backward exactly as inductor does, without generating C++."""
+    backward exactly as inductor does, without generating C++.
+
+    Both runs use PyTorch's Sinkhorn: compiled graphs never call the eager C kernel
+    (model/cpu_kernels.py), whose last-bit differences the indexer's top-k turns into a
+    0.3% different indexer loss one optimizer step later (kernel vs PyTorch, both eager: step 1
+    equal to 2e-7, step 2 2.8e-3). The kernel's own equivalence: tests/model/test_cpu_kernels.py."""
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
     a, b = tmp_path / "eager", tmp_path / "compiled"
     train(tiny_cfg(train_data, a, max_steps=3, deterministic=True))
     s = train(tiny_cfg(train_data, b, max_steps=3, deterministic=True, compile="aot_eager"))

@@ -1,0 +1,173 @@
+"""C kernels for the eager CPU paths: built on first use with the system C compiler, loaded with
+ctypes, and used where they apply; everywhere else the PyTorch code runs.
+
+    from nanoseek.model import cpu_kernels
+    cpu_kernels.available()                 # True once kernels/sinkhorn.c is built (or cached)
+    out = cpu_kernels.sinkhorn(logits, 20, 1e-6)           # [..., n, n] fp32/fp64 CPU tensors
+    dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
+
+Why: mHC's Sinkhorn projection (spec 1.2) is 2 * 20 - 1 normalisations of a 4 x 4 matrix per
+token. In PyTorch that is ~120 tiny ops forward and ~200 backward per mHC site, and on a CPU
+their dispatch costs more than their arithmetic: ~1.3 ms of a site's forward + backward at
+1,024 tokens, most of a second over a `small` training step's 16 sites. One C call per
+direction does the same arithmetic in ~0.25 ms (kernels/sinkhorn.c says how; docs/model.md
+"Speed" has the measurements). Compiled graphs (the decode step, `compile_kernels`) keep the
+PyTorch code, which inductor fuses itself.
+
+Build: `cc -O3 -march=native -fno-trapping-math -shared` (or $CC) into ~/.cache/nanoseek/kernels/<key>/ (or
+$NANOSEEK_CACHE/kernels), where the key hashes the sources, the flags, the compiler's version
+and the CPU's feature flags, so a cache shared between machines never loads a library built for
+another CPU. Each build is written to a temporary name and renamed into place (concurrent
+processes, e.g. torchrun ranks, may both build; one wins, both load a complete file). A build
+takes ~0.5 s, once per machine. Without a working compiler, or with NANOSEEK_CPU_KERNELS=0, or
+with `cpu_kernels.enabled = False`, nothing changes but the speed: the PyTorch path runs.
+The C code reads and writes only tensors this module allocated or checked (CPU, contiguous,
+dtype, shape), and ctypes releases the GIL for the call, so server threads run alongside.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .._runtime import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).with_name("kernels")
+_FILES = ("sinkhorn.c", "sinkhorn_body.h")
+MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
+MAX_ITERS = 64
+_OFF = ("0", "false", "off", "no")
+
+# the switch the tests and benchmarks flip (False: the PyTorch path everywhere)
+enabled = os.environ.get("NANOSEEK_CPU_KERNELS", "1").strip().lower() not in _OFF
+
+_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _compiler() -> list[str] | None:
+    """$CC (which may carry a wrapper or flags: "ccache gcc"), else the first of cc, gcc, clang."""
+    cc = shlex.split(os.environ.get("CC", ""))
+    if cc:
+        return cc
+    found = next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+    return [found] if found else None
+
+
+def _cpu_flags() -> str:
+    """What decides which instructions -march=native may use: the CPU's feature flags (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: list[str]) -> Path:
+    """Compile the kernels (or find them in the cache); returns the shared library's path."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    # -fno-trapping-math: no FP exceptions are ever unmasked, and without it gcc keeps the
+    # clamps in the kernel's exp as branches and leaves that loop scalar (results are the same)
+    attempts = (["-O3", "-march=native"], ["-O3"])  # a compiler without -march=native: generic code
+    errors = []
+    for opt in attempts:
+        flags = [*opt, "-fno-trapping-math", "-std=c99", "-fPIC", "-shared"]
+        key = hashlib.sha256()
+        for name in _FILES:
+            key.update((SOURCES / name).read_bytes())
+        for part in (" ".join(flags), version, _cpu_flags(), platform.machine()):
+            key.update(part.encode())
+        target = cache_root() / "kernels" / key.hexdigest()[:20] / "nanoseek_kernels.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            cmd = [*cc, *flags, "-I", str(SOURCES), str(SOURCES / "sinkhorn.c"), "-o", tmp, "-lm"]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (no compiler, a failed build: logged once, PyTorch path)."""
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler found: the eager CPU paths use PyTorch ops only")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("nanoseek's CPU kernels did not build (%s): the PyTorch path runs instead", exc)
+        return None
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    lib.sinkhorn_tokens_per_block.restype = long
+    for dtype, real in _REAL.items():
+        fn = getattr(lib, f"sinkhorn_{_SUFFIX[dtype]}")
+        fn.argtypes = [ptr, ptr, ptr, ptr, long, long, long, real, ptr]
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are switched on and built (builds them on the first call)."""
+    return enabled and _library() is not None
+
+
+def sinkhorn_applies(logits: torch.Tensor, iters: int) -> bool:
+    """Whether `sinkhorn` can run these logits ([..., n, n], CPU, fp32/fp64) in eager mode."""
+    return (logits.device.type == "cpu" and logits.dtype in _REAL and logits.dim() >= 2
+            and logits.shape[-1] == logits.shape[-2] and 1 <= logits.shape[-1] <= MAX_N
+            and 1 <= iters <= MAX_ITERS and not torch.compiler.is_compiling() and available())
+
+
+def _call(logits: torch.Tensor, grad: torch.Tensor | None, iters: int, eps: float) -> torch.Tensor:
+    n = logits.shape[-1]
+    x = logits.detach().contiguous()
+    result = torch.empty_like(x)
+    lib = _library()
+    work = torch.empty((3 * n * n + (2 * iters - 1) * n) * lib.sinkhorn_tokens_per_block(), dtype=x.dtype)
+    if grad is None:
+        args = (x.data_ptr(), result.data_ptr(), None, None)
+    else:
+        if grad.shape != x.shape:
+            raise ValueError(f"sinkhorn_backward: grad {tuple(grad.shape)} vs logits {tuple(x.shape)}")
+        g = grad.detach().to(x.dtype).contiguous()
+        args = (x.data_ptr(), None, g.data_ptr(), result.data_ptr())
+    fn = getattr(lib, f"sinkhorn_{_SUFFIX[x.dtype]}")
+    fn(*args, x.numel() // (n * n), n, iters, eps, work.data_ptr())
+    return result
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """hyper_connections.sinkhorn's result (no autograd); needs sinkhorn_applies(logits, iters)."""
+    return _call(logits, None, iters, eps)
+
+
+def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """d(sum(grad * sinkhorn(logits))) / d logits (the forward is recomputed from the logits)."""
+    return _call(logits, grad, iters, eps)

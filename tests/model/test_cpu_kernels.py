@@ -1,0 +1,189 @@
+"""The C kernels of the eager CPU paths (nanoseek/model/cpu_kernels.py, kernels/sinkhorn.c)
+against the PyTorch reference, and their build: cached per machine, rebuilt when the CPU
+differs, and a missing or failing compiler leaves the PyTorch path running.
+
+The reference is hyper_connections.sinkhorn's op-by-op autograd formula (float64 where exactness
+matters); torch.autograd.gradcheck checks the kernel's backward on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model import cpu_kernels
+from nanoseek.model import hyper_connections as hc
+
+from ..conftest import skip_unless_ci
+
+
+@pytest.fixture
+def kernels():
+    """The kernels built (fails in CI, skips elsewhere without a C compiler); the switch
+    restored whatever a test does."""
+    if not cpu_kernels.available():
+        skip_unless_ci("no C compiler: the CPU kernels cannot be built")
+    yield
+    cpu_kernels.enabled = True
+    hc.HyperConnection.fused = True
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty kernel cache and a forgotten library, put back afterwards."""
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    yield tmp_path
+    cpu_kernels._library.cache_clear()
+
+
+def _reference(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float):
+    x = logits.detach().clone().requires_grad_()
+    hc.HyperConnection.fused = False   # the op-by-op formula
+    try:
+        out = hc.sinkhorn(x, iters, eps)
+    finally:
+        hc.HyperConnection.fused = True
+    (dx,) = torch.autograd.grad(out, x, grad)
+    return out.detach(), dx
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("n,iters,tokens", [(4, 20, 37), (4, 1, 16), (2, 2, 5), (3, 7, 1), (4, 20, 0), (8, 3, 33)])
+def test_sinkhorn_kernel_equals_reference(kernels, dtype, tol, n, iters, tokens):
+    torch.manual_seed(n * 100 + iters)
+    logits = (2 * torch.randn(tokens, n, n, dtype=dtype)).view(tokens, 1, n, n)
+    grad = torch.randn_like(logits)
+    ref, dref = _reference(logits, grad, iters, 1e-6)
+    out = cpu_kernels.sinkhorn(logits, iters, 1e-6)
+    dx = cpu_kernels.sinkhorn_backward(logits, grad, iters, 1e-6)
+    assert out.shape == dx.shape == logits.shape and out.dtype == dx.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, dref, rtol=10 * tol, atol=10 * tol)
+
+
+def test_sinkhorn_kernel_gradcheck_float64(kernels):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: hc._SinkhornKernel.apply(x, 5, 1e-6), (logits,))
+    small = torch.randn(3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: hc._SinkhornKernel.apply(x, 20, 1e-6), (small,))
+
+
+def test_extreme_logits_match_the_reference(kernels):
+    """Large, tiny, -inf and NaN logits: the kernel's exp (its own polynomial) behaves like
+    torch's softmax; a NaN spoils only its own token."""
+    logits = torch.randn(6, 4, 4)
+    logits[0] *= 100            # exp arguments down to about -1000: underflow to ~0
+    logits[1] *= 1e-6
+    logits[2, 1, 3] = float("-inf")
+    logits[3, 0, 0] = 80.0      # near the float exp range
+    logits[4, 2, 1] = float("nan")
+    out = cpu_kernels.sinkhorn(logits, 20, 1e-6)
+    ref, _ = _reference(logits, torch.ones_like(logits), 20, 1e-6)
+    assert torch.isnan(out[4]).any() and torch.isnan(ref[4]).any()
+    keep = [0, 1, 2, 3, 5]
+    torch.testing.assert_close(out[keep], ref[keep], rtol=2e-6, atol=2e-6)
+
+
+def test_the_model_uses_the_kernel_where_it_applies(kernels, monkeypatch):
+    calls = []
+    real = cpu_kernels._call
+    monkeypatch.setattr(cpu_kernels, "_call", lambda *a: calls.append(a[1] is None) or real(*a))
+    x = torch.randn(5, 4, 4, requires_grad=True)
+    out = hc.mix_weights(torch.randn(5, 24, requires_grad=True), torch.ones(3), torch.zeros(24), 4, 20, 1e-6)[2]
+    out.sum().backward()
+    assert calls == [True, False]                  # the training forward, then its backward
+    with torch.no_grad():
+        hc.sinkhorn(x, 20, 1e-6)
+    assert calls[-1] is True                       # inference
+    n_calls = len(calls)
+    # bf16, n > 8, more than 64 iterations, a non-square matrix: the PyTorch path
+    for logits, iters in [(x.bfloat16(), 20), (torch.randn(2, 9, 9), 20), (x, 65), (torch.randn(2, 4, 3), 20)]:
+        assert not cpu_kernels.sinkhorn_applies(logits, iters)
+    with torch.no_grad():
+        hc.sinkhorn(torch.randn(2, 9, 9), 20, 1e-6)
+    cpu_kernels.enabled = False
+    assert not cpu_kernels.sinkhorn_applies(x, 20)
+    with torch.no_grad():
+        hc.sinkhorn(x, 20, 1e-6)
+    hc.HyperConnection.fused = False              # the plain reference never takes the kernel
+    cpu_kernels.enabled = True
+    with torch.no_grad():
+        hc.sinkhorn(x, 20, 1e-6)
+    assert len(calls) == n_calls
+
+
+def test_model_loss_and_gradients_with_and_without_the_kernel(kernels):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    results = []
+    for on in (False, True):
+        cpu_kernels.enabled = on
+        model.zero_grad(set_to_none=True)
+        terms = model.loss(ids)
+        terms.loss.backward()
+        with torch.no_grad():
+            logits = model(ids)
+        results.append((terms.loss.detach(), logits, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}))
+    (loss0, logits0, g0), (loss1, logits1, g1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits1, logits0, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        scale = g0[name].abs().max().clamp_min(1e-12)
+        assert (g1[name] - g0[name]).abs().max() / scale < 1e-3, name
+
+
+def test_build_is_cached_and_keyed_by_cpu(kernels, fresh_build, monkeypatch):
+    builds = []
+    run = subprocess.run
+
+    def counting_run(cmd, *a, **kw):
+        if "-shared" in cmd:
+            builds.append(cmd)
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", counting_run)
+    assert cpu_kernels.available() and len(builds) == 1
+    libs = list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))
+    assert len(libs) == 1 and not list(fresh_build.glob("kernels/*/*.tmp*"))
+    cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available() and len(builds) == 1          # a new process: loaded, not rebuilt
+    cpu_kernels._library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : another cpu")
+    assert cpu_kernels.available() and len(builds) == 2          # another CPU: its own build
+    assert len(list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))) == 2
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_without_a_working_compiler_the_pytorch_path_runs(fresh_build, monkeypatch, caplog, cc):
+    monkeypatch.setenv("CC", cc)
+    with caplog.at_level(logging.INFO, logger="nanoseek.model.cpu_kernels"):
+        assert not cpu_kernels.available()
+    assert "PyTorch path" in caplog.text
+    x = torch.randn(3, 4, 4, requires_grad=True)
+    assert not cpu_kernels.sinkhorn_applies(x, 20)
+    out = hc.mix_weights(torch.randn(3, 24, requires_grad=True), torch.ones(3), torch.zeros(24), 4, 20, 1e-6)[2]
+    out.sum().backward()                                          # the torch Function
+    torch.testing.assert_close(out.sum(-2), torch.ones(3, 4), rtol=1e-4, atol=1e-4)   # columns sum to 1
+    assert not list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))
+
+
+def test_backward_checks_the_gradient_shape(kernels):
+    with pytest.raises(ValueError, match="grad"):
+        cpu_kernels.sinkhorn_backward(torch.randn(3, 4, 4), torch.randn(2, 4, 4), 20, 1e-6)
+
+
+def test_cc_may_name_a_wrapper(kernels, fresh_build, monkeypatch):
+    """$CC as users set it for ccache ("ccache gcc"): a command line, not one path."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("CC", f"env {cpu_kernels._compiler()[0]}")
+    assert cpu_kernels.available()
+    assert list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))
