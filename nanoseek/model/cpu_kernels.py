@@ -2,27 +2,33 @@
 ctypes, and used where they apply; everywhere else the PyTorch code runs.
 
     from nanoseek.model import cpu_kernels
-    cpu_kernels.available()                 # True once kernels/sinkhorn.c is built (or cached)
+    cpu_kernels.available()                 # True once kernels/*.c are built (or found cached)
     out = cpu_kernels.sinkhorn(logits, 20, 1e-6)           # [..., n, n] fp32/fp64 CPU tensors
     dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
+    y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L)
+    dgate, dup = cpu_kernels.swiglu_backward(gate, up, grad, 10.0)
 
-Why: mHC's Sinkhorn projection (spec 1.2) is 2 * 20 - 1 normalisations of a 4 x 4 matrix per
-token. In PyTorch that is ~120 tiny ops forward and ~200 backward per mHC site, and on a CPU
-their dispatch costs more than their arithmetic: ~1.3 ms of a site's forward + backward at
-1,024 tokens, most of a second over a `small` training step's 16 sites. One C call per
-direction does the same arithmetic in ~0.25 ms (kernels/sinkhorn.c says how; docs/model.md
-"Speed" has the measurements). Compiled graphs (the decode step, `compile_kernels`) keep the
-PyTorch code, which inductor fuses itself.
+Why: some of the model's arithmetic is many tiny PyTorch ops whose dispatch costs more than
+their work on a CPU.
+  * mHC's Sinkhorn projection (spec 1.2, kernels/sinkhorn.c): 2 * 20 - 1 normalisations of a
+    4 x 4 matrix per token, ~120 ops forward and ~200 backward per mHC site: ~1.3 ms a site at
+    1,024 tokens, 12.6 ms of a ~220 ms speedrun micro-step. One C call per direction: ~0.2 ms.
+  * the experts' clamped SwiGLU (spec 1.6, kernels/swiglu.c): 4 ops forward and ~10 backward
+    per expert and layer, on tensors of a few hundred rows. One pass each way.
+The callers (hyper_connections._SinkhornKernel, moe._SwiGLU) are autograd Functions next to the
+PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
+step, `compile_kernels`, `--compile` training) keep the PyTorch code, which inductor fuses.
 
-Build: `cc -O3 -march=native -fno-trapping-math -shared` (or $CC) into ~/.cache/nanoseek/kernels/<key>/ (or
-$NANOSEEK_CACHE/kernels), where the key hashes the sources, the flags, the compiler's version
-and the CPU's feature flags, so a cache shared between machines never loads a library built for
-another CPU. Each build is written to a temporary name and renamed into place (concurrent
-processes, e.g. torchrun ranks, may both build; one wins, both load a complete file). A build
-takes ~0.5 s, once per machine. Without a working compiler, or with NANOSEEK_CPU_KERNELS=0, or
-with `cpu_kernels.enabled = False`, nothing changes but the speed: the PyTorch path runs.
-The C code reads and writes only tensors this module allocated or checked (CPU, contiguous,
-dtype, shape), and ctypes releases the GIL for the call, so server threads run alongside.
+Build: `cc -O3 -march=native -fno-trapping-math -shared` (or $CC) into
+~/.cache/nanoseek/kernels/<key>/ (or $NANOSEEK_CACHE/kernels), where the key hashes the sources,
+the flags, the compiler's version and the CPU's feature flags, so a cache shared between
+machines never loads a library built for another CPU. Each build is written to a temporary name
+and renamed into place (concurrent processes, e.g. torchrun ranks, may both build; one wins,
+both load a complete file). A build takes ~0.5 s, once per machine. Without a working compiler,
+or with NANOSEEK_CPU_KERNELS=0, or with `cpu_kernels.enabled = False`, nothing changes but the
+speed: the PyTorch path runs. The C code reads and writes only tensors this module allocated or
+checked (CPU, contiguous, dtype, shape), and ctypes releases the GIL for the call, so server
+threads run alongside.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from .._runtime import cache_root
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("sinkhorn.c", "sinkhorn_body.h")
+_FILES = ("vec_math.h", "sinkhorn.c", "sinkhorn_body.h", "swiglu.c", "swiglu_body.h")
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 _OFF = ("0", "false", "off", "no")
@@ -100,7 +106,8 @@ def _build(cc: list[str]) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            cmd = [*cc, *flags, "-I", str(SOURCES), str(SOURCES / "sinkhorn.c"), "-o", tmp, "-lm"]
+            sources = [str(SOURCES / name) for name in _FILES if name.endswith(".c")]
+            cmd = [*cc, *flags, "-I", str(SOURCES), *sources, "-o", tmp, "-lm"]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if run.returncode == 0:
                 os.replace(tmp, target)
@@ -127,9 +134,11 @@ def _library() -> ctypes.CDLL | None:
     ptr, long = ctypes.c_void_p, ctypes.c_long
     lib.sinkhorn_tokens_per_block.restype = long
     for dtype, real in _REAL.items():
-        fn = getattr(lib, f"sinkhorn_{_SUFFIX[dtype]}")
-        fn.argtypes = [ptr, ptr, ptr, ptr, long, long, long, real, ptr]
-        fn.restype = None
+        for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr]),
+                           ("swiglu", [ptr, ptr, ptr, long, real, ctypes.c_int]),
+                           ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, real, ctypes.c_int])):
+            fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+            fn.argtypes, fn.restype = args, None
     return lib
 
 
@@ -171,3 +180,31 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """d(sum(grad * sinkhorn(logits))) / d logits (the forward is recomputed from the logits)."""
     return _call(logits, grad, iters, eps)
+
+
+def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `swiglu` can run this gate / up pair (same shape, CPU, fp32/fp64) in eager mode."""
+    return (gate.device.type == "cpu" and gate.dtype in _REAL and up.dtype == gate.dtype
+            and up.device == gate.device and up.shape == gate.shape
+            and not torch.compiler.is_compiling() and available())
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """moe.swiglu's result (no autograd); needs swiglu_applies(gate, up)."""
+    g, u = gate.detach().contiguous(), up.detach().contiguous()
+    y = torch.empty_like(g)
+    getattr(_library(), f"swiglu_{_SUFFIX[g.dtype]}")(g.data_ptr(), u.data_ptr(), y.data_ptr(), g.numel(),
+                                                       limit, limit > 0)   # limit <= 0: no clamps
+    return y
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, limit: float):
+    """(d gate, d up) of sum(grad * swiglu(gate, up, limit))."""
+    if grad.shape != gate.shape:
+        raise ValueError(f"swiglu_backward: grad {tuple(grad.shape)} vs gate {tuple(gate.shape)}")
+    g, u = gate.detach().contiguous(), up.detach().contiguous()
+    dy = grad.detach().to(g.dtype).contiguous()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    getattr(_library(), f"swiglu_backward_{_SUFFIX[g.dtype]}")(
+        g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(), limit, limit > 0)
+    return dg, du

@@ -22,8 +22,9 @@ and the RMS scaling and Sinkhorn leave long autograd chains. With `HyperConnecti
 passes (`_MixRMS`, `_Sinkhorn`, `_WeightedSum`, `_StreamMix`): every big-tensor pass is either
 a broadcast multiply-add over d or a per-token matmul whose shapes PyTorch's CPU kernels handle
 well (measured per shape, see _StreamMix), Sinkhorn runs tokens-last and its backward walks its
-saved normalisers. `fused = False` is the plain reference, op by op, that the tests compare
-them against (values and every gradient). Inside a compiled decode step (few tokens, no
+saved normalisers; on the eager CPU path Sinkhorn is one C call each way instead
+(`_SinkhornKernel`, model/cpu_kernels.py). `fused = False` is the plain reference, op by op,
+that the tests compare them against (values and every gradient). Inside a compiled decode step (few tokens, no
 autograd: `gemv.in_graph`) the mix, weighted sum and stream mix are written as broadcast
 multiply + sum instead, which inductor fuses into single kernels (docs/model.md "Speed").
 """

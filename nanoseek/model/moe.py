@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
+from . import cpu_kernels
 from .context import ForwardContext
 from .gemv import Linear, linear
 from .precision import fp32_region
@@ -95,9 +96,31 @@ class SharedExpert(nn.Module):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, L)) * clamp(up, -L, L) (no clamps for L <= 0). On the eager CPU path one C
+    call each way (cpu_kernels; `_SwiGLU`); below, the PyTorch reference."""
+    if cpu_kernels.swiglu_applies(gate, up):
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return _SwiGLU.apply(gate, up, limit)
+        return cpu_kernels.swiglu(gate, up, limit)
     if limit > 0:
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """swiglu through cpu_kernels: the forward saves its two inputs, the backward recomputes
+    the activation from them in the same pass that forms both gradients."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.limit = limit
+        return cpu_kernels.swiglu(gate, up, limit)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return *cpu_kernels.swiglu_backward(gate, up, grad, ctx.limit), None
 
 
 class Experts(nn.Module):

@@ -1,9 +1,10 @@
-"""The C kernels of the eager CPU paths (nanoseek/model/cpu_kernels.py, kernels/sinkhorn.c)
-against the PyTorch reference, and their build: cached per machine, rebuilt when the CPU
-differs, and a missing or failing compiler leaves the PyTorch path running.
+"""The C kernels of the eager CPU paths (nanoseek/model/cpu_kernels.py, kernels/*.c) against
+the PyTorch reference, and their build: cached per machine, rebuilt when the CPU differs, and a
+missing or failing compiler leaves the PyTorch path running.
 
-The reference is hyper_connections.sinkhorn's op-by-op autograd formula (float64 where exactness
-matters); torch.autograd.gradcheck checks the kernel's backward on its own.
+The references are hyper_connections.sinkhorn's op-by-op autograd formula and moe.swiglu's
+PyTorch formula (float64 where exactness matters); torch.autograd.gradcheck checks each
+kernel's backward on its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import cpu_kernels
 from nanoseek.model import hyper_connections as hc
+from nanoseek.model import moe
 
 from ..conftest import skip_unless_ci
 
@@ -187,3 +189,59 @@ def test_cc_may_name_a_wrapper(kernels, fresh_build, monkeypatch):
     monkeypatch.setenv("CC", f"env {cpu_kernels._compiler()[0]}")
     assert cpu_kernels.available()
     assert list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))
+
+
+def _swiglu_reference(gate, up, grad, limit):
+    g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    cpu_kernels.enabled = False
+    try:
+        y = moe.swiglu(g, u, limit)
+    finally:
+        cpu_kernels.enabled = True
+    dg, du = torch.autograd.grad(y, (g, u), grad)
+    return y.detach(), dg, du
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("limit", [10.0, 0.0])
+def test_swiglu_kernel_equals_reference(kernels, dtype, tol, limit):
+    """Values, both gradients and where NaN appears; inputs on and past the clamp bounds (the
+    bound itself passes the gradient, as torch.clamp's does), far negative gates, NaN."""
+    torch.manual_seed(1)
+    gate, up = 4 * torch.randn(37, 21, dtype=dtype), 4 * torch.randn(37, 21, dtype=dtype)
+    gate[0, :6] = torch.tensor([10.0, 10.5, -100.0, float("nan"), -10.0, 1.0])
+    up[0, :6] = torch.tensor([-10.0, 10.0, 11.0, 1.0, -10.5, float("nan")])
+    grad = torch.randn_like(gate)
+    y_ref, dg_ref, du_ref = _swiglu_reference(gate, up, grad, limit)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    y = moe.swiglu(g, u, limit)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_SwiGLUBackward"
+    dg, du = torch.autograd.grad(y, (g, u), grad)
+    for out, ref in ((y, y_ref), (dg, dg_ref), (du, du_ref)):
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol, equal_nan=True)
+    with torch.no_grad():                                          # inference: the same values
+        torch.testing.assert_close(moe.swiglu(gate, up, limit), y_ref, rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_swiglu_kernel_gradcheck_float64(kernels):
+    torch.manual_seed(0)
+    gate = (3 * torch.randn(6, 7, dtype=torch.float64)).requires_grad_()
+    up = (3 * torch.randn(6, 7, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda g, u: moe._SwiGLU.apply(g, u, 5.0), (gate, up))
+    assert torch.autograd.gradcheck(lambda g, u: moe._SwiGLU.apply(g, u, 0.0), (gate, up))
+
+
+def test_experts_use_the_swiglu_kernel_in_fp32_only(kernels, monkeypatch):
+    calls = []
+    real = cpu_kernels.swiglu
+    monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    model.loss(ids).loss.backward()
+    assert calls                                                   # routed and shared experts
+    n = len(calls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # bf16 activations: PyTorch ops
+        model.loss(ids).loss.backward()
+    assert len(calls) == n

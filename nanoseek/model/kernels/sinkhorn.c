@@ -24,36 +24,11 @@
  * Built by nanoseek/model/cpu_kernels.py (cc -O3 -march=native -shared) and called through
  * ctypes; float32 and float64 entry points, n <= 8 and iters <= 64 (checked by the caller). */
 
-#include <math.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #define TB 16
-
-/* exp for float lanes, vectorisable (libm's expf is a call per element): Cody-Waite range
- * reduction x = k ln2 + r, |r| <= ln2 / 2, and the Cephes degree-6 polynomial for e^r, then
- * 2^k through the exponent bits. Relative error ~1 ulp, as libm's; below -87.3 the result is
- * ~1e-38 instead of a denormal (it only ever adds to a softmax sum that is >= 1). NaN stays NaN. */
-static inline float exp_f32(float x) {
-    float xc = x == x ? x : 0.0f;     /* NaN: computed as 0 (no NaN -> int conversion), see the end */
-    xc = xc < -87.3365447504019f ? -87.3365447504019f : xc;
-    xc = xc > 88.3762626647950f ? 88.3762626647950f : xc;
-    /* k = floor(x log2(e) + 1/2) by truncation, shifted to positive (truncation is then floor;
-     * written without a compare-and-correct, which gcc would not vectorise) */
-    const int ki = (int)(xc * 1.44269504088896341f + 256.5f) - 256;
-    const float k = (float)ki;
-    const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int i; float f; } scale = { .i = (ki + 127) << 23 };
-    return x == x ? p * scale.f : x;   /* NaN in, NaN out */
-}
-
-static inline double exp_f64(double x) { return exp(x); }
 
 #define REAL float
 #define NAME(f) f##_f32
