@@ -268,21 +268,46 @@ class Attention(nn.Module):
         logit is exactly sink_h and its gradient reaches `attn_sink` through the query. Keys
         double as values (K == V in V4): the sink's value is 0 on the D real channels, so it
         only adds to the denominator; the extra output channel is dropped."""
-        # the kernel runs in fp32 whatever the activation dtype (CPU flash attention is slower in
-        # bf16 than in fp32, and the reference keeps the softmax in fp32 anyway)
-        with fp32_region(q_blocks.device.type):
-            out = self._sdpa(_fp32_or_wider(q_blocks), keys_t, win_bias, comp, comp_bias, s)
+        dev = q_blocks.device.type
+        # The kernel's inputs are fp32 (the reference keeps the softmax in fp32), except under
+        # autocast on a CPU, for blocks of several queries: there the heads are folded (below)
+        # and the kernel takes the autocast dtype, which is then the faster one (CPU flash
+        # attention keeps its softmax statistics and accumulations in fp32 whatever the input
+        # dtype). Unfolded, the bf16 kernel is slower than the fp32 one; folded fp32 measured
+        # no faster than unfolded fp32 in whole steps (docs/model.md "Speed").
+        dtype = _fp32_or_wider(q_blocks).dtype
+        folded = (self.fold_heads and dev == "cpu" and q_blocks.shape[2] > self.h
+                  and torch.is_autocast_enabled(dev))
+        if folded:
+            dtype = torch.get_autocast_dtype(dev)
+        with fp32_region(dev):
+            out = self._sdpa(q_blocks.to(dtype), keys_t, win_bias, comp, comp_bias, s, folded)
         return out.to(q_blocks.dtype)
 
-    def _sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
+    # Folded heads (bf16 autocast on a CPU, blocks of more than one query): V4's heads share one
+    # key/value set (MQA), so the H heads of a query block can enter the kernel as ONE head with
+    # H x Bq query rows instead of H heads of Bq rows. The kernel then runs bigger blocks against
+    # each key block: forward + backward of a `small` CSA layer's call 61 ms (fp32, per head) ->
+    # 40 ms (bf16, folded; 74 ms bf16 per head). The price is the mask, whose rows repeat per
+    # head: the blocks go through the kernel in slices whose repeated mask stays under
+    # FOLD_MASK_BYTES. fp32, decode steps (one query per block) and GPUs keep the per-head
+    # layout (`enable_gqa`).
+    fold_heads = True
+    FOLD_MASK_BYTES = 32 << 20
+
+    def _sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s, folded: bool = False):
         h, d = self.h, self.d
         scale = d**-0.5
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
         dtype = q_blocks.dtype
-        q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
-        sink = (_fp32_or_wider(self.attn_sink) / scale).to(dtype).view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)
-        q = torch.cat([q, sink], dim=-1).flatten(0, 1)  # [B*nb, H, bq, D+1]
+        sink = (_fp32_or_wider(self.attn_sink) / scale).to(dtype)
+        if folded:  # q_blocks' rows are (query, head) ordered: one head of Bq*H rows as they come
+            sink = sink.repeat(bq).view(1, 1, bq * h, 1).expand(b, nb, bq * h, 1)
+            q = torch.cat([q_blocks, sink], dim=-1).flatten(0, 1).unsqueeze(1)  # [B*nb, 1, bq*H, D+1]
+        else:
+            q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
+            q = torch.cat([q, sink.view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)], dim=-1).flatten(0, 1)
         keys = [keys_t.transpose(-1, -2).to(dtype)]  # [B, nb, Kw, D]
         masks = [win_bias.expand(b, nb, bq, -1)]
         if comp is not None and comp.shape[1]:
@@ -294,9 +319,22 @@ class Attention(nn.Module):
         kv = torch.cat([F.pad(torch.cat(keys, dim=2), (0, 1)), sink_key], dim=2).flatten(0, 1).unsqueeze(1)
         masks.append(win_bias.new_zeros(1, 1, 1, 1).expand(b, nb, bq, 1))
         mask = torch.cat(masks, dim=-1).flatten(0, 1).unsqueeze(1).to(dtype)  # [B*nb, 1, bq, K]
+        if folded:
+            out = self._folded_attention(q, kv, mask, scale)  # [B*nb, 1, bq*H, D+1]
+            return out[..., :d].reshape(b, nb * bq, h, d)[:, :s]
         out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale, enable_gqa=True)
         out = out[..., :d].unflatten(0, (b, nb)).transpose(2, 3)  # [B, nb, bq, H, D]
         return out.reshape(b, nb * bq, h, d)[:, :s]
+
+    def _folded_attention(self, q, kv, mask, scale):
+        """The kernel over slices of query blocks, each block's mask rows repeated per head."""
+        n, _, bq, k = mask.shape
+        step = max(1, self.FOLD_MASK_BYTES // (bq * self.h * k * mask.element_size()))
+        outs = [F.scaled_dot_product_attention(q[i : i + step], kv[i : i + step], kv[i : i + step],
+                                               attn_mask=mask[i : i + step].repeat_interleave(self.h, dim=2),
+                                               scale=scale)
+                for i in range(0, n, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _logits(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """Scaled, masked logits of the window blocks [B,nb,bq,H,Kw] and of the compressed entries

@@ -43,6 +43,7 @@ def plain_paths():
     """Restore the class switches whatever a test does."""
     yield
     Attention.use_sdpa = True
+    Attention.fold_heads = True
     hc.HyperConnection.fused = True
     norm.RMSNorm.fused = True
     rope.use_complex = True
@@ -85,6 +86,66 @@ def test_sdpa_attention_equals_reference(plain_paths, packed):
         torch.testing.assert_close(getattr(out, term), getattr(ref, term), rtol=tol, atol=tol)
     assert any("attn_sink" in n for n in g_out)
     _assert_grads_close(g_ref, g_out, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cap", [Attention.FOLD_MASK_BYTES, 1])
+def test_folded_heads_equal_per_head_float64(plain_paths, cap, monkeypatch):
+    """The folded layout (one head of Bq*H query rows, mask rows repeated per head, in slices of
+    blocks: cap 1 = one block per kernel call) gives the per-head layout's output and gradients
+    (queries, window keys, compressed entries, sinks) to float64 rounding."""
+    torch.manual_seed(0)
+    attn = Transformer(_tiny()).double().layers[1].attn
+    with torch.no_grad():
+        attn.attn_sink.normal_(0, 1.0)
+    monkeypatch.setattr(Attention, "FOLD_MASK_BYTES", cap)
+    b, nb, bq, h, d, kw, n = 2, 3, 5, attn.h, attn.d, 7, 4
+    s = nb * bq - 2                                                  # padded last block
+    q = torch.randn(b, nb, bq * h, d, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(b, nb, d, kw, dtype=torch.float64, requires_grad=True)
+    comp = torch.randn(b, n, d, dtype=torch.float64, requires_grad=True)
+    win_bias = torch.zeros(b, nb, bq, kw, dtype=torch.float64).masked_fill(torch.rand(b, nb, bq, kw) < 0.3, float("-inf"))
+    win_bias[..., 0] = 0                                             # every query sees a key
+    comp_bias = torch.zeros(b, s, n, dtype=torch.float64).masked_fill(torch.rand(b, s, n) < 0.5, float("-inf"))
+    grad = torch.randn(b, s, h, d, dtype=torch.float64)
+    results = []
+    for folded in (False, True):
+        attn.zero_grad(set_to_none=True)
+        out = attn._sdpa(q, keys, win_bias, comp, comp_bias, s, folded)
+        results.append([out, *torch.autograd.grad(out, (q, keys, comp, attn.attn_sink), grad)])
+    for a, c in zip(*results):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+
+
+def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
+    """Under bf16 autocast on a CPU the prompt / training blocks go to the kernel folded and in
+    bf16 (fp32 without autocast, per head for one-query decode blocks); loss and gradients stay
+    as close to the fp32 model as the per-head fp32 kernel under autocast keeps them."""
+    torch.manual_seed(0)
+    model = Transformer(_tiny())
+    ids = torch.randint(0, model.config.vocab_size, (2, 70))
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((q.dtype, q.shape[1])) or real(q, *a, **k))
+    ref_terms, ref = _loss_and_grads(model, ids)
+    assert {dt for dt, _ in seen} == {torch.float32}
+    errs = {}
+    for fold in (False, True):
+        Attention.fold_heads = fold
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            terms, grads = _loss_and_grads(model, ids)
+        assert {dt for dt, _ in seen} == ({torch.bfloat16} if fold else {torch.float32})
+        assert {heads for _, heads in seen} == ({1} if fold else {model.config.num_attention_heads})
+        torch.testing.assert_close(terms.loss, ref_terms.loss, rtol=5e-3, atol=5e-3)
+        errs[fold] = sorted(((grads[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-12)).item() for k in ref)
+    median = {fold: e[len(e) // 2] for fold, e in errs.items()}
+    assert median[True] < 0.05 and median[True] < 1.5 * median[False], median
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 16)
+        model(ids[:1, :1], cache=cache)                              # a one-query block: per head
+    assert seen and {heads for _, heads in seen} == {model.config.num_attention_heads}
 
 
 def test_sdpa_attention_cached_decode_equals_reference(plain_paths):
