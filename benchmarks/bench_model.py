@@ -11,6 +11,8 @@ Measures, for both implementations on identical weights (the issue's table, "as 
     share of the memory-bandwidth roofline (activated fp32 weight bytes per token / a read
     bandwidth measured in the same run);
 and prints nanoseek/transformers ratios (training: the better of fp32 / bf16 on each side).
+Inference is measured first, training after it (see main: right after training steps, this VM
+runs memory-bound code slower for a while).
 
     python benchmarks/bench_model.py                 # full run (~10 min on 2 cores)
     python benchmarks/bench_model.py --quick         # fewer steps, shorter sequences
@@ -214,7 +216,54 @@ def decode_bytes_per_token(config: ModelConfig) -> int:
     return 4 * (count_parameters(config, activated=True, include_mtp=False) - config.vocab_size * config.hidden_size)
 
 
-def main() -> None:
+def measure_inference(name: str, model, r: dict, prompt, new_tokens: int, steps: int, single: bool) -> None:
+    """Prefill time; for nanoseek the bare eager decode loop and the first `generate` (which
+    compiles); `generate` itself here only when one implementation runs (else alternating rounds)."""
+    with torch.no_grad():
+        if name == "nanoseek":
+            r["prefill_s"] = median_time(lambda: model(prompt), 1, steps)
+        else:
+            r["prefill_s"] = median_time(lambda: model(prompt, use_cache=False), 1, steps)
+    if name == "nanoseek":
+        r["decode_loop_tok_s"] = decode_nanoseek(model, prompt, new_tokens)  # eager, bare loop
+        r["first_generate_s"] = generate_nanoseek(model, prompt, new_tokens)  # compiles (default)
+    if single:
+        gen = generate_nanoseek if name == "nanoseek" else generate_hf
+        r["generate_s"] = median_time(lambda: gen(model, prompt, new_tokens), 1, max(2, steps - 1))
+
+
+def measure_training(name: str, model, r: dict, ids, steps: int, run_bf16: bool, fpt: float, peak32: float,
+                     peak16: float) -> None:
+    """Training step tokens/s, MFU and peak RSS, fp32 and (where bf16 matmuls are native) bf16."""
+    batch, seq = ids.shape
+    for autocast, label in ((False, "fp32"), (True, "bf16")):
+        if autocast and not run_bf16:
+            r[f"train_{label}_tok_s"] = r[f"train_{label}_mfu"] = r[f"train_{label}_rss"] = float("nan")
+            continue
+        step = train_step_fn(model, ids, name, autocast)
+        r[f"train_{label}_rss"] = peak_rss_during(step)  # also the warm-up step
+        dt = median_time(step, warmup=0, reps=steps)
+        r[f"train_{label}_tok_s"] = batch * seq / dt
+        r[f"train_{label}_mfu"] = fpt * batch * seq / dt / (peak16 if autocast else peak32)
+
+
+def print_ratios(a: dict, b: dict, run_bf16: bool) -> None:
+    """nanoseek (a) over transformers (b): training (best of fp32 / bf16 on each side), prefill, generate."""
+
+    def best(r):
+        return max(x for x in (r["train_fp32_tok_s"], r["train_bf16_tok_s"]) if x == x)
+
+    parts = [f"train {best(a) / best(b):.2f}x best-of-fp32/bf16 (target 2.5x)",
+             f"fp32 {a['train_fp32_tok_s'] / b['train_fp32_tok_s']:.2f}x"]
+    if run_bf16:
+        parts.append(f"bf16 {a['train_bf16_tok_s'] / b['train_bf16_tok_s']:.2f}x")
+    parts.append(f"prefill {b['prefill_s'] / a['prefill_s']:.2f}x")
+    parts.append(f"generate (default options, prefill included) {b['generate_s'] / a['generate_s']:.2f}x "
+                 "(target 4x)")
+    print("ratios nanoseek/transformers: " + ", ".join(parts))
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["nanoseek", "transformers"], default=None)
@@ -233,6 +282,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.generate_only < 0:
         ap.error(f"--generate-only takes a number of rounds >= 1 (got {args.generate_only})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     # the trainer's allocator setting (nanoseek/_runtime.py), for both implementations alike
@@ -280,30 +334,22 @@ def main() -> None:
     roof = bw / decode_bytes_per_token(config)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s: batch-1 fp32 decode roofline {roof:.0f} tok/s "
           f"({decode_bytes_per_token(config) / 1e6:.0f} MB of weights per token)")
+    # Inference first, on the models as built (identical weights): a training step touches ~3 GB
+    # of fresh memory, and on the 2-core VM this benchmark runs on, inference right after it
+    # measured 10-40% slower for a while (the same process's user CPU time for the same prefills
+    # up ~15%, no other process busy, back to normal after ~20 s idle: the host, not the
+    # process's heap -- malloc_trim changed nothing). A memory-bound decode loses more to that
+    # than transformers' dispatch-bound one, and a user's `generate` does not run right after
+    # ten training steps in one process.
+    for name, model in impls.items():
+        measure_inference(name, model.eval(), results[name], prompt, new_tokens, steps, single=len(impls) == 1)
+    if len(impls) == 2:
+        med = generate_rounds(impls["nanoseek"], impls["transformers"], prompt, new_tokens, max(3, 2 * steps - 1))
+        for name, t in med.items():
+            results[name]["generate_s"] = t
     for name, model in impls.items():
         r = results[name]
-        model.train()
-        for autocast, label in ((False, "fp32"), (True, "bf16")):
-            if autocast and not run_bf16:
-                r[f"train_{label}_tok_s"] = r[f"train_{label}_mfu"] = r[f"train_{label}_rss"] = float("nan")
-                continue
-            step = train_step_fn(model, ids, name, autocast)
-            r[f"train_{label}_rss"] = peak_rss_during(step)  # also the warm-up step
-            dt = median_time(step, warmup=0, reps=steps)
-            r[f"train_{label}_tok_s"] = batch * seq / dt
-            r[f"train_{label}_mfu"] = fpt * batch * seq / dt / (peak16 if autocast else peak32)
-        model.eval()
-        with torch.no_grad():
-            if name == "nanoseek":
-                r["prefill_s"] = median_time(lambda: model(prompt), 1, steps)
-            else:
-                r["prefill_s"] = median_time(lambda: model(prompt, use_cache=False), 1, steps)
-        if name == "nanoseek":
-            r["decode_loop_tok_s"] = decode_nanoseek(model, prompt, new_tokens)  # eager, bare loop
-            r["first_generate_s"] = generate_nanoseek(model, prompt, new_tokens)  # compiles (default)
-        if len(impls) == 1:  # (with both, `generate` is timed below in alternating rounds)
-            gen = generate_nanoseek if name == "nanoseek" else generate_hf
-            r["generate_s"] = median_time(lambda: gen(model, prompt, new_tokens), 1, max(2, steps - 1))
+        measure_training(name, model.train(), r, ids, steps, run_bf16, fpt, peak32, peak16)
         extra = (f", bare eager decode loop {r['decode_loop_tok_s']:.1f} tok/s, first generate call "
                  f"{r['first_generate_s']:.1f} s") if name == "nanoseek" else ""
         print(f"{name:>12}: train fp32 {r['train_fp32_tok_s']:7.1f} tok/s (MFU {r['train_fp32_mfu']:.1%}, "
@@ -311,10 +357,6 @@ def main() -> None:
               f"(MFU {r['train_bf16_mfu']:.1%}, peak RSS {r['train_bf16_rss']:.0f} MiB); "
               f"prefill {seq} tok {r['prefill_s'] * 1e3:7.1f} ms ({seq / r['prefill_s']:.0f} tok/s){extra}",
               flush=True)
-    if len(impls) == 2:
-        med = generate_rounds(impls["nanoseek"], impls["transformers"], prompt, new_tokens, max(3, 2 * steps - 1))
-        for name, t in med.items():
-            results[name]["generate_s"] = t
     for name, r in results.items():
         if "generate_s" in r:
             print(f"{name:>12}: generate {new_tokens} tok {new_tokens / r['generate_s']:6.1f} tok/s incl. prefill "
@@ -322,19 +364,7 @@ def main() -> None:
     if args.bf16_decode and "nanoseek" in impls:
         bf16_decode_check(impls["nanoseek"], prompt, new_tokens)
     if len(impls) == 2:
-        a, b = results["nanoseek"], results["transformers"]
-
-        def best(r):
-            return max(x for x in (r["train_fp32_tok_s"], r["train_bf16_tok_s"]) if x == x)
-
-        parts = [f"train {best(a) / best(b):.2f}x best-of-fp32/bf16 (target 2.5x)",
-                 f"fp32 {a['train_fp32_tok_s'] / b['train_fp32_tok_s']:.2f}x"]
-        if run_bf16:
-            parts.append(f"bf16 {a['train_bf16_tok_s'] / b['train_bf16_tok_s']:.2f}x")
-        parts.append(f"prefill {b['prefill_s'] / a['prefill_s']:.2f}x")
-        parts.append(f"generate (default options, prefill included) {b['generate_s'] / a['generate_s']:.2f}x "
-                     "(target 4x)")
-        print("ratios nanoseek/transformers: " + ", ".join(parts))
+        print_ratios(results["nanoseek"], results["transformers"], run_bf16)
 
 
 if __name__ == "__main__":

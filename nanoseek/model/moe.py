@@ -16,7 +16,9 @@ through the forward context (spec 1.6).
 Experts are stored stacked ([E, out, in]) so they can be computed as a grouped matmul: the
 token->expert assignments are sorted by expert once, each expert multiplies one contiguous slice
 (a loop over experts, never over tokens), and results are scattered back with index_add.
-On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py).
+On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py). On the eager CPU path
+the clamped SwiGLU between the products is one C call each way (`_SwiGLU`, cpu_kernels.py);
+`swiglu`'s PyTorch formula is the reference the tests compare it against.
 """
 
 from __future__ import annotations
