@@ -2,7 +2,7 @@
 ctypes, and used where they apply; everywhere else the PyTorch code runs.
 
     from nanoseek.model import cpu_kernels
-    cpu_kernels.available()                 # True once kernels/*.c are built (or found cached)
+    cpu_kernels.available()                 # True once kernels/kernels.c is built (or found cached)
     out = cpu_kernels.sinkhorn(logits, 20, 1e-6)           # [..., n, n] fp32/fp64 CPU tensors
     dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
     y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L)
@@ -10,10 +10,10 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
 
 Why: some of the model's arithmetic is many tiny PyTorch ops whose dispatch costs more than
 their work on a CPU.
-  * mHC's Sinkhorn projection (spec 1.2, kernels/sinkhorn.c): 2 * 20 - 1 normalisations of a
+  * mHC's Sinkhorn projection (spec 1.2, kernels/sinkhorn.h): 2 * 20 - 1 normalisations of a
     4 x 4 matrix per token, ~120 ops forward and ~200 backward per mHC site: ~1.3 ms a site at
     1,024 tokens, 12.6 ms of a ~220 ms speedrun micro-step. One C call per direction: ~0.2 ms.
-  * the experts' clamped SwiGLU (spec 1.6, kernels/swiglu.c): 4 ops forward and ~10 backward
+  * the experts' clamped SwiGLU (spec 1.6, kernels/swiglu.h): 4 ops forward and ~10 backward
     per expert and layer, on tensors of a few hundred rows. One pass each way.
 The callers (hyper_connections._SinkhornKernel, moe._SwiGLU) are autograd Functions next to the
 PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
@@ -52,7 +52,7 @@ from .._runtime import cache_root
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("vec_math.h", "sinkhorn.c", "sinkhorn_body.h", "swiglu.c", "swiglu_body.h")
+_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 _OFF = ("0", "false", "off", "no")
@@ -106,8 +106,7 @@ def _build(cc: list[str]) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            sources = [str(SOURCES / name) for name in _FILES if name.endswith(".c")]
-            cmd = [*cc, *flags, "-I", str(SOURCES), *sources, "-o", tmp, "-lm"]
+            cmd = [*cc, *flags, "-I", str(SOURCES), str(SOURCES / "kernels.c"), "-o", tmp, "-lm"]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if run.returncode == 0:
                 os.replace(tmp, target)

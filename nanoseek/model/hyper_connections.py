@@ -110,7 +110,7 @@ class _Sinkhorn(torch.autograd.Function):
 
 
 class _SinkhornKernel(torch.autograd.Function):
-    """`sinkhorn` as one C call each way (model/cpu_kernels.py, kernels/sinkhorn.c): the same
+    """`sinkhorn` as one C call each way (model/cpu_kernels.py, kernels/sinkhorn.h): the same
     steps as _Sinkhorn, with the forward recomputed inside the backward from the saved logits."""
 
     @staticmethod

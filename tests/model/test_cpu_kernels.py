@@ -1,4 +1,4 @@
-"""The C kernels of the eager CPU paths (nanoseek/model/cpu_kernels.py, kernels/*.c) against
+"""The C kernels of the eager CPU paths (nanoseek/model/cpu_kernels.py, kernels/) against
 the PyTorch reference, and their build: cached per machine, rebuilt when the CPU differs, and a
 missing or failing compiler leaves the PyTorch path running.
 

@@ -1,4 +1,14 @@
-/* The SwiGLU kernel for one real type (REAL, NAME, EXP defined by swiglu.c; see there). */
+/* The clamped SwiGLU of V4's experts (spec 1.6; model/moe.py `swiglu` is the PyTorch reference):
+ *
+ *     y = silu(min(g, L)) * clamp(u, -L, L),   silu(x) = x * sigmoid(x)
+ *
+ * and its gradient. In PyTorch the forward is 4 elementwise ops and the backward ~10 (two
+ * clamp masks, `where`, silu's backward, the products), each a pass over a [tokens, inter]
+ * tensor that is small per expert (a few hundred rows): one call each way does the same in one
+ * pass. The clamps pass the gradient where the input is inside [-L, L] (L included, as
+ * torch.clamp does; NaN passes none); clamped = 0: no clamps (moe.swiglu's L <= 0).
+ *
+ * Instantiated for float32 and float64 by kernels.c (REAL, NAME, EXP come from there). */
 
 /* y[i] = silu(min(g[i], L)) * clamp(u[i], -L, L) for n elements (clamped = 0: no clamps). */
 void NAME(swiglu)(const REAL *restrict g, const REAL *restrict u, REAL *restrict y, long n, REAL limit,

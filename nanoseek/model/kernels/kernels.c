@@ -1,0 +1,29 @@
+/* nanoseek's C kernels for the eager CPU paths, one translation unit: each kernel body
+ * (sinkhorn.h, swiglu.h; what they compute and why, at their top) is instantiated for float32
+ * (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
+ * cc -O3 -march=native -fno-trapping-math -shared and loaded with ctypes by
+ * nanoseek/model/cpu_kernels.py. */
+
+#include <string.h>
+
+#include "vec_math.h"
+
+#define TB 16   /* Sinkhorn: tokens per block, the lanes of its inner loops */
+
+#define REAL float
+#define NAME(f) f##_f32
+#define EXP exp_f32
+#include "sinkhorn.h"
+#include "swiglu.h"
+#undef REAL
+#undef NAME
+#undef EXP
+
+#define REAL double
+#define NAME(f) f##_f64
+#define EXP exp_f64
+#include "sinkhorn.h"
+#include "swiglu.h"
+
+/* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals */
+long sinkhorn_tokens_per_block(void) { return TB; }
