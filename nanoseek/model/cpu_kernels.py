@@ -153,17 +153,32 @@ def sinkhorn_applies(logits: torch.Tensor, iters: int) -> bool:
             and 1 <= iters <= MAX_ITERS and not torch.compiler.is_compiling() and available())
 
 
+def _checked(name: str, first: torch.Tensor, *others: torch.Tensor):
+    """The library, after checking what the C code will read: CPU tensors of one supported dtype
+    and one shape (a direct caller that skipped *_applies gets an error, never a bad read)."""
+    lib = _library() if enabled else None
+    if lib is None:
+        raise RuntimeError(f"{name}: nanoseek's CPU kernels are not available (see cpu_kernels.available())")
+    for t in (first, *others):
+        if t.device.type != "cpu" or t.dtype != first.dtype or t.dtype not in _REAL or t.shape != first.shape:
+            raise ValueError(f"{name}: needs CPU float32/float64 tensors of one dtype and shape, got "
+                             + ", ".join(f"{tuple(u.shape)} {u.dtype} on {u.device}" for u in (first, *others)))
+    return lib
+
+
 def _call(logits: torch.Tensor, grad: torch.Tensor | None, iters: int, eps: float) -> torch.Tensor:
+    name = "sinkhorn" if grad is None else "sinkhorn_backward"
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or not 1 <= iters <= MAX_ITERS:
+        raise ValueError(f"{name}: needs [..., n, n] logits and 1 <= iters <= {MAX_ITERS}, "
+                         f"got {tuple(logits.shape)}, iters={iters}")
+    lib = _checked(name, logits, *(() if grad is None else (grad.to(logits.dtype),)))
     n = logits.shape[-1]
     x = logits.detach().contiguous()
     result = torch.empty_like(x)
-    lib = _library()
     work = torch.empty((3 * n * n + (2 * iters - 1) * n) * lib.sinkhorn_tokens_per_block(), dtype=x.dtype)
     if grad is None:
         args = (x.data_ptr(), result.data_ptr(), None, None)
     else:
-        if grad.shape != x.shape:
-            raise ValueError(f"sinkhorn_backward: grad {tuple(grad.shape)} vs logits {tuple(x.shape)}")
         g = grad.detach().to(x.dtype).contiguous()
         args = (x.data_ptr(), None, g.data_ptr(), result.data_ptr())
     fn = getattr(lib, f"sinkhorn_{_SUFFIX[x.dtype]}")
@@ -190,20 +205,20 @@ def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """moe.swiglu's result (no autograd); needs swiglu_applies(gate, up)."""
+    lib = _checked("swiglu", gate, up)
     g, u = gate.detach().contiguous(), up.detach().contiguous()
     y = torch.empty_like(g)
-    getattr(_library(), f"swiglu_{_SUFFIX[g.dtype]}")(g.data_ptr(), u.data_ptr(), y.data_ptr(), g.numel(),
+    getattr(lib, f"swiglu_{_SUFFIX[g.dtype]}")(g.data_ptr(), u.data_ptr(), y.data_ptr(), g.numel(),
                                                        limit, limit > 0)   # limit <= 0: no clamps
     return y
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, limit: float):
     """(d gate, d up) of sum(grad * swiglu(gate, up, limit))."""
-    if grad.shape != gate.shape:
-        raise ValueError(f"swiglu_backward: grad {tuple(grad.shape)} vs gate {tuple(gate.shape)}")
+    lib = _checked("swiglu_backward", gate, up, grad.to(gate.dtype))
     g, u = gate.detach().contiguous(), up.detach().contiguous()
     dy = grad.detach().to(g.dtype).contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)
-    getattr(_library(), f"swiglu_backward_{_SUFFIX[g.dtype]}")(
+    getattr(lib, f"swiglu_backward_{_SUFFIX[g.dtype]}")(
         g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(), limit, limit > 0)
     return dg, du

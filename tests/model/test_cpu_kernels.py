@@ -178,9 +178,23 @@ def test_without_a_working_compiler_the_pytorch_path_runs(fresh_build, monkeypat
     assert not list(fresh_build.glob("kernels/*/nanoseek_kernels.so"))
 
 
-def test_backward_checks_the_gradient_shape(kernels):
-    with pytest.raises(ValueError, match="grad"):
-        cpu_kernels.sinkhorn_backward(torch.randn(3, 4, 4), torch.randn(2, 4, 4), 20, 1e-6)
+def test_direct_calls_check_what_the_c_code_reads(kernels):
+    """Called without *_applies, a mismatched shape, dtype or device is an error before any C
+    code runs (it would read out of bounds), and switched-off kernels say so."""
+    x = torch.randn(3, 4, 4)
+    bad = [lambda: cpu_kernels.sinkhorn_backward(x, torch.randn(2, 4, 4), 20, 1e-6),
+           lambda: cpu_kernels.sinkhorn(torch.randn(3, 4, 5), 20, 1e-6),
+           lambda: cpu_kernels.sinkhorn(x, 0, 1e-6),
+           lambda: cpu_kernels.sinkhorn(x.bfloat16(), 20, 1e-6),
+           lambda: cpu_kernels.swiglu(torch.randn(4, 8), torch.randn(4, 1), 10.0),
+           lambda: cpu_kernels.swiglu(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), 10.0),
+           lambda: cpu_kernels.swiglu_backward(torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), 10.0)]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
+    cpu_kernels.enabled = False
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.sinkhorn(x, 20, 1e-6)
 
 
 def test_cc_may_name_a_wrapper(kernels, fresh_build, monkeypatch):
