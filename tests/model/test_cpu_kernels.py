@@ -259,3 +259,21 @@ def test_experts_use_the_swiglu_kernel_in_fp32_only(kernels, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):              # bf16 activations: PyTorch ops
         model.loss(ids).loss.backward()
     assert len(calls) == n
+
+
+def test_an_unusable_cache_directory_leaves_the_pytorch_path_running(kernels, tmp_path, monkeypatch, caplog):
+    """$NANOSEEK_CACHE naming a file (no directory can be made there, root or not): logged, and
+    the model still runs, on PyTorch ops."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("NANOSEEK_CACHE", str(blocker))
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nanoseek.model.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "PyTorch path" in caplog.text
+        with torch.no_grad():
+            comb = hc.sinkhorn(torch.randn(3, 4, 4), 20, 1e-6)
+        torch.testing.assert_close(comb.sum(-2), torch.ones(3, 4), rtol=1e-4, atol=1e-4)
+    finally:
+        cpu_kernels._library.cache_clear()
