@@ -5,6 +5,7 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --rows 15 --threads 1
     python benchmarks/profile_model.py --decode         # also one eager batch-1 decode step
     python benchmarks/profile_model.py --switches --preset speedrun   # each fast path off vs on
+    python benchmarks/profile_model.py --switches --bf16              # the same under bf16 autocast
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
@@ -18,7 +19,7 @@ the two modes of one run.
 --switches instead times the full V4 objective's forward + backward (CE + MTP + balance +
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
-`cpu_kernels.enabled`: the C Sinkhorn) and prints
+`cpu_kernels.enabled`: the C Sinkhorn and SwiGLU, `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 
 --op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
@@ -141,23 +142,27 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "HyperConnection.fused": (hyper_connections.HyperConnection, "fused"),
     "Attention.use_sdpa": (Attention, "use_sdpa"),
     "cpu_kernels.enabled": (cpu_kernels, "enabled"),
+    "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }
 
 
-def switch_ab(model, ids, reps: int) -> None:
-    """Median forward + backward of the V4 objective with each switch off vs on (the others on)."""
+def switch_ab(model, ids, reps: int, bf16: bool = False) -> None:
+    """Median forward + backward of the V4 objective with each switch off vs on (the others on),
+    under bf16 autocast with `bf16`."""
     def step(name: str, on: bool) -> float:
         obj, attr = SWITCHES[name]
         setattr(obj, attr, on)
         t = time.perf_counter()
-        model.loss(ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(ids).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
         setattr(obj, attr, True)
         return dt
 
-    print(f"V4 objective forward + backward, batch {tuple(ids.shape)}, threads={torch.get_num_threads()}, "
-          f"median of {reps} alternating rounds")
+    print(f"V4 objective forward + backward{' (bf16 autocast)' if bf16 else ''}, batch {tuple(ids.shape)}, "
+          f"threads={torch.get_num_threads()}, median of {reps} alternating rounds")
     for name in SWITCHES:
         times = {False: [], True: []}
         for on in (False, True):
@@ -181,13 +186,13 @@ def main() -> None:
     ap.add_argument("--switches", action="store_true", help="time each fast-path switch off vs on instead")
     ap.add_argument("--op-times", action="store_true",
                     help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
-    ap.add_argument("--bf16", action="store_true", help="with --op-times: the step under bf16 autocast")
+    ap.add_argument("--bf16", action="store_true", help="with --op-times or --switches: steps under bf16 autocast")
     args = ap.parse_args()
     for name in ("batch", "seq", "reps", "rows"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.bf16 and not args.op_times:
-        ap.error("--bf16 applies to --op-times only (the other modes time fp32 steps)")
+    if args.bf16 and not (args.op_times or args.switches):
+        ap.error("--bf16 applies to --op-times and --switches only (the profiler tables time fp32 steps)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -200,7 +205,7 @@ def main() -> None:
         model = Transformer(ModelConfig.from_preset(args.preset))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     if args.switches:
-        switch_ab(model, ids, max(args.reps, 8))
+        switch_ab(model, ids, max(args.reps, 8), args.bf16)
         return
     if args.op_times:
         op_times(model.train(), ids, args.bf16, args.rows)
