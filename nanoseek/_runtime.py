@@ -24,6 +24,11 @@ import sys
 from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def switched_off(name: str) -> bool:
+    """Whether environment variable `name` says off (0 / false / off / no, any case); unset is on."""
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "off", "no")
 _done = False
 
 
@@ -32,7 +37,7 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get("NANOSEEK_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off("NANOSEEK_KEEP_FREED_MEMORY"):
         return False
     if not sys.platform.startswith("linux"):
         return False

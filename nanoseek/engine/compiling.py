@@ -32,10 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .._runtime import cache_root
-
-_OFF = ("0", "false", "off", "no")
-
+from .._runtime import cache_root, switched_off
 
 def use_persistent_cache() -> None:
     """Point inductor's caches at ~/.cache/nanoseek/inductor unless the user chose a directory.
@@ -60,7 +57,7 @@ def resolve_compile(compile: bool | None, device_type: str = "cpu") -> bool:
     """None ("auto") -> whether to compile the decode step here; True/False pass through."""
     if compile is not None:
         return bool(compile)
-    if os.environ.get("NANOSEEK_COMPILE", "").strip().lower() in _OFF:
+    if switched_off("NANOSEEK_COMPILE"):
         return False
     return device_type == "cuda" or has_cxx_compiler()
 

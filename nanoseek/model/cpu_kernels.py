@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .._runtime import cache_root
+from .._runtime import cache_root, switched_off
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,9 @@ SOURCES = Path(__file__).with_name("kernels")
 _FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
-_OFF = ("0", "false", "off", "no")
 
 # the switch the tests and benchmarks flip (False: the PyTorch path everywhere)
-enabled = os.environ.get("NANOSEEK_CPU_KERNELS", "1").strip().lower() not in _OFF
+enabled = not switched_off("NANOSEEK_CPU_KERNELS")
 
 _REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -132,6 +131,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
     lib.sinkhorn_tokens_per_block.restype = long
+    lib.tokens_per_block = lib.sinkhorn_tokens_per_block()   # Sinkhorn's block, for its workspace
     for dtype, real in _REAL.items():
         for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr]),
                            ("swiglu", [ptr, ptr, ptr, long, real, ctypes.c_int]),
@@ -175,7 +175,7 @@ def _call(logits: torch.Tensor, grad: torch.Tensor | None, iters: int, eps: floa
     n = logits.shape[-1]
     x = logits.detach().contiguous()
     result = torch.empty_like(x)
-    work = torch.empty((3 * n * n + (2 * iters - 1) * n) * lib.sinkhorn_tokens_per_block(), dtype=x.dtype)
+    work = torch.empty((3 * n * n + (2 * iters - 1) * n) * lib.tokens_per_block, dtype=x.dtype)
     if grad is None:
         args = (x.data_ptr(), result.data_ptr(), None, None)
     else:
