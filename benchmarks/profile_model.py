@@ -6,7 +6,9 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --decode         # also one eager batch-1 decode step
     python benchmarks/profile_model.py --switches --preset speedrun   # each fast path off vs on
     python benchmarks/profile_model.py --switches --bf16              # the same under bf16 autocast
+    python benchmarks/profile_model.py --switches --switch HyperConnection.stream_kernels   # one switch
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
+    python benchmarks/profile_model.py --op-times --v4 --preset speedrun   # the same, the trainer's objective
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
 (`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`,
@@ -19,7 +21,8 @@ the two modes of one run.
 --switches instead times the full V4 objective's forward + backward (CE + MTP + balance +
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
-`cpu_kernels.enabled`: the C Sinkhorn and SwiGLU, `Attention.fold_heads`: bf16 only) and prints
+`cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
+`Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 
 --op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
@@ -94,14 +97,16 @@ class OpTimer(TorchDispatchMode):
         return out
 
 
-def op_times(model, ids, bf16: bool, rows: int) -> None:
-    """Print where one fast forward + loss + backward goes, op by op (see the module docstring)."""
+def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
+    """Print where one fast forward + loss + backward goes, op by op (see the module docstring);
+    `v4`: the trainer's whole V4 objective (CE + MTP + balance + indexer KL) instead of CE alone."""
     timer = OpTimer()
+    terms = {} if v4 else {"mtp_weight": 0.0, "indexer_weight": 0.0}
 
     def step():
         timer.phase = "forward"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(ids, mtp_weight=0.0, indexer_weight=0.0).loss
+            loss = model.loss(ids, **terms).loss
         timer.phase = "backward"
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -119,7 +124,7 @@ def op_times(model, ids, bf16: bool, rows: int) -> None:
     total = sum(v[0] for v in timer.stats.values())
     n = sum(v[1] for v in timer.stats.values())
     small = [v for v in timer.stats.values() if v[0] / v[1] < 30e-6]
-    print(f"{'bf16 autocast' if bf16 else 'fp32'} step, batch {tuple(ids.shape)}: {wall * 1e3:.0f} ms plain; "
+    print(f"{'bf16 autocast' if bf16 else 'fp32'} step ({'V4 objective' if v4 else 'CE only'}), batch {tuple(ids.shape)}: {wall * 1e3:.0f} ms plain; "
           f"{n} aten ops timed, {total * 1e3:.0f} ms in all; {sum(v[1] for v in small)} ops under 30 us "
           f"take {sum(v[0] for v in small) * 1e3:.0f} ms\n")
     by_op: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
@@ -142,11 +147,12 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "HyperConnection.fused": (hyper_connections.HyperConnection, "fused"),
     "Attention.use_sdpa": (Attention, "use_sdpa"),
     "cpu_kernels.enabled": (cpu_kernels, "enabled"),
+    "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }
 
 
-def switch_ab(model, ids, reps: int, bf16: bool = False) -> None:
+def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None = None) -> None:
     """Median forward + backward of the V4 objective with each switch off vs on (the others on),
     under bf16 autocast with `bf16`."""
     def step(name: str, on: bool) -> float:
@@ -163,7 +169,7 @@ def switch_ab(model, ids, reps: int, bf16: bool = False) -> None:
 
     print(f"V4 objective forward + backward{' (bf16 autocast)' if bf16 else ''}, batch {tuple(ids.shape)}, "
           f"threads={torch.get_num_threads()}, median of {reps} alternating rounds")
-    for name in SWITCHES:
+    for name in only or SWITCHES:
         times = {False: [], True: []}
         for on in (False, True):
             step(name, on)
@@ -171,7 +177,7 @@ def switch_ab(model, ids, reps: int, bf16: bool = False) -> None:
             for on in (False, True):
                 times[on].append(step(name, on))
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        print(f"  {name:22s} off {off * 1e3:7.1f} ms   on {on * 1e3:7.1f} ms   {off / on:.3f}x")
+        print(f"  {name:30s} off {off * 1e3:7.1f} ms   on {on * 1e3:7.1f} ms   {off / on:.3f}x")
 
 
 def main() -> None:
@@ -187,6 +193,9 @@ def main() -> None:
     ap.add_argument("--op-times", action="store_true",
                     help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
     ap.add_argument("--bf16", action="store_true", help="with --op-times or --switches: steps under bf16 autocast")
+    ap.add_argument("--switch", action="append", choices=list(SWITCHES), default=None,
+                    help="with --switches: only this switch (repeatable)")
+    ap.add_argument("--v4", action="store_true", help="with --op-times: the whole V4 objective (what the trainer runs)")
     args = ap.parse_args()
     for name in ("batch", "seq", "reps", "rows"):
         if getattr(args, name) < 1:
@@ -205,10 +214,10 @@ def main() -> None:
         model = Transformer(ModelConfig.from_preset(args.preset))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     if args.switches:
-        switch_ab(model, ids, max(args.reps, 8), args.bf16)
+        switch_ab(model, ids, max(args.reps, 8), args.bf16, args.switch)
         return
     if args.op_times:
-        op_times(model.train(), ids, args.bf16, args.rows)
+        op_times(model.train(), ids, args.bf16, args.rows, args.v4)
         return
     steps = {mode: train_step(model, ids, mode == "fast") for mode in ("reference", "fast")}
     times: dict[str, list[float]] = {m: [] for m in steps}

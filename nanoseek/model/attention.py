@@ -37,7 +37,7 @@ from .context import ForwardContext
 from .gemv import Linear
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk
 from .norm import RMSNorm, rms_normalize
-from .precision import fp32_region
+from .precision import fp32_or_wider, fp32_region
 from .rope import apply_rope, inv_frequencies, rope_angles
 
 NEG = -1e30  # finite "minus infinity" for masks: keeps logsumexp gradients NaN-free
@@ -275,7 +275,7 @@ class Attention(nn.Module):
         # attention keeps its softmax statistics and accumulations in fp32 whatever the input
         # dtype). Unfolded, the bf16 kernel is slower than the fp32 one; folded fp32 measured
         # no faster than unfolded fp32 in whole steps (docs/model.md "Speed").
-        dtype = _fp32_or_wider(q_blocks).dtype
+        dtype = fp32_or_wider(q_blocks).dtype
         folded = (self.fold_heads and dev == "cpu" and q_blocks.shape[2] > self.h
                   and torch.is_autocast_enabled(dev))
         if folded:
@@ -301,7 +301,7 @@ class Attention(nn.Module):
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
         dtype = q_blocks.dtype
-        sink = (_fp32_or_wider(self.attn_sink) / scale).to(dtype)
+        sink = (fp32_or_wider(self.attn_sink) / scale).to(dtype)
         if folded:  # q_blocks' rows are (query, head) ordered: one head of Bq*H rows as they come
             sink = sink.repeat(bq).view(1, 1, bq * h, 1).expand(b, nb, bq * h, 1)
             q = torch.cat([q_blocks, sink], dim=-1).flatten(0, 1).unsqueeze(1)  # [B*nb, 1, bq*H, D+1]
@@ -343,13 +343,13 @@ class Attention(nn.Module):
         scale = d**-0.5
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
-        logits_w = _fp32_or_wider(torch.matmul(q_blocks, keys_t)) * scale  # [B, nb, bq*H, Kw]
+        logits_w = fp32_or_wider(torch.matmul(q_blocks, keys_t)) * scale  # [B, nb, bq*H, Kw]
         logits_w = logits_w.unflatten(2, (bq, h)) + win_bias.unsqueeze(-2)  # [B,nb,bq,H,Kw]
         lse = torch.logsumexp(logits_w, dim=-1).flatten(1, 2)[:, :s]  # [B,S,H]
-        lse = torch.logaddexp(lse, _fp32_or_wider(self.attn_sink))
+        lse = torch.logaddexp(lse, fp32_or_wider(self.attn_sink))
         q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
         if comp is not None and comp.shape[1]:
-            raw_c = _fp32_or_wider(torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype))).unflatten(1, (s, h)) * scale
+            raw_c = fp32_or_wider(torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype))).unflatten(1, (s, h)) * scale
             logits_c = raw_c + comp_bias.unsqueeze(2)  # [B,S,H,N]
             lse = torch.logaddexp(lse, torch.logsumexp(logits_c, dim=-1))
         else:
@@ -382,7 +382,3 @@ def _write_ring(cache: LayerCache, kv: torch.Tensor, start: int) -> None:
     slots = (torch.arange(s - keep, s, device=kv.device) + start) % ring_size
     cache.window[:b, slots] = kv[:, s - keep :].to(cache.window.dtype)
 
-
-def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
-    """Softmax statistics in fp32 at least (bf16/fp16 are widened, a float64 model stays exact)."""
-    return t if t.dtype == torch.float64 else t.float()

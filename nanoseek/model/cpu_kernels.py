@@ -7,6 +7,10 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
     y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L)
     dgate, dup = cpu_kernels.swiglu_backward(gate, up, grad, 10.0)
+    out = cpu_kernels.stream_mix(y, streams, post, comb)    # mHC's expand, [..., n, d] streams
+    gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
+    x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
+    gw, gx = cpu_kernels.weighted_sum_backward(w, streams, grad)
 
 Why: some of the model's arithmetic is many tiny PyTorch ops whose dispatch costs more than
 their work on a CPU.
@@ -15,14 +19,21 @@ their work on a CPU.
     1,024 tokens, 12.6 ms of a ~220 ms speedrun micro-step. One C call per direction: ~0.2 ms.
   * the experts' clamped SwiGLU (spec 1.6, kernels/swiglu.h): 4 ops forward and ~10 backward
     per expert and layer, on tensors of a few hundred rows. One pass each way.
-The callers (hyper_connections._SinkhornKernel, moe._SwiGLU) are autograd Functions next to the
-PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
+  * mHC's stream arithmetic (spec 1.2, kernels/mhc.h): the expand (a per-token 4 x 4 mix of the
+    streams plus the block output) and the weighted sum that collapses them, and their
+    gradients. In PyTorch each product is a pass over the 4x-wide streams (16 MiB per site of a
+    `small` step; the expand's backward is five passes and two temporaries of that size); here
+    one pass each way, split across PyTorch's OpenMP threads.
+The callers (hyper_connections._SinkhornKernel, _StreamMix, _WeightedSum, moe._SwiGLU) are
+autograd Functions next to the PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
 step, `compile_kernels`, `--compile` training) keep the PyTorch code, which inductor fuses.
 
-Build: `cc -O3 -march=native -fno-trapping-math -shared` (or $CC) into
+Build: `cc -O3 -march=native -fno-trapping-math -fopenmp -shared` (or $CC) into
 ~/.cache/nanoseek/kernels/<key>/ (or $NANOSEEK_CACHE/kernels), where the key hashes the sources,
 the flags, the compiler's version and the CPU's feature flags, so a cache shared between
-machines never loads a library built for another CPU. Each build is written to a temporary name
+machines never loads a library built for another CPU. -fopenmp links libgomp, which resolves to
+the libgomp PyTorch has already loaded (one OpenMP runtime, one thread pool, torch's thread
+count); a compiler without OpenMP gets a single-threaded build. Each build is written to a temporary name
 and renamed into place (concurrent processes, e.g. torchrun ranks, may both build; one wins,
 both load a complete file). A build takes ~0.5 s, once per machine. Without a working compiler,
 or with NANOSEEK_CPU_KERNELS=0, or with `cpu_kernels.enabled = False`, nothing changes but the
@@ -52,7 +63,7 @@ from .._runtime import cache_root, switched_off
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h")  # kernels.c includes the others
+_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 
@@ -89,7 +100,8 @@ def _build(cc: list[str]) -> Path:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     # -fno-trapping-math: no FP exceptions are ever unmasked, and without it gcc keeps the
     # clamps in the kernel's exp as branches and leaves that loop scalar (results are the same)
-    attempts = (["-O3", "-march=native"], ["-O3"])  # a compiler without -march=native: generic code
+    # a compiler without OpenMP: single-threaded; without -march=native: generic code
+    attempts = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
     errors = []
     for opt in attempts:
         flags = [*opt, "-fno-trapping-math", "-std=c99", "-fPIC", "-shared"]
@@ -135,7 +147,11 @@ def _library() -> ctypes.CDLL | None:
     for dtype, real in _REAL.items():
         for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr]),
                            ("swiglu", [ptr, ptr, ptr, long, real, ctypes.c_int]),
-                           ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, real, ctypes.c_int])):
+                           ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, real, ctypes.c_int]),
+                           ("stream_mix", [ptr] * 5 + [long] * 3),
+                           ("stream_mix_backward", [ptr] * 9 + [long] * 3),
+                           ("weighted_sum", [ptr] * 3 + [long] * 3),
+                           ("weighted_sum_backward", [ptr] * 5 + [long] * 3)):
             fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, None
     return lib
@@ -153,16 +169,19 @@ def sinkhorn_applies(logits: torch.Tensor, iters: int) -> bool:
             and 1 <= iters <= MAX_ITERS and not torch.compiler.is_compiling() and available())
 
 
-def _checked(name: str, first: torch.Tensor, *others: torch.Tensor):
+def _checked(name: str, first: torch.Tensor, *others: torch.Tensor, shapes: list | None = None):
     """The library, after checking what the C code will read: CPU tensors of one supported dtype
-    and one shape (a direct caller that skipped *_applies gets an error, never a bad read)."""
+    and the given shapes (default: first's shape for all), so that a direct caller that skipped
+    *_applies gets an error, never a bad read."""
     lib = _library() if enabled else None
     if lib is None:
         raise RuntimeError(f"{name}: nanoseek's CPU kernels are not available (see cpu_kernels.available())")
-    for t in (first, *others):
-        if t.device.type != "cpu" or t.dtype != first.dtype or t.dtype not in _REAL or t.shape != first.shape:
-            raise ValueError(f"{name}: needs CPU float32/float64 tensors of one dtype and shape, got "
-                             + ", ".join(f"{tuple(u.shape)} {u.dtype} on {u.device}" for u in (first, *others)))
+    tensors = (first, *others)
+    for t, shape in zip(tensors, shapes or [first.shape] * len(tensors)):
+        if t.device.type != "cpu" or t.dtype != first.dtype or t.dtype not in _REAL or t.shape != shape:
+            want = ", ".join(str(tuple(s)) for s in shapes) if shapes else "one shape"
+            raise ValueError(f"{name}: needs CPU float32/float64 tensors of one dtype and shapes {want}, got "
+                             + ", ".join(f"{tuple(u.shape)} {u.dtype} on {u.device}" for u in tensors))
     return lib
 
 
@@ -222,3 +241,68 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, li
     getattr(lib, f"swiglu_backward_{_SUFFIX[g.dtype]}")(
         g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(), limit, limit > 0)
     return dg, du
+
+
+def mhc_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the mHC stream kernels can run on these tensors (CPU, one dtype of fp32 / fp64;
+    the streams [..., n, d] first) in eager mode."""
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in _REAL and first.dim() >= 2
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors)
+            and not torch.compiler.is_compiling() and available())
+
+
+def _streams(name: str, streams: torch.Tensor, *others: torch.Tensor, kinds: str):
+    """Check streams [..., n, d] and the others ("y": [..., d], "w": [..., n], "c": [..., n, n],
+    "x": like the streams); returns (library, tokens, n, d, contiguous detached tensors)."""
+    if streams.dim() < 2:
+        raise ValueError(f"{name}: needs streams [..., n, d], got {tuple(streams.shape)}")
+    lead, (n, d) = streams.shape[:-2], streams.shape[-2:]
+    want = {"y": (*lead, d), "w": (*lead, n), "c": (*lead, n, n), "x": streams.shape}
+    lib = _checked(name, streams, *others, shapes=[streams.shape, *(torch.Size(want[k]) for k in kinds)])
+    return lib, lead.numel(), n, d, [t.detach().contiguous() for t in (streams, *others)]
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def stream_mix(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """out[..., k, :] = sum_j comb[..., j, k] X_j + post_k y: HyperConnection.expand (no autograd);
+    needs mhc_applies(streams, y, post, comb)."""
+    lib, tokens, n, d, (x, y, post, comb) = _streams("stream_mix", streams, y, post, comb, kinds="ywc")
+    out = torch.empty_like(x)
+    getattr(lib, f"stream_mix_{_SUFFIX[x.dtype]}")(y.data_ptr(), x.data_ptr(), post.data_ptr(), comb.data_ptr(),
+                                                   out.data_ptr(), tokens, n, d)
+    return out
+
+
+def stream_mix_backward(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                        grad: torch.Tensor, needs: tuple[bool, ...] = (True,) * 4):
+    """(d y, d streams, d post, d comb) of sum(grad * stream_mix(...)); None where `needs` is False."""
+    lib, tokens, n, d, (x, y, post, comb, g) = _streams(
+        "stream_mix_backward", streams, y, post, comb, grad.to(streams.dtype), kinds="ywcx")
+    grads = [torch.empty_like(t) if need else None for t, need in zip((y, x, post, comb), needs)]
+    getattr(lib, f"stream_mix_backward_{_SUFFIX[x.dtype]}")(
+        y.data_ptr(), x.data_ptr(), post.data_ptr(), comb.data_ptr(), g.data_ptr(), *map(_ptr, grads), tokens, n, d)
+    return tuple(grads)
+
+
+def weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j X_j: weights [..., n], streams [..., n, d] -> [..., d] (no autograd); needs
+    mhc_applies(streams, weights)."""
+    lib, tokens, n, d, (x, w) = _streams("weighted_sum", streams, weights, kinds="w")
+    out = x.new_empty(*x.shape[:-2], d)
+    getattr(lib, f"weighted_sum_{_SUFFIX[x.dtype]}")(w.data_ptr(), x.data_ptr(), out.data_ptr(), tokens, n, d)
+    return out
+
+
+def weighted_sum_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.Tensor,
+                          needs: tuple[bool, bool] = (True, True)):
+    """(d weights, d streams) of sum(grad * weighted_sum(weights, streams)); None where not needed."""
+    lib, tokens, n, d, (x, w, g) = _streams("weighted_sum_backward", streams, weights, grad.to(streams.dtype),
+                                            kinds="wy")
+    grads = [torch.empty_like(t) if need else None for t, need in zip((w, x), needs)]
+    getattr(lib, f"weighted_sum_backward_{_SUFFIX[x.dtype]}")(
+        w.data_ptr(), x.data_ptr(), g.data_ptr(), *map(_ptr, grads), tokens, n, d)
+    return tuple(grads)

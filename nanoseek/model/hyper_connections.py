@@ -23,7 +23,8 @@ passes (`_MixRMS`, `_Sinkhorn`, `_WeightedSum`, `_StreamMix`): every big-tensor 
 a broadcast multiply-add over d or a per-token matmul whose shapes PyTorch's CPU kernels handle
 well (measured per shape, see _StreamMix), Sinkhorn runs tokens-last and its backward walks its
 saved normalisers; on the eager CPU path Sinkhorn is one C call each way instead
-(`_SinkhornKernel`, model/cpu_kernels.py). `fused = False` is the plain reference, op by op,
+(`_SinkhornKernel`, model/cpu_kernels.py), and so are the stream mix and the weighted sum inside
+their Functions (`HyperConnection.stream_kernels`: one pass over the streams per direction). `fused = False` is the plain reference, op by op,
 that the tests compare them against (values and every gradient). Inside a compiled decode step (few tokens, no
 autograd: `gemv.in_graph`) the mix, weighted sum and stream mix are written as broadcast
 multiply + sum instead, which inductor fuses into single kernels (docs/model.md "Speed").
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels, gemv
-from .precision import fp32_region
+from .precision import fp32_or_wider, fp32_region
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -150,6 +151,9 @@ class HyperConnection(nn.Module):
     views of these, see `Block`)."""
 
     fused = True  # the fused kernels of the module docstring; False: the plain reference
+    # with `fused`: the stream mix and weighted sum as C passes on the eager CPU path
+    # (cpu_kernels.stream_mix / weighted_sum); False: their PyTorch products
+    stream_kernels = True
 
     def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -210,41 +214,55 @@ class HyperHead(nn.Module):
 def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """(flat @ fn^T) * rsqrt(mean(flat^2) + eps) in fp32: the RMS scaling commutes with the
     matmul, so it is applied to the few mix outputs instead of the 4d-wide input (spec 1.2.2)."""
-    flat = streams.flatten(-2).float()
+    flat = fp32_or_wider(streams.flatten(-2))
+    fn = fn.to(flat.dtype)
     with fp32_region(streams.device.type):  # mHC stays fp32
-        if HyperConnection.fused and not gemv.as_reduction(flat, fn.float()):
-            return _MixRMS.apply(flat.reshape(-1, flat.shape[-1]), fn.float(), eps).view(*flat.shape[:-1], -1)
-        mix = gemv.linear(flat, fn.float())  # (in a compiled decode step: one fused reduction)
+        if HyperConnection.fused and not gemv.as_reduction(flat, fn):
+            return _MixRMS.apply(flat.reshape(-1, flat.shape[-1]), fn, eps).view(*flat.shape[:-1], -1)
+        mix = gemv.linear(flat, fn)  # (in a compiled decode step: one fused reduction)
     return mix * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def _stream_kernels(streams: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the mHC stream arithmetic runs as C passes here (module docstring)."""
+    return HyperConnection.fused and HyperConnection.stream_kernels and cpu_kernels.mhc_applies(streams, *others)
 
 
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] (in fp32)."""
+    wide = fp32_or_wider(streams)
     with fp32_region(streams.device.type):
         if HyperConnection.fused and torch.is_grad_enabled() and (streams.requires_grad or weights.requires_grad):
-            out = _WeightedSum.apply(weights, streams.float())  # no per-token GEMMs, no [.., n, d] temporary
+            out = _WeightedSum.apply(weights, wide)  # no per-token GEMMs, no [.., n, d] temporary
         elif gemv.in_graph(streams.shape[:-2].numel(), weights, streams):  # compiled decode step
-            out = (weights.unsqueeze(-1) * streams.float()).sum(-2)
+            out = (weights.unsqueeze(-1) * wide).sum(-2)
+        elif _stream_kernels(wide, weights):
+            out = cpu_kernels.weighted_sum(weights, wide)  # one C pass (eager CPU)
         else:  # inference: one small batched product per call (a decode step has few tokens)
-            out = torch.matmul(weights.unsqueeze(-2), streams.float()).squeeze(-2)
+            out = torch.matmul(weights.unsqueeze(-2).to(wide.dtype), wide).squeeze(-2)
     return out.to(streams.dtype)
 
 
 class _WeightedSum(torch.autograd.Function):
     """out = sum_j w_j X_j as n multiply-adds into a [..., d] result; the backward writes grad X
-    = w g once and takes grad w = <X_j, g> through the same buffer (one [..., n, d] allocation)."""
+    = w g once and takes grad w = <X_j, g> through the same buffer (one [..., n, d] allocation).
+    On the eager CPU path each direction is one C pass instead (cpu_kernels.weighted_sum)."""
 
     @staticmethod
     def forward(ctx, weights, streams):
+        ctx.save_for_backward(weights, streams)
+        if _stream_kernels(streams, weights):
+            return cpu_kernels.weighted_sum(weights, streams)
         out = streams[..., 0, :] * weights[..., 0:1]
         for j in range(1, streams.shape[-2]):
             out.addcmul_(streams[..., j, :], weights[..., j : j + 1])
-        ctx.save_for_backward(weights, streams)
         return out
 
     @staticmethod
     def backward(ctx, g):
         weights, streams = ctx.saved_tensors
+        if _stream_kernels(streams, weights, g):
+            return cpu_kernels.weighted_sum_backward(weights, streams, g, ctx.needs_input_grad[:2])
         buf = torch.empty_like(streams)
         grad_w = torch.mul(streams, g.unsqueeze(-2), out=buf).sum(-1) if ctx.needs_input_grad[0] else None
         grad_x = torch.mul(weights.unsqueeze(-1), g.unsqueeze(-2), out=buf) if ctx.needs_input_grad[1] else None
@@ -270,7 +288,8 @@ class _MixRMS(torch.autograd.Function):
         gr = g * r
         coef = (g * raw).sum(-1, keepdim=True) * r.pow(3) * (-1.0 / flat.shape[-1])
         grad_flat = (flat * coef).addmm_(gr, fn) if ctx.needs_input_grad[0] else None
-        grad_fn = gr.t().contiguous() @ flat if ctx.needs_input_grad[1] else None
+        # (flat^T gr)^T, not gr^T flat: MKL runs the [T, 4d]^T x [T, M] form ~1.4x faster here
+        grad_fn = (flat.t() @ gr).t() if ctx.needs_input_grad[1] else None
         return grad_flat, grad_fn, None
 
 
@@ -282,17 +301,22 @@ class _StreamMix(torch.autograd.Function):
     backward is grad X = comb @ g, grad comb = X @ g^T (inner dimension d: per-token GEMMs that
     run near memory speed, 3x faster here than n broadcast passes over [..., n, d]), grad y =
     post @ g, and grad post = <g_k, y> over d. (Measured on [4, 512, 4, 512] fp32, 2 cores:
-    backward 8.5 -> 4.0 ms, forward 2.0 -> 1.7 ms.)"""
+    backward 8.5 -> 4.0 ms, forward 2.0 -> 1.7 ms.) On the eager CPU path each direction is one C
+    pass over the streams instead (cpu_kernels.stream_mix: all four gradients from one read of
+    g and X per token)."""
 
     @staticmethod
     def forward(ctx, y, streams, post, comb):
-        out = torch.matmul(comb.transpose(-1, -2), streams).addcmul_(post.unsqueeze(-1), y.unsqueeze(-2))
         ctx.save_for_backward(y, streams, post, comb)
-        return out
+        if _stream_kernels(streams, y, post, comb):
+            return cpu_kernels.stream_mix(y, streams, post, comb)
+        return torch.matmul(comb.transpose(-1, -2), streams).addcmul_(post.unsqueeze(-1), y.unsqueeze(-2))
 
     @staticmethod
     def backward(ctx, g):
         y, streams, post, comb = ctx.saved_tensors
+        if _stream_kernels(streams, y, post, comb, g):
+            return cpu_kernels.stream_mix_backward(y, streams, post, comb, g, ctx.needs_input_grad)
         grad_y = grad_x = grad_post = grad_comb = None
         if ctx.needs_input_grad[0]:
             grad_y = torch.matmul(post.unsqueeze(-2), g).squeeze(-2)

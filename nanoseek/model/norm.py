@@ -23,12 +23,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .precision import fp32_or_wider
+
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim, computed in fp32 (float64 stays float64), returned so."""
     if _use_function(x):
         return _RMSNorm.apply(x, None, eps)
-    x = _fp32_or_wider(x)
+    x = fp32_or_wider(x)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
@@ -61,7 +63,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        xf = _fp32_or_wider(x)
+        xf = fp32_or_wider(x)
         # the plain formula's exact ops: the forward is bit-identical to it (a no-grad pass, e.g.
         # GRPO's old log-probs, sees the same numbers as the training pass)
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -84,7 +86,3 @@ class _RMSNorm(torch.autograd.Function):
             grad_x = gw.sub_(xhat * dot).mul_(r).to(ctx.in_dtype)
         return grad_x, grad_w, None
 
-
-def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 are widened to fp32; a float64 model (the tests' exact reference) stays exact."""
-    return t if t.dtype == torch.float64 else t.float()

@@ -1,4 +1,4 @@
-"""fp32 regions under autocast: `with fp32_region(x.device.type): ...`
+"""fp32 regions under autocast: `with fp32_region(x.device.type): ...`, and `fp32_or_wider(t)`.
 
 The parts of V4 that the reference runs in fp32 (mHC, the compressor's projections, the router,
 the attention kernel) turn autocast off around themselves. When autocast is not on (inference,
@@ -22,3 +22,9 @@ def fp32_region(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """What the fp32 parts compute in: bf16/fp16 widened to fp32, while a float64 model (the tests'
+    exact reference) stays float64."""
+    return t if t.dtype == torch.float64 else t.float()

@@ -1,8 +1,8 @@
 /* nanoseek's C kernels for the eager CPU paths, one translation unit: each kernel body
- * (sinkhorn.h, swiglu.h; what they compute and why, at their top) is instantiated for float32
- * (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
- * cc -O3 -march=native -fno-trapping-math -shared and loaded with ctypes by
- * nanoseek/model/cpu_kernels.py. */
+ * (sinkhorn.h, swiglu.h, mhc.h; what they compute and why, at their top) is instantiated for
+ * float32 (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
+ * cc -O3 -march=native -fno-trapping-math -fopenmp -shared (OpenMP where the compiler has it)
+ * and loaded with ctypes by nanoseek/model/cpu_kernels.py. */
 
 #include <string.h>
 
@@ -15,6 +15,7 @@
 #define EXP exp_f32
 #include "sinkhorn.h"
 #include "swiglu.h"
+#include "mhc.h"
 #undef REAL
 #undef NAME
 #undef EXP
@@ -24,6 +25,7 @@
 #define EXP exp_f64
 #include "sinkhorn.h"
 #include "swiglu.h"
+#include "mhc.h"
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals */
 long sinkhorn_tokens_per_block(void) { return TB; }
