@@ -23,7 +23,10 @@ their work on a CPU.
     streams plus the block output) and the weighted sum that collapses them, and their
     gradients. In PyTorch each product is a pass over the 4x-wide streams (16 MiB per site of a
     `small` step; the expand's backward is five passes and two temporaries of that size); here
-    one pass each way, split across PyTorch's OpenMP threads.
+    one pass each way.
+Each kernel splits its tokens (elements) across PyTorch's OpenMP threads, as PyTorch's own ops
+do, so that it scales with the cores; each token is computed whole by one thread, so the results
+do not depend on the thread count.
 The callers (hyper_connections._SinkhornKernel, _StreamMix, _WeightedSum, moe._SwiGLU) are
 autograd Functions next to the PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
 step, `compile_kernels`, `--compile` training) keep the PyTorch code, which inductor fuses.
@@ -145,7 +148,7 @@ def _library() -> ctypes.CDLL | None:
     lib.sinkhorn_tokens_per_block.restype = long
     lib.tokens_per_block = lib.sinkhorn_tokens_per_block()   # Sinkhorn's block, for its workspace
     for dtype, real in _REAL.items():
-        for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr]),
+        for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr, long, long]),
                            ("swiglu", [ptr, ptr, ptr, long, real, ctypes.c_int]),
                            ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, real, ctypes.c_int]),
                            ("stream_mix", [ptr] * 5 + [long] * 3),
@@ -194,14 +197,16 @@ def _call(logits: torch.Tensor, grad: torch.Tensor | None, iters: int, eps: floa
     n = logits.shape[-1]
     x = logits.detach().contiguous()
     result = torch.empty_like(x)
-    work = torch.empty((3 * n * n + (2 * iters - 1) * n) * lib.tokens_per_block, dtype=x.dtype)
+    threads = max(1, torch.get_num_threads())
+    work_size = (3 * n * n + (2 * iters - 1) * n) * lib.tokens_per_block    # one block's, per thread
+    work = torch.empty(threads * work_size, dtype=x.dtype)
     if grad is None:
         args = (x.data_ptr(), result.data_ptr(), None, None)
     else:
         g = grad.detach().to(x.dtype).contiguous()
         args = (x.data_ptr(), None, g.data_ptr(), result.data_ptr())
     fn = getattr(lib, f"sinkhorn_{_SUFFIX[x.dtype]}")
-    fn(*args, x.numel() // (n * n), n, iters, eps, work.data_ptr())
+    fn(*args, x.numel() // (n * n), n, iters, eps, work.data_ptr(), work_size, threads)
     return result
 
 

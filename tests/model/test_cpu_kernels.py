@@ -329,19 +329,24 @@ def test_mhc_functions_take_the_kernels_and_pass_gradcheck(kernels, monkeypatch)
     assert {"stream_mix", "stream_mix_backward", "weighted_sum", "weighted_sum_backward"} <= set(calls)
 
 
-def test_mhc_kernels_give_the_same_bits_at_any_thread_count(kernels):
-    """Tokens are split across OpenMP threads, each token computed whole by one thread: the
-    result cannot depend on the split."""
+def test_kernels_give_the_same_bits_at_any_thread_count(kernels):
+    """Tokens (elements, Sinkhorn's blocks) are split across OpenMP threads, each computed whole
+    by one thread: the result cannot depend on the split. Sizes past the kernels' thresholds for
+    going parallel (kernels.c), with tails."""
     torch.manual_seed(3)
     y, x, post, comb, w = _mhc_inputs((2, 301), 4, 96, torch.float32)
     g = torch.randn_like(x)
+    logits, lg = torch.randn(1003, 4, 4), torch.randn(1003, 4, 4)
+    gate, up = torch.randn(397, 211), torch.randn(397, 211)
     threads = torch.get_num_threads()
     outs = []
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             outs.append((cpu_kernels.stream_mix(y, x, post, comb), *cpu_kernels.stream_mix_backward(y, x, post, comb, g),
-                         cpu_kernels.weighted_sum(w, x)))
+                         cpu_kernels.weighted_sum(w, x), cpu_kernels.sinkhorn(logits, 20, 1e-6),
+                         cpu_kernels.sinkhorn_backward(logits, lg, 20, 1e-6), cpu_kernels.swiglu(gate, up, 10.0),
+                         *cpu_kernels.swiglu_backward(gate, up, gate, 10.0)))
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:

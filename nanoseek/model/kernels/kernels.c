@@ -6,9 +6,17 @@
 
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
+
 #include "vec_math.h"
 
-#define TB 16   /* Sinkhorn: tokens per block, the lanes of its inner loops */
+#define TB 16                 /* Sinkhorn: tokens per block, the lanes of its inner loops */
+#define PARALLEL_MIN 32768    /* elementwise kernels: fewer elements run on one thread */
 
 #define REAL float
 #define NAME(f) f##_f32
@@ -27,5 +35,5 @@
 #include "swiglu.h"
 #include "mhc.h"
 
-/* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals */
+/* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }

@@ -12,7 +12,7 @@
  * vectorises) and stay in L1 through all the steps.
  *
  * Layout: logits, out, grad and dlogits are contiguous [T, n, n] (tokens first, as the model
- * holds them). `work` holds (3 n*n + (2 iters - 1) n) * TB reals. The backward recomputes the
+ * holds them). `work` holds (3 n*n + (2 iters - 1) n) * TB reals per thread. The backward recomputes the
  * forward from the logits (it is cheaper than saving 2 iters - 1 normalisers per token) and then
  * replays the steps in reverse: for M' = M / s,  dM = (dM' - sum(dM' * M')) / s  along the
  * normalised dimension, and M = M' * s; then the softmax backward p * (g - sum(g * p)).
@@ -132,14 +132,21 @@ static void NAME(sinkhorn_block)(const REAL *restrict x, REAL *restrict out, con
 }
 
 /* Every block of T tokens: out = Sinkhorn(x) when out is not NULL; dx = d(sum(grad * out))/dx
- * when grad is not NULL. */
+ * when grad is not NULL. The blocks are split across up to `threads` OpenMP threads, thread i
+ * using work + i * work_size (the caller allocates threads * work_size reals); inputs of a few
+ * blocks stay on one thread (a parallel region costs more than they do). */
 void NAME(sinkhorn)(const REAL *x, REAL *out, const REAL *grad, REAL *dx, long T, long n,
-                    long iters, REAL eps, REAL *work) {
-    const long nn = n * n;
-    for (long t0 = 0; t0 < T; t0 += TB) {
-        const long tb = T - t0 < TB ? T - t0 : TB;
-        NAME(sinkhorn_block)(x + t0 * nn, out ? out + t0 * nn : 0, grad ? grad + t0 * nn : 0,
-                             dx ? dx + t0 * nn : 0, tb, n, iters, eps, work);
+                    long iters, REAL eps, REAL *work, long work_size, long threads) {
+    const long nn = n * n, blocks = (T + TB - 1) / TB;
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks >= 8)
+    {
+        REAL *w = work + THREAD_NUM() * work_size;
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            const long t0 = b * TB, tb = T - t0 < TB ? T - t0 : TB;
+            NAME(sinkhorn_block)(x + t0 * nn, out ? out + t0 * nn : 0, grad ? grad + t0 * nn : 0,
+                                 dx ? dx + t0 * nn : 0, tb, n, iters, eps, w);
+        }
     }
 }
 

@@ -8,11 +8,14 @@
  * pass. The clamps pass the gradient where the input is inside [-L, L] (L included, as
  * torch.clamp does; NaN passes none); clamped = 0: no clamps (moe.swiglu's L <= 0).
  *
+ * Split across the OpenMP threads from PARALLEL_MIN elements on (kernels.c).
+ *
  * Instantiated for float32 and float64 by kernels.c (REAL, NAME, EXP come from there). */
 
 /* y[i] = silu(min(g[i], L)) * clamp(u[i], -L, L) for n elements (clamped = 0: no clamps). */
 void NAME(swiglu)(const REAL *restrict g, const REAL *restrict u, REAL *restrict y, long n, REAL limit,
                   int clamped) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         const REAL gc = clamped && g[i] > limit ? limit : g[i];
         const REAL uc = clamped && u[i] > limit ? limit : (clamped && u[i] < -limit ? -limit : u[i]);
@@ -23,6 +26,7 @@ void NAME(swiglu)(const REAL *restrict g, const REAL *restrict u, REAL *restrict
 /* dg, du: the gradient of sum(dy * y) with respect to g and u. */
 void NAME(swiglu_backward)(const REAL *restrict g, const REAL *restrict u, const REAL *restrict dy,
                            REAL *restrict dg, REAL *restrict du, long n, REAL limit, int clamped) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         const REAL gc = clamped && g[i] > limit ? limit : g[i];
         const REAL uc = clamped && u[i] > limit ? limit : (clamped && u[i] < -limit ? -limit : u[i]);
