@@ -11,6 +11,7 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
     x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
     gw, gx = cpu_kernels.weighted_sum_backward(w, streams, grad)
+    gx = cpu_kernels.collapse_backward(w, streams, grad, coef)   # w_j g + coef X_j
 
 Why: some of the model's arithmetic is many tiny PyTorch ops whose dispatch costs more than
 their work on a CPU.
@@ -154,7 +155,8 @@ def _library() -> ctypes.CDLL | None:
                            ("stream_mix", [ptr] * 5 + [long] * 3),
                            ("stream_mix_backward", [ptr] * 9 + [long] * 3),
                            ("weighted_sum", [ptr] * 3 + [long] * 3),
-                           ("weighted_sum_backward", [ptr] * 5 + [long] * 3)):
+                           ("weighted_sum_backward", [ptr] * 5 + [long] * 3),
+                           ("collapse_backward", [ptr] * 5 + [long] * 3)):
             fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, None
     return lib
@@ -311,3 +313,19 @@ def weighted_sum_backward(weights: torch.Tensor, streams: torch.Tensor, grad: to
     getattr(lib, f"weighted_sum_backward_{_SUFFIX[x.dtype]}")(
         w.data_ptr(), x.data_ptr(), g.data_ptr(), *map(_ptr, grads), tokens, n, d)
     return tuple(grads)
+
+
+def collapse_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.Tensor,
+                      coef: torch.Tensor) -> torch.Tensor:
+    """w_j g + coef X_j for weights [..., n], streams [..., n, d], grad [..., d], coef [...]: the
+    streams' gradient of a collapse through its weighted sum and its mix's RMS factor
+    (hyper_connections._Collapse adds the mix's matmul part)."""
+    lead = streams.shape[:-2]
+    lib, tokens, n, d, (x, w, g) = _streams("collapse_backward", streams, weights, grad.to(streams.dtype),
+                                            kinds="wy")
+    c = coef.detach().to(x.dtype).contiguous()
+    _checked("collapse_backward", x, c, shapes=[x.shape, lead])
+    gx = torch.empty_like(x)
+    getattr(lib, f"collapse_backward_{_SUFFIX[x.dtype]}")(w.data_ptr(), x.data_ptr(), g.data_ptr(), c.data_ptr(),
+                                                          gx.data_ptr(), tokens, n, d)
+    return gx

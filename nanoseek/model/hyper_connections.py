@@ -169,6 +169,11 @@ class HyperConnection(nn.Module):
 
     def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n])."""
+        if _collapse_applies(streams, self.fn, self.scale, self.base):
+            def weights(mix, scale, base):
+                return self.mix_weights(mix, scale, base, self.n, self.iters, self.hc_eps)
+            with fp32_region(streams.device.type):  # mHC stays fp32
+                return _Collapse.apply(streams, self.fn, self.scale, self.base, weights, self.norm_eps)
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
         pre, post, comb = self.mix_weights(mix, self.scale, self.base, self.n, self.iters, self.hc_eps)
         x = _weighted_sum(pre, streams)
@@ -206,6 +211,11 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        if _collapse_applies(streams, self.fn, self.scale, self.base):
+            def weights(mix, scale, base):
+                return (_pre(mix, scale, base, self.hc_eps),)
+            with fp32_region(streams.device.type):
+                return _Collapse.apply(streams, self.fn, self.scale, self.base, weights, self.norm_eps)[0]
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
         pre = _pre(mix, self.scale, self.base, self.hc_eps)
         return _weighted_sum(pre, streams)
@@ -226,6 +236,62 @@ def _normalized_mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torc
 def _stream_kernels(streams: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the mHC stream arithmetic runs as C passes here (module docstring)."""
     return HyperConnection.fused and HyperConnection.stream_kernels and cpu_kernels.mhc_applies(streams, *others)
+
+
+def _collapse_applies(streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether a collapse that records gradients runs as one _Collapse (eager CPU, fp32/fp64)."""
+    return (torch.is_grad_enabled() and (streams.requires_grad or fn.requires_grad)
+            and _stream_kernels(streams, fn, scale, base))
+
+
+class _Collapse(torch.autograd.Function):
+    """A whole collapse with autograd on the eager CPU path, as one Function:
+
+        mix = (flat @ fn^T) * r,  r = rsqrt(mean(flat^2) + eps)     (flat = X [T, n*d])
+        pre, *rest = weights(mix, scale, base)                       (mix_weights: pre, post, comb)
+        x = sum_j pre_j X_j
+
+    -> (x, *rest). Composed of _MixRMS, the mix weights and _WeightedSum, the streams' gradient
+    came in two [T, n, d] tensors (the weighted sum's and the mix's) that autograd then added, and
+    the mix's took a separate pass for its RMS term. Here it is written once: one C pass forms
+    pre_j g + coef X_j (cpu_kernels.collapse_backward) and one GEMM adds the mix's g_mix r fn in
+    place. The small graph of the mix weights (sigmoids, Sinkhorn: [T, 2n + n*n] numbers) runs
+    without autograd in the forward and is recomputed with it in the backward, from the saved
+    mix; the same arithmetic as the composed Functions, to rounding."""
+
+    @staticmethod
+    def forward(ctx, streams, fn, scale, base, weights, eps: float):
+        x = streams.contiguous()
+        flat = x.view(-1, x.shape[-2] * x.shape[-1])
+        raw = flat @ fn.t()
+        r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
+        pre, *rest = weights((raw * r).view(*x.shape[:-2], -1), scale, base)
+        ctx.weights = weights
+        ctx.save_for_backward(x, fn, scale, base, raw, r, pre)
+        return (cpu_kernels.weighted_sum(pre, x), *rest)
+
+    @staticmethod
+    def backward(ctx, gx, *g_rest):
+        x, fn, scale, base, raw, r, pre = ctx.saved_tensors
+        lead, width = x.shape[:-2], x.shape[-2] * x.shape[-1]
+        gx = torch.zeros(*lead, x.shape[-1], dtype=x.dtype) if gx is None else gx
+        g_pre = cpu_kernels.weighted_sum_backward(pre, x, gx, (True, False))[0]
+        with torch.enable_grad():  # the mix weights' small graph, recomputed from the saved mix
+            mix = (raw * r).view(*lead, -1).requires_grad_()
+            leaves = (mix, scale.detach().requires_grad_(), base.detach().requires_grad_())
+            pairs = [(o, g) for o, g in zip(ctx.weights(*leaves), (g_pre, *g_rest)) if g is not None]
+            g_mix, g_scale, g_base = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                                         allow_unused=True)
+        g_mix = g_mix.reshape(raw.shape)
+        gr = g_mix * r
+        grad_x = grad_fn = None
+        if ctx.needs_input_grad[0]:
+            coef = (g_mix * raw).sum(-1) * r.squeeze(-1).pow(3) * (-1.0 / width)
+            grad_x = cpu_kernels.collapse_backward(pre, x, gx, coef.view(lead))
+            grad_x.view(-1, width).addmm_(gr, fn)
+        if ctx.needs_input_grad[1]:
+            grad_fn = (x.view(-1, width).t() @ gr).t()   # (see _MixRMS)
+        return grad_x, grad_fn, g_scale, g_base, None, None
 
 
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:

@@ -391,7 +391,9 @@ def test_mhc_direct_calls_check_what_the_c_code_reads(kernels):
            lambda: cpu_kernels.stream_mix_backward(y, x, post, comb, torch.randn(3, 4, 7)),
            lambda: cpu_kernels.weighted_sum(w[:, :3], x),
            lambda: cpu_kernels.weighted_sum(w, torch.randn(8)),
-           lambda: cpu_kernels.weighted_sum_backward(w, x, torch.randn(3, 9))]
+           lambda: cpu_kernels.weighted_sum_backward(w, x, torch.randn(3, 9)),
+           lambda: cpu_kernels.collapse_backward(w, x, torch.randn(3, 8), torch.randn(4)),
+           lambda: cpu_kernels.collapse_backward(w, x, torch.randn(3, 8), torch.randn(3, 1))]
     for call in bad:
         with pytest.raises(ValueError):
             call()
@@ -406,3 +408,67 @@ def test_one_openmp_runtime_in_the_process(kernels):
     except OSError:
         pytest.skip("no /proc/self/maps on this system")
     assert len(paths) <= 1, paths
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("used", ["all", "x only", "streams frozen"])
+def test_collapse_function_equals_the_composed_functions(kernels, head, used):
+    """_Collapse (one Function, one streams gradient) against _MixRMS -> mix weights ->
+    _WeightedSum in float64: the block input, post, comb and the gradients of the streams, fn,
+    scale and base; also with post / comb unused (their gradients None) and frozen streams."""
+    torch.manual_seed(4)
+    n, d = 4, 24
+    site = (hc.HyperHead(d, n, 1e-6, 1e-6) if head else hc.HyperConnection(d, n, 20, 1e-6, 1e-6)).double()
+    with torch.no_grad():
+        site.fn.normal_(0, 0.3)
+        site.base.normal_(0, 0.5)
+        site.scale.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, n, d, dtype=torch.float64, requires_grad=used != "streams frozen")
+    results = []
+    for fused_collapse in (False, True):
+        hc.HyperConnection.stream_kernels = fused_collapse   # off: the composed Functions, PyTorch ops
+        outs = site(x) if head else site.collapse(x)
+        outs = (outs,) if head else outs
+        assert (type(outs[0].grad_fn).__name__ == "_CollapseBackward") == fused_collapse
+        gen = torch.Generator().manual_seed(6)               # the same loss weights in both runs
+        weights = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outs]
+        terms = outs[:1] if used == "x only" else outs
+        loss = sum((o * w).sum() for o, w in zip(terms, weights))
+        params = [p for p in (x, site.fn, site.scale, site.base) if p.requires_grad]
+        results.append(([o.detach() for o in outs], torch.autograd.grad(loss, params)))
+    hc.HyperConnection.stream_kernels = True
+    (outs0, grads0), (outs1, grads1) = results
+    for a, b in zip(outs0 + list(grads0), outs1 + list(grads1)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_collapse_function_gradcheck_float64(kernels):
+    torch.manual_seed(5)
+    n, d = 4, 5
+    site = hc.HyperConnection(d, n, 3, 1e-6, 1e-6).double()
+    with torch.no_grad():
+        site.fn.normal_(0, 0.5)
+        site.base.normal_(0, 0.5)
+    x = torch.randn(3, n, d, dtype=torch.float64, requires_grad=True)
+
+    def collapse(x, fn, scale, base):
+        return hc._Collapse.apply(x, fn, scale, base, lambda m, s, b: hc.mix_weights(m, s, b, n, 3, 1e-6), 1e-6)
+
+    assert torch.autograd.gradcheck(collapse, (x, site.fn, site.scale, site.base))
+
+
+def test_the_model_collapses_with_one_function_in_training_only(kernels):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(
+        type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__)) for m in model.modules()
+        if isinstance(m, hc.HyperHead)]
+    model.loss(ids).loss.backward()
+    assert seen and set(seen) == {"_CollapseBackward"}
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] == "NoneType"                                  # inference: no Function at all
+    for h in hooks:
+        h.remove()

@@ -48,6 +48,26 @@ def test_op_times_report_on_a_tiny_model(capsys, tiny_config):
     ids = torch.randint(0, tiny_config.vocab_size, (2, 32))
     _tool().op_times(model, ids, bf16=False, rows=5)
     out = capsys.readouterr().out
-    assert out.startswith("fp32 step, batch (2, 32):")
+    assert out.startswith("fp32 step (CE only), batch (2, 32):")
     assert "| forward | `" in out and "| backward | `" in out
     assert all(p.grad is None for p in model.parameters())  # the tool leaves no gradients behind
+    _tool().op_times(model, ids, bf16=False, rows=200, v4=True)   # the trainer's objective: MTP too
+    out_v4 = capsys.readouterr().out
+    assert out_v4.startswith("fp32 step (V4 objective), batch (2, 32):")
+    ops = lambda text: int(text.split(" aten ops timed")[0].rsplit(";", 1)[1])  # noqa: E731
+    assert ops(out_v4) > ops(out)
+
+
+def test_switch_ab_times_only_the_named_switches_and_restores_them(capsys, tiny_config):
+    from nanoseek import Transformer
+    from nanoseek.model import hyper_connections as hc
+
+    tool = _tool()
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).train()
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 16))
+    tool.switch_ab(model, ids, reps=1, only=["HyperConnection.stream_kernels"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert len(lines) == 1 and lines[0].split()[0] == "HyperConnection.stream_kernels"
+    assert hc.HyperConnection.stream_kernels is True
+    assert all(p.grad is None for p in model.parameters())

@@ -2,6 +2,7 @@
  *
  *     expand:        out_k = post_k y + sum_j comb[j, k] X_j        (the stream mix after a block)
  *     weighted sum:  x = sum_j w_j X_j                               (the block input, the final head)
+ *     collapse:      the streams' gradient through the weighted sum and the mix's RMS factor at once
  *
  * and their gradients, for streams X [T, n, d], y [T, d], post / w [T, n], comb [T, n, n] (all
  * contiguous, tokens first). The PyTorch versions (hyper_connections._StreamMix and
@@ -122,6 +123,23 @@ void NAME(weighted_sum_backward)(const REAL *restrict w, const REAL *restrict x,
                 const REAL c = wt[j];
                 for (long i = 0; i < d; i++) o[i] = c * gt[i];
             }
+        }
+    }
+}
+
+/* The streams' gradient of a whole collapse (hyper_connections._Collapse): through the weighted
+ * sum, w_j g, plus through the RMS factor of the mix, coef X_j (the mix's matmul part is added
+ * by the caller's GEMM): gx[t, j, :] = w[t, j] g[t, :] + coef[t] X[t, j, :]. */
+void NAME(collapse_backward)(const REAL *restrict w, const REAL *restrict x, const REAL *restrict g,
+                             const REAL *restrict coef, REAL *restrict gx, long T, long n, long d) {
+#pragma omp parallel for schedule(static)
+    for (long t = 0; t < T; t++) {
+        const REAL *xt = x + t * n * d, *gt = g + t * d, c = coef[t];
+        for (long j = 0; j < n; j++) {
+            const REAL wj = w[t * n + j];
+            const REAL *xj = xt + j * d;
+            REAL *o = gx + (t * n + j) * d;
+            for (long i = 0; i < d; i++) o[i] = wj * gt[i] + c * xj[i];
         }
     }
 }
