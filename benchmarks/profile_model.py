@@ -22,7 +22,7 @@ the two modes of one run.
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
-`Attention.fold_heads`: bf16 only) and prints
+`Experts.fused`: the routed experts as one Function, `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 
 --op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import PRESETS
-from nanoseek.model import cpu_kernels, hyper_connections, norm, rope
+from nanoseek.model import cpu_kernels, hyper_connections, moe, norm, rope
 from nanoseek.model.attention import Attention
 
 
@@ -148,6 +148,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "Attention.use_sdpa": (Attention, "use_sdpa"),
     "cpu_kernels.enabled": (cpu_kernels, "enabled"),
     "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
+    "Experts.fused": (moe.Experts, "fused"),
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }
 

@@ -16,9 +16,12 @@ through the forward context (spec 1.6).
 Experts are stored stacked ([E, out, in]) so they can be computed as a grouped matmul: the
 token->expert assignments are sorted by expert once, each expert multiplies one contiguous slice
 (a loop over experts, never over tokens), and results are scattered back with index_add.
-On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py). On the eager CPU path
-the clamped SwiGLU between the products is one C call each way (`_SwiGLU`, cpu_kernels.py);
-`swiglu`'s PyTorch formula is the reference the tests compare it against.
+On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py). In training the grouped
+pass is one autograd Function (`_GroupedExperts`: one cast per stacked matrix, products into
+preallocated buffers, stacked weight gradients written in place; `per_expert` is the loop it
+replaces). On the eager CPU path the clamped SwiGLU between the products is one C call each way
+(`_SwiGLU`, cpu_kernels.py); `swiglu`'s PyTorch formula is the reference the tests compare it
+against.
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class _SwiGLU(torch.autograd.Function):
 class Experts(nn.Module):
     """E routed experts as stacked weights w1/w3 [E, I, D], w2 [E, D, I]."""
 
+    fused = True  # training's grouped pass as one autograd Function (_GroupedExperts); False: per_expert
+
     def __init__(self, n: int, dim: int, inter: int, limit: float):
         super().__init__()
         self.n, self.limit = n, limit
@@ -170,19 +175,108 @@ class Experts(nn.Module):
         # x[token]: its backward is one index_add instead of an accumulating index_put, ~5%
         # of the layer's forward + backward)
         xs = x.index_select(0, token)
-        outs = []
-        # unbind / split once: indexing w[e] or slicing xs per expert would make autograd build a
-        # full-size zero gradient for every expert (O(E^2) memory traffic); the backward of
-        # unbind is one stack and that of split one cat
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        for e, xe in enumerate(xs.split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), self.limit)
-            outs.append(F.linear(h, w2[e]))
-        ys = torch.cat(outs) if outs else xs
+        if Experts.fused and torch.is_grad_enabled() and any(t.requires_grad for t in (xs, self.w1, self.w2, self.w3)):
+            ys = _GroupedExperts.apply(xs, self.w1, self.w2, self.w3, counts, self.limit)
+        else:
+            ys = per_expert(xs, self.w1, self.w2, self.w3, counts, self.limit)
         ys = ys * weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
         return torch.zeros(n_tok, x.shape[1], dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
+
+
+def per_expert(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: list[int],
+               limit: float) -> torch.Tensor:
+    """Expert-sorted tokens xs [M, D] -> [M, D], one F.linear per expert and matrix (inference,
+    and the reference _GroupedExperts is tested against)."""
+    outs = []
+    # unbind / split once: indexing w[e] or slicing xs per expert would make autograd build a
+    # full-size zero gradient for every expert (O(E^2) memory traffic); the backward of
+    # unbind is one stack and that of split one cat
+    w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
+    for e, xe in enumerate(xs.split(counts)):
+        if xe.shape[0] == 0:
+            continue
+        h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), limit)
+        outs.append(F.linear(h, w2[e]))
+    return torch.cat(outs) if outs else xs
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """The routed experts over expert-sorted tokens, with autograd, as one Function.
+
+        xs [M, D] (the rows of expert e are the e-th slice of `counts`) -> ys [M, D],
+        ys_e = swiglu(xs_e W1_e^T, xs_e W3_e^T) W2_e^T
+
+    Built from per-expert F.linear calls, a step recorded ~10 autograd nodes per expert and
+    layer, autocast cast every expert's three matrices separately (and kept the copies), and the
+    weight gradients came back per expert and were stacked by unbind's backward (an [E, out, in]
+    copy per matrix). Here the stacked weights are cast once (to the autocast dtype, if any),
+    each product writes into one preallocated buffer (the outputs, the gate and up activations,
+    and in the backward the input gradient and the stacked weight gradients, cast back once), and
+    the backward recomputes the SwiGLU from the saved gate and up activations. The arithmetic is
+    the per-expert code's, product by product."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2, w3, counts: list[int], limit: float):
+        dev = xs.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+        with fp32_region(dev):  # (autocast off: the casts are explicit, once per matrix stack)
+            x, w1c, w2c, w3c = (t.to(dtype) for t in (xs, w1, w2, w3))
+            m, inter = x.shape[0], w1.shape[1]
+            gate, up = x.new_empty(m, inter), x.new_empty(m, inter)
+            ys = x.new_empty(m, w2.shape[1])
+            for e, (a, b) in _slices(counts):
+                torch.mm(x[a:b], w1c[e].t(), out=gate[a:b])
+                torch.mm(x[a:b], w3c[e].t(), out=up[a:b])
+                torch.mm(swiglu(gate[a:b], up[a:b], limit), w2c[e].t(), out=ys[a:b])
+        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up)
+        ctx.counts, ctx.limit, ctx.param_dtypes = counts, limit, (w1.dtype, w2.dtype, w3.dtype)
+        ctx.x_dtype = xs.dtype
+        return ys
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w1c, w2c, w3c, gate, up = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
+        with fp32_region(x.device.type):
+            gy = gy.to(x.dtype)
+            gx = torch.empty_like(x) if need_x else None
+            gw = [torch.empty_like(w) if need else None for w, need in ((w1c, need_w1), (w2c, need_w2), (w3c, need_w3))]
+            idle = [e for e, c in enumerate(ctx.counts) if c == 0]  # experts without tokens: zero gradients
+            for g in gw:
+                if g is not None and idle:
+                    g[idle] = 0
+            for e, (a, b) in _slices(ctx.counts):
+                g, u, ge = gate[a:b], up[a:b], gy[a:b]
+                if gw[1] is not None:
+                    torch.mm(ge.t(), swiglu(g, u, ctx.limit), out=gw[1][e])
+                d_gate, d_up = swiglu_backward(g, u, ge @ w2c[e], ctx.limit)
+                if gw[0] is not None:
+                    torch.mm(d_gate.t(), x[a:b], out=gw[0][e])
+                if gw[2] is not None:
+                    torch.mm(d_up.t(), x[a:b], out=gw[2][e])
+                if gx is not None:
+                    torch.mm(d_gate, w1c[e], out=gx[a:b]).addmm_(d_up, w3c[e])
+        grads = [None if g is None else g.to(dt) for g, dt in zip(gw, ctx.param_dtypes)]
+        return (None if gx is None else gx.to(ctx.x_dtype)), *grads, None, None
+
+
+def _slices(counts: list[int]):
+    """(expert, (start, end)) of each expert with rows, in the expert-sorted order."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, (start, start + c)
+        start += c
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, limit: float):
+    """(d gate, d up) of sum(grad * swiglu(gate, up, limit)): one C pass where it applies, else
+    autograd through the PyTorch formula."""
+    if cpu_kernels.swiglu_applies(gate, up):
+        return cpu_kernels.swiglu_backward(gate, up, grad, limit)
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        return torch.autograd.grad(swiglu(g, u, limit), (g, u), grad)
 
 
 class MoE(nn.Module):

@@ -10,6 +10,8 @@
 * RMSNorm: the autograd Function (`RMSNorm.fused`) by gradcheck in float64 and against the plain
   formula (fp32, bf16 input, no weight);
 * RoPE: the complex-product rotation (`rope.use_complex`) against the real-valued formula;
+* routed experts in training: one autograd Function (`Experts.fused`, `_GroupedExperts`) against
+  the per-expert F.linear loop (float64 exact, bf16 autocast, idle experts, gradcheck);
 * decode head: `gemv.rows_linear` (oneDNN's matrix-vector product) vs F.linear, when it applies
   and when it must not (autograd, autocast), and a cached decode through it vs the full forward;
 * compiled decode products: `gemv.linear` (and mHC's products) as multiply + sum inside a graph,
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import gemv, norm, rope
+from nanoseek.model import gemv, moe, norm, rope
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
@@ -47,6 +49,7 @@ def plain_paths():
     hc.HyperConnection.fused = True
     norm.RMSNorm.fused = True
     rope.use_complex = True
+    moe.Experts.fused = True
 
 
 def _loss_and_grads(model, ids, **kw):
@@ -421,3 +424,66 @@ def test_compiled_decode_products_with_inductor():
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # and the float64 product itself
         torch.testing.assert_close(got[0].double(), x.double() @ layer.weight.double().t(), rtol=1e-5, atol=1e-5)
+
+
+def _experts(dtype=torch.float64, n=5, dim=12, inter=7):
+    torch.manual_seed(0)
+    ex = moe.Experts(n, dim, inter, 3.0).to(dtype)
+    with torch.no_grad():
+        for w in (ex.w1, ex.w2, ex.w3):
+            w.normal_(0, 0.5)
+    return ex
+
+
+def _experts_pass(ex, x, idx, w, fused: bool, autocast: bool = False):
+    moe.Experts.fused = fused
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ex.grouped(x, idx, w)
+    assert (type(y.grad_fn).__name__ == "IndexAddBackward0")
+    weights = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
+    grads = torch.autograd.grad((y.double() * weights).sum(), (x, w, ex.w1, ex.w2, ex.w3))
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("idle", [False, True])
+def test_grouped_experts_function_equals_per_expert_loop(plain_paths, idle):
+    """Values and the gradients of the tokens, routing weights and all three stacked matrices in
+    float64; with idle experts (no tokens: their gradients must be exact zeros) or none."""
+    ex = _experts()
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 3 if idle else 5, (9, 2))
+    idx[:, 1] = (idx[:, 0] + 1) % (3 if idle else 5)
+    if not idle:
+        idx[:5, 0] = torch.arange(5)                               # every expert gets tokens
+    ref, g_ref = _experts_pass(ex, x, idx, w, fused=False)
+    out, g_out = _experts_pass(ex, x, idx, w, fused=True)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if idle:
+        assert all(torch.equal(g[3:], torch.zeros_like(g[3:])) for g in g_out[2:])
+
+
+def test_grouped_experts_function_under_bf16_autocast(plain_paths):
+    """Under autocast the Function casts each stacked matrix once and computes in bf16, as the
+    per-expert F.linear calls do: the same dtypes out, values and gradients at bf16 rounding."""
+    ex = _experts(torch.float32, n=4, dim=64, inter=32)
+    x = torch.randn(40, 64, requires_grad=True)
+    w = torch.rand(40, 2, requires_grad=True)
+    idx = torch.stack([torch.arange(40) % 4, (torch.arange(40) + 1) % 4], 1)
+    ref, g_ref = _experts_pass(ex, x, idx, w, fused=False, autocast=True)
+    out, g_out = _experts_pass(ex, x, idx, w, fused=True, autocast=True)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert [g.dtype for g in g_out] == [g.dtype for g in g_ref] == [torch.float32] * 5
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_out, g_ref):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_grouped_experts_function_gradcheck_float64():
+    ex = _experts(n=3, dim=5, inter=4)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    counts = [2, 0, 4]
+    assert torch.autograd.gradcheck(lambda x, a, b, c: moe._GroupedExperts.apply(x, a, b, c, counts, 3.0),
+                                    (x, ex.w1, ex.w2, ex.w3))
