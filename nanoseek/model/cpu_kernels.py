@@ -5,7 +5,7 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     cpu_kernels.available()                 # True once kernels/kernels.c is built (or found cached)
     out = cpu_kernels.sinkhorn(logits, 20, 1e-6)           # [..., n, n] fp32/fp64 CPU tensors
     dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
-    y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L)
+    y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L); fp32/64, bf16
     dgate, dup = cpu_kernels.swiglu_backward(gate, up, grad, 10.0)
     out = cpu_kernels.stream_mix(y, streams, post, comb)    # mHC's expand, [..., n, d] streams
     gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
@@ -19,7 +19,8 @@ their work on a CPU.
     4 x 4 matrix per token, ~120 ops forward and ~200 backward per mHC site: ~1.3 ms a site at
     1,024 tokens, 12.6 ms of a ~220 ms speedrun micro-step. One C call per direction: ~0.2 ms.
   * the experts' clamped SwiGLU (spec 1.6, kernels/swiglu.h): 4 ops forward and ~10 backward
-    per expert and layer, on tensors of a few hundred rows. One pass each way.
+    per expert and layer, on tensors of a few hundred rows. One pass each way, also for bf16
+    tensors (autocast's activations: computed in fp32, rounded once).
   * mHC's stream arithmetic (spec 1.2, kernels/mhc.h): the expand (a per-token 4 x 4 mix of the
     streams plus the block output) and the weighted sum that collapses them, and their
     gradients. In PyTorch each product is a pass over the 4x-wide streams (16 MiB per site of a
@@ -74,8 +75,9 @@ MAX_ITERS = 64
 # the switch the tests and benchmarks flip (False: the PyTorch path everywhere)
 enabled = not switched_off("NANOSEEK_CPU_KERNELS")
 
-_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}   # (the C arithmetic's type)
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+_SWIGLU_REAL = {**_REAL, torch.bfloat16: ctypes.c_float}   # SwiGLU also reads and writes bf16
 
 
 def _compiler() -> list[str] | None:
@@ -159,6 +161,10 @@ def _library() -> ctypes.CDLL | None:
                            ("collapse_backward", [ptr] * 5 + [long] * 3)):
             fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, None
+    for name, args in (("swiglu", [ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int]),
+                       ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int])):
+        fn = getattr(lib, f"{name}_bf16")
+        fn.argtypes, fn.restype = args, None
     return lib
 
 
@@ -174,7 +180,7 @@ def sinkhorn_applies(logits: torch.Tensor, iters: int) -> bool:
             and 1 <= iters <= MAX_ITERS and not torch.compiler.is_compiling() and available())
 
 
-def _checked(name: str, first: torch.Tensor, *others: torch.Tensor, shapes: list | None = None):
+def _checked(name: str, first: torch.Tensor, *others: torch.Tensor, shapes: list | None = None, dtypes=_REAL):
     """The library, after checking what the C code will read: CPU tensors of one supported dtype
     and the given shapes (default: first's shape for all), so that a direct caller that skipped
     *_applies gets an error, never a bad read."""
@@ -183,9 +189,10 @@ def _checked(name: str, first: torch.Tensor, *others: torch.Tensor, shapes: list
         raise RuntimeError(f"{name}: nanoseek's CPU kernels are not available (see cpu_kernels.available())")
     tensors = (first, *others)
     for t, shape in zip(tensors, shapes or [first.shape] * len(tensors)):
-        if t.device.type != "cpu" or t.dtype != first.dtype or t.dtype not in _REAL or t.shape != shape:
+        if t.device.type != "cpu" or t.dtype != first.dtype or t.dtype not in dtypes or t.shape != shape:
             want = ", ".join(str(tuple(s)) for s in shapes) if shapes else "one shape"
-            raise ValueError(f"{name}: needs CPU float32/float64 tensors of one dtype and shapes {want}, got "
+            kinds = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name}: needs CPU {kinds} tensors of one dtype and shapes {want}, got "
                              + ", ".join(f"{tuple(u.shape)} {u.dtype} on {u.device}" for u in tensors))
     return lib
 
@@ -223,15 +230,15 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
 
 
 def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    """Whether `swiglu` can run this gate / up pair (same shape, CPU, fp32/fp64) in eager mode."""
-    return (gate.device.type == "cpu" and gate.dtype in _REAL and up.dtype == gate.dtype
+    """Whether `swiglu` can run this gate / up pair (same shape, CPU, fp32/fp64/bf16) in eager mode."""
+    return (gate.device.type == "cpu" and gate.dtype in _SWIGLU_REAL and up.dtype == gate.dtype
             and up.device == gate.device and up.shape == gate.shape
             and not torch.compiler.is_compiling() and available())
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """moe.swiglu's result (no autograd); needs swiglu_applies(gate, up)."""
-    lib = _checked("swiglu", gate, up)
+    lib = _checked("swiglu", gate, up, dtypes=_SWIGLU_REAL)
     g, u = gate.detach().contiguous(), up.detach().contiguous()
     y = torch.empty_like(g)
     getattr(lib, f"swiglu_{_SUFFIX[g.dtype]}")(g.data_ptr(), u.data_ptr(), y.data_ptr(), g.numel(),
@@ -241,7 +248,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, limit: float):
     """(d gate, d up) of sum(grad * swiglu(gate, up, limit))."""
-    lib = _checked("swiglu_backward", gate, up, grad.to(gate.dtype))
+    lib = _checked("swiglu_backward", gate, up, grad.to(gate.dtype), dtypes=_SWIGLU_REAL)
     g, u = gate.detach().contiguous(), up.detach().contiguous()
     dy = grad.detach().to(g.dtype).contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)

@@ -249,19 +249,54 @@ def test_swiglu_kernel_gradcheck_float64(kernels):
     assert torch.autograd.gradcheck(lambda g, u: moe._SwiGLU.apply(g, u, 0.0), (gate, up))
 
 
-def test_experts_use_the_swiglu_kernel_in_fp32_only(kernels, monkeypatch):
+def test_experts_use_the_swiglu_kernel_in_fp32_and_bf16(kernels, monkeypatch):
     calls = []
     real = cpu_kernels.swiglu
-    monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(a[0].dtype) or real(*a))
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     model.loss(ids).loss.backward()
-    assert calls                                                   # routed and shared experts
-    n = len(calls)
-    with torch.autocast("cpu", dtype=torch.bfloat16):              # bf16 activations: PyTorch ops
+    assert calls and set(calls) == {torch.float32}                 # routed and shared experts
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # autocast: bf16 activations
         model.loss(ids).loss.backward()
-    assert len(calls) == n
+    assert calls and set(calls) == {torch.bfloat16}
+    assert not cpu_kernels.swiglu_applies(torch.randn(2, 3).half(), torch.randn(2, 3).half())
+
+
+def test_bf16_swiglu_rounds_once_to_nearest_even(kernels):
+    """bf16 in, fp32 arithmetic, one rounding out: with silu(88) == 88 exactly in fp32, the
+    kernel's y = 88 u must be PyTorch's own fp32 product rounded to bf16, bit for bit (the products
+    of 88 and a bf16 need 12 bits: ties and both rounding directions occur); NaN stays NaN."""
+    torch.manual_seed(7)
+    up = torch.randn(4096).bfloat16()
+    gate = torch.full_like(up, 88.0)
+    gate[0] = float("nan")
+    y = cpu_kernels.swiglu(gate, up, 0.0)
+    expect = (88.0 * up.float()).bfloat16()
+    assert torch.isnan(y[0])
+    assert torch.equal(y[1:].view(torch.int16), expect[1:].view(torch.int16))
+
+
+@pytest.mark.parametrize("limit", [10.0, 0.0])
+def test_bf16_swiglu_kernel_against_fp32_formula(kernels, limit):
+    """Values and gradients for bf16 tensors against the fp32 formula on the same (bf16) inputs,
+    rounded once: within one bf16 rounding (plus the fp32 exp's ulp); against PyTorch's bf16 ops,
+    which round after every op, within two."""
+    torch.manual_seed(8)
+    gate, up, grad = (4 * torch.randn(53, 37)).bfloat16(), (4 * torch.randn(53, 37)).bfloat16(), torch.randn(53, 37).bfloat16()
+    gate[0, :3] = torch.tensor([10.0, 12.0, -10.0])
+    up[0, :3] = torch.tensor([-10.0, 10.0, 11.0])
+    y_ref, dg_ref, du_ref = _swiglu_reference(gate.float(), up.float(), grad.float(), limit)
+    y = cpu_kernels.swiglu(gate, up, limit)
+    dg, du = cpu_kernels.swiglu_backward(gate, up, grad, limit)
+    assert y.dtype == dg.dtype == du.dtype == torch.bfloat16
+    for out, ref in ((y, y_ref), (dg, dg_ref), (du, du_ref)):
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6)
+    y_bf16, dg_bf16, du_bf16 = _swiglu_reference(gate, up, grad, limit)   # PyTorch's bf16 ops
+    for out, ref in ((y, y_bf16), (dg, dg_bf16), (du, du_bf16)):
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
 
 
 def test_an_unusable_cache_directory_leaves_the_pytorch_path_running(kernels, tmp_path, monkeypatch, caplog):

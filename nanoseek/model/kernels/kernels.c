@@ -4,6 +4,7 @@
  * cc -O3 -march=native -fno-trapping-math -fopenmp -shared (OpenMP where the compiler has it)
  * and loaded with ctypes by nanoseek/model/cpu_kernels.py. */
 
+#include <stdint.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -17,6 +18,10 @@
 
 #define TB 16                 /* Sinkhorn: tokens per block, the lanes of its inner loops */
 #define PARALLEL_MIN 32768    /* elementwise kernels: fewer elements run on one thread */
+
+#define STORE_T REAL      /* the element type of the tensors (swiglu.h), here the arithmetic's */
+#define LOAD(x) (x)
+#define STORE(x) (x)
 
 #define REAL float
 #define NAME(f) f##_f32
@@ -34,6 +39,21 @@
 #include "sinkhorn.h"
 #include "swiglu.h"
 #include "mhc.h"
+#undef REAL
+#undef NAME
+#undef EXP
+#undef STORE_T
+#undef LOAD
+#undef STORE
+
+/* bfloat16 tensors (autocast's expert activations), float arithmetic: SwiGLU only */
+#define STORE_T uint16_t
+#define LOAD(x) bf16_to_f32(x)
+#define STORE(x) f32_to_bf16(x)
+#define REAL float
+#define NAME(f) f##_bf16
+#define EXP exp_f32
+#include "swiglu.h"
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }

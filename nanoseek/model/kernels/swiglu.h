@@ -10,29 +10,35 @@
  *
  * Split across the OpenMP threads from PARALLEL_MIN elements on (kernels.c).
  *
- * Instantiated for float32 and float64 by kernels.c (REAL, NAME, EXP come from there). */
+ * Instantiated for float32, float64 and bfloat16 by kernels.c: STORE_T is the tensors' element
+ * type, REAL the arithmetic's (float for bf16: inputs widened, each result rounded to nearest
+ * even once, where PyTorch's bf16 ops round after every op), LOAD / STORE convert between them;
+ * REAL, NAME and EXP come from there too. The conditions are combined with & and |, not && and
+ * ||, so the loops have no branches and vectorise. */
 
 /* y[i] = silu(min(g[i], L)) * clamp(u[i], -L, L) for n elements (clamped = 0: no clamps). */
-void NAME(swiglu)(const REAL *restrict g, const REAL *restrict u, REAL *restrict y, long n, REAL limit,
+void NAME(swiglu)(const STORE_T *restrict g, const STORE_T *restrict u, STORE_T *restrict y, long n, REAL limit,
                   int clamped) {
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
-        const REAL gc = clamped && g[i] > limit ? limit : g[i];
-        const REAL uc = clamped && u[i] > limit ? limit : (clamped && u[i] < -limit ? -limit : u[i]);
-        y[i] = gc / (1 + EXP(-gc)) * uc;
+        const REAL gi = LOAD(g[i]), ui = LOAD(u[i]);
+        const REAL gc = clamped & (gi > limit) ? limit : gi;
+        const REAL uc = clamped & (ui > limit) ? limit : (clamped & (ui < -limit) ? -limit : ui);
+        y[i] = STORE(gc / (1 + EXP(-gc)) * uc);
     }
 }
 
 /* dg, du: the gradient of sum(dy * y) with respect to g and u. */
-void NAME(swiglu_backward)(const REAL *restrict g, const REAL *restrict u, const REAL *restrict dy,
-                           REAL *restrict dg, REAL *restrict du, long n, REAL limit, int clamped) {
+void NAME(swiglu_backward)(const STORE_T *restrict g, const STORE_T *restrict u, const STORE_T *restrict dy,
+                           STORE_T *restrict dg, STORE_T *restrict du, long n, REAL limit, int clamped) {
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
-        const REAL gc = clamped && g[i] > limit ? limit : g[i];
-        const REAL uc = clamped && u[i] > limit ? limit : (clamped && u[i] < -limit ? -limit : u[i]);
+        const REAL gi = LOAD(g[i]), ui = LOAD(u[i]), dyi = LOAD(dy[i]);
+        const REAL gc = clamped & (gi > limit) ? limit : gi;
+        const REAL uc = clamped & (ui > limit) ? limit : (clamped & (ui < -limit) ? -limit : ui);
         const REAL s = 1 / (1 + EXP(-gc));
         const REAL dsilu = s * (1 + gc * (1 - s));         /* d/dx x sigmoid(x) */
-        dg[i] = !clamped || g[i] <= limit ? dy[i] * uc * dsilu : 0;
-        du[i] = !clamped || (u[i] >= -limit && u[i] <= limit) ? dy[i] * (gc * s) : 0;
+        dg[i] = STORE(((!clamped) | (gi <= limit)) ? dyi * uc * dsilu : 0);
+        du[i] = STORE(((!clamped) | ((ui >= -limit) & (ui <= limit))) ? dyi * (gc * s) : 0);
     }
 }

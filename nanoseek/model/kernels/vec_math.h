@@ -4,6 +4,7 @@
 #define NANOSEEK_VEC_MATH_H
 
 #include <math.h>
+#include <stdint.h>
 
 /* exp for float lanes, vectorisable (libm's expf is a call per element): Cody-Waite range
  * reduction x = k ln2 + r, |r| <= ln2 / 2, and the Cephes degree-6 polynomial for e^r, then
@@ -31,5 +32,18 @@ static inline float exp_f32(float x) {
 }
 
 static inline double exp_f64(double x) { return exp(x); }
+
+/* bfloat16 is the upper half of a float32: widening is a shift; narrowing rounds to nearest
+ * even (as PyTorch does) and keeps NaN a (quiet) NaN. Written branch-free so loops vectorise. */
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { .f = f };
+    const uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? (v.u >> 16) | 0x40u : rounded);
+}
 
 #endif
