@@ -274,7 +274,7 @@ class _Collapse(torch.autograd.Function):
     def backward(ctx, gx, *g_rest):
         x, fn, scale, base, raw, r, pre = ctx.saved_tensors
         lead, width = x.shape[:-2], x.shape[-2] * x.shape[-1]
-        gx = torch.zeros(*lead, x.shape[-1], dtype=x.dtype) if gx is None else gx
+        gx = x.new_zeros(*lead, x.shape[-1]) if gx is None else gx
         g_pre = cpu_kernels.weighted_sum_backward(pre, x, gx, (True, False))[0]
         with torch.enable_grad():  # the mix weights' small graph, recomputed from the saved mix
             mix = (raw * r).view(*lead, -1).requires_grad_()

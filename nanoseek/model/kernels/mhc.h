@@ -36,6 +36,18 @@ static inline REAL NAME(dot)(const REAL *restrict a, const REAL *restrict b, lon
     return s;
 }
 
+/* o = sum_k c[k * cs] rows[k]: n rows of d mixed with n coefficients c[0], c[cs], ... (the first
+ * product written, the others added, in order) */
+static inline void NAME(mix_rows)(REAL *restrict o, const REAL *restrict rows, const REAL *restrict c, long cs,
+                                  long n, long d) {
+    for (long i = 0; i < d; i++) o[i] = c[0] * rows[i];
+    for (long k = 1; k < n; k++) {
+        const REAL ck = c[k * cs];
+        const REAL *r = rows + k * d;
+        for (long i = 0; i < d; i++) o[i] += ck * r[i];
+    }
+}
+
 /* out[t, k, :] = sum_j comb[t, j, k] X[t, j, :] + post[t, k] y[t, :] */
 void NAME(stream_mix)(const REAL *restrict y, const REAL *restrict x, const REAL *restrict post,
                       const REAL *restrict comb, REAL *restrict out, long T, long n, long d) {
@@ -44,13 +56,8 @@ void NAME(stream_mix)(const REAL *restrict y, const REAL *restrict x, const REAL
         const REAL *yt = y + t * d, *xt = x + t * n * d, *pt = post + t * n, *ct = comb + t * n * n;
         for (long k = 0; k < n; k++) {
             REAL *o = out + (t * n + k) * d;
-            const REAL c0 = ct[k], p = pt[k];
-            for (long i = 0; i < d; i++) o[i] = c0 * xt[i];
-            for (long j = 1; j < n; j++) {
-                const REAL c = ct[j * n + k];
-                const REAL *xj = xt + j * d;
-                for (long i = 0; i < d; i++) o[i] += c * xj[i];
-            }
+            const REAL p = pt[k];
+            NAME(mix_rows)(o, xt, ct + k, n, n, d);     /* column k of comb */
             for (long i = 0; i < d; i++) o[i] += p * yt[i];
         }
     }
@@ -66,26 +73,10 @@ void NAME(stream_mix_backward)(const REAL *restrict y, const REAL *restrict x, c
     for (long t = 0; t < T; t++) {
         const REAL *yt = y + t * d, *xt = x + t * n * d, *pt = post + t * n, *ct = comb + t * n * n;
         const REAL *gt = g + t * n * d;
-        if (gy) {
-            REAL *o = gy + t * d;
-            for (long i = 0; i < d; i++) o[i] = pt[0] * gt[i];
-            for (long k = 1; k < n; k++) {
-                const REAL p = pt[k];
-                const REAL *gk = gt + k * d;
-                for (long i = 0; i < d; i++) o[i] += p * gk[i];
-            }
-        }
+        if (gy)
+            NAME(mix_rows)(gy + t * d, gt, pt, 1, n, d);
         if (gx)
-            for (long j = 0; j < n; j++) {
-                REAL *o = gx + (t * n + j) * d;
-                const REAL c0 = ct[j * n];
-                for (long i = 0; i < d; i++) o[i] = c0 * gt[i];
-                for (long k = 1; k < n; k++) {
-                    const REAL c = ct[j * n + k];
-                    const REAL *gk = gt + k * d;
-                    for (long i = 0; i < d; i++) o[i] += c * gk[i];
-                }
-            }
+            for (long j = 0; j < n; j++) NAME(mix_rows)(gx + (t * n + j) * d, gt, ct + j * n, 1, n, d);   /* row j */
         if (gpost)
             for (long k = 0; k < n; k++) gpost[t * n + k] = NAME(dot)(gt + k * d, yt, d);
         if (gcomb)
@@ -98,16 +89,7 @@ void NAME(stream_mix_backward)(const REAL *restrict y, const REAL *restrict x, c
 void NAME(weighted_sum)(const REAL *restrict w, const REAL *restrict x, REAL *restrict out, long T, long n,
                         long d) {
 #pragma omp parallel for schedule(static)
-    for (long t = 0; t < T; t++) {
-        const REAL *xt = x + t * n * d, *wt = w + t * n;
-        REAL *o = out + t * d;
-        for (long i = 0; i < d; i++) o[i] = wt[0] * xt[i];
-        for (long j = 1; j < n; j++) {
-            const REAL c = wt[j];
-            const REAL *xj = xt + j * d;
-            for (long i = 0; i < d; i++) o[i] += c * xj[i];
-        }
-    }
+    for (long t = 0; t < T; t++) NAME(mix_rows)(out + t * d, x + t * n * d, w + t * n, 1, n, d);
 }
 
 /* The gradients of sum(g * weighted_sum(w, X)): gw_j = <X_j, g>, gx_j = w_j g */
