@@ -40,7 +40,7 @@ machines never loads a library built for another CPU. -fopenmp links libgomp, wh
 the libgomp PyTorch has already loaded (one OpenMP runtime, one thread pool, torch's thread
 count); a compiler without OpenMP gets a single-threaded build. Each build is written to a temporary name
 and renamed into place (concurrent processes, e.g. torchrun ranks, may both build; one wins,
-both load a complete file). A build takes ~0.5 s, once per machine. Without a working compiler,
+both load a complete file). A build takes ~1 s, once per machine. Without a working compiler,
 or with NANOSEEK_CPU_KERNELS=0, or with `cpu_kernels.enabled = False`, nothing changes but the
 speed: the PyTorch path runs. The C code reads and writes only tensors this module allocated or
 checked (CPU, contiguous, dtype, shape), and ctypes releases the GIL for the call, so server

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import gemv, moe, norm, rope
+from nanoseek.model import cpu_kernels, gemv, moe, norm, rope
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
@@ -446,9 +446,12 @@ def _experts_pass(ex, x, idx, w, fused: bool, autocast: bool = False):
 
 
 @pytest.mark.parametrize("idle", [False, True])
-def test_grouped_experts_function_equals_per_expert_loop(plain_paths, idle):
+@pytest.mark.parametrize("c_kernels", [True, False])
+def test_grouped_experts_function_equals_per_expert_loop(plain_paths, monkeypatch, idle, c_kernels):
     """Values and the gradients of the tokens, routing weights and all three stacked matrices in
-    float64; with idle experts (no tokens: their gradients must be exact zeros) or none."""
+    float64; with idle experts (no tokens: their gradients must be exact zeros) or none; with the
+    C SwiGLU or without it (no compiler, GPUs: the backward's autograd fallback)."""
+    monkeypatch.setattr(cpu_kernels, "enabled", c_kernels)
     ex = _experts()
     x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     w = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
