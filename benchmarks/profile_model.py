@@ -7,6 +7,7 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --switches --preset speedrun   # each fast path off vs on
     python benchmarks/profile_model.py --switches --bf16              # the same under bf16 autocast
     python benchmarks/profile_model.py --switches --switch HyperConnection.stream_kernels   # one switch
+    python benchmarks/profile_model.py --switches --switch Experts.fused --processes 3    # whole runs per mode
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
     python benchmarks/profile_model.py --op-times --v4 --preset speedrun   # the same, the trainer's objective
 
@@ -22,8 +23,12 @@ the two modes of one run.
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
-`Experts.fused`: the routed experts as one Function, `Attention.fold_heads`: bf16 only) and prints
+`HyperConnection.collapse_function`: the collapse as one Function, `Experts.fused`: the routed
+experts as one Function, `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
+Alternating step by step is biased when the two modes allocate differently (the heap is re-faulted
+in the other mode's shape at every switch); `--processes PAIRS` runs each mode in a process of its
+own for a whole run instead (warm-up steps, then the median of --reps steps), PAIRS times each.
 
 --op-times times every aten op of the default model's forward + loss + backward (`--bf16`: under
 bf16 autocast) with a dispatch mode and a wall clock around each kernel call, and prints the time
@@ -41,6 +46,8 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -148,6 +155,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "Attention.use_sdpa": (Attention, "use_sdpa"),
     "cpu_kernels.enabled": (cpu_kernels, "enabled"),
     "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
+    "HyperConnection.collapse_function": (hyper_connections.HyperConnection, "collapse_function"),
     "Experts.fused": (moe.Experts, "fused"),
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }
@@ -181,6 +189,57 @@ def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None 
         print(f"  {name:30s} off {off * 1e3:7.1f} ms   on {on * 1e3:7.1f} ms   {off / on:.3f}x")
 
 
+def one_mode(model, ids, name: str, on: bool, steps: int, bf16: bool) -> None:
+    """One mode of a --processes A/B, for a whole run: the switch set once, warm-up steps, then
+    `steps` timed steps of the V4 objective; prints their median for the parent to read."""
+    obj, attr = SWITCHES[name]
+    setattr(obj, attr, on)
+    times = []
+    for i in range(steps + max(3, steps // 3)):   # warm-up: the allocator settles (docs/model.md)
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    print(f"MEDIAN_MS {statistics.median(times[-steps:]) * 1e3:.3f}")
+
+
+def process_ab(args, names: list[str]) -> None:
+    """Each switch off vs on, each mode in a process of its own for a whole run, in `args.processes`
+    alternating pairs: unlike switch_ab's step-by-step alternation, no mode runs on a heap shaped
+    by the other's allocations (docs/model.md "Speed": that biased one A/B by ~15%)."""
+    base = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--reps", str(max(args.reps, 8)), *(["--bf16"] if args.bf16 else []),
+            *(["--threads", str(args.threads)] if args.threads else [])]
+    print(f"V4 objective forward + backward{' (bf16 autocast)' if args.bf16 else ''}, batch ({args.batch}, "
+          f"{args.seq}): each mode a process of its own, {args.processes} alternating pairs, median step of each")
+    for name in names:
+        runs = {False: [], True: []}
+        for _ in range(args.processes):
+            for on in (False, True):
+                run = subprocess.run([*base, "--one-mode", f"{name}={int(on)}"], capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise SystemExit(f"{name}={int(on)}: the measuring process failed:\n{run.stderr[-2000:]}")
+                runs[on].append(float(run.stdout.split("MEDIAN_MS")[1].split()[0]))
+        off, on = statistics.median(runs[False]), statistics.median(runs[True])
+        pairs = ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in zip(runs[False], runs[True]))
+        print(f"  {name:30s} off {off:7.1f} ms   on {on:7.1f} ms   {off / on:.3f}x   (pairs: {pairs})")
+
+
+def build(args):
+    """The model and token batch a run measures (--preset, --batch, --seq)."""
+    torch.manual_seed(0)
+    if args.preset == "speedrun":  # nanoseek/train/speedrun.py on CPU: depth 3, 4K vocabulary, 4 x 256
+        from nanoseek.train.presets import scaled_model_config
+
+        model = Transformer(scaled_model_config(depth=3, vocab_size=4096, seq_len=256))
+        args.seq = 256 if args.seq == 512 else args.seq
+    else:
+        model = Transformer(ModelConfig.from_preset(args.preset))
+    return model, torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=[*PRESETS, "speedrun"])
@@ -196,6 +255,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="with --op-times or --switches: steps under bf16 autocast")
     ap.add_argument("--switch", action="append", choices=list(SWITCHES), default=None,
                     help="with --switches: only this switch (repeatable)")
+    ap.add_argument("--processes", type=int, default=0, metavar="PAIRS",
+                    help="with --switches: each mode in processes of its own, PAIRS alternating pairs")
+    ap.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)   # (a --processes child: NAME=0|1)
     ap.add_argument("--v4", action="store_true", help="with --op-times: the whole V4 objective (what the trainer runs)")
     args = ap.parse_args()
     for name in ("batch", "seq", "reps", "rows"):
@@ -203,17 +265,18 @@ def main() -> None:
             ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.bf16 and not (args.op_times or args.switches):
         ap.error("--bf16 applies to --op-times and --switches only (the profiler tables time fp32 steps)")
+    if args.processes < 0 or (args.processes and not args.switches):
+        ap.error("--processes takes a number of pairs >= 1, with --switches")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.preset == "speedrun":  # nanoseek/train/speedrun.py on CPU: depth 3, 4K vocabulary, 4 x 256
-        from nanoseek.train.presets import scaled_model_config
-
-        model = Transformer(scaled_model_config(depth=3, vocab_size=4096, seq_len=256))
-        args.seq = 256 if args.seq == 512 else args.seq
-    else:
-        model = Transformer(ModelConfig.from_preset(args.preset))
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    if args.switches and args.processes:
+        process_ab(args, args.switch or list(SWITCHES))
+        return
+    model, ids = build(args)
+    if args.one_mode:
+        name, on = args.one_mode.rsplit("=", 1)
+        one_mode(model.train(), ids, name, on == "1", args.reps, args.bf16)
+        return
     if args.switches:
         switch_ab(model, ids, max(args.reps, 8), args.bf16, args.switch)
         return

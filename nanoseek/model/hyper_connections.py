@@ -154,6 +154,8 @@ class HyperConnection(nn.Module):
     # with `fused`: the stream mix and weighted sum as C passes on the eager CPU path
     # (cpu_kernels.stream_mix / weighted_sum); False: their PyTorch products
     stream_kernels = True
+    # with both: a collapse that records gradients is one autograd Function (_Collapse)
+    collapse_function = True
 
     def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -240,8 +242,8 @@ def _stream_kernels(streams: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def _collapse_applies(streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> bool:
     """Whether a collapse that records gradients runs as one _Collapse (eager CPU, fp32/fp64)."""
-    return (torch.is_grad_enabled() and (streams.requires_grad or fn.requires_grad)
-            and _stream_kernels(streams, fn, scale, base))
+    return (HyperConnection.collapse_function and torch.is_grad_enabled()
+            and (streams.requires_grad or fn.requires_grad) and _stream_kernels(streams, fn, scale, base))
 
 
 class _Collapse(torch.autograd.Function):

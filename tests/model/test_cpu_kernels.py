@@ -32,6 +32,8 @@ def kernels():
     yield
     cpu_kernels.enabled = True
     hc.HyperConnection.fused = True
+    hc.HyperConnection.stream_kernels = True
+    hc.HyperConnection.collapse_function = True
 
 
 @pytest.fixture
@@ -505,5 +507,8 @@ def test_the_model_collapses_with_one_function_in_training_only(kernels):
     with torch.no_grad():
         model(ids)
     assert seen[-1] == "NoneType"                                  # inference: no Function at all
+    hc.HyperConnection.collapse_function = False                   # the composed Functions
+    model.loss(ids).loss.backward()
+    assert seen[-1] == "_WeightedSumBackward"
     for h in hooks:
         h.remove()

@@ -71,3 +71,21 @@ def test_switch_ab_times_only_the_named_switches_and_restores_them(capsys, tiny_
     assert len(lines) == 1 and lines[0].split()[0] == "HyperConnection.stream_kernels"
     assert hc.HyperConnection.stream_kernels is True
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_process_ab_runs_each_mode_in_a_process_of_its_own(capsys):
+    """--switches --processes: each mode measured by a child process of its own (whole runs, no
+    step-by-step alternation), its median read back; the parent's switches stay untouched."""
+    import argparse
+
+    from nanoseek.model import moe
+
+    tool = _tool()
+    args = argparse.Namespace(preset="tiny", batch=1, seq=16, reps=1, bf16=False, threads=None, processes=1)
+    tool.process_ab(args, ["Experts.fused"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("V4 objective forward + backward, batch (1, 16): each mode a process of its own")
+    name, *rest = out[1].split()
+    assert name == "Experts.fused" and rest[0] == "off" and rest[3] == "on" and rest[6].endswith("x")
+    assert float(rest[1]) > 0 and float(rest[4]) > 0
+    assert moe.Experts.fused is True
