@@ -449,10 +449,11 @@ def test_one_openmp_runtime_in_the_process(kernels):
 
 @pytest.mark.parametrize("head", [False, True])
 @pytest.mark.parametrize("used", ["all", "x only", "streams frozen"])
-def test_collapse_function_equals_the_composed_functions(kernels, head, used):
+def test_collapse_function_equals_the_composed_functions(kernels, monkeypatch, head, used):
     """_Collapse (one Function, one streams gradient) against _MixRMS -> mix weights ->
     _WeightedSum in float64: the block input, post, comb and the gradients of the streams, fn,
     scale and base; also with post / comb unused (their gradients None) and frozen streams."""
+    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 0)   # (small test tensors)
     torch.manual_seed(4)
     n, d = 4, 24
     site = (hc.HyperHead(d, n, 1e-6, 1e-6) if head else hc.HyperConnection(d, n, 20, 1e-6, 1e-6)).double()
@@ -494,7 +495,8 @@ def test_collapse_function_gradcheck_float64(kernels):
     assert torch.autograd.gradcheck(collapse, (x, site.fn, site.scale, site.base))
 
 
-def test_the_model_collapses_with_one_function_in_training_only(kernels):
+def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeypatch):
+    """With streams of at least COLLAPSE_MIN_BYTES, in training only."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
@@ -502,6 +504,10 @@ def test_the_model_collapses_with_one_function_in_training_only(kernels):
     hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(
         type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__)) for m in model.modules()
         if isinstance(m, hc.HyperHead)]
+    model.loss(ids).loss.backward()
+    assert seen and set(seen) == {"_WeightedSumBackward"}          # tiny streams: the composed Functions
+    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 1)
+    seen.clear()
     model.loss(ids).loss.backward()
     assert seen and set(seen) == {"_CollapseBackward"}
     with torch.no_grad():
