@@ -24,7 +24,7 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
 `HyperConnection.collapse_function`: the collapse as one Function, `Experts.fused`: the routed
-experts as one Function, `Attention.fold_heads`: bf16 only) and prints
+experts as one Function, `cpu_kernels.swiglu_bf16` and `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 Alternating step by step is biased when the two modes allocate differently (the heap is re-faulted
 in the other mode's shape at every switch); `--processes PAIRS` runs each mode in a process of its
@@ -157,6 +157,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
     "HyperConnection.collapse_function": (hyper_connections.HyperConnection, "collapse_function"),
     "Experts.fused": (moe.Experts, "fused"),
+    "cpu_kernels.swiglu_bf16": (cpu_kernels, "swiglu_bf16"),   # (bf16 autocast only: use --bf16)
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }
 
@@ -262,7 +263,7 @@ def main() -> None:
     for name in ("batch", "seq", "reps", "rows"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.bf16 and not (args.op_times or args.switches):
+    if args.bf16 and not (args.op_times or args.switches or args.one_mode):
         ap.error("--bf16 applies to --op-times and --switches only (the profiler tables time fp32 steps)")
     if args.processes < 0 or (args.processes and not args.switches):
         ap.error("--processes takes a number of pairs >= 1, with --switches")

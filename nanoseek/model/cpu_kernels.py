@@ -74,6 +74,7 @@ MAX_ITERS = 64
 
 # the switch the tests and benchmarks flip (False: the PyTorch path everywhere)
 enabled = not switched_off("NANOSEEK_CPU_KERNELS")
+swiglu_bf16 = True  # bf16 tensors take the SwiGLU kernel too (False: PyTorch's bf16 ops; a benchmark switch)
 
 _REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}   # (the C arithmetic's type)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
@@ -232,6 +233,7 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
 def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether `swiglu` can run this gate / up pair (same shape, CPU, fp32/fp64/bf16) in eager mode."""
     return (gate.device.type == "cpu" and gate.dtype in _SWIGLU_REAL and up.dtype == gate.dtype
+            and (swiglu_bf16 or gate.dtype != torch.bfloat16)
             and up.device == gate.device and up.shape == gate.shape
             and not torch.compiler.is_compiling() and available())
 

@@ -264,6 +264,11 @@ def test_experts_use_the_swiglu_kernel_in_fp32_and_bf16(kernels, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):              # autocast: bf16 activations
         model.loss(ids).loss.backward()
     assert calls and set(calls) == {torch.bfloat16}
+    monkeypatch.setattr(cpu_kernels, "swiglu_bf16", False)         # the benchmark switch: PyTorch's bf16 ops
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(ids).loss.backward()
+    assert calls == []
     assert not cpu_kernels.swiglu_applies(torch.randn(2, 3).half(), torch.randn(2, 3).half())
 
 

@@ -81,10 +81,11 @@ def test_process_ab_runs_each_mode_in_a_process_of_its_own(capsys):
     from nanoseek.model import moe
 
     tool = _tool()
-    args = argparse.Namespace(preset="tiny", batch=1, seq=16, reps=1, bf16=False, threads=None, processes=1)
+    # (bf16: the children get --bf16 with --one-mode, which their argument check must accept)
+    args = argparse.Namespace(preset="tiny", batch=1, seq=16, reps=1, bf16=True, threads=None, processes=1)
     tool.process_ab(args, ["Experts.fused"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("V4 objective forward + backward, batch (1, 16): each mode a process of its own")
+    assert out[0].startswith("V4 objective forward + backward (bf16 autocast), batch (1, 16): each mode a process")
     name, *rest = out[1].split()
     assert name == "Experts.fused" and rest[0] == "off" and rest[3] == "on" and rest[6].endswith("x")
     assert float(rest[1]) > 0 and float(rest[4]) > 0
