@@ -24,7 +24,8 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
 `HyperConnection.collapse_function`: the collapse as one Function, `Experts.fused`: the routed
-experts as one Function, `cpu_kernels.swiglu_bf16` and `Attention.fold_heads`: bf16 only) and prints
+experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
+`cpu_kernels.swiglu_bf16` and `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 Alternating step by step is biased when the two modes allocate differently (the heap is re-faulted
 in the other mode's shape at every switch); `--processes PAIRS` runs each mode in a process of its
@@ -157,6 +158,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
     "HyperConnection.collapse_function": (hyper_connections.HyperConnection, "collapse_function"),
     "Experts.fused": (moe.Experts, "fused"),
+    "Experts.bucket_rows": (moe.Experts, "bucket_rows"),   # (bf16 autocast only: use --bf16)
     "cpu_kernels.swiglu_bf16": (cpu_kernels, "swiglu_bf16"),   # (bf16 autocast only: use --bf16)
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
 }

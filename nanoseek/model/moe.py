@@ -132,6 +132,7 @@ class Experts(nn.Module):
     """E routed experts as stacked weights w1/w3 [E, I, D], w2 [E, D, I]."""
 
     fused = True  # training's grouped pass as one autograd Function (_GroupedExperts); False: per_expert
+    bucket_rows = True  # in it, bf16/fp16 on a CPU: rows padded to _GroupedExperts.row_bucket (see there)
 
     def __init__(self, n: int, dim: int, inter: int, limit: float):
         super().__init__()
@@ -215,12 +216,32 @@ class _GroupedExperts(torch.autograd.Function):
     the backward recomputes the SwiGLU from the saved gate and up activations. The arithmetic is
     the per-expert code's, product by product."""
 
+    # Row buckets: oneDNN, which runs bf16/fp16 matmuls on a CPU, builds a kernel for every new
+    # shape (~0.6 ms on this kind of machine) and keeps the last 1024. The experts' row counts
+    # change every step, so unpadded, a step met hundreds of new shapes (nine products per expert
+    # and layer): bf16 steps settled slowly and never fully. Each expert's rows are therefore
+    # padded with zero rows to a multiple of `row_bucket`: a zero row's gate, up and SwiGLU are
+    # zero, so it adds exactly zero to every weight gradient (its output gradient is set to zero
+    # as well, so nothing non-finite can enter), and its output is dropped.
+    # fp32 (MKL) and GPUs build nothing per shape and keep the exact row counts.
+    row_bucket = 32
+
+    @staticmethod
+    def bucket(x: torch.Tensor) -> int:
+        """Row multiple each expert's slice is padded to for products in x's dtype and device."""
+        reduced = x.dtype in (torch.bfloat16, torch.float16)
+        on = Experts.bucket_rows and reduced and x.device.type == "cpu"
+        return _GroupedExperts.row_bucket if on else 1
+
     @staticmethod
     def forward(ctx, xs, w1, w2, w3, counts: list[int], limit: float):
         dev = xs.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
         with fp32_region(dev):  # (autocast off: the casts are explicit, once per matrix stack)
             x, w1c, w2c, w3c = (t.to(dtype) for t in (xs, w1, w2, w3))
+            rows, counts = _bucketed(counts, _GroupedExperts.bucket(x), x.device)
+            if rows is not None:  # expert slices padded with zero rows
+                x = x.new_zeros(sum(counts), x.shape[1]).index_copy_(0, rows, x)
             m, inter = x.shape[0], w1.shape[1]
             gate, up = x.new_empty(m, inter), x.new_empty(m, inter)
             ys = x.new_empty(m, w2.shape[1])
@@ -228,17 +249,19 @@ class _GroupedExperts(torch.autograd.Function):
                 torch.mm(x[a:b], w1c[e].t(), out=gate[a:b])
                 torch.mm(x[a:b], w3c[e].t(), out=up[a:b])
                 torch.mm(swiglu(gate[a:b], up[a:b], limit), w2c[e].t(), out=ys[a:b])
-        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up)
+        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, rows)
         ctx.counts, ctx.limit, ctx.param_dtypes = counts, limit, (w1.dtype, w2.dtype, w3.dtype)
         ctx.x_dtype = xs.dtype
-        return ys
+        return ys if rows is None else ys.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w1c, w2c, w3c, gate, up = ctx.saved_tensors
+        x, w1c, w2c, w3c, gate, up, rows = ctx.saved_tensors
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         with fp32_region(x.device.type):
             gy = gy.to(x.dtype)
+            if rows is not None:  # the padded rows' gradients are exact zeros
+                gy = gy.new_zeros(x.shape[0], gy.shape[1]).index_copy_(0, rows, gy)
             gx = torch.empty_like(x) if need_x else None
             gw = [torch.empty_like(w) if need else None for w, need in ((w1c, need_w1), (w2c, need_w2), (w3c, need_w3))]
             idle = [e for e, c in enumerate(ctx.counts) if c == 0]  # experts without tokens: zero gradients
@@ -257,7 +280,24 @@ class _GroupedExperts(torch.autograd.Function):
                 if gx is not None:
                     torch.mm(d_gate, w1c[e], out=gx[a:b]).addmm_(d_up, w3c[e])
         grads = [None if g is None else g.to(dt) for g, dt in zip(gw, ctx.param_dtypes)]
+        if gx is not None and rows is not None:
+            gx = gx.index_select(0, rows)
         return (None if gx is None else gx.to(ctx.x_dtype)), *grads, None, None
+
+
+def _bucketed(counts: list[int], bucket: int, device) -> tuple[torch.Tensor | None, list[int]]:
+    """(row of each expert-sorted row in the padded layout, padded counts); (None, counts)
+    where nothing is padded."""
+    padded = [-(-c // bucket) * bucket for c in counts]
+    if padded == counts:
+        return None, counts
+    # sorted row i of expert e moves by (padded start of e) - (start of e)
+    shift, start, start_p = [], 0, 0
+    for c, p in zip(counts, padded):
+        shift.append(start_p - start)
+        start, start_p = start + c, start_p + p
+    shift = torch.tensor(shift, device=device).repeat_interleave(torch.tensor(counts, device=device))
+    return torch.arange(sum(counts), device=device) + shift, padded
 
 
 def _slices(counts: list[int]):

@@ -447,11 +447,14 @@ def _experts_pass(ex, x, idx, w, fused: bool, autocast: bool = False):
 
 @pytest.mark.parametrize("idle", [False, True])
 @pytest.mark.parametrize("c_kernels", [True, False])
-def test_grouped_experts_function_equals_per_expert_loop(plain_paths, monkeypatch, idle, c_kernels):
+@pytest.mark.parametrize("bucket", [1, 4])
+def test_grouped_experts_function_equals_per_expert_loop(plain_paths, monkeypatch, idle, c_kernels, bucket):
     """Values and the gradients of the tokens, routing weights and all three stacked matrices in
     float64; with idle experts (no tokens: their gradients must be exact zeros) or none; with the
-    C SwiGLU or without it (no compiler, GPUs: the backward's autograd fallback)."""
+    C SwiGLU or without it (no compiler, GPUs: the backward's autograd fallback); with each
+    expert's rows padded to a multiple of 4 (what bf16 on a CPU does with 32) or not."""
     monkeypatch.setattr(cpu_kernels, "enabled", c_kernels)
+    monkeypatch.setattr(moe._GroupedExperts, "bucket", staticmethod(lambda x: bucket))
     ex = _experts()
     x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     w = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
@@ -484,9 +487,43 @@ def test_grouped_experts_function_under_bf16_autocast(plain_paths):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
-def test_grouped_experts_function_gradcheck_float64():
+@pytest.mark.parametrize("bucket", [1, 3])
+def test_grouped_experts_function_gradcheck_float64(monkeypatch, bucket):
+    monkeypatch.setattr(moe._GroupedExperts, "bucket", staticmethod(lambda x: bucket))
     ex = _experts(n=3, dim=5, inter=4)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     counts = [2, 0, 4]
     assert torch.autograd.gradcheck(lambda x, a, b, c: moe._GroupedExperts.apply(x, a, b, c, counts, 3.0),
                                     (x, ex.w1, ex.w2, ex.w3))
+
+
+def test_expert_rows_bucketed():
+    """The padded layout: each expert's rows start at a multiple of the bucket, in order."""
+    rows, padded = moe._bucketed([3, 0, 5, 8], 4, "cpu")
+    assert padded == [4, 0, 8, 8]
+    assert rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert moe._bucketed([4, 0, 8], 4, "cpu") == (None, [4, 0, 8])  # nothing to pad: no copies
+    assert moe._bucketed([3, 5], 1, "cpu") == (None, [3, 5])
+
+
+def test_grouped_experts_bf16_products_use_row_buckets():
+    """bf16 on a CPU (oneDNN builds a kernel per new shape): every expert product's row count is
+    a multiple of `row_bucket`, whatever the routing; fp32 keeps the exact counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm_"):
+                seen.append(tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    ex = _experts(torch.float32, n=4, dim=64, inter=48)
+    x = torch.randn(37, 64, requires_grad=True)
+    w = torch.rand(37, 2, requires_grad=True)
+    idx = torch.stack([torch.arange(37) % 4, (torch.arange(37) + 1) % 4], 1)  # 18 or 19 rows each
+    for autocast, rows_ok in ((True, lambda r: r % 32 == 0), (False, lambda r: r in (18, 19))):
+        seen = []
+        with Shapes():
+            _experts_pass(ex, x, idx, w, fused=True, autocast=autocast)
+        ragged = [r for shapes in seen for shape in shapes for r in shape if r not in (64, 48)]
+        assert len(seen) >= 4 * 9 and ragged and all(rows_ok(r) for r in ragged), ragged
