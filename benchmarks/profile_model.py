@@ -27,6 +27,8 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
 `cpu_kernels.swiglu_bf16` and `Attention.fold_heads`: bf16 only) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
+Each round takes a new token batch (seeded: the same ones for both modes and every process), so
+that, as in training, the experts' row counts change from step to step.
 Alternating step by step is biased when the two modes allocate differently (the heap is re-faulted
 in the other mode's shape at every switch); `--processes PAIRS` runs each mode in a process of its
 own for a whole run instead (warm-up steps, then the median of --reps steps), PAIRS times each.
@@ -164,10 +166,18 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
 }
 
 
+def fresh_batches(model, ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """n token batches shaped like `ids`, the same ones in every process (seeded): as in training,
+    each step meets new expert row counts (a fixed batch repeats one routing, which hides what
+    new matmul shapes cost; see `Experts.bucket_rows`)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, model.config.vocab_size, ids.shape, generator=g) for _ in range(n)]
+
+
 def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None = None) -> None:
     """Median forward + backward of the V4 objective with each switch off vs on (the others on),
-    under bf16 autocast with `bf16`."""
-    def step(name: str, on: bool) -> float:
+    under bf16 autocast with `bf16`; a new batch each round, the same one for both modes."""
+    def step(name: str, on: bool, ids: torch.Tensor) -> float:
         obj, attr = SWITCHES[name]
         setattr(obj, attr, on)
         t = time.perf_counter()
@@ -184,24 +194,26 @@ def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None 
     for name in only or SWITCHES:
         times = {False: [], True: []}
         for on in (False, True):
-            step(name, on)
-        for _ in range(reps):
+            step(name, on, ids)
+        for batch in fresh_batches(model, ids, reps):
             for on in (False, True):
-                times[on].append(step(name, on))
+                times[on].append(step(name, on, batch))
         off, on = statistics.median(times[False]), statistics.median(times[True])
         print(f"  {name:30s} off {off * 1e3:7.1f} ms   on {on * 1e3:7.1f} ms   {off / on:.3f}x")
 
 
 def one_mode(model, ids, name: str, on: bool, steps: int, bf16: bool) -> None:
     """One mode of a --processes A/B, for a whole run: the switch set once, warm-up steps, then
-    `steps` timed steps of the V4 objective; prints their median for the parent to read."""
+    `steps` timed steps of the V4 objective (a new batch each, the same batches in every process);
+    prints their median for the parent to read."""
     obj, attr = SWITCHES[name]
     setattr(obj, attr, on)
     times = []
-    for i in range(steps + max(3, steps // 3)):   # warm-up: the allocator settles (docs/model.md)
+    # warm-up steps first: the allocator settles (docs/model.md); a new batch every step
+    for batch in fresh_batches(model, ids, steps + max(3, steps // 3)):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(ids).loss
+            loss = model.loss(batch).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
