@@ -15,8 +15,9 @@ The DeepSeek-V4 recipe (spec section 3; V4 report sections 2.4 and 4.2):
     first `indexer_warmup_steps` steps, sparse top-k afterwards; the indexer KL loss trains
     the indexer in both phases.
 Engineering: gradient accumulation to a token batch size, gradient clipping, bf16 autocast
-on CUDA (off on CPU, where bf16 matmul is ~100x slower than fp32 on machines without bf16
-units), optional torch.compile, validation bits-per-byte, greedy sample generations, a live
+on CUDA and on CPUs with native bf16 matmuls for models of width >= 512 (`use_bf16_autocast`;
+fp32 elsewhere: bf16 matmul is ~100x slower than fp32 on CPUs without bf16 units), optional
+torch.compile, validation bits-per-byte, greedy sample generations, a live
 tqdm bar, JSONL (+ TensorBoard if installed) metrics with MFU and expert-load imbalance, and
 atomic checkpoints with exact resume (checkpoint.py).
 
@@ -62,7 +63,7 @@ from nanoseek.train.checkpoint import (latest_checkpoint, latest_intact_checkpoi
 from nanoseek.train.metrics import (MetricsLog, TermMeter, expert_load_metrics, measure_peak_flops,  # noqa: F401
                                     training_flops_per_token)
 from nanoseek.train.objectives import Objective, PretrainObjective
-from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, lr_schedule
+from nanoseek.train.optim import OptimConfig, build_optimizer, decay_start, fast_bf16_matmul, lr_schedule
 from nanoseek.train.parallelize import (Dist, all_reduce, all_reduce_max, barrier, gather_objects,  # noqa: F401
                                         gathered_state, load_optimizer_state, no_sync, parallelize, setup_distributed,
                                         unshard)
@@ -122,7 +123,7 @@ class TrainConfig:
     resume: bool = False
     # --- systems ---
     device: str = "auto"                      # auto | cpu | cuda
-    autocast: str = "auto"                    # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    autocast: str = "auto"                    # auto (use_bf16_autocast) | bf16 | off
     compile: bool | str = False               # True / "inductor", or another torch.compile backend name
     deterministic: bool = False
     find_unused_parameters: bool = False
@@ -397,7 +398,23 @@ def _wrap(run: Run) -> None:
     run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay,
                                                        ns_dtype=cfg.muon_ns_dtype))
     run.eval_model = _RootCall(run.module, model) if run.fsdp else model
-    run.use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and d.device.type == "cuda")
+    run.use_bf16 = use_bf16_autocast(cfg.autocast, d.device, model.config)
+
+
+# Width from which "auto" trains in bf16 on a CPU with native bf16 matmuls: `small` (512) trains
+# 1.5x faster in forward + backward there (docs/train.md), while at the speedrun's width 192 bf16
+# GEMMs barely beat fp32 and the casts remain (within noise of fp32 in the trainer).
+CPU_BF16_MIN_WIDTH = 512
+
+
+def use_bf16_autocast(setting: str, device: torch.device, config) -> bool:
+    """--autocast: "bf16" / "off" as said; "auto" is bf16 on CUDA, and on CPUs with native bf16
+    matmuls (AMX, AVX512-BF16) for models at least CPU_BF16_MIN_WIDTH wide; fp32 elsewhere."""
+    if setting != "auto":
+        return setting == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and config.hidden_size >= CPU_BF16_MIN_WIDTH and fast_bf16_matmul("cpu")
 
 
 def _load_tokenizer(cfg: TrainConfig):

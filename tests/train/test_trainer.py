@@ -37,6 +37,24 @@ def records(run_dir) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
+# ------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_auto_policy(monkeypatch, native):
+    """--autocast auto: bf16 on CUDA; on a CPU only with native bf16 matmuls and from width 512
+    (where it measured faster); "bf16" / "off" as said, whatever the machine."""
+    from nanoseek.train import trainer
+
+    monkeypatch.setattr(trainer, "fast_bf16_matmul", lambda device_type: native)
+    narrow, wide = ModelConfig.from_preset("tiny"), ModelConfig.from_preset("small")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer.use_bf16_autocast("auto", cuda, narrow)
+    assert not trainer.use_bf16_autocast("auto", cpu, narrow)
+    assert trainer.use_bf16_autocast("auto", cpu, wide) is native
+    assert wide.hidden_size >= trainer.CPU_BF16_MIN_WIDTH > narrow.hidden_size
+    for dev in (cpu, cuda):
+        assert trainer.use_bf16_autocast("bf16", dev, narrow) and not trainer.use_bf16_autocast("off", dev, wide)
+
+
 # ------------------------------------------------------------------------- bits per byte
 
 def test_bits_per_byte_hand_computed():
