@@ -18,8 +18,9 @@ token->expert assignments are sorted by expert once, each expert multiplies one 
 (a loop over experts, never over tokens), and results are scattered back with index_add.
 On disk each expert is still `experts.{i}.w1/w2/w3` (see checkpoint.py). In training the grouped
 pass is one autograd Function (`_GroupedExperts`: one cast per stacked matrix, products into
-preallocated buffers, stacked weight gradients written in place; `per_expert` is the loop it
-replaces). On the eager CPU path the clamped SwiGLU between the products is one C call each way
+preallocated buffers, stacked weight gradients written in place, and under bf16 on a CPU each
+expert's rows padded to a multiple of 32, as oneDNN builds a kernel per new matmul shape;
+`per_expert` is the loop it replaces). On the eager CPU path the clamped SwiGLU between the products is one C call each way
 (`_SwiGLU`, cpu_kernels.py); `swiglu`'s PyTorch formula is the reference the tests compare it
 against.
 """
