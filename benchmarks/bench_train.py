@@ -23,6 +23,8 @@ useful work).
     python benchmarks/bench_train.py                 # speedrun model and batch (~minutes on 2 cores)
     python benchmarks/bench_train.py --config small  # `small`, batch 4 x 512 (several minutes)
     python benchmarks/bench_train.py --quick         # half the micro-batch, fewer steps
+    python benchmarks/bench_train.py --config small --autocast off   # fp32 (auto: bf16 for `small` on
+                                                     #   CPUs with native bf16 matmuls, as `nanoseek train`)
     python benchmarks/bench_train.py --threads 1     # robust on a shared machine
     python benchmarks/bench_train.py --malloc keep   # the trainer's allocator setting, for all steps alike
     python benchmarks/bench_train.py --muon-ab       # + Muon step alone: cache-sized Newton-Schulz chunks
@@ -48,10 +50,12 @@ from nanoseek._runtime import keep_freed_memory
 from nanoseek.train import optim as optim_mod
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer
+from nanoseek.train.trainer import use_bf16_autocast
 from nanoseek.train.metrics import measure_peak_flops, training_flops_per_token
 
 
-def trainer_step(model, micro: list[torch.Tensor], phases: dict[str, list[float]], ns_dtype: str = "auto"):
+def trainer_step(model, micro: list[torch.Tensor], phases: dict[str, list[float]], ns_dtype: str = "auto",
+                 bf16: bool = False):
     """The trainer loop's step body (nanoseek/train/trainer.py train_step) for one optimizer
     step over `micro` micro-batches (gradient accumulation), timed by phase."""
     opt = build_optimizer(model, OptimConfig(lr=1e-3, ns_dtype=ns_dtype))
@@ -62,7 +66,8 @@ def trainer_step(model, micro: list[torch.Tensor], phases: dict[str, list[float]
         t0 = time.perf_counter()
         metrics = []
         for ids in micro:
-            terms = objective(model, {"input_ids": ids}, {"mtp_weight": 0.3, "step": 0})
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):   # (as the trainer's run.autocast)
+                terms = objective(model, {"input_ids": ids}, {"mtp_weight": 0.3, "step": 0})
             (terms["loss"] / len(micro)).backward()
             metrics.append(terms)
         t1 = time.perf_counter()
@@ -83,17 +88,18 @@ def trainer_step(model, micro: list[torch.Tensor], phases: dict[str, list[float]
     return step
 
 
-def adamw_step(model, micro: list[torch.Tensor], kind: str):
+def adamw_step(model, micro: list[torch.Tensor], kind: str, bf16: bool = False):
     """CE-only forward + backward over the micro-batches + fused AdamW: the same work for both
     implementations."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         for ids in micro:
-            if kind == "nanoseek":
-                loss = model.loss(ids, mtp_weight=0.0, balance_alpha=0.0, indexer_weight=0.0).loss
-            else:
-                loss = model(ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if kind == "nanoseek":
+                    loss = model.loss(ids, mtp_weight=0.0, balance_alpha=0.0, indexer_weight=0.0).loss
+                else:
+                    loss = model(ids, labels=ids).loss
             (loss / len(micro)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -155,6 +161,9 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="default",
                     help="keep: glibc keeps freed memory for reuse, as `nanoseek train` sets for its process "
                          "(nanoseek/_runtime.py), for every step timed here alike; default: glibc's defaults")
+    ap.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                    help="bf16 autocast for every step timed, as `nanoseek train --autocast` (auto: the trainer's "
+                         "choice for this model and machine, trainer.use_bf16_autocast)")
     ap.add_argument("--muon-ab", action="store_true",
                     help="also time a Muon step alone: one whole-bucket Newton-Schulz batch vs the default "
                          "chunks, and fp32 vs bf16 iterations")
@@ -167,21 +176,23 @@ def main() -> None:
     reps = args.steps or (2 if args.quick else 3)
     torch.manual_seed(0)
     micro = [torch.randint(0, config.vocab_size, (batch, seq)) for _ in range(accum)]
-    peak = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=1.0)
+    bf16 = use_bf16_autocast(args.autocast, torch.device("cpu"), config)
+    # MFU against the peak of the dtype the matmuls run in
+    peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32, seconds=1.0)
     probe = Transformer(config)
     fpt = training_flops_per_token(probe, seq)
     ns_dtype = optim_mod.ns_compute_dtype("auto", torch.device("cpu"))
     print(f"{args.config}: {accum} x micro-batch {batch} x {seq} = {accum * batch * seq} tokens/step, threads "
-          f"{torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, {fpt / 1e6:.1f} MFLOP/token "
+          f"{torch.get_num_threads()}, {'bf16' if bf16 else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s, {fpt / 1e6:.1f} MFLOP/token "
           f"(6 x activated params + attention); Muon Newton-Schulz in {str(ns_dtype).removeprefix('torch.')} "
-          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); allocator: "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); every step {'under bf16 autocast' if bf16 else 'in fp32'}; allocator: "
           f"{'freed memory kept (as nanoseek train), for every step alike' if args.malloc == 'keep' else 'glibc default'}")
 
     fns, phases = {}, {}
     if args.only != "transformers":
         torch.manual_seed(0)
-        fns["trainer"] = trainer_step(Transformer(config).train(), micro, phases)
-        fns["nanoseek"] = adamw_step(probe.train(), micro, "nanoseek")
+        fns["trainer"] = trainer_step(Transformer(config).train(), micro, phases, bf16=bf16)
+        fns["nanoseek"] = adamw_step(probe.train(), micro, "nanoseek", bf16)
     if args.only != "nanoseek":
         from bench_model import in_transformers  # benchmarks/ is the script's directory
 
@@ -189,11 +200,11 @@ def main() -> None:
         if hf is None:
             print("transformers not installed: baseline skipped")
         else:
-            fns["transformers"] = adamw_step(hf.train(), micro, "transformers")
+            fns["transformers"] = adamw_step(hf.train(), micro, "transformers", bf16)
     if args.muon_ab and args.only != "transformers":
         if ns_dtype != torch.float32:       # the trainer as it was before "auto" chose bf16 here
             torch.manual_seed(0)
-            fns["trainer fp32 NS"] = trainer_step(Transformer(config).train(), micro, {}, "float32")
+            fns["trainer fp32 NS"] = trainer_step(Transformer(config).train(), micro, {}, "float32", bf16)
         fns["muon chunked"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES)
         fns["muon one batch"] = muon_only(probe, 1 << 62)
         fns["muon fp32"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES, "float32")
