@@ -154,8 +154,6 @@ class DistillObjective(RolloutObjective):
     def prepare(self, run) -> None:
         if run.tokenizer is None:
             raise ValueError("distillation needs the student's tokenizer (tokenizer files in its directory)")
-        if run.cfg.fsdp:
-            raise ValueError("distill samples with the unsharded student: use DDP (drop --fsdp)")
         c = self.cfg
         self.prompts = read_prompts(c.prompts)
         held = c.held_out
@@ -165,6 +163,7 @@ class DistillObjective(RolloutObjective):
         self.held_out = read_prompts(held)[: c.eval_prompts] if held else []
         self.teachers = [load_teacher(t, run.tokenizer, c.teacher_dtype, run.dist.device) for t in c.teachers]
         self.vocab = run.tokenizer.vocab_size
+        self.prepare_sampling(run)
 
     def make_loader(self, run, index: int, n_data: int, seed: int) -> "DistillLoader":
         return DistillLoader(self, run, index, n_data, seed)
@@ -203,18 +202,19 @@ class DistillObjective(RolloutObjective):
         d, c, tok = run.dist, self.cfg, run.tokenizer
         mine = self.held_out[d.rank::d.world]
         sums = [0.0] * (len(self.teachers) + 2)   # per teacher, mixture, token count
+        student = self.sampling_model(run)   # (on every rank: a collective under FSDP)
         if mine:
-            outs = sample_rollouts(run.model, tok, [prompt_ids(p, tok) for p in mine], n=1,
+            outs = sample_rollouts(student, tok, [prompt_ids(p, tok) for p in mine], n=1,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                    seed=run.cfg.seed + 0xD157)
             batch = rollout_tensors(outs, tok.pad_id)
             dev = run.dist.device
-            was = run.model.training
-            run.model.eval()
+            was = student.training
+            student.eval()
             try:
-                logits = run.model(batch["input_ids"].to(dev))
+                logits = student(batch["input_ids"].to(dev))
             finally:
-                run.model.train(was)
+                student.train(was)
             pos = batch["labels"].to(dev) != -100
             V = self.vocab
             s = logits[pos][..., :V].float()
@@ -243,8 +243,8 @@ class DistillLoader(RolloutLoader):
         ids = step_prompts(len(self.obj.prompts), c.prompts_per_step, self.calls, self.seed)
         items = [self.obj.prompts[i] for i in ids[self.index::self.n_data]]
         stats = RolloutStats()
-        outs = sample_rollouts(run.model, tok, [prompt_ids(p, tok) for p in items], n=c.samples_per_prompt,
-                               max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        outs = sample_rollouts(self.obj.sampling_model(run), tok, [prompt_ids(p, tok) for p in items],
+                               n=c.samples_per_prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                seed=((self.seed * 7919 + self.calls) * 1009 + self.index), stats=stats)
         self.calls += 1
         batch = rollout_tensors(outs, tok.pad_id)

@@ -144,8 +144,6 @@ class RLObjective(RolloutObjective):
     def prepare(self, run) -> None:
         if run.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer (tokenizer files in the model directory, or --tokenizer)")
-        if run.fsdp or run.cfg.fsdp:
-            raise ValueError("rl samples with the unsharded model: use DDP (drop --fsdp)")
         c = self.cfg
         self._dist = run.dist
         self.tasks = read_tasks(c.tasks)
@@ -160,6 +158,7 @@ class RLObjective(RolloutObjective):
                 raise ValueError(f"the code reward needs tasks with entry_point and test (first without: {missing[0]})")
         if c.kl_coef > 0:   # the frozen initial policy
             self.ref = copy.deepcopy(run.model).eval().requires_grad_(False)
+        self.prepare_sampling(run)
 
     def prompt_ids(self, task: dict, tokenizer) -> list[int]:
         if self.cfg.protocol == "completion":
@@ -199,9 +198,10 @@ class RLObjective(RolloutObjective):
         d, c = run.dist, self.cfg
         mine = self.held_out[d.rank::d.world]
         results: list[tuple[int, int, float]] = []
+        policy = self.sampling_model(run)   # (on every rank: a collective under FSDP)
         if mine:
             n = c.eval_samples
-            outs = sample_rollouts(run.model, run.tokenizer, [self.prompt_ids(t, run.tokenizer) for t in mine],
+            outs = sample_rollouts(policy, run.tokenizer, [self.prompt_ids(t, run.tokenizer) for t in mine],
                                    n=n, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                    top_p=c.top_p, top_k=c.top_k, seed=run.cfg.seed + 0xE7A1, stop=self.stop)
             terms = self.reward.score([mine[r.group] for r in outs], [r.text for r in outs],
@@ -272,8 +272,8 @@ class RLLoader(RolloutLoader):
         def on_finish(i, r):
             futures[i] = self.obj.reward.submit(tasks[r.group], r.text, len(r.tokens))
 
-        outs = sample_rollouts(self.run.model, tok, [self.obj.prompt_ids(t, tok) for t in tasks], n=c.group_size,
-                               max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+        outs = sample_rollouts(self.obj.sampling_model(self.run), tok, [self.obj.prompt_ids(t, tok) for t in tasks],
+                               n=c.group_size, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                top_k=c.top_k, seed=self._rollout_seed(step, attempt), on_finish=on_finish,
                                stats=stats, stop=self.obj.stop)
         t0 = time.perf_counter()
@@ -332,7 +332,7 @@ class RLLoader(RolloutLoader):
             with torch.no_grad():
                 with run.autocast():          # the precision of the training forward
                     if c.updates_per_batch > 1:   # the policy before this batch's first update
-                        batch["old_logprobs"] = _logprobs(run.model, batch, dev)
+                        batch["old_logprobs"] = _logprobs(self.obj.sampling_model(run), batch, dev)
                     if self.obj.ref is not None:
                         batch["ref_logprobs"] = _logprobs(self.obj.ref, batch, dev)
         names = sorted({k for t in terms for k in t})

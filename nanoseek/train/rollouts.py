@@ -7,18 +7,28 @@ engine, and completions -> the padded tensors a training step reads.
 Generation runs on the engine's BatchRunner (continuous batching: all rows share one
 preallocated decode cache, a finished row frees its slot for the next waiting one) with the
 engine's sampler, on the very model object being trained -- the weights are handed over in
-process, with no copy and no disk round trip. Each row samples with its own generator seeded
-from (seed, row), so a step's rollouts are a pure function of the weights and the seed: exact
-resume needs no sampler state, and a row's tokens do not depend on the other rows.
+process, with no copy and no disk round trip (under FSDP: an unsharded copy, below). Each row
+samples with its own generator seeded from (seed, row), so a step's rollouts are a pure function
+of the weights and the seed: exact resume needs no sampler state, and a row's tokens do not
+depend on the other rows.
 
 By default rollouts use temperature 1 with no top-k / top-p, so the sampler's distribution is
 the policy itself and the sampler's log-probabilities match the trainer's up to kernel
 rounding (the truncated importance-sampling correction of grpo_loss absorbs what is left).
 The stop token (EOS) is part of the completion: the policy must learn to stop.
+
+Under FSDP (`--fsdp`) each rank holds only a shard of every parameter, and a sharded forward is
+a collective that every rank must run in step -- but each rank samples its own prompts, whose
+completions end after different numbers of decode steps. So there rollouts come from a full,
+unsharded copy of the policy on every rank (`RolloutObjective.sampling_model`), refreshed from
+the shards (one all-gather per tensor) the first time it is asked for after an optimizer step.
+FSDP still shards what dominates training memory -- gradients and optimizer state; the copy
+costs one set of weights per rank, as an inference engine's weights would.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,7 +38,7 @@ import torch
 from nanoseek.engine.batch import BatchRunner, Sequence
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.train.objectives import Objective
-from nanoseek.train.parallelize import all_reduce
+from nanoseek.train.parallelize import all_reduce, unshard
 
 IGNORE_INDEX = -100
 
@@ -155,6 +165,31 @@ class RolloutObjective(Objective):
     def step_tokens(self, run, batches: list[dict]) -> int:
         n = torch.tensor([float(sum(b["stats"]["rollout_tokens"] for b in batches))], dtype=torch.float64)
         return int(all_reduce(n, run.dist).item())
+
+    # --- the model rollouts come from (module docstring: FSDP) ---
+    _policy: torch.nn.Module | None = None    # under FSDP: the unsharded copy
+    _policy_step: int | None = None           # the optimizer step its weights are from
+
+    def prepare_sampling(self, run) -> None:
+        """Called by prepare(), before the model is wrapped: under FSDP, keep an unsharded copy
+        of the model (its structure, buffers and dtype) to sample from."""
+        if run.cfg.fsdp and run.dist.enabled:
+            self._policy = copy.deepcopy(run.model).requires_grad_(False)
+            self._policy_step = None
+
+    def sampling_model(self, run) -> torch.nn.Module:
+        """The model to sample (and score old log-probs) with: the trained model itself, or under
+        FSDP the unsharded copy, first brought up to date with the shards when an optimizer step
+        has changed them since. A collective under FSDP: every rank calls it at the same points
+        (a step's first batch, evaluation), whether or not it has prompts of its own."""
+        if self._policy is None:
+            return run.model
+        if self._policy_step != run.state.step:
+            with torch.no_grad():
+                full = {k: unshard(v) for k, v in run.model.state_dict().items()}
+                self._policy.load_state_dict(full, strict=True)
+            self._policy_step = run.state.step
+        return self._policy
 
 
 class RolloutLoader:

@@ -1,12 +1,16 @@
 """`nanoseek distill` (nanoseek/train/distill.py): on-policy distillation on the one loop -- the
 held-out full-vocabulary KL to the teacher falls, several teachers and the sampled estimator
-run, a teacher with another tokenizer is refused, resume is exact."""
+run, a teacher with another tokenizer is refused, resume is exact, and 2 processes (DDP or
+FSDP) follow one."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from nanoseek.train.objectives import reverse_kl
 from nanoseek.train.rollouts import rollout_tensors, sample_rollouts
 from nanoseek.train.trainer import TrainConfig, train
 
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
 
 
@@ -161,3 +166,43 @@ def test_distill_resume_is_bitwise_identical(models, tmp_path):
             assert x[k] == y[k], (x["step"], k, x[k], y[k])
     sa, sb = load_model_state(latest_checkpoint(a)), load_model_state(latest_checkpoint(b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distill_torchrun_two_processes_match_one(models, tmp_path, mode):
+    """The step's prompts split over 2 ranks give the same batches, losses and weights as one
+    process over 2 micro-steps. Under FSDP each rank samples from its unsharded copy of the
+    student, refreshed after every update (a stale copy changes the later steps' samples and
+    so their losses), and the held-out evaluation runs it on every rank mid-run."""
+    student, teachers, prompts = models
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # fp32 Newton-Schulz: Muon splits its matrices over the ranks, and bf16 iterations round
+    # differently in another batch (~1e-3 in the weights after 3 steps); fp32 makes them comparable
+    cfg, dc = cfgs(models, tmp_path / "single", max_steps=3, eval_every=2, muon_ns_dtype="float32",
+                   dc={"micro_steps": 2})
+    dc.prompts_per_step, dc.max_new_tokens, dc.eval_prompts = 4, 12, 4
+    train(cfg, DistillObjective(dc))
+    torch.set_num_threads(n)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29525" if mode == "ddp" else "29526", "-m", "nanoseek.cli", "distill", str(student),
+           "--teacher", str(teachers[0]), "--prompts", str(prompts), "--out", str(tmp_path / mode),
+           "--prompts-per-step", "4", "--max-new-tokens", "12", "--eval-prompts", "4", "--max-steps", "3",
+           "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32", "--peak-tflops", "1",
+           "--no-progress"]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rd, rs = records(tmp_path / mode), records(tmp_path / "single")
+    assert len(rd) == len(rs) == 3
+    for x, y in zip(rd, rs):
+        assert x["response_len"] == y["response_len"]               # the same samples, split over ranks
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+        assert x["kl_teacher0"] == pytest.approx(y["kl_teacher0"], rel=1e-4, abs=1e-5)
+    evals = [e for e in map(json.loads, (tmp_path / mode / "metrics.jsonl").read_text().splitlines())
+             if e.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [2, 3] and all(e["heldout_kl_teacher0"] > 0 for e in evals)
+    sd, ss = load_model_state(tmp_path / mode / "model"), load_model_state(tmp_path / "single" / "model")
+    assert max(float((sd[k] - ss[k]).abs().max()) for k in ss) < 1e-4

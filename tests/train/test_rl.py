@@ -157,33 +157,52 @@ def test_rl_resume_is_bitwise_identical(setup, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_rl_torchrun_two_processes_match_one(setup, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_rl_torchrun_two_processes_match_one(setup, tmp_path, mode):
+    """2 processes (rollouts split across ranks) follow one process step by step. Under FSDP the
+    rollouts come from each rank's unsharded copy of the policy, refreshed after every update:
+    a stale copy would sample steps 2-3 from older weights and change their rewards. Two updates
+    per batch also score the old log-probs with it, and the held-out evaluation samples on every
+    rank in the middle of the run."""
     base, prompts, reward = setup
     reward = reward.replace(":share_a", ":share_a_even")   # some zero-variance groups, on both ranks' shares
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg, rl = rl_cfg(setup, tmp_path / "single", max_steps=3, rl={"micro_steps": 2})
+    # fp32 Newton-Schulz: Muon splits its matrices over the ranks, and bf16 iterations round
+    # differently in another batch; fp32 keeps the weights comparable to 1e-4
+    cfg, rl = rl_cfg(setup, tmp_path / "single", max_steps=4, eval_every=2, muon_ns_dtype="float32",
+                     rl={"micro_steps": 2, "updates_per_batch": 2})
     rl.reward = reward
     single = train(cfg, RLObjective(rl))
     torch.set_num_threads(n)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29523" if mode == "ddp" else "29524",
            "-m", "nanoseek.cli", "rl", str(base), "--tasks", str(prompts), "--reward", reward,
-           "--protocol", "completion", "--out", str(tmp_path / "ddp"), "--group-size", "8",
-           "--prompts-per-step", "4", "--max-new-tokens", "16", "--overlong", "none", "--max-steps", "3",
-           "--lr", "1e-2", "--eval-every", "0", "--peak-tflops", "1", "--no-progress"]
+           "--protocol", "completion", "--out", str(tmp_path / mode), "--group-size", "8",
+           "--prompts-per-step", "4", "--max-new-tokens", "16", "--overlong", "none", "--max-steps", "4",
+           "--updates-per-batch", "2", "--eval-samples", "4",
+           "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32", "--peak-tflops", "1",
+           "--no-progress"]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    rd, rs = records(tmp_path / "ddp"), records(tmp_path / "single")
-    assert len(rd) == len(rs) == 3
+    rd, rs = records(tmp_path / mode), records(tmp_path / "single")
+    assert len(rd) == len(rs) == 4
     for x, y in zip(rd, rs):
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-6)        # the same rollouts, split over ranks
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
         assert x["expert_load"] == y["expert_load"]
+    evals = [e for e in map(json.loads, (tmp_path / mode / "metrics.jsonl").read_text().splitlines())
+             if e.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["heldout_reward"] <= 1 for e in evals)
     # the run's total counts every rank's groups, not rank 0's alone
-    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    dist = json.loads((tmp_path / mode / "summary.json").read_text())
     assert single["zero_variance_groups"] > 0
-    assert ddp["zero_variance_groups"] == single["zero_variance_groups"]
+    assert dist["zero_variance_groups"] == single["zero_variance_groups"]
+    sd, ss = load_model_state(tmp_path / mode / "model"), load_model_state(tmp_path / "single" / "model")
+    assert max(float((sd[k] - ss[k]).abs().max()) for k in ss) < 1e-4
 
 
 def test_rl_code_reward_end_to_end(setup, tmp_path):
