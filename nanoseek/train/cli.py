@@ -86,6 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_speedrun(args: argparse.Namespace) -> int:
+    from nanoseek.train.parallelize import shutdown_distributed
     from nanoseek.train.speedrun import speedrun
 
     try:
@@ -95,6 +96,7 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
                  eval_tasks=args.eval_tasks)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _err(str(e))
+    shutdown_distributed()   # under torchrun: every rank done before any exits (as _train)
     return 0
 
 
@@ -454,7 +456,7 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(func=_cmd_report)
 
     p = subparsers.add_parser("speedrun", help="corpus -> tokenizer -> pre-training -> mined tasks -> SFT -> GRPO -> "
-                                               "report, in one go")
+                                               "report, in one go (under torchrun: data-parallel training)")
     p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
     p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")

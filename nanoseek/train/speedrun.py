@@ -22,6 +22,13 @@ Then held-out pass@1 and the syntax-valid rate before and after each post-traini
 chat protocol; the base model also in its own completion protocol) go into train/report.md,
 and the last lines print the `nanoseek chat` command of the final model.
 On a CUDA machine the same command picks a larger model, corpus and batch.
+
+Under torchrun every stage that trains runs data-parallel on all ranks (DDP, as `nanoseek train`
+/ `sft` / `rl` under torchrun); the stages that build files (corpus, tokenizer, shards, mined
+tasks), the before / after evaluation, the report and the printed results run on rank 0 while
+the other ranks wait for it:
+
+    torchrun --nproc-per-node 8 -m nanoseek.cli speedrun     # one node, 8 GPUs
 """
 
 from __future__ import annotations
@@ -36,26 +43,57 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.train.parallelize import Dist, setup_distributed
+
 SAMPLE_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def _stage(t0: float, name: str) -> None:
-    print(f"\n== {name} ({time.perf_counter() - t0:.0f}s elapsed)", file=sys.stderr)
+class _Ranks:
+    """The speedrun's view of torchrun: `main` stages run on rank 0 while the others wait."""
+
+    # waiting for rank 0 can take as long as a whole corpus build or evaluation: those waits go
+    # through a gloo group of their own with this timeout, and the training collectives keep theirs
+    WAIT_TIMEOUT_H = 6
+
+    def __init__(self, d: Dist):
+        self.d, self.group = d, None
+        if d.enabled:
+            from datetime import timedelta
+
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=self.WAIT_TIMEOUT_H))
+
+    @property
+    def is_main(self) -> bool:
+        return self.d.is_main
+
+    def main(self, fn, *args, **kw):
+        """fn(*args, **kw) on rank 0 (its result there, None elsewhere); every rank returns once it
+        is done. If it raises on rank 0, that rank exits with the error and torchrun stops the rest."""
+        out = fn(*args, **kw) if self.is_main else None
+        if self.group is not None:
+            torch.distributed.barrier(group=self.group)
+        return out
+
+    def stage(self, t0: float, name: str) -> None:
+        if self.is_main:
+            print(f"\n== {name} ({time.perf_counter() - t0:.0f}s elapsed)", file=sys.stderr)
 
 
-def _pretrain(root: Path, depth: int, minutes: float, force: bool, gpu: bool) -> dict:
+def _pretrain(root: Path, depth: int, minutes: float, force: bool, gpu: bool, ranks: _Ranks) -> dict:
     from nanoseek.train.trainer import TrainConfig, train
 
     run_dir = root / "train"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and (run_dir / "model" / "config.json").is_file() and not force:
         return json.loads(summary_path.read_text())
-    if force and (run_dir / "checkpoints").is_dir():
-        shutil.rmtree(run_dir / "checkpoints")   # --retrain: the user asked to start over
+    if force and (run_dir / "checkpoints").is_dir():   # --retrain: the user asked to start over
+        ranks.main(shutil.rmtree, run_dir / "checkpoints")
+    # CPU: 4K tokens per step gives ~100+ optimizer steps in 10 minutes (split over the ranks
+    # where they divide it; else one micro-batch per rank and step)
+    per_step = 4 * 256 * ranks.d.world
     cfg = TrainConfig(run_dir=str(run_dir), shard_dir=str(root / "shards"), tokenizer_dir=str(root / "tokenizer"),
                       depth=depth, seq_len=1024 if gpu else 256, micro_batch=16 if gpu else 4,
-                      # CPU: 4K tokens per step gives ~100+ optimizer steps in 10 minutes
-                      batch_tokens=None if gpu else 4096,
+                      batch_tokens=None if gpu or 4096 % per_step else 4096,
                       minutes=minutes, eval_every=25, eval_tokens=32768 if not gpu else 1 << 20,
                       sample_prompts=[SAMPLE_PROMPT], sample_tokens=64, ckpt_every=50, keep_last=2,
                       indexer_warmup_steps=20,  # V4 trains CSA densely first, then sparse top-k
@@ -83,7 +121,7 @@ def _sft(root: Path, base: Path, minutes: float, gpu: bool) -> dict:
     return train(cfg, SFTObjective(SFTConfig(data=[str(root / "tasks" / "sft.jsonl")])))
 
 
-def _rl(root: Path, init: Path, minutes: float) -> dict:
+def _rl(root: Path, init: Path, minutes: float, world: int) -> dict:
     from nanoseek.train.rl import RLConfig, RLObjective, rl_train_config
     from nanoseek.train.trainer import train
 
@@ -94,7 +132,9 @@ def _rl(root: Path, init: Path, minutes: float) -> dict:
     # shaped reward: all tests pass (1) + 0.2 for code that parses + 0.1 for the ```python block;
     # answers cut by the token limit are masked out (a CPU-sized model often runs on: a length
     # penalty would teach it to stop at once rather than to write code)
-    rl = RLConfig(tasks=str(root / "tasks" / "tasks.jsonl"), protocol="chat", group_size=8, prompts_per_step=4,
+    # 4 prompts a step, rounded up to a multiple of the ranks (each samples its own share)
+    rl = RLConfig(tasks=str(root / "tasks" / "tasks.jsonl"), protocol="chat", group_size=8,
+                  prompts_per_step=-(-4 // world) * world,
                   max_new_tokens=192, syntax_weight=0.2, format_weight=0.1, overlong="mask", eval_tasks=16,
                   eval_samples=4)
     cfg = rl_train_config(str(init), str(run_dir), rl, minutes=minutes, eval_every=0, ckpt_every=10,
@@ -113,7 +153,10 @@ def _evaluate(model_dir: Path, problems: dict, protocols: tuple[str, ...], cache
 
     if cache.is_file():
         return json.loads(cache.read_text())
-    model, tok = load_model_and_tokenizer(model_dir)
+    # eager: a compiled decode step (the loader's default, for chat and serving) would be traced
+    # again for each stage's model, ~7 s each with a warm cache and far more with a cold one, for
+    # one batch of 192 tokens (eager: ~1 s a task batch on 2 cores)
+    model, tok = load_model_and_tokenizer(model_dir, compile=False)
     out = {}
     for proto in protocols:
         fn = evaluate_chat if proto == "chat" else evaluate_completion
@@ -160,7 +203,8 @@ def speedrun(out: str | os.PathLike = "runs/speedrun", minutes: float = 10.0, de
     from nanoseek.eval.verify import mine_tasks
     from nanoseek.train.report import write_report
 
-    gpu = torch.cuda.is_available()
+    ranks = _Ranks(setup_distributed("auto"))   # alone: one rank, no process group
+    gpu = ranks.d.device.type == "cuda"
     # CPU: depth 3 (width 192: one sliding, one CSA, one HCA layer -- every V4 layer type) is
     # the size that learns most in ~10 minutes on 2 cores; the GPU default is depth 8.
     depth = depth or (8 if gpu else 3)
@@ -171,37 +215,39 @@ def speedrun(out: str | os.PathLike = "runs/speedrun", minutes: float = 10.0, de
     tasks = tasks or (2000 if gpu else 400)
     rl = rl and sft                      # GRPO starts from the SFT model
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    ranks.main(root.mkdir, parents=True, exist_ok=True)
     t0 = time.perf_counter()
     workers = os.cpu_count() or 1
 
-    _stage(t0, "corpus: embedded default sources")
-    build_corpus(root / "corpus", ["default"], workers=workers, max_mb=corpus_mb)
-    _stage(t0, "tokenizer")
-    train_tokenizer(root / "corpus", vocab_size, root / "tokenizer")
-    _stage(t0, "shards")
-    tokenize_corpus(root / "corpus", root / "tokenizer", root / "shards", workers=workers)
-    _stage(t0, f"pre-training: depth {depth}, {minutes:g} minutes (a finished run is reused; --retrain)")
-    summary = _pretrain(root, depth, minutes, force_train, gpu)
+    ranks.stage(t0, "corpus: embedded default sources")
+    ranks.main(build_corpus, root / "corpus", ["default"], workers=workers, max_mb=corpus_mb)
+    ranks.stage(t0, "tokenizer")
+    ranks.main(train_tokenizer, root / "corpus", vocab_size, root / "tokenizer")
+    ranks.stage(t0, "shards")
+    ranks.main(tokenize_corpus, root / "corpus", root / "tokenizer", root / "shards", workers=workers)
+    ranks.stage(t0, f"pre-training: depth {depth}, {minutes:g} minutes"
+                    f"{f' on {ranks.d.world} ranks' if ranks.d.enabled else ''} (a finished run is reused; --retrain)")
+    summary = _pretrain(root, depth, minutes, force_train, gpu, ranks)
     stages: list[tuple[str, Path, dict]] = []
     final = root / "train" / "model"
     if sft:
-        _stage(t0, f"tasks: verified code tasks mined from the default sources (up to {tasks})")
-        mine_tasks(["default"], root / "tasks" / "tasks.jsonl", sft_out=root / "tasks" / "sft.jsonl",
+        ranks.stage(t0, f"tasks: verified code tasks mined from the default sources (up to {tasks})")
+        ranks.main(mine_tasks, ["default"], root / "tasks" / "tasks.jsonl", sft_out=root / "tasks" / "sft.jsonl",
                    max_tasks=tasks, workers=workers)
-        _stage(t0, f"SFT: {sft_minutes:g} minutes on the mined conversations")
+        ranks.stage(t0, f"SFT: {sft_minutes:g} minutes on the mined conversations")
         stages.append(("SFT", root / "sft", _sft(root, final, sft_minutes, gpu)))
         final = root / "sft" / "model"
     if rl:
-        _stage(t0, f"GRPO: {rl_minutes:g} minutes on the mined tasks' unit tests (shaped reward)")
-        stages.append(("GRPO", root / "rl", _rl(root, final, rl_minutes)))
+        ranks.stage(t0, f"GRPO: {rl_minutes:g} minutes on the mined tasks' unit tests (shaped reward)")
+        stages.append(("GRPO", root / "rl", _rl(root, final, rl_minutes, ranks.d.world)))
         final = root / "rl" / "model"
     if stages:
-        _stage(t0, f"evaluation: held-out mined tasks before / after each stage ({eval_tasks} tasks, greedy)")
-        _post_training_report(root, stages, eval_tasks)
-    _stage(t0, "report")
-    report = write_report(root / "train")
-    _print_results(summary, report, stages, root, final)
+        ranks.stage(t0, f"evaluation: held-out mined tasks before / after each stage ({eval_tasks} tasks, greedy)")
+        ranks.main(_post_training_report, root, stages, eval_tasks)
+    ranks.stage(t0, "report")
+    report = ranks.main(write_report, root / "train")
+    if ranks.is_main:
+        _print_results(summary, report, stages, root, final)
     return summary
 
 
