@@ -185,9 +185,14 @@ class RolloutObjective(Objective):
         if self._policy is None:
             return run.model
         if self._policy_step != run.state.step:
+            # tensor by tensor, so that no second full copy of the model is ever materialised
+            own = self._policy.state_dict()   # (shares the copy's storage: copy_ updates it)
+            sharded = run.model.state_dict()
+            if own.keys() != sharded.keys():
+                raise RuntimeError("the sampling copy no longer matches the model's parameters")
             with torch.no_grad():
-                full = {k: unshard(v) for k, v in run.model.state_dict().items()}
-                self._policy.load_state_dict(full, strict=True)
+                for k, v in sharded.items():
+                    own[k].copy_(unshard(v))
             self._policy_step = run.state.step
         return self._policy
 
