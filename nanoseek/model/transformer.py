@@ -55,9 +55,13 @@ class Block(nn.Module):
         self.hc_attn = HyperConnection(c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
         self.hc_ffn = HyperConnection(c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams: torch.Tensor, ctx: ForwardContext, cache=None) -> torch.Tensor:
-        *state, flat, w, idx = self.front(streams, ctx, cache)
-        return self.back(*state, flat, self.ffn.experts(flat, idx, w))
+    def forward(self, streams: torch.Tensor, ctx: ForwardContext, cache=None, *, halves=None) -> torch.Tensor:
+        """halves: (front, back) called as front(self, ...) / back(self, ...) -- the compiled halves
+        of compile_blocks, run inside this call so that module hooks (FSDP2's parameter gathering)
+        wrap them; None: self.front / self.back."""
+        front, back = halves or (_block_front, _block_back)
+        *state, flat, w, idx = front(self, streams, ctx, cache)
+        return back(self, *state, flat, self.ffn.experts(flat, idx, w))
 
     def forward_last(self, streams: torch.Tensor, ctx: ForwardContext, cache, keep: int) -> torch.Tensor:
         """forward() of a prefill chunk (`ctx.start` set) when only the output's last `keep` rows
@@ -101,10 +105,13 @@ class MTPBlock(Block):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hc_head = HyperHead(c.hidden_size, c.hc_mult, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext, cache=None):
-        """streams [B,S,n,d] (previous depth), next_embeds [B,S,d] -> (new streams, final hidden [B,S,d])."""
-        *state, flat, w, idx = self.front(streams, next_embeds, ctx, cache)
-        return self.back(*state, flat, self.ffn.experts(flat, idx, w))
+    def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext, cache=None, *,
+                halves=None):
+        """streams [B,S,n,d] (previous depth), next_embeds [B,S,d] -> (new streams, final hidden [B,S,d]);
+        halves: as Block.forward."""
+        front, back = halves or (_block_front, _block_back)
+        *state, flat, w, idx = front(self, streams, next_embeds, ctx, cache)
+        return back(self, *state, flat, self.ffn.experts(flat, idx, w))
 
     def front(self, streams, next_embeds, ctx: ForwardContext, cache=None):
         x = self.e_proj(self.enorm(next_embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
@@ -240,15 +247,16 @@ class Transformer(nn.Module):
         collect = ctx.collect_balance or ctx.collect_indexer
 
         def run(block, *args):
-            front, back = compiled(_block_front, block), compiled(_block_back, block)
+            halves = compiled(_block_front, block), compiled(_block_back_fresh, block)
             aux = None
             if collect:
                 # each compiled call gets an empty aux collector: dynamo guards on the lengths of
                 # lists a graph appends to, so a shared one would recompile for every layer
                 aux = AuxTerms()
                 args = tuple(dataclasses.replace(a, aux=aux) if a is ctx else a for a in args)
-            *state, flat, w, idx = front(block, *args)
-            out = back(block, *state, flat, block.ffn.experts(flat, idx, w))  # experts: eager
+            # through the module call, so its hooks (FSDP2 gathers the block's parameters) wrap the
+            # compiled front and back; the experts run eagerly between them (Block.forward)
+            out = block(*args, halves=halves)
             if aux is not None:
                 ctx.aux.balance += aux.balance
                 ctx.aux.indexer += aux.indexer
@@ -667,6 +675,15 @@ def _block_front(block: nn.Module, *args):
 
 def _block_back(block: nn.Module, *args):
     return block.back(*args)
+
+
+def _block_back_fresh(block: nn.Module, *args):
+    """_block_back as a compiled graph's entry, its streams output a tensor of its own. Traced, the
+    stream mix's batched product ends in a reshape, and an output that is a view of a graph
+    intermediate is returned as a view; FSDP2 warns for a module returning one (an in-place op
+    on it would bypass its pre-backward hook). Inductor writes the copy in the producing kernel."""
+    out = block.back(*args)
+    return (out[0].clone(), *out[1:]) if isinstance(out, tuple) else out.clone()
 
 
 def _decode_group(blocks: tuple, streams: torch.Tensor, ctx: ForwardContext, caches: tuple) -> torch.Tensor:

@@ -383,17 +383,14 @@ def _wrap(run: Run) -> None:
     the parameters by sharded DTensors)."""
     cfg, d, model = run.cfg, run.dist, run.model
     run.fsdp = cfg.fsdp and d.enabled
-    if cfg.compile and run.fsdp:
-        # the compiled block halves are called directly (Block.front / Block.back), bypassing the
-        # pre-forward hook through which FSDP2 gathers a block's sharded parameters
-        raise ValueError("--compile together with --fsdp is not supported (use DDP, or drop --compile)")
     unused = cfg.find_unused_parameters or cfg.mtp_weight == 0 or cfg.indexer_weight == 0
     run.module = parallelize(model, _ObjectiveModule(model, run.objective), d, fsdp=run.fsdp,
                              find_unused_parameters=unused)
     if cfg.compile:
         # regional compilation (torchtitan-style, per block): one compiled function for all
         # blocks, so compile time scales with the number of block kinds, not with depth; the
-        # MoE grouped expert pass stays eager (data-dependent shapes). See docs/model.md.
+        # MoE grouped expert pass stays eager (data-dependent shapes). See docs/model.md. Under
+        # FSDP2 the compiled halves run inside each block's call, after its parameters are gathered.
         model.compile_blocks(backend="inductor" if cfg.compile is True else str(cfg.compile))
     run.opt = build_optimizer(model, OptimConfig(lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay,
                                                        ns_dtype=cfg.muon_ns_dtype))

@@ -216,9 +216,29 @@ def single_process_run(train_data, tmp_path_factory):
     return records(run)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, single_process_run):
+@pytest.fixture(scope="module")
+def single_process_run_pytorch_sinkhorn(train_data, tmp_path_factory):
+    """single_process_run with the C kernels off: what a compiled run is compared with (its graphs
+    run PyTorch's Sinkhorn; see test_compiled_training_follows_the_eager_run)."""
+    n, was = torch.get_num_threads(), cpu_kernels.enabled
+    torch.set_num_threads(1)
+    cpu_kernels.enabled = False
+    try:
+        run = tmp_path_factory.mktemp("single_pytorch")
+        train(tiny_cfg(train_data, run, max_steps=4, batch_tokens=256, muon_ns_dtype="float32"))
+    finally:
+        torch.set_num_threads(n)
+        cpu_kernels.enabled = was
+    return records(run)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-compile"])
+def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, request):
+    """2 processes follow one. fsdp-compile: FSDP2 with the regional compile (aot_eager), whose
+    compiled block halves run inside each block's call, after FSDP has gathered its parameters."""
     shards, _ = train_data
+    single_process_run = request.getfixturevalue("single_process_run_pytorch_sinkhorn" if mode == "fsdp-compile"
+                                                 else "single_process_run")
     common = ["--shards", str(shards), "--model", "tiny", "--seq-len", "64", "--micro-batch", "2",
               "--batch-tokens", "256", "--steps", "4", "--lr", "3e-3", "--warmup-steps", "2",
               "--eval-every", "0", "--peak-tflops", "1", "--no-progress",
@@ -226,13 +246,18 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, single_pro
               # differences (sums in another order) past the tolerance within 4 steps
               "--muon-ns-dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    port = "29517" if mode == "ddp" else "29518"
+    port = {"ddp": "29517", "fsdp": "29518", "fsdp-compile": "29519"}[mode]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            "-m", "nanoseek.cli", "train", "--out", str(tmp_path / "ddp"), *common]
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         cmd.append("--fsdp")                              # parameters/grads/optimizer state sharded
+    if mode == "fsdp-compile":
+        cmd += ["--compile", "aot_eager"]
+        env["NANOSEEK_CPU_KERNELS"] = "0"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "returned a view tensor" not in r.stderr     # FSDP2's warning for a block output that is a view
+    assert "torch.compile of the model failed" not in r.stderr   # (the compiled halves ran; no eager fallback)
     # one process, same global batch: its 2 accumulation micro-steps read the two ranks' data shards
     rd, rs = records(tmp_path / "ddp"), single_process_run
     assert len(rd) == len(rs) == 4
