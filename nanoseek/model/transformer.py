@@ -247,7 +247,9 @@ class Transformer(nn.Module):
         collect = ctx.collect_balance or ctx.collect_indexer
 
         def run(block, *args):
-            halves = compiled(_block_front, block), compiled(_block_back_fresh, block)
+            # (a block with hooks -- FSDP2's -- gets its streams back as a tensor of its own)
+            hooked = bool(block._forward_pre_hooks or block._forward_hooks)
+            halves = compiled(_block_front, block), compiled(_block_back_fresh if hooked else _block_back, block)
             aux = None
             if collect:
                 # each compiled call gets an empty aux collector: dynamo guards on the lengths of
@@ -681,7 +683,7 @@ def _block_back_fresh(block: nn.Module, *args):
     """_block_back as a compiled graph's entry, its streams output a tensor of its own. Traced, the
     stream mix's batched product ends in a reshape, and an output that is a view of a graph
     intermediate is returned as a view; FSDP2 warns for a module returning one (an in-place op
-    on it would bypass its pre-backward hook). Inductor writes the copy in the producing kernel."""
+    on it would bypass its pre-backward hook). Used for blocks with hooks only."""
     out = block.back(*args)
     return (out[0].clone(), *out[1:]) if isinstance(out, tuple) else out.clone()
 
