@@ -3,10 +3,26 @@ data pipeline (build -> tokenizer -> shards) once."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(args: list[str], cwd: Path, port: int, *, timeout: int = 300, **env: str):
+    """`torchrun --nproc-per-node 2 -m nanoseek.cli ARGS` with one thread per rank (extra
+    environment variables from **env); asserts that it succeeded and returns the process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "nanoseek.cli", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def _module(rng: random.Random, i: int) -> str:

@@ -6,11 +6,8 @@ FSDP) follow one."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,8 @@ from nanoseek.train.objectives import reverse_kl
 from nanoseek.train.rollouts import rollout_tensors, sample_rollouts
 from nanoseek.train.trainer import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import torchrun
+
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
 
 
@@ -184,17 +182,11 @@ def test_distill_torchrun_two_processes_match_one(models, tmp_path, mode):
     dc.prompts_per_step, dc.max_new_tokens, dc.eval_prompts = 4, 12, 4
     train(cfg, DistillObjective(dc))
     torch.set_num_threads(n)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29525" if mode == "ddp" else "29526", "-m", "nanoseek.cli", "distill", str(student),
-           "--teacher", str(teachers[0]), "--prompts", str(prompts), "--out", str(tmp_path / mode),
-           "--prompts-per-step", "4", "--max-new-tokens", "12", "--eval-prompts", "4", "--max-steps", "3",
-           "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32", "--peak-tflops", "1",
-           "--no-progress"]
-    if mode == "fsdp":
-        cmd.append("--fsdp")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(["distill", str(student), "--teacher", str(teachers[0]), "--prompts", str(prompts),
+              "--out", str(tmp_path / mode), "--prompts-per-step", "4", "--max-new-tokens", "12", "--eval-prompts", "4",
+              "--max-steps", "3", "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32",
+              "--peak-tflops", "1", "--no-progress", *(["--fsdp"] if mode == "fsdp" else [])],
+             tmp_path, 29525 if mode == "ddp" else 29526)
     rd, rs = records(tmp_path / mode), records(tmp_path / "single")
     assert len(rd) == len(rs) == 3
     for x, y in zip(rd, rs):

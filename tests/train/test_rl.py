@@ -5,10 +5,7 @@ end to end, resume is exact and 2-process DDP equals one process."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ from nanoseek.train.rl import RLConfig, RLObjective, rl_train_config
 from nanoseek.train.rollouts import rollout_tensors, sample_rollouts
 from nanoseek.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import torchrun
+
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
 REWARD = ("def share_a(task, completion):\n    return completion.count('a') / max(1, len(completion))\n\n\n"
           # constant on odd-numbered prompts: their groups have zero variance and leave the loss
@@ -175,19 +173,11 @@ def test_rl_torchrun_two_processes_match_one(setup, tmp_path, mode):
     rl.reward = reward
     single = train(cfg, RLObjective(rl))
     torch.set_num_threads(n)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29523" if mode == "ddp" else "29524",
-           "-m", "nanoseek.cli", "rl", str(base), "--tasks", str(prompts), "--reward", reward,
-           "--protocol", "completion", "--out", str(tmp_path / mode), "--group-size", "8",
-           "--prompts-per-step", "4", "--max-new-tokens", "16", "--overlong", "none", "--max-steps", "4",
-           "--updates-per-batch", "2", "--eval-samples", "4",
-           "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32", "--peak-tflops", "1",
-           "--no-progress"]
-    if mode == "fsdp":
-        cmd.append("--fsdp")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(["rl", str(base), "--tasks", str(prompts), "--reward", reward, "--protocol", "completion",
+              "--out", str(tmp_path / mode), "--group-size", "8", "--prompts-per-step", "4", "--max-new-tokens", "16",
+              "--overlong", "none", "--max-steps", "4", "--updates-per-batch", "2", "--eval-samples", "4",
+              "--lr", "1e-2", "--eval-every", "2", "--muon-ns-dtype", "float32", "--peak-tflops", "1", "--no-progress",
+              *(["--fsdp"] if mode == "fsdp" else [])], tmp_path, 29523 if mode == "ddp" else 29524)
     rd, rs = records(tmp_path / mode), records(tmp_path / "single")
     assert len(rd) == len(rs) == 4
     for x, y in zip(rd, rs):

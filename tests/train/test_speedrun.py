@@ -5,25 +5,19 @@ down, on 2 processes -- the file-building stages, the evaluation and the report 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from nanoseek import Transformer
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import torchrun
+
 STAGES = ("corpus", "tokenizer", "shards", "pre-training", "tasks", "SFT", "GRPO", "evaluation", "report")
 
 
 def test_speedrun_under_torchrun_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "sr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
-           "-m", "nanoseek.cli", "speedrun", "--out", str(out), "--minutes", "0.05", "--sft-minutes", "0.05",
-           "--rl-minutes", "0.05", "--max-mb", "3", "--vocab-size", "512", "--tasks", "12", "--eval-tasks", "1"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(["speedrun", "--out", str(out), "--minutes", "0.05", "--sft-minutes", "0.05", "--rl-minutes", "0.05",
+                  "--max-mb", "3", "--vocab-size", "512", "--tasks", "12", "--eval-tasks", "1"], tmp_path, 29527,
+                 timeout=600)
     heads = [ln for ln in r.stderr.splitlines() if ln.startswith("== ")]
     # every stage announced once, by rank 0, in order (the other rank waited for its file stages)
     assert [h[3:].split(":")[0].split(" ")[0] for h in heads] == list(STAGES), heads

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,8 @@ from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evaluate_bpb, train
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import torchrun
+
 
 
 def tiny_cfg(train_data, run_dir, **kw) -> TrainConfig:
@@ -245,17 +243,14 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, request):
               # fp32 Newton-Schulz: bf16's rounding would magnify the sharded/unsharded gradient
               # differences (sums in another order) past the tolerance within 4 steps
               "--muon-ns-dtype", "float32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    port = {"ddp": "29517", "fsdp": "29518", "fsdp-compile": "29519"}[mode]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-           "-m", "nanoseek.cli", "train", "--out", str(tmp_path / "ddp"), *common]
+    args = ["train", "--out", str(tmp_path / "ddp"), *common]
     if mode.startswith("fsdp"):
-        cmd.append("--fsdp")                              # parameters/grads/optimizer state sharded
+        args.append("--fsdp")                              # parameters/grads/optimizer state sharded
+    env = {}
     if mode == "fsdp-compile":
-        cmd += ["--compile", "aot_eager"]
+        args += ["--compile", "aot_eager"]
         env["NANOSEEK_CPU_KERNELS"] = "0"
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(args, tmp_path, {"ddp": 29517, "fsdp": 29518, "fsdp-compile": 29519}[mode], timeout=240, **env)
     assert "returned a view tensor" not in r.stderr     # FSDP2's warning for a block output that is a view
     assert "torch.compile of the model failed" not in r.stderr   # (the compiled halves ran; no eager fallback)
     # one process, same global batch: its 2 accumulation micro-steps read the two ranks' data shards
