@@ -249,8 +249,8 @@ class _RootCall(nn.Module):
         self.root = root
         self._model = [model]  # a list: not registered twice as a submodule
 
-    def forward(self, input_ids, cache=None, doc_ids=None):
-        return self.root(input_ids, cache=cache, doc_ids=doc_ids, _call="model")
+    def forward(self, input_ids, **kw):   # (cache, doc_ids, logits_to_keep, ...: the model's keywords)
+        return self.root(input_ids, _call="model", **kw)
 
     def new_cache(self, *args, **kw):
         return self._model[0].new_cache(*args, **kw)

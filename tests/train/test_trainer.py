@@ -20,7 +20,6 @@ from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evalua
 from .conftest import torchrun
 
 
-
 def tiny_cfg(train_data, run_dir, **kw) -> TrainConfig:
     shards, tok = train_data
     base = dict(run_dir=str(run_dir), shard_dir=str(shards), tokenizer_dir=None, model="tiny", depth=None,
