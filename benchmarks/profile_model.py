@@ -10,6 +10,12 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --switches --switch Experts.fused --processes 3    # whole runs per mode
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
     python benchmarks/profile_model.py --op-times --v4 --preset speedrun   # the same, the trainer's objective
+    python benchmarks/profile_model.py --by-module --v4 --preset speedrun  # the same step's time by module
+
+--by-module times the same step's aten ops (as --op-times) and adds them up by module: a
+forward op belongs to the innermost module running, a backward op to the module whose forward
+created the autograd node that runs it (ModuleTimer); layer indices are folded ("layers.L.attn"),
+so the rows are per kind of module, summed over the layers.
 
 "reference" switches every fast path off: attention as the op-by-op joint softmax
 (`Attention.use_sdpa = False`), mHC as plain autograd formulas (`HyperConnection.fused = False`,
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -107,16 +114,19 @@ class OpTimer(TorchDispatchMode):
         return out
 
 
-def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
-    """Print where one fast forward + loss + backward goes, op by op (see the module docstring);
-    `v4`: the trainer's whole V4 objective (CE + MTP + balance + indexer KL) instead of CE alone."""
-    timer = OpTimer()
+def _timed_steps(model, ids, bf16: bool, v4: bool, timer, after_forward=None) -> float:
+    """Warm-up steps, one plain step (its wall seconds are returned), one warm-up under `timer`,
+    then one step under it, whose ops are then in timer.stats. A step: forward + loss (the V4
+    objective with `v4`, else CE only) + backward, under bf16 autocast with `bf16`;
+    after_forward(loss) runs between forward and backward."""
     terms = {} if v4 else {"mtp_weight": 0.0, "indexer_weight": 0.0}
 
     def step():
         timer.phase = "forward"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model.loss(ids, **terms).loss
+        if after_forward is not None:
+            after_forward(loss)
         timer.phase = "backward"
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -131,10 +141,23 @@ def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
     timer.stats.clear()
     with timer:
         step()
+    return wall
+
+
+def _step_title(bf16: bool, v4: bool, ids: torch.Tensor, wall: float) -> str:
+    return (f"{'bf16 autocast' if bf16 else 'fp32'} step ({'V4 objective' if v4 else 'CE only'}), "
+            f"batch {tuple(ids.shape)}: {wall * 1e3:.0f} ms plain")
+
+
+def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
+    """Print where one fast forward + loss + backward goes, op by op (see the module docstring);
+    `v4`: the trainer's whole V4 objective (CE + MTP + balance + indexer KL) instead of CE alone."""
+    timer = OpTimer()
+    wall = _timed_steps(model, ids, bf16, v4, timer)
     total = sum(v[0] for v in timer.stats.values())
     n = sum(v[1] for v in timer.stats.values())
     small = [v for v in timer.stats.values() if v[0] / v[1] < 30e-6]
-    print(f"{'bf16 autocast' if bf16 else 'fp32'} step ({'V4 objective' if v4 else 'CE only'}), batch {tuple(ids.shape)}: {wall * 1e3:.0f} ms plain; "
+    print(f"{_step_title(bf16, v4, ids, wall)}; "
           f"{n} aten ops timed, {total * 1e3:.0f} ms in all; {sum(v[1] for v in small)} ops under 30 us "
           f"take {sum(v[0] for v in small) * 1e3:.0f} ms\n")
     by_op: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
@@ -148,6 +171,96 @@ def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
     lines = ["| phase | op | inputs | dtypes | ms | calls |", "|---|---|---|---|---|---|"]
     for (phase, op, shapes, dtypes), (dt, c) in sorted(timer.stats.items(), key=lambda kv: -kv[1][0])[:2 * rows]:
         lines.append(f"| {phase} | `{op}` | {shapes} | {dtypes} | {dt * 1e3:.1f} | {c} |")
+    print("\n".join(lines))
+
+
+OUTSIDE = "(outside modules)"
+
+
+class ModuleTimer(TorchDispatchMode):
+    """Wall time of every aten op dispatched under it, keyed (phase, module). A forward op
+    belongs to the innermost module running; a backward op to the module whose forward created
+    the autograd node that runs it: when a module's call returns, the nodes created during the
+    call (autograd's sequence numbers) that no inner module claimed are tagged with its name.
+    Module names keep their path with layer indices folded ("layers.L.attn"), so repeated
+    blocks add up; ops outside every module (the head's loss) are OUTSIDE."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.phase, self.handles = model, "forward", []
+        self.stats: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
+        self.stack: list[tuple[str, int]] = [(OUTSIDE, 0)]
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            if m is not self.model:
+                label = ".".join("L" if part.isdigit() else part for part in name.split("."))
+                self.handles.append(m.register_forward_pre_hook(lambda mod, args, label=label: self.stack.append(
+                    (label, torch._C._autograd._get_sequence_nr()))))
+                self.handles.append(m.register_forward_hook(lambda mod, args, out: self.claim(out, *self.stack.pop())))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def claim(out, label: str, first: int) -> None:
+        """Tag the autograd nodes behind `out` created since sequence number `first`."""
+        todo = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+        seen = set()
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen or node._sequence_nr() < first:
+                continue
+            seen.add(id(node))
+            node.metadata.setdefault("module", label)
+            todo += [nxt for nxt, _ in node.next_functions]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = time.perf_counter() - t
+        if self.phase == "forward":
+            where = self.stack[-1][0]
+        else:
+            node = torch._C._current_autograd_node()
+            where = node.metadata.get("module", OUTSIDE) if node is not None else OUTSIDE
+        self.stats[(self.phase, where)][0] += dt
+        self.stats[(self.phase, where)][1] += 1
+        return out
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors in a module's output (a tensor, a tuple / list / dict of them, a dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = vars(out)
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def by_module(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
+    """Print where one fast forward + loss + backward goes, by module (ModuleTimer)."""
+    timer = ModuleTimer(model)
+    wall = _timed_steps(model, ids, bf16, v4, timer, after_forward=lambda loss: timer.claim(loss, OUTSIDE, 0))
+    per: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, 0.0, 0])
+    for (phase, where), (dt, c) in timer.stats.items():
+        row = per[where]
+        row[0 if phase == "forward" else 2] += dt
+        row[1 if phase == "forward" else 3] += c
+    total = sum(r[0] + r[2] for r in per.values())
+    print(f"{_step_title(bf16, v4, ids, wall)}; {total * 1e3:.0f} ms of aten ops timed, by module "
+          "(backward: the module whose forward made the autograd node)\n")
+    lines = ["| module | forward ms | ops | backward ms | ops | share |", "|---|---|---|---|---|---|"]
+    for where, (f, fc, b, bc) in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][2]))[:rows]:
+        lines.append(f"| `{where}` | {f * 1e3:.1f} | {fc} | {b * 1e3:.1f} | {bc} | {(f + b) / total:.1%} |")
     print("\n".join(lines))
 
 
@@ -266,19 +379,24 @@ def main() -> None:
     ap.add_argument("--switches", action="store_true", help="time each fast-path switch off vs on instead")
     ap.add_argument("--op-times", action="store_true",
                     help="instead: every aten op of a fast step timed (dispatch mode), by op and by shape")
-    ap.add_argument("--bf16", action="store_true", help="with --op-times or --switches: steps under bf16 autocast")
+    ap.add_argument("--by-module", action="store_true",
+                    help="instead: the same step's aten time by module (forward: the module running; backward: "
+                         "the module whose forward made the autograd node)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="with --op-times, --by-module or --switches: steps under bf16 autocast")
     ap.add_argument("--switch", action="append", choices=list(SWITCHES), default=None,
                     help="with --switches: only this switch (repeatable)")
     ap.add_argument("--processes", type=int, default=0, metavar="PAIRS",
                     help="with --switches: each mode in processes of its own, PAIRS alternating pairs")
     ap.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)   # (a --processes child: NAME=0|1)
-    ap.add_argument("--v4", action="store_true", help="with --op-times: the whole V4 objective (what the trainer runs)")
+    ap.add_argument("--v4", action="store_true",
+                    help="with --op-times or --by-module: the whole V4 objective (what the trainer runs)")
     args = ap.parse_args()
     for name in ("batch", "seq", "reps", "rows"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.bf16 and not (args.op_times or args.switches or args.one_mode):
-        ap.error("--bf16 applies to --op-times and --switches only (the profiler tables time fp32 steps)")
+    if args.bf16 and not (args.op_times or args.by_module or args.switches or args.one_mode):
+        ap.error("--bf16 applies to --op-times, --by-module and --switches only (the profiler tables time fp32 steps)")
     if args.processes < 0 or (args.processes and not args.switches):
         ap.error("--processes takes a number of pairs >= 1, with --switches")
     if args.preset == "speedrun" and args.seq == 512:   # (the speedrun's own sequence length)
@@ -298,6 +416,9 @@ def main() -> None:
         return
     if args.op_times:
         op_times(model.train(), ids, args.bf16, args.rows, args.v4)
+        return
+    if args.by_module:
+        by_module(model.train(), ids, args.bf16, args.rows, args.v4)
         return
     steps = {mode: train_step(model, ids, mode == "fast") for mode in ("reference", "fast")}
     times: dict[str, list[float]] = {m: [] for m in steps}

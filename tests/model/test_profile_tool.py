@@ -90,3 +90,53 @@ def test_process_ab_runs_each_mode_in_a_process_of_its_own(capsys):
     assert name == "Experts.fused" and rest[0] == "off" and rest[3] == "on" and rest[6].endswith("x")
     assert float(rest[1]) > 0 and float(rest[4]) > 0
     assert moe.Experts.fused is True
+
+
+def test_module_timer_puts_each_product_in_the_module_that_made_it():
+    # a -> b -> c, bias-free linears: forward 1 product each; backward a weight gradient each and
+    # an input gradient for b and c (a's input needs none) -- by the layer structure alone
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Linear(16, 16, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    tool = _tool()
+    timer = tool.ModuleTimer(net)
+    with timer:
+        loss = net(torch.randn(4, 16)).square().sum()
+        timer.claim(loss, tool.OUTSIDE, 0)
+        timer.phase = "backward"
+        loss.backward()
+    ops = {k: v[1] for k, v in timer.stats.items()}
+    fwd = {k[1]: n for k, n in ops.items() if k[0] == "forward"}
+    assert fwd.keys() == {"a", "b", "c", tool.OUTSIDE}         # OUTSIDE: the loss's square and sum
+    assert fwd["a"] == fwd["b"] == fwd["c"]                    # one product (and its transpose) each
+    back = {k[1]: n for k, n in ops.items() if k[0] == "backward"}
+    assert back.keys() == {"a", "b", "c", tool.OUTSIDE}
+    assert back["a"] < back["b"] == back["c"]                  # a has no input gradient to compute
+    assert not timer.handles                                    # the hooks are gone after the mode
+
+
+def test_by_module_report_on_a_tiny_model(capsys, tiny_config):
+    from nanoseek import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).train()
+    _tool().by_module(model, torch.randint(0, tiny_config.vocab_size, (2, 32)), bf16=False, rows=100, v4=True)
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = (float(cells[1]), float(cells[3]))
+    assert {"layers.L.attn", "layers.L.ffn.experts", "mtp.L.attn", "hc_head", "(outside modules)"} <= rows.keys()
+    names = {".".join("L" if p.isdigit() else p for p in n.split(".")) for n, _ in model.named_modules()}
+    assert set(rows) - {"(outside modules)"} <= names
+    backward = sum(b for _, b in rows.values())
+    assert rows["(outside modules)"][1] < 0.5 * backward       # most backward time lands in the modules
+    assert all(p.grad is None for p in model.parameters())
