@@ -90,9 +90,10 @@ def _pretrain(root: Path, depth: int, minutes: float, force: bool, gpu: bool, ra
         ranks.main(shutil.rmtree, run_dir / "checkpoints")
     # CPU: 4K tokens per step gives ~100+ optimizer steps in 10 minutes (split over the ranks
     # where they divide it; else one micro-batch per rank and step)
-    per_step = 4 * 256 * ranks.d.world
+    seq_len, rows = (1024, 16) if gpu else (256, 4)
+    per_step = rows * seq_len * ranks.d.world
     cfg = TrainConfig(run_dir=str(run_dir), shard_dir=str(root / "shards"), tokenizer_dir=str(root / "tokenizer"),
-                      depth=depth, seq_len=1024 if gpu else 256, micro_batch=16 if gpu else 4,
+                      depth=depth, seq_len=seq_len, micro_batch=rows,
                       batch_tokens=None if gpu or 4096 % per_step else 4096,
                       minutes=minutes, eval_every=25, eval_tokens=32768 if not gpu else 1 << 20,
                       sample_prompts=[SAMPLE_PROMPT], sample_tokens=64, ckpt_every=50, keep_last=2,
@@ -215,7 +216,7 @@ def speedrun(out: str | os.PathLike = "runs/speedrun", minutes: float = 10.0, de
     tasks = tasks or (2000 if gpu else 400)
     rl = rl and sft                      # GRPO starts from the SFT model
     root = Path(out)
-    ranks.main(root.mkdir, parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)   # (every rank: exist_ok makes it safe)
     t0 = time.perf_counter()
     workers = os.cpu_count() or 1
 
