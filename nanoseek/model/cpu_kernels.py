@@ -7,6 +7,7 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     dlogits = cpu_kernels.sinkhorn_backward(logits, grad, 20, 1e-6)
     y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L); fp32/64, bf16
     dgate, dup = cpu_kernels.swiglu_backward(gate, up, grad, 10.0)
+    lse, target = cpu_kernels.cross_entropy_rows(logits, labels, weight)   # logits -> d CE / d logits
     out = cpu_kernels.stream_mix(y, streams, post, comb)    # mHC's expand, [..., n, d] streams
     gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
     x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
@@ -26,6 +27,10 @@ their work on a CPU.
     gradients. In PyTorch each product is a pass over the 4x-wide streams (16 MiB per site of a
     `small` step; the expand's backward is five passes and two temporaries of that size); here
     one pass each way.
+  * the head's cross-entropy (model/loss.py, kernels/ce.h): per chunk of logits, the log-softmax,
+    the target logit and the gradient (softmax - one-hot) were nine passes over [512, 8192] (a
+    `small` chunk; with bf16 logits two of them casts). One call: each row read twice and its
+    gradient written once, over the logits.
 Each kernel splits its tokens (elements) across PyTorch's OpenMP threads, as PyTorch's own ops
 do, so that it scales with the cores; each token is computed whole by one thread, so the results
 do not depend on the thread count.
@@ -68,7 +73,7 @@ from .._runtime import cache_root, switched_off
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h")  # kernels.c includes the others
+_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h", "ce.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 
@@ -166,6 +171,9 @@ def _library() -> ctypes.CDLL | None:
                        ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int])):
         fn = getattr(lib, f"{name}_bf16")
         fn.argtypes, fn.restype = args, None
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"ce_rows_{suffix}")
+        fn.argtypes, fn.restype = [ptr] * 5 + [long, long, ctypes.c_int, ptr, long], None
     return lib
 
 
@@ -338,3 +346,40 @@ def collapse_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.
     getattr(lib, f"collapse_backward_{_SUFFIX[x.dtype]}")(w.data_ptr(), x.data_ptr(), g.data_ptr(), c.data_ptr(),
                                                           gx.data_ptr(), tokens, n, d)
     return gx
+
+
+_CE_DTYPES = {**_REAL, torch.bfloat16: ctypes.c_float}   # logits: fp32 / fp64, or bf16 (fp32 arithmetic)
+
+
+def ce_applies(logits: torch.Tensor) -> bool:
+    """Whether `cross_entropy_rows` can run on these logits ([rows, V], CPU, fp32/fp64/bf16) in
+    eager mode."""
+    return (logits.device.type == "cpu" and logits.dtype in _CE_DTYPES and logits.dim() == 2
+            and logits.shape[1] > 0 and not torch.compiler.is_compiling() and available())
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                       grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logits [rows, V]: (log-sum-exp [rows], logit of the label [rows]), both in fp32
+    (fp64 for fp64 logits); with `grad`, logits is overwritten in place by (softmax - one-hot(label))
+    * weight, the gradient of each row's cross-entropy times its weight, in the logits' dtype.
+    labels [rows] int64 in [0, V) (checked), weight [rows] (0 for ignored rows). No autograd:
+    loss._LinearCrossEntropy is the caller; needs ce_applies(logits) and a contiguous tensor."""
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(f"cross_entropy_rows: needs contiguous [rows, V] logits, got {tuple(logits.shape)}")
+    rows, v = logits.shape
+    lib = _checked("cross_entropy_rows", logits, dtypes=_CE_DTYPES)
+    real = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lab = labels.detach().to(torch.int64).contiguous()
+    w = weight.detach().to(real).contiguous()
+    if lab.shape != (rows,) or w.shape != (rows,) or lab.device != logits.device or w.device != logits.device:
+        raise ValueError(f"cross_entropy_rows: needs labels and weight of shape ({rows},) on the CPU, got "
+                         f"{tuple(lab.shape)} on {lab.device} and {tuple(w.shape)} on {w.device}")
+    if rows and (int(lab.min()) < 0 or int(lab.max()) >= v):   # the C code indexes each row by its label
+        raise IndexError(f"cross_entropy_rows: labels must be in [0, {v}), got [{int(lab.min())}, {int(lab.max())}]")
+    lse, target = logits.new_empty(rows, dtype=real), logits.new_empty(rows, dtype=real)
+    threads = max(1, torch.get_num_threads())
+    work = torch.empty(threads * v, dtype=real)   # one row buffer per thread
+    getattr(lib, f"ce_rows_{_SUFFIX[logits.dtype]}")(logits.data_ptr(), lab.data_ptr(), w.data_ptr(), lse.data_ptr(),
+                                                     target.data_ptr(), rows, v, int(grad), work.data_ptr(), threads)
+    return lse, target

@@ -193,10 +193,19 @@ def test_direct_calls_check_what_the_c_code_reads(kernels):
            lambda: cpu_kernels.sinkhorn(x.bfloat16(), 20, 1e-6),
            lambda: cpu_kernels.swiglu(torch.randn(4, 8), torch.randn(4, 1), 10.0),
            lambda: cpu_kernels.swiglu(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), 10.0),
-           lambda: cpu_kernels.swiglu_backward(torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), 10.0)]
+           lambda: cpu_kernels.swiglu_backward(torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), 10.0),
+           lambda: cpu_kernels.cross_entropy_rows(torch.randn(4, 8).half(), torch.zeros(4, dtype=torch.long),
+                                                  torch.ones(4)),
+           lambda: cpu_kernels.cross_entropy_rows(torch.randn(8, 4).t(), torch.zeros(4, dtype=torch.long),
+                                                  torch.ones(4)),
+           lambda: cpu_kernels.cross_entropy_rows(torch.randn(4, 8), torch.zeros(3, dtype=torch.long), torch.ones(4)),
+           lambda: cpu_kernels.cross_entropy_rows(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.ones(5))]
     for call in bad:
         with pytest.raises(ValueError):
             call()
+    for labels in (torch.tensor([0, 1, 8, 2]), torch.tensor([0, -1, 3, 2])):   # each row is indexed by its label
+        with pytest.raises(IndexError, match=r"in \[0, 8\)"):
+            cpu_kernels.cross_entropy_rows(torch.randn(4, 8), labels, torch.ones(4))
     cpu_kernels.enabled = False
     with pytest.raises(RuntimeError, match="not available"):
         cpu_kernels.sinkhorn(x, 20, 1e-6)
@@ -380,15 +389,18 @@ def test_kernels_give_the_same_bits_at_any_thread_count(kernels):
     g = torch.randn_like(x)
     logits, lg = torch.randn(1003, 4, 4), torch.randn(1003, 4, 4)
     gate, up = torch.randn(397, 211), torch.randn(397, 211)
+    head, labels = torch.randn(37, 1001), torch.randint(0, 1001, (37,))
     threads = torch.get_num_threads()
     outs = []
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
+            ce_grad = head.clone()
             outs.append((cpu_kernels.stream_mix(y, x, post, comb), *cpu_kernels.stream_mix_backward(y, x, post, comb, g),
                          cpu_kernels.weighted_sum(w, x), cpu_kernels.sinkhorn(logits, 20, 1e-6),
                          cpu_kernels.sinkhorn_backward(logits, lg, 20, 1e-6), cpu_kernels.swiglu(gate, up, 10.0),
-                         *cpu_kernels.swiglu_backward(gate, up, gate, 10.0)))
+                         *cpu_kernels.swiglu_backward(gate, up, gate, 10.0),
+                         *cpu_kernels.cross_entropy_rows(ce_grad, labels, torch.ones(37)), ce_grad))
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:
@@ -523,3 +535,46 @@ def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeyp
     assert seen[-1] == "_WeightedSumBackward"
     for h in hooks:
         h.remove()
+
+
+def _ce_reference(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
+    """(lse, target logit, (softmax - one-hot) * weight) in float64, from the logits as stored."""
+    x = logits.double()
+    onehot = torch.nn.functional.one_hot(labels, x.shape[1]).double()
+    grad = (torch.softmax(x, -1) - onehot) * weight.double().unsqueeze(1)
+    return torch.logsumexp(x, -1), x.gather(1, labels.unsqueeze(1)).squeeze(1), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(37, 1001), (1, 16), (5, 4099)])
+def test_cross_entropy_kernel_equals_float64_formula(kernels, dtype, rows, vocab):
+    """lse and the target logit to the arithmetic's rounding; the gradient (written over the
+    logits) to that, then one rounding to the logits' dtype (bf16: half an ulp of 2^-8)."""
+    torch.manual_seed(rows)
+    logits = (torch.randn(rows, vocab, dtype=torch.float64) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (rows,))
+    weight = (torch.rand(rows) > 0.3).float()
+    ref_lse, ref_target, ref_grad = _ce_reference(logits, labels, weight)
+    out = logits.clone()
+    lse, target = cpu_kernels.cross_entropy_rows(out, labels, weight)
+    assert lse.dtype == target.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+    assert torch.equal(target.double(), ref_target)   # read, not computed
+    grad_tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2.0**-9 + 1e-6}[dtype]   # fp32: ~8 ulp of 1
+    assert (out.double() - ref_grad).abs().max() <= grad_tol * max(1.0, ref_grad.abs().max())
+    assert not out[weight == 0].any()                 # ignored rows: zero gradient
+    untouched = logits.clone()
+    cpu_kernels.cross_entropy_rows(untouched, labels, weight, grad=False)
+    assert torch.equal(untouched, logits)             # grad=False reads only
+
+
+def test_cross_entropy_kernel_keeps_nan_in_its_row(kernels):
+    """A NaN logit (a diverged step) makes that row's lse and gradient NaN, as F.cross_entropy's
+    would be, and leaves the other rows alone."""
+    logits = torch.randn(3, 40)
+    logits[1, 7] = float("nan")
+    labels = torch.tensor([0, 1, 2])
+    lse, _ = cpu_kernels.cross_entropy_rows(logits, labels, torch.ones(3))
+    assert torch.isnan(lse[1]) and torch.isnan(logits[1]).all()
+    assert torch.isfinite(lse[[0, 2]]).all() and torch.isfinite(logits[[0, 2]]).all()

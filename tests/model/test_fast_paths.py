@@ -311,6 +311,37 @@ def test_linear_cross_entropy_equals_torch(monkeypatch):
         torch.testing.assert_close(linear_cross_entropy(h, w, labels), ref.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_linear_cross_entropy_kernel_equals_pytorch_ops(monkeypatch, dtype):
+    """The head's per-chunk softmax / target / gradient as one C call (cpu_kernels.cross_entropy_rows)
+    against `_chunk`'s PyTorch ops: the loss and both gradients, with ignored rows and a partial
+    last chunk; fp32 and bf16 logits take the kernel, fp64 (rounded to fp32 like the others) not."""
+    from nanoseek.model import loss
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
+    monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 1 << 16)
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(300, 32, dtype=dtype) * 2, torch.randn(1000, 32, dtype=dtype)
+    labels = torch.randint(0, 1000, (300,))
+    labels[::7] = -100
+    calls = []
+    real = cpu_kernels.cross_entropy_rows
+    monkeypatch.setattr(cpu_kernels, "cross_entropy_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(cpu_kernels, "enabled", on)
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = linear_cross_entropy(h, w, labels)
+        (out * 2.5).backward()
+        results.append((out, h.grad, w.grad))
+    assert len(calls) == (0 if dtype == torch.float64 else 5)   # five chunks, all in the kernel
+    (ref, gh_ref, gw_ref), (ours, gh, gw) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, gh_ref, **tol)
+    torch.testing.assert_close(gw, gw_ref, **tol)
+
+
 def test_model_loss_fused_head_equals_logits_path():
     torch.manual_seed(0)
     model = Transformer(_tiny()).double()

@@ -1,6 +1,6 @@
 /* nanoseek's C kernels for the eager CPU paths, one translation unit: each kernel body
- * (sinkhorn.h, swiglu.h, mhc.h; what they compute and why, at their top) is instantiated for
- * float32 (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
+ * (sinkhorn.h, swiglu.h, mhc.h, ce.h; what they compute and why, at their top) is instantiated
+ * for float32 (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
  * cc -O3 -march=native -fno-trapping-math -fopenmp -shared (OpenMP where the compiler has it)
  * and loaded with ctypes by nanoseek/model/cpu_kernels.py. */
 
@@ -29,6 +29,7 @@
 #include "sinkhorn.h"
 #include "swiglu.h"
 #include "mhc.h"
+#include "ce.h"
 #undef REAL
 #undef NAME
 #undef EXP
@@ -39,6 +40,7 @@
 #include "sinkhorn.h"
 #include "swiglu.h"
 #include "mhc.h"
+#include "ce.h"
 #undef REAL
 #undef NAME
 #undef EXP
@@ -46,7 +48,8 @@
 #undef LOAD
 #undef STORE
 
-/* bfloat16 tensors (autocast's expert activations), float arithmetic: SwiGLU only */
+/* bfloat16 tensors (autocast's expert activations and head logits), float arithmetic: SwiGLU and
+ * the cross-entropy rows only */
 #define STORE_T uint16_t
 #define LOAD(x) bf16_to_f32(x)
 #define STORE(x) f32_to_bf16(x)
@@ -54,6 +57,7 @@
 #define NAME(f) f##_bf16
 #define EXP exp_f32
 #include "swiglu.h"
+#include "ce.h"
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }
