@@ -290,8 +290,10 @@ class Attention(nn.Module):
     # each key block: forward + backward of a `small` CSA layer's call 61 ms (fp32, per head) ->
     # 40 ms (bf16, folded; 74 ms bf16 per head). The price is the mask, whose rows repeat per
     # head: the blocks go through the kernel in slices whose repeated mask stays under
-    # FOLD_MASK_BYTES. fp32, decode steps (one query per block) and GPUs keep the per-head
-    # layout (`enable_gqa`).
+    # FOLD_MASK_BYTES. Since the mask is then per row anyway, it also carries the sink (see
+    # _FoldedSinkAttention), which keeps the head dim at D instead of D + 1 (a `small` CSA
+    # call's forward + backward 39.2 -> 35.3 ms). fp32, decode steps (one query per block) and
+    # GPUs keep the per-head layout (`enable_gqa`) and the sink channel.
     fold_heads = True
     FOLD_MASK_BYTES = 32 << 20
 
@@ -301,13 +303,6 @@ class Attention(nn.Module):
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
         dtype = q_blocks.dtype
-        sink = (fp32_or_wider(self.attn_sink) / scale).to(dtype)
-        if folded:  # q_blocks' rows are (query, head) ordered: one head of Bq*H rows as they come
-            sink = sink.repeat(bq).view(1, 1, bq * h, 1).expand(b, nb, bq * h, 1)
-            q = torch.cat([q_blocks, sink], dim=-1).flatten(0, 1).unsqueeze(1)  # [B*nb, 1, bq*H, D+1]
-        else:
-            q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
-            q = torch.cat([q, sink.view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)], dim=-1).flatten(0, 1)
         keys = [keys_t.transpose(-1, -2).to(dtype)]  # [B, nb, Kw, D]
         masks = [win_bias.expand(b, nb, bq, -1)]
         if comp is not None and comp.shape[1]:
@@ -315,26 +310,24 @@ class Attention(nn.Module):
             keys.append(comp.to(dtype).unsqueeze(1).expand(b, nb, n, d))
             pad = nb * bq - s  # padded query rows see every entry: their outputs are dropped
             masks.append((F.pad(comp_bias, (0, 0, 0, pad)) if pad else comp_bias).view(b, nb, bq, n))
+        if folded:  # q_blocks' rows are (query, head) ordered: one head of Bq*H rows as they come
+            kv = torch.cat(keys, dim=2).flatten(0, 1).unsqueeze(1)  # [B*nb, 1, K, D]
+            mask = torch.cat(masks, dim=-1).flatten(0, 1).to(dtype)  # [B*nb, bq, K]
+            k = mask.shape[-1] + 1
+            step = max(1, self.FOLD_MASK_BYTES // (bq * h * k * mask.element_size()))
+            out = _FoldedSinkAttention.apply(q_blocks.flatten(0, 1).unsqueeze(1), kv, mask,
+                                             fp32_or_wider(self.attn_sink), scale, step)
+            return out.reshape(b, nb * bq, h, d)[:, :s]
+        sink = (fp32_or_wider(self.attn_sink) / scale).to(dtype)
+        q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
+        q = torch.cat([q, sink.view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)], dim=-1).flatten(0, 1)
         sink_key = F.pad(q.new_ones(1, 1, 1, 1), (d, 0)).expand(b, nb, 1, d + 1)
         kv = torch.cat([F.pad(torch.cat(keys, dim=2), (0, 1)), sink_key], dim=2).flatten(0, 1).unsqueeze(1)
         masks.append(win_bias.new_zeros(1, 1, 1, 1).expand(b, nb, bq, 1))
         mask = torch.cat(masks, dim=-1).flatten(0, 1).unsqueeze(1).to(dtype)  # [B*nb, 1, bq, K]
-        if folded:
-            out = self._folded_attention(q, kv, mask, scale)  # [B*nb, 1, bq*H, D+1]
-            return out[..., :d].reshape(b, nb * bq, h, d)[:, :s]
         out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale, enable_gqa=True)
         out = out[..., :d].unflatten(0, (b, nb)).transpose(2, 3)  # [B, nb, bq, H, D]
         return out.reshape(b, nb * bq, h, d)[:, :s]
-
-    def _folded_attention(self, q, kv, mask, scale):
-        """The kernel over slices of query blocks, each block's mask rows repeated per head."""
-        n, _, bq, k = mask.shape
-        step = max(1, self.FOLD_MASK_BYTES // (bq * self.h * k * mask.element_size()))
-        outs = [F.scaled_dot_product_attention(q[i : i + step], kv[i : i + step], kv[i : i + step],
-                                               attn_mask=mask[i : i + step].repeat_interleave(self.h, dim=2),
-                                               scale=scale)
-                for i in range(0, n, step)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _logits(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """Scaled, masked logits of the window blocks [B,nb,bq,H,Kw] and of the compressed entries
@@ -371,6 +364,67 @@ class Attention(nn.Module):
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
         return out, p_c, raw_c
+
+
+def _flash(q, kv, mask, scale):
+    """PyTorch's CPU flash-attention kernel (K == V): (out, log-sum-exp of each row's scaled,
+    masked logits, fp32); the op F.scaled_dot_product_attention dispatches to on a CPU."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, attn_mask=mask, scale=scale)
+
+
+def _flash_backward(g, q, kv, out, lse, mask, scale):
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, kv, kv, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    return dq, dk + dv
+
+
+class _FoldedSinkAttention(torch.autograd.Function):
+    """The folded kernel call (Attention._sdpa) with the sink in the mask.
+
+        q [G, 1, Bq*H, D] (rows query-major, head-minor), kv [G, 1, K, D], mask [G, Bq, K]
+        (additive, q's dtype), sink [H] -> out [G, 1, Bq*H, D]
+
+    One zero key is appended to kv, and each row's mask gets one more entry, the row's head's
+    sink logit: the zero key's logit q.0 * scale + sink_h is exactly sink_h, and its value 0 only
+    adds to the denominator, which is the sink softmax. The kernel does not return a gradient for
+    the mask, so the sink's is formed here from what it returns: a logit s whose value is 0 has
+    d loss / d s = p_s * (g . (0 - out)) with p_s = exp(s - lse), summed over each head's rows.
+    The blocks run in slices of `step` (Attention.FOLD_MASK_BYTES), each slice's mask rows
+    repeated per head, as in the forward so in the backward (the masks are kept, as autograd
+    would keep them for F.scaled_dot_product_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, mask, sink, scale: float, step: int):
+        g_count, h = q.shape[0], sink.numel()
+        kv = torch.cat([kv, kv.new_zeros(g_count, 1, 1, kv.shape[-1])], dim=2)
+        sink_row = sink.to(q.dtype).view(1, 1, h, 1)  # (rounded as the kernel will read it)
+        outs, lses, masks = [], [], []
+        for i in range(0, g_count, step):
+            m = mask[i : i + step]
+            rows = m.unsqueeze(2).expand(-1, -1, h, -1)  # [g, Bq, H, K]
+            full = torch.cat([rows, sink_row.expand(m.shape[0], m.shape[1], h, 1)], dim=-1)
+            masks.append(full.flatten(1, 2).unsqueeze(1))  # [g, 1, Bq*H, K+1]
+            out, lse = _flash(q[i : i + step], kv[i : i + step], masks[-1], scale)
+            outs.append(out)
+            lses.append(lse)
+        out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+        ctx.save_for_backward(q, kv, out, lse, sink_row, *masks)
+        ctx.scale, ctx.step = scale, step
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, kv, out, lse, sink_row, *masks = ctx.saved_tensors
+        g = g.contiguous()
+        dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+        for j, i in enumerate(range(0, q.shape[0], ctx.step)):
+            sl = slice(i, i + ctx.step)
+            dq[sl], dkv[sl] = _flash_backward(g[sl], q[sl], kv[sl], out[sl], lse[sl], masks[j], ctx.scale)
+        h, wide = sink_row.numel(), lse.dtype  # (fp32, fp64 for fp64 inputs)
+        p_sink = torch.exp(sink_row.to(wide).view(1, 1, 1, h) - lse.view(*lse.shape[:2], -1, h))  # [G, 1, Bq, H]
+        dot = (g.to(wide) * out.to(wide)).sum(-1).view_as(p_sink)
+        d_sink = -(p_sink * dot).sum((0, 1, 2))
+        return dq, dkv[:, :, :-1], None, d_sink, None, None
 
 
 def _write_ring(cache: LayerCache, kv: torch.Tensor, start: int) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import cpu_kernels, gemv, moe, norm, rope
+from nanoseek.model import attention, cpu_kernels, gemv, moe, norm, rope
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
@@ -127,9 +127,10 @@ def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
     model = Transformer(_tiny())
     ids = torch.randint(0, model.config.vocab_size, (2, 70))
     seen = []
-    real = F.scaled_dot_product_attention
+    real, real_flash = F.scaled_dot_product_attention, attention._flash
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, *a, **k: seen.append((q.dtype, q.shape[1])) or real(q, *a, **k))
+    monkeypatch.setattr(attention, "_flash", lambda q, *a: seen.append((q.dtype, q.shape[1])) or real_flash(q, *a))
     ref_terms, ref = _loss_and_grads(model, ids)
     assert {dt for dt, _ in seen} == {torch.float32}
     errs = {}
