@@ -276,7 +276,7 @@ class Attention(nn.Module):
         # dtype). Unfolded, the bf16 kernel is slower than the fp32 one; folded fp32 measured
         # no faster than unfolded fp32 in whole steps (docs/model.md "Speed").
         dtype = fp32_or_wider(q_blocks).dtype
-        folded = (self.fold_heads and dev == "cpu" and q_blocks.shape[2] > self.h
+        folded = (self.fold_heads and _HAS_CPU_FLASH and dev == "cpu" and q_blocks.shape[2] > self.h
                   and torch.is_autocast_enabled(dev))
         if folded:
             dtype = torch.get_autocast_dtype(dev)
@@ -364,6 +364,11 @@ class Attention(nn.Module):
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
         return out, p_c, raw_c
+
+
+# the folded path calls PyTorch's CPU flash-attention ops directly (private, stable over the torch
+# range pyproject.toml allows); without them it is not taken and the per-head layout runs
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _flash(q, kv, mask, scale):
