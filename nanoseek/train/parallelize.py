@@ -1,7 +1,7 @@
 """Data parallelism for the trainer: torchrun's environment, DDP / FSDP2 wrapping, and the
 gathered save / load of sharded state. The model and the training loop know nothing of it.
 
-    torchrun --nproc-per-node 2 -m nanoseek.cli train ...          # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m nanoseek.cli train ...          # DDP (gloo on CPU, nccl + gloo on GPU)
     torchrun --nproc-per-node 2 -m nanoseek.cli train ... --fsdp   # FSDP2 fully_shard per block
 
     >>> d = setup_distributed("auto")                 # Dist(rank, world, local_rank, device)
@@ -40,7 +40,8 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto") -> Dist:
-    """Read torchrun's environment; init the process group (nccl on CUDA, gloo on CPU)."""
+    """Read torchrun's environment; init the process group (process_group_backend: nccl for CUDA
+    tensors, gloo for CPU ones)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,12 +54,19 @@ def setup_distributed(device: str = "auto") -> Dist:
         dev = torch.device(device)
     global _owned_group
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(process_group_backend(dev))
         _owned_group = True
     return Dist(rank, world, local, dev)
 
 
 _owned_group = False  # setup_distributed made the process group (not the caller)
+
+
+def process_group_backend(dev: torch.device) -> str:
+    """gloo on a CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones: the run's bookkeeping
+    collectives (the metrics' all-reduce, the time budget's max, rollout counts) reduce small
+    CPU tensors, which an NCCL-only group refuses."""
+    return "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
 
 
 def shutdown_distributed() -> None:

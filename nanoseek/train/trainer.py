@@ -500,6 +500,20 @@ def _phase(run: Run) -> dict:
     return {"step": st.step, "mtp_weight": cfg.mtp_weight_decay if in_decay else cfg.mtp_weight}
 
 
+def to_device(value, device: torch.device):
+    """A batch on the training device, tensors nested in dicts / lists / tuples included (an
+    objective's per-batch stats, which it returns among its terms: left on the CPU, a single-GPU
+    run's term meter would stack CUDA and CPU scalars; DDP moves nested inputs itself)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        moved = [to_device(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)  # (namedtuples)
+    return value
+
+
 def train_step(run: Run, micro_batches: list[dict], phase: dict) -> dict:
     """One optimizer step over this rank's micro-batches: forward/backward with accumulation,
     the routed-load all-reduce, clipping, the optimizer and the router-bias update.
@@ -508,7 +522,7 @@ def train_step(run: Run, micro_batches: list[dict], phase: dict) -> dict:
     cfg, d, model = run.cfg, run.dist, run.model
     meter = TermMeter()
     for k, batch in enumerate(micro_batches):
-        batch = {n: v.to(d.device) if isinstance(v, torch.Tensor) else v for n, v in batch.items()}
+        batch = to_device(batch, d.device)
         with no_sync(run.module, d, run.fsdp, last_micro_step=k == len(micro_batches) - 1):
             with run.autocast():
                 terms = run.module(batch, phase)

@@ -15,7 +15,8 @@ from nanoseek.model import cpu_kernels
 from nanoseek.model.moe import MoE
 from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree
 from nanoseek.train.objectives import PretrainObjective
-from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evaluate_bpb, train
+from nanoseek.train import parallelize
+from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evaluate_bpb, to_device, train
 
 from .conftest import torchrun
 
@@ -266,3 +267,35 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, request):
     Transformer.from_pretrained(ckpt)
     s = train(tiny_cfg(train_data, tmp_path / "ddp", max_steps=5, batch_tokens=256, resume=True))
     assert s["steps"] == 5 and [r["step"] for r in records(tmp_path / "ddp")] == [1, 2, 3, 4, 5]
+
+
+def test_batches_reach_the_device_with_their_nested_stats():
+    """RL / distillation batches carry per-batch stats (a dict of scalars) that the objective
+    returns among its terms: they must reach the device too, or a single-GPU run's term meter
+    stacks CUDA and CPU scalars (DDP moves nested inputs itself, a lone process does not)."""
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "stats": {"reward": torch.tensor(0.5)},
+             "rows": [torch.ones(1), (torch.ones(2), "tag")], "n": 3}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["input_ids"].is_meta and moved["stats"]["reward"].is_meta
+    assert moved["rows"][0].is_meta and moved["rows"][1][0].is_meta and moved["rows"][1][1] == "tag"
+    assert moved["n"] == 3 and isinstance(moved["rows"][1], tuple)
+
+
+def test_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
+    """Under torchrun on GPUs the run's bookkeeping collectives reduce small CPU tensors (the
+    metrics' all-reduce, the time budget's max, rollout counts), which an NCCL-only process group
+    refuses: the group is NCCL for CUDA tensors and gloo for CPU ones. (No GPU here: the init is
+    captured, not run.)"""
+    seen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(parallelize, "_owned_group", False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d = parallelize.setup_distributed("cuda")
+    assert d.device == torch.device("cuda", 1) and seen == ["cpu:gloo,cuda:nccl"]
+    parallelize.setup_distributed("cpu")
+    assert seen[-1] == "gloo"
+    monkeypatch.setattr(parallelize, "_owned_group", False)   # (nothing was made: nothing to tear down)
