@@ -332,7 +332,10 @@ def _order_tool_results(messages: list[dict[str, Any]]) -> None:
         if msg["role"] == "assistant" and msg.get("tool_calls"):
             order = {}
             for pos, call in enumerate(msg["tool_calls"]):
-                call_id = call.get("id") or (call.get("function") or {}).get("id") or ""
+                if not isinstance(call, dict):
+                    continue  # (a malformed call is refused with a ValueError when it is rendered)
+                fn = call.get("function")
+                call_id = call.get("id") or (fn.get("id") if isinstance(fn, dict) else None) or ""
                 if call_id:
                     order[call_id] = pos
         elif msg["role"] == "user" and order:
@@ -759,7 +762,8 @@ class ChatStreamSplitter:
 
     Thinking mode: text before </think> is reasoning. A DSML tool-call block (and the blank line
     before it) is held back (parse_completion reports it as tool_calls when the turn ends), as is
-    a trailing piece that could be the start of </think> or of the block. Whatever is held back
+    a trailing piece that could be the start of </think>, of the block or of an EOS spelled as
+    text, and a start of the turn that could be an echoed <think> still arriving. Whatever is held back
     is reconciled with parse_completion() at the end, so the streamed pieces add up to exactly
     what the non-streaming response returns."""
 
@@ -773,8 +777,14 @@ class ChatStreamSplitter:
         self.sent_content = ""
 
     def _view(self, text: str) -> tuple[str, str]:
+        # as parse_completion: nothing after an EOS the model spelled as text (and a trailing
+        # piece that could be its start is held back)
+        eos = text.find(EOS)
+        text = text[:eos] if eos >= 0 else _safe_prefix(text, EOS)
         reasoning, rest = "", text
         if self.mode == "thinking":
+            if THINK_START.startswith(text):  # an echoed opener may still be arriving
+                return "", ""
             body = text[len(THINK_START):] if text.startswith(THINK_START) else text
             close = body.find(THINK_END)
             if close < 0:

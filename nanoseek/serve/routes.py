@@ -256,13 +256,14 @@ async def completions(req: CompletionRequest, request: Request):
     st = server(request)
     check_common(st, req, req.model_dump())
     encoded = completion_prompts(st, req)
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    # (a default never exceeds the server's limit: only what the client asked for is refused)
+    max_tokens = min(16, st.cfg.max_tokens_limit) if req.max_tokens is None else req.max_tokens
     nlp = req.logprobs
     jobs = [(ids, sampling_params(st, req, max_tokens, nlp is not None, nlp or 0, k))
             for ids in encoded for k in range(req.n)]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": st.cfg.model_name}
-    prompt_tokens = sum(len(ids) for ids in encoded) * req.n
+    prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt once, whatever n (as OpenAI, vLLM)
     streams, release = submit_all(st, jobs)
     if req.stream:
         return completion_stream(st, req, head, prompt_tokens, streams, release)
@@ -357,19 +358,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     check_common(st, req, req.model_dump())
     ids = chat_prompt(st, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = st.cfg.default_max_tokens if max_tokens is None else max_tokens
+    max_tokens = min(st.cfg.default_max_tokens, st.cfg.max_tokens_limit) if max_tokens is None else max_tokens
     jobs = [(ids, sampling_params(st, req, max_tokens, req.logprobs, req.top_logprobs or 0, k)) for k in range(req.n)]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": st.cfg.model_name}
     streams, release = submit_all(st, jobs)
     if req.stream:
-        return chat_stream(st, req, head, len(ids) * req.n, streams, release)
+        return chat_stream(st, req, head, len(ids), streams, release)
     results = await collect_or_gone(request, st, streams, release)
     if results is None:
         return gone()
     choices = [chat_choice(st, req, i, ds) for i, ds in enumerate(results)]
     completion_tokens = sum(len(d.tokens) for ds in results for d in ds)
     return {**head, "object": "chat.completion", "choices": choices,
-            "usage": usage_of(st, len(ids) * req.n, completion_tokens, streams)}
+            "usage": usage_of(st, len(ids), completion_tokens, streams)}
 
 
 def chat_stream(st: ServerState, req: ChatCompletionRequest, head: dict, prompt_tokens: int, streams, release):

@@ -108,6 +108,23 @@ def test_chat_completion_plain_streaming_and_thinking(client, model_dir):
         assert content == want["content"] and reasoning == want["reasoning_content"]
 
 
+def test_defaults_stay_within_the_token_limit_and_usage_counts_the_prompt_once(client, model_dir):
+    """A request without max_tokens gets the server's default, capped at its --max-tokens-limit
+    (128 here, below the chat default of 256), not a 400; with n choices the prompt is counted
+    once (as OpenAI and vLLM count it), the completions all together."""
+    tok = model_dir[2]
+    messages = [{"role": "user", "content": "Write a long story."}]
+    ids = tok.encode(chat_format.encode_messages(messages), allow_special=True)
+    one = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=1.0, seed=5)
+    assert 0 < one.usage.completion_tokens <= 128
+    r = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=1.0, seed=5, n=2)
+    assert len(r.choices) == 2 and r.usage.prompt_tokens == len(ids)
+    assert one.usage.completion_tokens < r.usage.completion_tokens <= 2 * 128
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    c = client.completions.create(model=MODEL_NAME, prompt=["def f(", "import o"], max_tokens=3, n=2, seed=1)
+    assert len(c.choices) == 4 and c.usage.prompt_tokens == sum(len(tok.encode(p)) + 1 for p in ("def f(", "import o"))
+
+
 def test_chat_with_tools_encodes_dsml(client, model_dir, server):
     tools = [{"type": "function", "function": {"name": "run", "description": "run code",
                                                "parameters": {"type": "object", "properties": {}}}}]
@@ -166,6 +183,10 @@ def test_malformed_requests_get_json_errors(server, body, status, param):
         assert err["param"] == param
     got, payload = raw(server, "POST", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "wizard"}]})
     assert got == 400 and json.loads(payload)["error"]["param"] == "messages"
+    for calls in (["x"], [{"function": "f"}], [{"id": 3, "function": {"arguments": "{}"}}]):   # malformed tool calls
+        messages = [{"role": "assistant", "content": "", "tool_calls": calls}, {"role": "user", "content": "hi"}]
+        got, payload = raw(server, "POST", "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages})
+        assert got == 400 and json.loads(payload)["error"]["param"] == "messages", payload
     got, payload = raw(server, "GET", "/v1/nothing")
     assert got == 404 and "error" in json.loads(payload)
     assert raw(server, "GET", "/health", key=None)[0] == 200 and server["proc"].poll() is None

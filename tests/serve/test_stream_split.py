@@ -31,6 +31,10 @@ CALLS = [{"type": "function", "function": {"name": "run", "arguments": '{"code":
     ("thinking", "I should add.</think>The sum is 3."),
     ("thinking", "Use the tool.</think>Running:" + chat_format.render_tool_calls(CALLS)),
     ("thinking", "cut off while thinking <"),
+    ("thinking", "<think>plan</think>answer"),              # an echoed opener, arriving piece by piece
+    ("thinking", "<thi"),                                   # ... or cut off inside it
+    ("chat", "text" + chat_format.EOS + "after"),           # an EOS spelled as text ends the turn
+    ("thinking", "plan</think>ok" + chat_format.EOS[:3]),   # a cut-off start of one is kept at the end
 ])
 def test_stream_adds_up_to_parse(mode, text, step):
     want = chat_format.parse_completion(text, mode)
