@@ -11,7 +11,11 @@ the smallest set whose probability reaches `top_p` (nucleus sampling, Holtzman e
 `torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
 
 Reported log-probabilities are those of the model's distribution (log_softmax of the raw
-logits, temperature 1), as OpenAI's API reports them, not of the truncated sampling distribution.
+logits, temperature 1), as OpenAI's API reports them, not of the truncated sampling distribution;
+`logprobs_mode="sampled"` reports the distribution the token was drawn from instead (after
+temperature, top-k and top-p; 0 for a greedy pick), which is what an importance weight against
+the sampler needs (RL rollouts: train/rollouts.py). With the default sampling (temperature 1, no
+cut) the two are the same numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20
+LOGPROBS_MODES = ("model", "sampled")
 
 
 @dataclass
@@ -35,6 +40,7 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()  # needs a tokenizer; the output text is cut before the match
     logprobs: bool = False  # report the chosen token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives
+    logprobs_mode: str = "model"  # "model": the raw distribution; "sampled": the one drawn from (top)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -46,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
@@ -124,7 +132,13 @@ def token_logprobs(logits: torch.Tensor, token: int, params: SamplingParams, log
     """(logprob of `token`, [(id, logprob)] of the top alternatives) if the request asked for them."""
     if not params.logprobs:
         return None, None
-    lp = logprobs_row if logprobs_row is not None else torch.log_softmax(logits.float(), dim=-1)
+    if params.logprobs_mode == "sampled" and params.greedy:
+        lp = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+        lp[token] = 0.0  # (a point mass on the argmax)
+    elif params.logprobs_mode == "sampled" and (params.temperature != 1.0 or params.top_k or params.top_p < 1.0):
+        lp = torch.log_softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
+    else:
+        lp = logprobs_row if logprobs_row is not None else torch.log_softmax(logits.float(), dim=-1)
     top = None
     if params.top_logprobs:
         vals, ids = torch.topk(lp, params.top_logprobs)

@@ -101,7 +101,7 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], *, n: int = 1, m
     for i, (_, p) in enumerate(rows):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=_row_seed(seed, i), stop_token_ids=() if eos is None else (int(eos),),
-                                stop_strings=tuple(stop), logprobs=True)
+                                stop_strings=tuple(stop), logprobs=True, logprobs_mode="sampled")
         runner.add(Sequence(p, params, tokenizer=tokenizer,
                             on_delta=lambda s, d, i=i: finished(i, s) if d.finish_reason is not None else None))
     runner.run_to_completion()

@@ -90,6 +90,29 @@ def test_filter_logits():
     assert torch.allclose(filter_logits(x, 2.0), x / 2)
 
 
+def test_logprobs_modes():
+    """"model" (the default, OpenAI's meaning): the raw distribution; "sampled": the one the token
+    was drawn from -- after temperature and cuts, a point mass for a greedy pick, the raw one
+    again under the default sampling."""
+    from nanoseek.engine.sampling import SamplingParams, token_logprobs
+
+    x = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
+    raw = torch.log_softmax(x, -1)
+    for kw in (dict(temperature=0.5), dict(temperature=1.0, top_k=2), dict(temperature=1.0, top_p=0.9), {}):
+        model = token_logprobs(x, 2, SamplingParams(logprobs=True, **kw))[0]
+        sampled = token_logprobs(x, 2, SamplingParams(logprobs=True, logprobs_mode="sampled", **kw))[0]
+        assert model == pytest.approx(float(raw[2]))
+        if kw.get("temperature", 0.0) == 0.0:   # greedy: the argmax had probability 1
+            assert sampled == 0.0 and token_logprobs(x, 1, SamplingParams(logprobs=True, logprobs_mode="sampled"))[0] == 0.0
+        else:
+            want = torch.log_softmax(filter_logits(x, kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0)), -1)
+            assert sampled == pytest.approx(float(want[2])) and sampled != pytest.approx(model)
+    plain = SamplingParams(logprobs=True, temperature=1.0, logprobs_mode="sampled")
+    assert token_logprobs(x, 2, plain)[0] == pytest.approx(float(raw[2]), abs=0)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        SamplingParams(logprobs_mode="processed")
+
+
 def test_stop_token_ids(model):
     p = prompt(11, 6)
     full = generate(model, p, 12, stop_on_eos=False)

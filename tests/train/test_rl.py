@@ -93,6 +93,28 @@ def test_rollout_tensors_align_targets_and_sampler_logprobs(setup):
     assert [r.tokens for r in again] == [r.tokens for r in outs]
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.5), dict(temperature=1.3, top_k=5), dict(top_p=0.5)])
+def test_sampler_logprobs_are_of_the_distribution_sampled_from(setup, sampling):
+    """With a temperature or a cut, the importance weight against the sampler needs the log-prob of
+    the distribution each token was drawn from (log_softmax of the filtered logits / T), not the
+    model's raw one (what the OpenAI API reports)."""
+    from nanoseek.engine.loading import load_model_and_tokenizer
+    from nanoseek.engine.sampling import filter_logits
+
+    model, tok = load_model_and_tokenizer(setup[0])
+    outs = sample_rollouts(model, tok, [[tok.bos_id, 5, 6]], n=3, max_new_tokens=6, seed=2, **sampling)
+    b = rollout_tensors(outs, tok.pad_id)
+    args = (sampling.get("temperature", 1.0), sampling.get("top_k", 0), sampling.get("top_p", 1.0))
+    for i, r in enumerate(outs):
+        p, c = len(r.prompt), len(r.tokens)
+        with torch.no_grad():
+            logits = model(b["input_ids"][i:i + 1, :p - 1 + c]).float()[0, p - 1:]
+        want = [torch.log_softmax(filter_logits(row, *args), -1)[t] for row, t in zip(logits, r.tokens)]
+        raw = [torch.log_softmax(row, -1)[t] for row, t in zip(logits, r.tokens)]
+        torch.testing.assert_close(b["sampler_logprobs"][i, p - 1:p - 1 + c], torch.stack(want), atol=2e-4, rtol=0)
+        assert max(abs(float(a - w)) for a, w in zip(raw, want)) > 1e-2   # (the raw ones would differ)
+
+
 def test_rl_toy_reward_more_than_doubles_on_held_out_prompts(setup, tmp_path):
     base, prompts, _ = setup
     held = [json.loads(x)["prompt"] for x in (prompts.parent / "p.heldout.jsonl").read_text().splitlines()]
