@@ -4,7 +4,8 @@
 (training, scoring) or a DecodeCache; `start` is then the common start position of a
 multi-token chunk, or None for a one-token step with per-row positions. With `doc_ids`
 (uncached only), attention and compression stay inside each document and positions restart
-at every document's first token. The `collect_*` flags
+at every document's first token. `token_mask` marks the real tokens of padded rows (training).
+The `collect_*` flags
 ask blocks to record auxiliary training quantities into `aux`.
 """
 
@@ -33,6 +34,9 @@ class ForwardContext:
     positions: torch.Tensor
     input_ids: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None  # [B,S] document id per position (packed training rows)
+    # [B,S] bool, True at real tokens (None: every position): padding is left out of the routed
+    # experts' load (the aux-loss-free bias update) and of the sequence-wise balance loss
+    token_mask: torch.Tensor | None = None
     cache: DecodeCache | None = None
     start: int | None = 0
     dense_csa: bool = False  # indexer warm-up: CSA attends to every complete entry

@@ -345,11 +345,15 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(flat, ctx.input_ids)
         if self.training and not self.is_hash:
             # a scatter into the fixed-size counter (bincount's output size is data-dependent
-            # to torch.compile; counts are exact in fp32 either way)
+            # to torch.compile; counts are exact in fp32 either way); padding counts 0
             flat_idx = idx.reshape(-1)
-            self.load.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=self.load.dtype))
+            if ctx.token_mask is None:
+                count = torch.ones_like(flat_idx, dtype=self.load.dtype)
+            else:
+                count = ctx.token_mask.reshape(-1, 1).expand(-1, idx.shape[-1]).reshape(-1).to(self.load.dtype)
+            self.load.index_add_(0, flat_idx, count)
         if ctx.collect_balance and not self.is_hash:
-            ctx.aux.balance.append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
+            ctx.aux.balance.append(sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1), ctx.token_mask))
         return flat, w, idx
 
     def combine(self, x: torch.Tensor, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -367,16 +371,19 @@ class MoE(nn.Module):
         self.load.zero_()
 
 
-def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over the batch (the caller multiplies by alpha).
 
-    idx [B,S,k] selected experts, scores [B,S,E] affinities.
-    f_i = E/(k*S) * #tokens routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}."""
+    idx [B,S,k] selected experts, scores [B,S,E] affinities, token_mask [B,S] the real tokens
+    (None: all). Over the n real tokens of a sequence:
+    f_i = E/(k*n) * #tokens routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}."""
     b, s, k = idx.shape
     e = scores.shape[-1]
+    w = torch.ones(b, s, device=idx.device) if token_mask is None else token_mask.to(torch.float32)
+    n = w.sum(1, keepdim=True).clamp(min=1)
     counts = torch.zeros(b, e, device=idx.device, dtype=torch.float32).scatter_add_(
-        1, idx.reshape(b, -1), torch.ones(b, s * k, device=idx.device)
+        1, idx.reshape(b, -1), w.unsqueeze(-1).expand(b, s, k).reshape(b, -1)
     )
-    f = counts * (e / (k * s))
-    p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
+    f = counts * (e / (k * n))
+    p = ((scores / scores.sum(-1, keepdim=True)) * w.unsqueeze(-1)).sum(dim=1) / n
     return (f * p).sum(-1).mean()

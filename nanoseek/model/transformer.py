@@ -422,19 +422,22 @@ class Transformer(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, doc_ids: torch.Tensor | None = None,
              mtp_weight: float = 0.3, balance_alpha: float = 1e-4, indexer_weight: float = 1.0,
-             return_logits: bool = False, ignore_index: int = -100) -> LossTerms:
+             return_logits: bool = False, ignore_index: int = -100,
+             token_mask: torch.Tensor | None = None) -> LossTerms:
         """The training objective with every term reported separately.
 
         labels[b, t] is the target for position t (next token), `ignore_index` to skip; by default
         labels = input_ids shifted left. MTP depth k at position t predicts labels[b, t+k].
         The indexer KL is computed in every CSA layer (its gradient reaches only the indexer).
         `doc_ids` [B,S]: packed documents (per-document attention, compression and positions;
-        MTP targets that cross a document boundary are ignored)."""
+        MTP targets that cross a document boundary are ignored). `token_mask` [B,S] bool: the
+        real tokens of padded rows; padding stays out of the experts' load and balance loss (its
+        labels should be `ignore_index`)."""
         if labels is None:
             labels = F.pad(input_ids[:, 1:], (0, 1), value=ignore_index)
         want_idx = indexer_weight > 0 and any(l.attn.indexer is not None for l in self.layers)
         ctx = self._context(input_ids, None, doc_ids=doc_ids, collect_balance=balance_alpha > 0,
-                            collect_indexer=want_idx)
+                            collect_indexer=want_idx, token_mask=token_mask)
         streams = self.hidden_streams(input_ids, ctx)
         logits = None
         if return_logits:
@@ -474,10 +477,12 @@ class Transformer(nn.Module):
                 break
             nxt = self.embed(input_ids[:, k:])
             doc = ctx.doc_ids
+            mask = ctx.token_mask  # (position t of depth k reads tokens t and t + k)
             sub = ForwardContext(positions=ctx.positions[:, : s - k], input_ids=input_ids[:, k:], cache=None,
                                  start=0, dense_csa=ctx.dense_csa, collect_balance=ctx.collect_balance,
                                  collect_indexer=ctx.collect_indexer, aux=ctx.aux,
-                                 doc_ids=None if doc is None else doc[:, : s - k])
+                                 doc_ids=None if doc is None else doc[:, : s - k],
+                                 token_mask=None if mask is None else mask[:, : s - k] & mask[:, k:])
             streams, h = self._block_runner(sub)(block, streams[:, : s - k], nxt, sub)
             target = labels[:, k:]
             if doc is not None:  # the module at t must not predict across a document boundary

@@ -170,7 +170,7 @@ class DistillObjective(RolloutObjective):
 
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
         t = model.loss(batch["input_ids"], batch["labels"], mtp_weight=0.0, balance_alpha=self.balance_alpha,
-                       indexer_weight=self.indexer_weight, return_logits=True)
+                       indexer_weight=self.indexer_weight, return_logits=True, token_mask=batch.get("token_mask"))
         pos = batch["labels"] != -100
         # the tokenizer's ids only: a padded embedding table's extra rows mean nothing to a teacher
         student = t.logits[pos][None][..., : self.vocab]    # [1, N, V]

@@ -75,9 +75,10 @@ def model_loss_terms(model, batch: dict, phase: dict, balance_alpha: float, inde
     """Next-token CE on batch["labels"] (-100 = not a target) + MTP + balance + indexer KL,
     each reported separately (the pre-training loss; SFT is the same with masked labels)."""
     # doc_ids: packed documents attend and compress only within themselves (V4 report 3.5.3, 4.1)
+    # token_mask: padded rows (SFT) keep their padding out of the experts' load
     t = model.loss(batch["input_ids"], batch.get("labels"), doc_ids=batch.get("doc_ids"),
                    mtp_weight=phase.get("mtp_weight", 0.3) if mtp_weight is None else mtp_weight,
-                   balance_alpha=balance_alpha, indexer_weight=indexer_weight)
+                   balance_alpha=balance_alpha, indexer_weight=indexer_weight, token_mask=batch.get("token_mask"))
     out = {"loss": t.loss, "ce": t.ce.detach(), "mtp": t.mtp.detach(), "balance": t.balance.detach(),
            "indexer": t.indexer.detach()}
     if t.indexer_recall is not None:  # present on every step of a model with CSA layers

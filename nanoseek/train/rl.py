@@ -178,7 +178,7 @@ class RLObjective(RolloutObjective):
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
         c = self.cfg
         t = model.loss(batch["input_ids"], batch["labels"], mtp_weight=c.mtp_weight, balance_alpha=self.balance_alpha,
-                       indexer_weight=self.indexer_weight, return_logits=True)
+                       indexer_weight=self.indexer_weight, return_logits=True, token_mask=batch.get("token_mask"))
         lp = token_logprobs(t.logits, batch["labels"].clamp(min=0))
         old = batch.get("old_logprobs")
         pg, m = grpo_loss(lp, lp.detach() if old is None else old, batch["advantages"], batch["mask"],

@@ -116,20 +116,23 @@ def rollout_tensors(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Ten
 
     input_ids [B, L-1] (the row without its last token), labels [B, L-1] (the next token where
     it is a completion token, else -100: prompts and padding are never targets), and
-    sampler_logprobs [B, L-1] aligned with labels (0 where there is no target)."""
+    sampler_logprobs [B, L-1] aligned with labels (0 where there is no target), token_mask
+    [B, L-1] (True at the row's own tokens, False at padding: kept out of the experts' load)."""
     L = max(len(r.prompt) + len(r.tokens) for r in rollouts)
     B = len(rollouts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     slp = torch.zeros(B, L, dtype=torch.float32)
+    real = torch.zeros(B, L, dtype=torch.bool)
     for b, r in enumerate(rollouts):
         p, c = len(r.prompt), len(r.tokens)
         ids[b, :p + c] = torch.tensor(r.prompt + r.tokens, dtype=torch.long)
         labels[b, p:p + c] = ids[b, p:p + c]
         slp[b, p:p + c] = torch.tensor(r.logprobs, dtype=torch.float32)
+        real[b, :p + c] = True
     # position t predicts token t+1: shift the targets (and their sampler log-probs) left by one
     return {"input_ids": ids[:, :-1].contiguous(), "labels": labels[:, 1:].contiguous(),
-            "sampler_logprobs": slp[:, 1:].contiguous()}
+            "sampler_logprobs": slp[:, 1:].contiguous(), "token_mask": real[:, :-1].contiguous()}
 
 
 def prompt_order(n_prompts: int, seed: int, epoch: int) -> torch.Tensor:

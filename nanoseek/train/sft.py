@@ -289,14 +289,16 @@ def pack_rows(order: np.ndarray, lengths: np.ndarray, capacity: int) -> list[lis
 
 def row_tensors(examples: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], seq_len: int,
                 pad_id: int) -> dict:
-    """input_ids / labels / doc_ids [len(rows), seq_len] for packed rows: labels are the next
-    token where the loss mask says so, else -100; each example is its own document (per-document
-    attention, positions and compression); padding is a document of its own, never a target."""
+    """input_ids / labels / doc_ids / token_mask [len(rows), seq_len] for packed rows: labels are
+    the next token where the loss mask says so, else -100; each example is its own document
+    (per-document attention, positions and compression); padding is a document of its own, never
+    a target, and outside token_mask (so not counted in the experts' load)."""
     import torch
 
     B = len(rows)
     toks = np.full((B, seq_len + 1), pad_id, dtype=np.int64)
     mask = np.zeros((B, seq_len + 1), dtype=bool)
+    real = np.zeros((B, seq_len + 1), dtype=bool)
     docs = np.zeros((B, seq_len + 1), dtype=np.int32)
     for r, row in enumerate(rows):
         pos = 0
@@ -307,10 +309,12 @@ def row_tensors(examples: list[tuple[np.ndarray, np.ndarray]], rows: list[list[i
             docs[r, pos:pos + ids.size] = k
             pos += ids.size
         docs[r, pos:] = len(row)
+        real[r, :pos] = True
     labels = np.where(mask[:, 1:], toks[:, 1:], IGNORE_INDEX)
     return {"input_ids": torch.from_numpy(np.ascontiguousarray(toks[:, :-1])),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
-            "doc_ids": torch.from_numpy(np.ascontiguousarray(docs[:, :-1]))}
+            "doc_ids": torch.from_numpy(np.ascontiguousarray(docs[:, :-1])),
+            "token_mask": torch.from_numpy(np.ascontiguousarray(real[:, :-1]))}
 
 
 class SFTLoader:

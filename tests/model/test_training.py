@@ -76,6 +76,33 @@ def test_balancing_bias_moves_toward_underloaded_experts_and_is_not_a_parameter(
     assert torch.equal(b, moe.gate.bias)
 
 
+def test_padding_stays_out_of_the_expert_load_and_balance_loss():
+    """A right-padded row with its token_mask routes, counts and balances exactly like the same
+    tokens without padding (main layers and MTP); without the mask the padding is counted."""
+    torch.manual_seed(0)
+    model = perturbed(Transformer(ModelConfig.from_preset("tiny"))).train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 37))
+    padded = torch.cat([ids, torch.full((1, 27), 3)], dim=1)
+    mask = torch.arange(64).unsqueeze(0) < 37
+    labels = torch.cat([ids[:, 1:], torch.full((1, 28), -100)], dim=1)
+    moe = [m for m in model.moe_layers() if not m.is_hash]
+
+    def run(x, **kw):
+        for m in moe:
+            m.load.zero_()
+        t = model.loss(x, **kw)
+        return t.balance, [m.load.clone() for m in moe]
+
+    bal, load = run(ids)
+    bal_masked, load_masked = run(padded, labels=labels, token_mask=mask)
+    bal_unmasked, load_unmasked = run(padded, labels=labels)
+    assert len(moe) == 3 + 1 and all(float(x.sum()) == 2 * 37 for x in load[:3]) and float(load[3].sum()) == 2 * 36
+    for a, b in zip(load, load_masked):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(bal_masked, bal, rtol=1e-6, atol=0)
+    assert float(load_unmasked[0].sum()) == 2 * 64 and not torch.isclose(bal_unmasked, bal)
+
+
 def test_hash_table_is_balanced_with_distinct_experts():
     t = balanced_hash_table(1000, 8, 2, seed=0)
     assert t.shape == (1000, 2)

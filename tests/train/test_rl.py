@@ -83,6 +83,7 @@ def test_rollout_tensors_align_targets_and_sampler_logprobs(setup):
         p, c = len(r.prompt), len(r.tokens)
         assert b["labels"][i, p - 1:p - 1 + c].tolist() == r.tokens        # completion tokens are the targets
         assert (b["labels"][i, :p - 1] == -100).all() and (b["labels"][i, p - 1 + c:] == -100).all()
+        assert b["token_mask"][i, :p + c].all() and not b["token_mask"][i, p + c:].any()   # the padding
         # the sampler's log-probs are the model's own (temperature 1, no filtering)
         with torch.no_grad():
             lp = torch.log_softmax(model(b["input_ids"][i:i + 1, :p - 1 + c]).float(), -1)[0]

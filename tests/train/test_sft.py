@@ -90,6 +90,10 @@ def test_rows_labels_and_documents_by_hand():
     # targets: 6 and 7 (masked true), then nothing across the boundary (BOS is not a target), 8, 9
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 8, 9, -100]]
     assert b["doc_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+    assert b["token_mask"].all()                                            # a full row: no padding
+    b = row_tensors(ex, [[1], [0]], seq_len=5, pad_id=2)                   # padded rows
+    assert b["input_ids"].tolist() == [[0, 8, 9, 2, 2], [0, 5, 6, 7, 2]]
+    assert b["token_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 4 + [False]]
     assert pack_rows(np.array([0, 1, 0]), np.array([4, 3]), capacity=6) == [[0], [1], [0]]
 
 
