@@ -250,6 +250,10 @@ class RLLoader(RolloutLoader):
     def __init__(self, objective: RLObjective, run, index: int, n_data: int, seed: int):
         super().__init__(objective, run, index, n_data, seed)
         self._cached: tuple[int, dict] | None = None
+        self.zero_var = 0   # zero-variance groups of this shard's batches (saved: the summary's total)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "zero_var": self.zero_var}
 
     def __next__(self) -> dict:
         k = self.obj.cfg.updates_per_batch
@@ -317,6 +321,7 @@ class RLLoader(RolloutLoader):
     def _batch(self, outs, terms: list[dict], totals: list[float], timing: dict) -> dict:
         c, run = self.obj.cfg, self.run
         adv, zero = group_advantages(torch.tensor(totals), c.group_size)
+        self.zero_var += int(zero.sum())
         self.obj.zero_var_total += int(zero.sum())
         batch = rollout_tensors(outs, run.tokenizer.pad_id)
         keep = ~zero.repeat_interleave(c.group_size)           # zero-variance groups leave the loss
@@ -354,6 +359,8 @@ class RLLoader(RolloutLoader):
         if self.calls % self.obj.cfg.updates_per_batch:
             raise ValueError("this checkpoint was written in the middle of a reused batch; resume needs "
                              "checkpoints at multiples of --updates-per-batch")
+        self.zero_var = int(state.get("zero_var", 0))   # (older checkpoints: counted from here on)
+        self.obj.zero_var_total += self.zero_var
 
 
 @torch.no_grad()

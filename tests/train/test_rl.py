@@ -161,14 +161,20 @@ class _Crash(RLObjective):
 
 
 def test_rl_resume_is_bitwise_identical(setup, tmp_path):
+    """A crashed and resumed run equals a straight one: metrics, weights and the summary's
+    zero-variance total (which counts the steps before the crash too)."""
+    base, prompts, reward = setup
+    setup = (base, prompts, reward.replace(":share_a", ":share_a_even"))   # some zero-variance groups
     a, b = tmp_path / "straight", tmp_path / "crashed"
     cfg, rl = rl_cfg(setup, a, max_steps=4, ckpt_every=2)
-    train(cfg, RLObjective(rl))
+    straight = train(cfg, RLObjective(rl))
     cfg, rl = rl_cfg(setup, b, max_steps=4, ckpt_every=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, _Crash(rl))
     cfg, rl = rl_cfg(setup, b, max_steps=4, ckpt_every=2, resume=True)
-    train(cfg, RLObjective(rl))
+    resumed = train(cfg, RLObjective(rl))
+    assert straight["zero_variance_groups"] > 0
+    assert resumed["zero_variance_groups"] == straight["zero_variance_groups"]
     ra, rb = records(a), records(b)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
