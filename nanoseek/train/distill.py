@@ -38,7 +38,7 @@ import torch
 
 from nanoseek.chat_format import encode_ids
 from nanoseek.eval.common import read_jsonl
-from nanoseek.train.objectives import reverse_kl, sampled_reverse_kl_loss, teacher_weights
+from nanoseek.train.objectives import reverse_kl, sampled_reverse_kl_loss, step_share, teacher_weights
 from nanoseek.train.parallelize import gather_objects
 from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
                                      step_prompts)
@@ -168,6 +168,10 @@ class DistillObjective(RolloutObjective):
     def make_loader(self, run, index: int, n_data: int, seed: int) -> "DistillLoader":
         return DistillLoader(self, run, index, n_data, seed)
 
+    def loss_units(self, batch: dict) -> float:
+        """The KL term's units: the student's sampled tokens (targets) in this batch."""
+        return float((batch["labels"] != -100).sum())
+
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
         t = model.loss(batch["input_ids"], batch["labels"], mtp_weight=0.0, balance_alpha=self.balance_alpha,
                        indexer_weight=self.indexer_weight, return_logits=True, token_mask=batch.get("token_mask"))
@@ -181,8 +185,9 @@ class DistillObjective(RolloutObjective):
             w = torch.tensor(self.cfg.weights, device=student.device)[:, None]
             kl, kl_tokens = sampled_reverse_kl_loss(student, (w * batch["teacher_tok_lp"]).sum(0)[None], tokens)
             kl_logged = kl_tokens.mean()      # the unbiased KL estimate (kl itself is a surrogate loss)
-        loss = kl + self.balance_alpha * t.balance + self.indexer_weight * t.indexer
-        out = {"loss": loss, "kl": (kl if self.cfg.estimator == "full" else kl_logged).detach(),
+        share = step_share(phase, self.loss_units(batch))   # the step's token mean
+        loss = kl * share + self.balance_alpha * t.balance + self.indexer_weight * t.indexer
+        out = {"loss": loss, "kl": (kl if self.cfg.estimator == "full" else kl_logged).detach() * share,
                "balance": t.balance.detach(), "indexer": t.indexer.detach()}
         with torch.no_grad():
             lp = torch.log_softmax(student[0].float(), -1)

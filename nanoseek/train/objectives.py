@@ -65,21 +65,32 @@ class Objective:
         """Tokens this rank's batches of one step stand for, summed over ranks (None: batch_tokens)."""
         return None
 
+    def loss_units(self, batch: dict) -> float | None:
+        """How many units (target tokens, sequences) this batch's main loss term is a mean over,
+        or None. With a number, the trainer puts the step's total over micro-steps and ranks in
+        phase["loss_units"] and the objective weights its mean by `step_share`, so that the step
+        minimises the mean over all of its units: changing --micro-batch, the accumulation or the
+        world size does not reweight them (a micro-batch with few targets no longer counts as
+        much as one with many)."""
+        return None
+
     def evaluate(self, run) -> dict | None:
         """Extra held-out metrics at each evaluation (every rank calls it)."""
         return None
 
 
 def model_loss_terms(model, batch: dict, phase: dict, balance_alpha: float, indexer_weight: float,
-                     mtp_weight: float | None = None) -> dict[str, torch.Tensor]:
+                     mtp_weight: float | None = None, ce_share: float = 1.0) -> dict[str, torch.Tensor]:
     """Next-token CE on batch["labels"] (-100 = not a target) + MTP + balance + indexer KL,
-    each reported separately (the pre-training loss; SFT is the same with masked labels)."""
+    each reported separately (the pre-training loss; SFT is the same with masked labels).
+    `ce_share` weights the CE (a mean over this batch's targets) by `step_share`."""
     # doc_ids: packed documents attend and compress only within themselves (V4 report 3.5.3, 4.1)
     # token_mask: padded rows (SFT) keep their padding out of the experts' load
     t = model.loss(batch["input_ids"], batch.get("labels"), doc_ids=batch.get("doc_ids"),
                    mtp_weight=phase.get("mtp_weight", 0.3) if mtp_weight is None else mtp_weight,
                    balance_alpha=balance_alpha, indexer_weight=indexer_weight, token_mask=batch.get("token_mask"))
-    out = {"loss": t.loss, "ce": t.ce.detach(), "mtp": t.mtp.detach(), "balance": t.balance.detach(),
+    loss = t.loss if ce_share == 1.0 else t.loss + (ce_share - 1.0) * t.ce
+    out = {"loss": loss, "ce": t.ce.detach() * ce_share, "mtp": t.mtp.detach(), "balance": t.balance.detach(),
            "indexer": t.indexer.detach()}
     if t.indexer_recall is not None:  # present on every step of a model with CSA layers
         out["indexer_recall"] = t.indexer_recall
@@ -325,6 +336,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: in
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(f"logits [B, T, V] and tokens [B, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
     return _TokenLogprobs.apply(logits, tokens.long(), int(chunk_size))
+
+
+def step_share(phase: dict, units: float) -> float:
+    """Weight of a micro-batch's mean over `units` in the mean over the whole step's units
+    (Objective.loss_units). The trainer divides each micro-step's loss by the accumulation count
+    and DDP / FSDP average the gradients over ranks, i.e. the step averages over its
+    accumulation x world micro-batches ("loss_shards"); units / total x shards turns that into
+    the mean over every unit of the step. 1 where the trainer passed no total (evaluation, or
+    nothing to weigh)."""
+    total = phase.get("loss_units")
+    if not total:
+        return 1.0
+    return units / total * phase["loss_shards"]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

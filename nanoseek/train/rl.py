@@ -45,7 +45,7 @@ from nanoseek.eval.common import read_jsonl
 from nanoseek.eval.passk import pass_at_ks
 from nanoseek.eval.rewards import RewardConfig, make_reward
 from nanoseek.train.objectives import (group_advantages, grpo_loss, overlong_filter_mask,
-                                       overlong_penalty, token_logprobs)
+                                       overlong_penalty, step_share, token_logprobs)
 from nanoseek.train.parallelize import all_reduce, gather_objects
 from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
                                      step_prompts)
@@ -174,6 +174,12 @@ class RLObjective(RolloutObjective):
     def make_loader(self, run, index: int, n_data: int, seed: int) -> "RLLoader":
         return RLLoader(self, run, index, n_data, seed)
 
+    def loss_units(self, batch: dict) -> float:
+        """The policy-gradient term's units: loss tokens ("token", DAPO's mean over every token of
+        the step's batch) or sequences that have any ("sequence")."""
+        m = batch["mask"]
+        return float(m.sum() if self.cfg.aggregation == "token" else (m.sum(-1) > 0).sum())
+
     # --- the loss ---
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -185,6 +191,7 @@ class RLObjective(RolloutObjective):
                           clip_low=c.clip_low, clip_high=c.clip_high, aggregation=c.aggregation,
                           ref_logprobs=batch.get("ref_logprobs"), kl_coef=c.kl_coef,
                           sampler_logprobs=batch["sampler_logprobs"], tis_cap=c.tis_cap)
+        pg = pg * step_share(phase, self.loss_units(batch))   # the step's token (sequence) mean
         loss = pg + self.balance_alpha * t.balance + self.indexer_weight * t.indexer + c.mtp_weight * t.mtp
         out = {"loss": loss, "pg_loss": pg.detach(), "balance": t.balance.detach(), "indexer": t.indexer.detach(),
                "entropy": _entropy(t.logits.detach(), batch["labels"] != -100), **m}

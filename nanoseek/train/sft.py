@@ -45,7 +45,7 @@ import torch
 
 from .. import chat_format
 from ..jsonl import INVALID, scan_jsonl
-from .objectives import Objective, model_loss_terms
+from .objectives import Objective, model_loss_terms, step_share
 
 if TYPE_CHECKING:
     from .trainer import TrainConfig
@@ -452,8 +452,13 @@ class SFTObjective(Objective):
 
         return batches()
 
+    def loss_units(self, batch: dict) -> float:
+        """Target (assistant) tokens: rows of one micro-batch hold different numbers of them."""
+        return float((batch["labels"] != IGNORE_INDEX).sum())
+
     def __call__(self, model, batch: dict, phase: dict) -> dict[str, torch.Tensor]:
-        return model_loss_terms(model, batch, phase, self.balance_alpha, self.indexer_weight)
+        return model_loss_terms(model, batch, phase, self.balance_alpha, self.indexer_weight,
+                                ce_share=step_share(phase, self.loss_units(batch)))
 
     def sample_prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """A sample prompt is a user message; the model answers in chat mode."""

@@ -521,6 +521,10 @@ def train_step(run: Run, micro_batches: list[dict], phase: dict) -> dict:
     expert-load statistics."""
     cfg, d, model = run.cfg, run.dist, run.model
     meter = TermMeter()
+    units = [run.objective.loss_units(b) for b in micro_batches]
+    if units and all(u is not None for u in units):   # the step's total, for objectives.step_share
+        total = all_reduce(torch.tensor(float(sum(units)), dtype=torch.float64), d)
+        phase = {**phase, "loss_units": float(total), "loss_shards": run.accum * d.world}
     for k, batch in enumerate(micro_batches):
         batch = to_device(batch, d.device)
         with no_sync(run.module, d, run.fsdp, last_micro_step=k == len(micro_batches) - 1):

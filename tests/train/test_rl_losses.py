@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanoseek.train.objectives import (group_advantages, grpo_loss, k3_kl, overlong_filter_mask, overlong_penalty,
-                                       reverse_kl, sampled_reverse_kl_loss, teacher_mixture_logprobs,
+                                       reverse_kl, sampled_reverse_kl_loss, step_share, teacher_mixture_logprobs,
                                        teacher_weights, token_logprobs)
 
 B, T, V = 2, 5, 7
@@ -344,3 +344,33 @@ def test_overlong_penalty_and_filter():
         [[True, True], [False, False], [True, True]]
     with pytest.raises(ValueError):
         overlong_penalty(torch.tensor([1]), 16, 0)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_step_share_makes_accumulation_the_mean_over_the_whole_step(aggregation):
+    """Split into micro-batches with different numbers of loss tokens, the accumulated gradient
+    (each micro-step's loss weighted by step_share, divided by the accumulation count as the
+    trainer does) equals the gradient of the whole batch's loss -- DAPO's token mean over the
+    step's batch, GRPO's mean over its sequences; a plain mean per micro-batch does not."""
+    g = torch.Generator().manual_seed(0)
+    rows, t = 6, 9
+    lp0 = torch.randn(rows, t, generator=g, dtype=torch.float64) - 2
+    adv = torch.randn(rows, generator=g, dtype=torch.float64)
+    mask = torch.zeros(rows, t, dtype=torch.bool)
+    for r, n in enumerate((9, 8, 1, 2, 0, 3)):                     # ragged, one row without tokens
+        mask[r, :n] = True
+
+    def grad(parts, weighted):
+        lp = lp0.clone().requires_grad_()
+        units = [float(mask[p].sum() if aggregation == "token" else (mask[p].sum(-1) > 0).sum()) for p in parts]
+        phase = {"loss_units": sum(units), "loss_shards": len(parts)} if weighted else {}
+        for p, u in zip(parts, units):
+            loss, _ = grpo_loss(lp[p], lp[p].detach(), adv[p], mask[p], aggregation=aggregation)
+            (loss * step_share(phase, u) / len(parts)).backward()
+        return lp.grad
+
+    whole = grad([slice(0, 6)], weighted=True)
+    split = [slice(0, 2), slice(2, 6)]
+    torch.testing.assert_close(grad(split, weighted=True), whole, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(grad(split, weighted=False), whole)
+    assert step_share({}, 5.0) == 1.0 and step_share({"loss_units": 0.0, "loss_shards": 2}, 0.0) == 1.0

@@ -239,3 +239,33 @@ def test_every_rank_runs_as_many_validation_batches(train_data, tmp_path):
         targets.append(sum(int((b["labels"] != -100).sum()) for b in bs))
     assert len(set(counts)) == 1 and counts[0] >= 1
     assert targets[-1] == 0 and sum(targets) == sum(int(m[1:].sum()) for _, m in obj.data.val)
+
+
+def test_accumulated_micro_batches_weigh_every_target_token_alike():
+    """Two micro-batches with 12 and 2 target tokens accumulate to the gradient of the one batch
+    that holds both (the mean over all 14 targets), as the trainer runs them: the step's total
+    in phase["loss_units"] (Objective.loss_units), each loss divided by the accumulation count."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).double().train()
+    obj = SFTObjective(SFTConfig(), balance_alpha=0.0, indexer_weight=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    labels = torch.full((2, 16), -100)
+    labels[0, 2:14], labels[1, 5:7] = ids[0, 3:15], ids[1, 6:8]
+    batch = lambda rows: {"input_ids": ids[rows], "labels": labels[rows]}   # noqa: E731
+
+    def grads(parts, weighted=True):
+        model.zero_grad(set_to_none=True)
+        phase = {"mtp_weight": 0.0}
+        if weighted:
+            phase.update(loss_units=sum(obj.loss_units(batch(p)) for p in parts), loss_shards=len(parts))
+        for p in parts:
+            (obj(model, batch(p), phase)["loss"] / len(parts)).backward()
+        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    whole, split = grads([slice(0, 2)]), grads([slice(0, 1), slice(1, 2)])
+    assert obj.loss_units(batch(slice(0, 2))) == 14 and whole.keys() == split.keys()
+    # (to fp32 rounding: the model keeps its router and head softmax in fp32 even in float64)
+    for n in whole:
+        torch.testing.assert_close(split[n], whole[n], rtol=1e-4, atol=1e-7)
+    plain = grads([slice(0, 1), slice(1, 2)], weighted=False)   # a mean per micro-batch: reweighted
+    assert (plain["head.weight"] - whole["head.weight"]).abs().max() > 100 * 1e-7

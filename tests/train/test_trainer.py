@@ -182,6 +182,7 @@ def test_bias_update_moves_load_toward_balance():
     class Ctx:
         input_ids = None
         collect_balance = False
+        token_mask = None
 
     def imbalance() -> float:
         with torch.no_grad():
