@@ -160,9 +160,19 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Block-quantised FP8 weight [out, in] with one scale per block x block tile -> fp32."""
+    """Block-quantised FP8 weight [out, in] with one scale per block x block tile -> fp32. The
+    scale is [ceil(out / block), ceil(in / block)]: e8m0 or fp32 as released, or uint8 holding raw
+    e8m0 bytes (as for FP4); any other shape or dtype is refused, never cropped or misread."""
+    if weight.dim() != 2:
+        raise ValueError(f"FP8 weight of shape {tuple(weight.shape)}: expected [out, in]")
     out_f, in_f = weight.shape
-    s = scale.float()
+    want = (-(-out_f // block), -(-in_f // block))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"FP8 scale of shape {tuple(scale.shape)} does not fit a weight of shape "
+                         f"{(out_f, in_f)} with {block} x {block} blocks (expected {want})")
+    if scale.dtype != torch.uint8 and not scale.is_floating_point():
+        raise ValueError(f"FP8 scale of dtype {scale.dtype}: expected e8m0, uint8 e8m0 bytes or a float")
+    s = _e8m0_bytes_to_float(scale) if scale.dtype == torch.uint8 else scale.float()
     s = s.repeat_interleave(block, dim=0)[:out_f].repeat_interleave(block, dim=1)[:, :in_f]
     return weight.float() * s
 

@@ -93,6 +93,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_sizes()   # before anything is built from them (a hostile config.json)
         n = self.num_hidden_layers
         if not self.layer_types:
             # transformers' default schedule: 2x HCA then alternating HCA / CSA
@@ -104,6 +105,27 @@ class ModelConfig:
         self.validate()
 
     # ------------------------------------------------------------------ checks
+    # every size an int in [low, high]: the highs are far above the released models' (Pro: 61
+    # layers, width 7168, 384 experts, a 129,280 vocabulary) and keep a hostile config.json from
+    # building a list of 10^9 layer types, or a model, before any weight is read
+    SIZE_BOUNDS = {
+        "vocab_size": (1, 1 << 22), "hidden_size": (1, 1 << 16), "num_hidden_layers": (1, 1024),
+        "num_attention_heads": (1, 1024), "head_dim": (1, 4096), "qk_rope_head_dim": (0, 4096),
+        "q_lora_rank": (1, 1 << 16), "o_groups": (1, 1024), "o_lora_rank": (1, 1 << 16),
+        "sliding_window": (1, 1 << 20), "max_position_embeddings": (1, 1 << 30),
+        "csa_compress_rate": (1, 1 << 16), "hca_compress_rate": (1, 1 << 16), "index_n_heads": (1, 1024),
+        "index_head_dim": (1, 4096), "index_topk": (1, 1 << 20), "n_routed_experts": (1, 1 << 14),
+        "n_shared_experts": (0, 16), "num_experts_per_tok": (1, 1 << 14), "moe_intermediate_size": (1, 1 << 17),
+        "hc_mult": (1, 64), "hc_sinkhorn_iters": (1, 1024), "num_nextn_predict_layers": (0, 16),
+    }
+
+    def _check_sizes(self) -> None:
+        bad = [f"{k}={getattr(self, k)!r} (an int in [{lo}, {hi}])" for k, (lo, hi) in self.SIZE_BOUNDS.items()
+               if not (isinstance(getattr(self, k), int) and not isinstance(getattr(self, k), bool)
+                       and lo <= getattr(self, k) <= hi)]
+        if bad:
+            raise ValueError("invalid ModelConfig: " + "; ".join(bad))
+
     def validate(self) -> None:
         problems = []
         n = self.num_hidden_layers

@@ -273,11 +273,10 @@ def _walk(root: str):
         except OSError:
             return
         if GitIgnoreSpec is not None and any(e.name == ".gitignore" for e in entries):
-            try:
-                with open(os.path.join(d, ".gitignore"), encoding="utf-8", errors="replace") as f:
-                    specs = specs + [(rel, GitIgnoreSpec.from_lines(f.read().splitlines()))]
-            except OSError:
-                pass
+            # a regular file only, at most 1 MB (a link to /dev/zero or a FIFO is not read)
+            data = _read_regular(os.path.join(d, ".gitignore"), 1 << 20)
+            if data is not None:
+                specs = specs + [(rel, GitIgnoreSpec.from_lines(data.decode("utf-8", "replace").splitlines()))]
         for e in entries:
             r = f"{rel}{e.name}"
             is_dir = e.is_dir(follow_symlinks=False)
@@ -546,9 +545,19 @@ def _enumerate_site_packages(limits: SizeLimits, out: Enumerated) -> list[FileRe
 def _enumerate_table(spec: SourceSpec, out: Enumerated, chunk_bytes: int) -> None:
     paths = []
     if os.path.isdir(spec.path):
-        for dirpath, dirs, files in os.walk(spec.path):
+        for dirpath, dirs, files in os.walk(spec.path):   # (directory links are not walked)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            paths += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(TABLE_SUFFIXES)]
+            for f in sorted(files):
+                p = os.path.join(dirpath, f)
+                if not f.lower().endswith(TABLE_SUFFIXES):
+                    continue
+                if os.path.islink(p):   # as for source directories: nothing outside the root is read
+                    out.skips.append(Skip("symlink", 0, p, "symbolic link not followed: nothing outside the "
+                                                          "source root is read"))
+                elif not os.path.isfile(p):   # a FIFO or a device would block or never end
+                    out.skips.append(Skip("unreadable", 0, p, "not a regular file"))
+                else:
+                    paths.append(p)
     else:
         paths = [spec.path]
     for p in paths:
@@ -866,12 +875,19 @@ def _table_rows(task: Task, rows, where: str, limits: SizeLimits):
         if not isinstance(content, str):
             yield Skip("unreadable", 0, f"{where} row {i}", "missing or non-text content column")
             continue
-        path = str(rec.get("path") or f"row{i}")
-        repo = rec.get("repo")
+        path, repo = str(rec.get("path") or f"row{i}"), rec.get("repo")
         if not repo:
             repo = f"{table}/{path.split('/', 1)[0]}" if "/" in path else table
-        lang = normalize_lang(rec.get("lang")) or lang_from_path(path) or lang_from_shebang(content[:256].encode())
-        size = len(content.encode("utf-8", "surrogatepass"))
+        try:   # (JSON can spell lone surrogates: not text, and not writable as UTF-8)
+            size = len(content.encode("utf-8"))
+            path.encode("utf-8"), str(repo).encode("utf-8")
+        except UnicodeEncodeError:
+            yield Skip("unreadable", 0, f"{where} row {i}", "content, path or repo is not valid Unicode "
+                                                         "(a lone surrogate)")
+            continue
+        named = rec.get("lang")
+        lang = (normalize_lang(named if isinstance(named, str) else None) or lang_from_path(path)
+                or lang_from_shebang(content[:256].encode()))
         if lang is None:
             yield Skip("not_code", size, f"{where} row {i}")
             continue

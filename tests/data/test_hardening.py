@@ -218,6 +218,59 @@ def test_git_checkout_symlinks_out_of_the_root_are_not_followed(tmp_path):
     assert m["dropped"]["symlink"]["files"] == 4
 
 
+def test_table_links_fifos_and_a_hostile_gitignore_are_not_read(tmp_path):
+    """A table directory's links (out of the root) and FIFOs, and a .gitignore that is a link to
+    /dev/zero or a FIFO, are skipped or ignored: the build neither reads outside the root nor
+    blocks nor reads without bound (run in a subprocess with a timeout: a FIFO would hang it)."""
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text(json.dumps({"path": "stolen.py", "content": "STOLEN = 1\n" + py_code(30)}) + "\n")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "a.jsonl").write_text(json.dumps({"path": "a.py", "content": py_code(31)}) + "\n")
+    os.symlink(outside, tables / "b.jsonl")
+    os.mkfifo(tables / "c.jsonl")
+    proj = tmp_path / "repos"
+    for name, make in (("zero", lambda p: os.symlink("/dev/zero", p)), ("fifo", os.mkfifo)):
+        (proj / name).mkdir(parents=True)
+        (proj / name / "m.py").write_text(py_code(32 if name == "zero" else 33))
+        make(proj / name / ".gitignore")
+    code = ("import json, sys; from nanoseek.data.build import build_corpus; "
+            f"m = build_corpus(sys.argv[1], ['table:{tables}', sys.argv[2]], workers=1, progress=False, "
+            f"**{OPTS!r}); print(json.dumps(m['dropped']))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "corpus"), str(proj)], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dropped = json.loads(run.stdout.strip().splitlines()[-1])
+    docs = read_corpus(tmp_path / "corpus")
+    assert sorted(d["path"] for d in docs) == ["a.py", "m.py", "m.py"]   # (paths are per project)
+    assert all("STOLEN" not in d["content"] for d in docs)
+    assert dropped["symlink"]["files"] == 2 and dropped["unreadable"]["files"] == 1   # (the .gitignore link counts)
+
+
+def test_a_hostile_row_is_skipped_alone(tmp_path):
+    """Rows whose lang is not a string, or whose content / path / repo hold a lone surrogate (JSON
+    can spell one), are skipped one by one with a reason: the rows around them are kept, in a
+    plain JSONL chunk and in a .jsonl.gz (read as one task)."""
+    def rows(tag: str, seed: int) -> str:
+        good = [{"path": f"{tag}{i}.py", "content": py_code(seed + i)} for i in range(6)]
+        bad = [{"path": f"{tag}x.py", "content": py_code(seed + 10), "lang": 5},
+               {"path": f"{tag}y.py", "content": py_code(seed + 11), "lang": ["python"]},
+               {"path": "noext", "content": "#!/bin/sh\n\ud800" + f"echo {tag}\n" * 10},
+               {"path": f"{tag}\ud800.py", "content": py_code(seed + 12)},
+               {"path": f"{tag}w.py", "content": py_code(seed + 13), "repo": "r\udfff"}]
+        return "\n".join(json.dumps(r) for r in good[:3] + bad + good[3:]) + "\n"
+
+    src = tmp_path / "t"
+    src.mkdir()
+    (src / "rows.jsonl").write_text(rows("g", 50))
+    with gzip.open(src / "more.jsonl.gz", "wt") as f:
+        f.write(rows("h", 80))
+    m, docs = _build(tmp_path, f"table:{src}")
+    want = [f"{t}{i}.py" for t in "gh" for i in range(6)] + [f"{t}{c}.py" for t in "gh" for c in "xy"]
+    assert sorted(d["path"] for d in docs) == sorted(want)
+    assert m["dropped"]["unreadable"]["files"] == 2 * 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 9 (part): groups.tsv is escaped; file names never put raw control sequences on the terminal
 

@@ -91,6 +91,12 @@ def test_dequantize_fp8_blocks():
     assert deq[0, 0] == q[0, 0].float() * 1.0 and deq[199, 299] == q[199, 299].float() * 1.0
     assert deq[130, 140] == q[130, 140].float() * 8.0
     assert (deq - w).abs().max() < 0.1 * w.abs().max() * 8
+    # raw e8m0 bytes (uint8, as kernels hold them) are exponents: 127 is x1, 130 is x8
+    e8m0 = torch.tensor([[127, 128, 129], [126, 130, 127]], dtype=torch.uint8)
+    assert torch.equal(dequantize_fp8(q, e8m0), deq)
+    for bad in (torch.ones(4, 4), torch.ones(2, 2), torch.ones(2, 3, dtype=torch.int32), torch.ones(6)):
+        with pytest.raises(ValueError, match="FP8 scale"):   # never cropped or misread
+            dequantize_fp8(q, bad)
 
 
 def test_mismatched_checkpoint_is_rejected_clearly(tiny_model, tmp_path):

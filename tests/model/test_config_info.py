@@ -44,6 +44,19 @@ def test_invalid_config_is_rejected():
         ModelConfig.from_preset("tiny", layer_types=["sliding_attention"])
 
 
+@pytest.mark.parametrize("bad", [{"num_hidden_layers": 10**9}, {"num_nextn_predict_layers": 10**8},
+                                 {"o_groups": 0}, {"vocab_size": -5}, {"num_experts_per_tok": 0},
+                                 {"hidden_size": "512"}, {"n_routed_experts": True}, {"hidden_size": 1 << 40}])
+def test_hostile_sizes_are_refused_before_anything_is_built(bad):
+    """A config.json is data from whoever wrote it: out-of-range or non-int sizes are a clear
+    ValueError at once (10^9 layers used to build a 10^9-entry layer list, then a model on meta;
+    o_groups = 0 a ZeroDivisionError)."""
+    cfg = ModelConfig.from_preset("tiny").to_dict()
+    cfg.update(bad)
+    with pytest.raises(ValueError, match=f"invalid ModelConfig: {next(iter(bad))}="):
+        ModelConfig.from_dict(cfg)
+
+
 def test_flash_and_pro_parameter_counts_match_the_release():
     flash = describe(ModelConfig.from_preset("flash"), 8192)
     assert abs(flash["parameters_total_without_mtp"] / 284e9 - 1) < 0.01
