@@ -133,7 +133,7 @@ def _shard_done(out_dir: Path, name: str) -> dict | None:
     try:
         docs = np.load(d, mmap_mode="r")
         tokens = np.load(t, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):   # (EOFError: an empty file, e.g. cut by a crash)
         return None
     if docs.size == 0 or int(docs[-1]) != tokens.size:
         return None

@@ -56,3 +56,18 @@ def test_bytes_per_token_counts_every_shard_after_a_resume(tmp_path, corpus, tok
     sorted(out.glob("train/*.docs.npy"))[1].unlink()         # one shard to redo, the others reused
     again = tokenize_corpus(corpus[0], tokenizer_dir, out, workers=1, chunk_mb=0.004, progress=False)
     assert again["bytes_per_token"] == first["bytes_per_token"] and first["bytes_per_token"] > 1
+
+
+def test_a_shard_emptied_by_a_crash_is_redone(tmp_path, corpus, tokenizer_dir):  # noqa: F811
+    """A resumed `data tokenize` whose shard files a crash left empty (renamed, never written to
+    disk) redoes that shard instead of stopping on numpy's EOFError."""
+    from nanoseek.data.shards import tokenize_corpus
+
+    out = tmp_path / "s"
+    first = tokenize_corpus(corpus[0], tokenizer_dir, out, workers=1, chunk_mb=0.004, progress=False)
+    (out / "index.json").unlink()
+    shard = sorted(out.glob("train/*.docs.npy"))[1]
+    shard.write_bytes(b"")
+    shard.with_name(shard.name.replace(".docs.npy", ".tokens.npy")).write_bytes(b"")
+    again = tokenize_corpus(corpus[0], tokenizer_dir, out, workers=1, chunk_mb=0.004, progress=False)
+    assert again["splits"] == first["splits"] and shard.stat().st_size > 0
