@@ -7,7 +7,10 @@ Pre-training, SFT, RL and distillation differ only in their objective: an object
   * a loss -- `__call__(model, batch, phase)` returns a dict of scalar tensors whose "loss"
     entry is minimised; every other entry is logged as is (averaged over micro-steps and ranks);
   * metrics -- `val_batches(run)` (held-out batches for the validation loss / bits-per-byte),
-    `step_metrics()` (extra per-step numbers) and `summary()` (extra numbers for summary.json).
+    `step_metrics()` (extra per-step numbers) and `summary()` (extra numbers for summary.json);
+  * optionally `loss_units(batch)` -- what its loss is a mean over (target tokens, sequences):
+    the trainer then passes the step's total and the loss weighs itself by `step_share`, so a
+    step is the mean over all of its units whatever the accumulation or world size.
 The trainer does everything else: accumulation, DDP / FSDP2, clipping, schedules, the MoE bias
 update, checkpoints with exact resume, the progress bar, JSONL / TensorBoard metrics, the report.
 
@@ -16,7 +19,8 @@ update, checkpoints with exact resume, the progress bar, JSONL / TensorBoard met
             ...
             return {"loss": loss, "my_term": term}
 
-`phase` carries what changes over training: {"mtp_weight": 0.3 or 0.1, "step": int}.
+`phase` carries what changes over training: {"mtp_weight": 0.3 or 0.1, "step": int}, plus
+{"loss_units", "loss_shards"} for objectives with `loss_units`.
 """
 
 from __future__ import annotations
