@@ -76,7 +76,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from nanoseek.eval import humaneval
-    from nanoseek.eval.sandbox import LEVELS, best_isolation, probe, process_limit
+    from nanoseek.eval.sandbox import LEVELS, best_isolation, memory_limit, probe, process_limit
 
     problems = humaneval.load_problems()
     if args.levels == "best":
@@ -101,6 +101,7 @@ def main() -> int:
                 old.append(bench_ours(problems, level, args.workers, 1, runner_source=other)[0])
             ours, before = statistics.median(cur), statistics.median(old)
         print(f"nanoseek sandbox, isolation={level:<8} process-limit={process_limit(level):<7}"
+              f" memory-limit={memory_limit(level):<7}"
               f" workers={args.workers or (os.cpu_count() or 1) + 1}: {ours:7.1f} programs/s"
               f"   ({ours / ref:.2f}x the reference)")
         if other is not None:

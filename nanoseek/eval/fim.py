@@ -142,7 +142,7 @@ def score(samples: list[dict] | str | os.PathLike, problems: dict[str, dict] | N
     for r in records:
         by_subset[tasks[r["task_id"]]["subset"]][r["task_id"]].append(bool(r["passed"]))
     summary: dict = {"task": "humaneval-fim", "isolation": sandbox.isolation,
-                     "process_limit": sandbox.process_limit,
+                     "process_limit": sandbox.process_limit, "memory_limit": sandbox.memory_limit,
                      "timeout_s": timeout_s, "n_samples": len(records),
                      "results_path": str(results_path) if results_path else None, "subsets": {}}
     for subset, per_task in by_subset.items():

@@ -166,7 +166,7 @@ def score(samples: list[dict] | str | os.PathLike, problems: dict[str, dict] | N
         progress="humaneval" if progress else False)
     summary = summarize(records, ks, task_order=problems)
     summary.update(task="humaneval", isolation=sandbox.isolation,
-                   process_limit=sandbox.process_limit, timeout_s=timeout_s,
+                   process_limit=sandbox.process_limit, memory_limit=sandbox.memory_limit, timeout_s=timeout_s,
                    results_path=str(results_path) if results_path else None)
     return summary
 

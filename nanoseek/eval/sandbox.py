@@ -16,18 +16,20 @@ Every program runs in a fresh Python interpreter (`python -I`) started by a trus
 
 Every level also gets: its own process group/session, a scrubbed environment (nothing from the
 parent's), rlimits (CPU seconds, address space, file size, processes, open files, no core
-dumps), a wall-clock timeout that kills the whole group, stdout/stderr written to files capped
-by RLIMIT_FSIZE (a program printing gigabytes is cut off, the evaluator reads a bounded prefix),
-and the verdict protocol of `_runner.py`: a program is "passed" only when the harness saw its
-last stage return and reported so with a per-run secret over a private pipe. Jobs with a test
-(a trusted stage) are also *guarded*: the secret lives only in an audit hook, the test runs in
-its own thread, and frame/gc/ctypes/`/proc`/bytecode introspection is denied, so a program
-cannot read the secret and forge a pass from inside the interpreter (see `_runner.py`; at
-level `none` this rests on the audit hook alone, which also refuses writes into the Python
-installation). What the guard protects is the verdict channel: a solution that satisfies the
-test's own checks dishonestly (e.g. returning an object whose `__eq__` is always true) passes
-that test, as it would under the reference harness; RL rewards should use tests that check
-types where that matters.
+dumps), when the evaluator is root a pids and a memory cgroup per program (bounding its
+processes, and the memory of all of them together: see `_ProgramCgroups`; reported by
+`process_limit()` and `memory_limit()`), a wall-clock timeout that kills the whole group,
+stdout/stderr written to files capped by RLIMIT_FSIZE (a program printing gigabytes is cut off,
+the evaluator reads a bounded prefix), and the verdict protocol of `_runner.py`: a program is
+"passed" only when the harness saw its last stage return and reported so with a per-run secret
+over a private pipe. Jobs with a test (a trusted stage) are also *guarded*: the secret lives
+only in an audit hook, the test runs in its own thread, and frame/gc/ctypes/`/proc`/bytecode
+introspection is denied, so a program cannot read the secret and forge a pass from inside the
+interpreter (see `_runner.py`; at level `none` this rests on the audit hook alone, which also
+refuses writes into the Python installation). What the guard protects is the verdict channel:
+a solution that satisfies the test's own checks dishonestly (e.g. returning an object whose
+`__eq__` is always true) passes that test, as it would under the reference harness; RL rewards
+should use tests that check types where that matters.
 
 Statuses: passed / failed / timeout / memory / error ("error" = the sandbox itself could not
 start the program; everything the program does wrong is "failed", "timeout" or "memory").
@@ -48,6 +50,7 @@ import marshal
 import os
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import site
@@ -266,144 +269,318 @@ def _clean_env(home: str) -> dict[str, str]:
             "MKL_NUM_THREADS": "1"}
 
 
-# ------------------------------------------------------------------------- process limit
+# ------------------------------------------------------------------ process and memory limits
 
-class _PidsCgroup:
-    """One pids-controller cgroup per program, when we are root and may create cgroups.
+_CONTROLLERS = ("pids", "memory")
+_CGROUP_SLACK = 8  # pids.max headroom for the helpers: sh, bwrap/unshare and their reapers
+# Memory cgroup headroom for what is in a program's cgroup besides its own address space and
+# files: the helpers (bwrap or unshare and their reapers) and kernel memory charged to the
+# cgroup (page tables, the namespaces' and mounts' slab). Measured: `print(1)` peaks at 6-7 MB
+# in all, the interpreter's own pages included, at every level; 32 MB leaves a wide margin.
+_MEMCG_SLACK_MB = 32
 
-    Why: RLIMIT_NPROC does not apply to processes whose host uid is 0 (the kernel exempts the
-    root user even inside a user namespace), so when the evaluator runs as root, as in CI and
-    containers, a fork bomb would only be stopped by the wall clock, after thousands of
+# Test hook: called with `_CgroupRun.stats()` of every run, just before its cgroups are removed.
+_on_cgroup_stats = None
+
+
+def _cgroup_mounts(mountinfo: str, v2_controllers) -> dict[str, tuple[str, int]]:
+    """Where each controller we use is mounted: {controller: (mount point, cgroup version)},
+    from the text of /proc/self/mountinfo. `v2_controllers(mount)` lists the controllers a
+    cgroup2 mount offers (its cgroup.controllers); a controller bound to a v1 hierarchy is not
+    offered by the v2 one (hybrid set-ups), so each is found in at most one place."""
+    found: dict[str, tuple[str, int]] = {}
+    v2 = []
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 3:
+            continue
+        mnt, fstype, opts = fields[4], rfields[0], rfields[2].split(",")
+        if fstype == "cgroup":
+            for c in _CONTROLLERS:
+                if c in opts:
+                    found.setdefault(c, (mnt, 1))
+        elif fstype == "cgroup2":
+            v2.append(mnt)
+    for mnt in v2:
+        offered = v2_controllers(mnt)
+        for c in _CONTROLLERS:
+            if c in offered:
+                found.setdefault(c, (mnt, 2))
+    return found
+
+
+def _v2_controllers(mnt: str) -> set[str]:
+    try:
+        return set(Path(mnt, "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+
+
+def _cgroup_limits(version: int, controllers: Sequence[str], max_pids: int,
+                   memory_bytes: int | None) -> list[tuple[str, str, bool]]:
+    """The files to write in one program's cgroup directory: (name, value, optional). The swap
+    knobs exist only where the kernel accounts swap; where they do, swap is disallowed, or the
+    kernel would swap the program out instead of stopping it: the machine slows down for
+    everyone and the program's memory exceeds the limit."""
+    out = []
+    if "pids" in controllers:
+        out.append(("pids.max", str(max_pids), False))
+    if "memory" in controllers and memory_bytes is not None:
+        if version == 1:  # memsw = memory + swap; it must be set after, and be >=, the memory limit
+            out += [("memory.limit_in_bytes", str(memory_bytes), False),
+                    ("memory.memsw.limit_in_bytes", str(memory_bytes), True)]
+        else:
+            out += [("memory.max", str(memory_bytes), False), ("memory.swap.max", "0", True)]
+    return out
+
+
+def _write_limits(path: str, limits: list[tuple[str, str, bool]]) -> None:
+    for name, value, optional in limits:
+        f = os.path.join(path, name)
+        if optional and not os.path.exists(f):
+            continue
+        with open(f, "w") as fh:
+            fh.write(value)
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    """A cgroup file of "key value" lines (memory.events, memory.oom_control) as a dict."""
+    out = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _ProgramCgroups:
+    """The cgroups of each program, when we are root and may create cgroups: per program, a
+    directory with the controllers we use that this machine has ("pids", "memory"), below
+    `nanoseek-sandbox/` at the root of the hierarchy: under cgroup v1 one in each controller's
+    hierarchy (the program joins each), under v2 one in the unified hierarchy.
+
+    pids, why: RLIMIT_NPROC does not apply to processes whose host uid is 0 (the kernel exempts
+    the root user even inside a user namespace), so when the evaluator runs as root, as in CI
+    and containers, a fork bomb would only be stopped by the wall clock, after thousands of
     processes. A cgroup's `pids.max` bounds it whatever the uid, and listing the cgroup's
     processes also lets us kill programs that escaped their process group with setsid().
     Not root (a laptop): RLIMIT_NPROC applies and counts per user namespace, so it suffices.
 
+    memory, why: RLIMIT_AS bounds each *process*, and a program may fork up to `nproc`
+    processes that each allocate `memory_mb`: nproc x memory_mb in all, enough to push the
+    evaluator and the programs next to it out of RAM. The memory cgroup bounds all of a
+    program's processes together (with headroom, `_memcg_bytes`), swap excluded; past it the
+    kernel's OOM killer SIGKILLs the program's largest process and the run is reported
+    "memory". RLIMIT_AS stays: one process that allocates too much still gets a MemoryError,
+    a clean verdict, before the cgroup's limit is reached.
+
     Cost: moving a process into a cgroup takes ~20 ms of kernel latency (an RCU grace period),
-    which overlaps with other workers' runs. Moving pool threads once and letting programs be
-    born in the thread's cgroup was tried and dropped: the pids of exited sandboxes stay charged
-    for ~1.5 s after they exit, so a shared cgroup's budget would vary from run to run.
+    which overlaps with other workers' runs; cgroup v1 needs one move per hierarchy (pids and
+    memory: two). Moving pool threads once and letting programs be born in the thread's cgroup
+    was tried and dropped: the pids of exited sandboxes stay charged for ~1.5 s after they exit,
+    so a shared cgroup's budget would vary from run to run (and so would a memory budget, with
+    the page cache of earlier programs charged to it).
     """
 
-    def __init__(self, base: str, version: int):
-        self.base = base
-        self.version = version
+    def __init__(self, hierarchies: list[tuple[str, int, tuple[str, ...]]]):
+        self.hierarchies = hierarchies  # (base directory, cgroup version, controllers there)
+        self.controllers = {c for _, _, cs in hierarchies for c in cs}
         self._n = 0
         self._lock = threading.Lock()
 
     @classmethod
-    def find(cls) -> "_PidsCgroup | None":
+    def find(cls) -> "_ProgramCgroups | None":
         if os.geteuid() != 0 or os.environ.get("NANOSEEK_SANDBOX_NO_CGROUP") == "1":
             return None
+        wanted = [c for c in _CONTROLLERS
+                  if not (c == "memory" and os.environ.get("NANOSEEK_SANDBOX_NO_MEMCG") == "1")]
         try:
-            mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+            mounts = _cgroup_mounts(Path("/proc/self/mountinfo").read_text(), _v2_controllers)
         except OSError:
             return None
-        v1 = v2 = None
-        for line in mounts:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 5 or len(rfields) < 3:
-                continue
-            mnt, fstype, opts = fields[4], rfields[0], rfields[2]
-            if fstype == "cgroup" and "pids" in opts.split(","):
-                v1 = mnt
-            elif fstype == "cgroup2":
+        by_mount: dict[tuple[str, int], list[str]] = {}
+        for c in wanted:
+            if c in mounts:
+                by_mount.setdefault(mounts[c], []).append(c)
+        hierarchies = []
+        for (mnt, version), controllers in by_mount.items():
+            base = os.path.join(mnt, "nanoseek-sandbox")
+            try:
+                os.makedirs(base, exist_ok=True)
+                if version == 2:  # enable the controllers for the children, one by one
+                    controllers = [c for c in controllers if _enable_v2(mnt, base, c)]
+                # Can we create a cgroup there and set its limits?
+                probe_dir = os.path.join(base, f"probe-{os.getpid()}")
+                os.mkdir(probe_dir)
                 try:
-                    if "pids" in Path(mnt, "cgroup.controllers").read_text().split():
-                        v2 = mnt
-                except OSError:
-                    pass
-        try:
-            if v2:
-                base = os.path.join(v2, "nanoseek-sandbox")
-                os.makedirs(base, exist_ok=True)
-                for d in (v2, base):  # enable the pids controller for children
-                    with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
-                        f.write("+pids")
-            elif v1:
-                base = os.path.join(v1, "nanoseek-sandbox")
-                os.makedirs(base, exist_ok=True)
-            else:
-                return None
-            probe_dir = os.path.join(base, f"probe-{os.getpid()}")
-            os.mkdir(probe_dir)
-            os.rmdir(probe_dir)
-        except OSError:
-            return None
-        return cls(base, 2 if v2 else 1)
+                    _write_limits(probe_dir, _cgroup_limits(version, controllers, 64, 64 << 20))
+                finally:
+                    os.rmdir(probe_dir)
+            except OSError:
+                continue
+            if controllers:
+                hierarchies.append((base, version, tuple(controllers)))
+        return cls(hierarchies) if hierarchies else None
 
-    def create(self, max_pids: int) -> str:
+    def create(self, max_pids: int, memory_bytes: int | None) -> "_CgroupRun":
         with self._lock:
             self._n += 1
-            path = os.path.join(self.base, f"run-{os.getpid()}-{self._n}")
-        os.mkdir(path)
-        self.set_max(path, max_pids)
-        return path
-
-    @staticmethod
-    def set_max(path: str, max_pids: int) -> None:
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(max_pids))
-
-    @staticmethod
-    def destroy(path: str) -> None:
-        """Kill what is left in the cgroup and remove it (retrying while tasks exit)."""
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                pids = [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
-            except OSError:
-                pids = []
-            for pid in pids:
-                if pid == os.getpid():  # never ourselves
+            name = f"run-{os.getpid()}-{self._n}"
+        run = _CgroupRun()
+        try:
+            for base, version, controllers in self.hierarchies:
+                limits = _cgroup_limits(version, controllers, max_pids, memory_bytes)
+                if not limits:  # a v1 memory hierarchy when memory is unlimited: not joined
                     continue
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                os.rmdir(path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    return  # left for the next start-up's sweep
-                time.sleep(0.005)
+                path = os.path.join(base, name)
+                os.mkdir(path)
+                run.dirs.append((path, version, controllers))
+                _write_limits(path, limits)
+        except BaseException:
+            run.destroy()
+            raise
+        return run
 
     def sweep(self) -> None:
         """Remove run-* cgroups left by earlier evaluators that died."""
+        for base, _, _ in self.hierarchies:
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("run-"):
+                    try:
+                        pid = int(name.split("-")[1])
+                    except (IndexError, ValueError):
+                        continue
+                    if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                        _remove_cgroup(os.path.join(base, name))
+
+
+def _enable_v2(mnt: str, base: str, controller: str) -> bool:
+    try:
+        for d in (mnt, base):
+            with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
+                f.write("+" + controller)
+        return True
+    except OSError:
+        return False
+
+
+class _CgroupRun:
+    """One program's cgroup directories: (path, cgroup version, controllers)."""
+
+    def __init__(self):
+        self.dirs: list[tuple[str, int, tuple[str, ...]]] = []
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """`argv` behind a shell that moves itself into each of the program's cgroups and then
+        execs it: the isolation tool and every descendant are born inside."""
+        joins = "".join(f"echo $$ > {shlex.quote(os.path.join(p, 'cgroup.procs'))} && "
+                        for p, _, _ in self.dirs)
+        return ["/bin/sh", "-c", joins + 'exec "$@"', "sh", *argv]
+
+    def stats(self) -> dict:
+        """{"oom_kills": processes the kernel's OOM killer killed for the memory limit,
+        "memory_peak": the most memory the program's processes held together, in bytes (None
+        without a memory cgroup or, on v2, before Linux 5.19)}."""
+        for path, version, controllers in self.dirs:
+            if "memory" not in controllers:
+                continue
+            if version == 1:
+                events = _read_keyed(os.path.join(path, "memory.oom_control"))
+                kills = events.get("oom_kill")
+                if kills is None:  # before Linux 4.13, no count: did it ever hit the limit?
+                    kills = int(bool(_read_int(os.path.join(path, "memory.failcnt"))))
+                peak = _read_int(os.path.join(path, "memory.max_usage_in_bytes"))
+            else:
+                kills = _read_keyed(os.path.join(path, "memory.events")).get("oom_kill", 0)
+                peak = _read_int(os.path.join(path, "memory.peak"))
+            return {"oom_kills": kills, "memory_peak": peak, "dirs": [p for p, _, _ in self.dirs]}
+        return {"oom_kills": 0, "memory_peak": None, "dirs": [p for p, _, _ in self.dirs]}
+
+    def destroy(self) -> None:
+        for path, _, _ in self.dirs:
+            _remove_cgroup(path)
+
+
+def _remove_cgroup(path: str) -> None:
+    """Kill what is left in the cgroup and remove it (retrying while tasks exit)."""
+    deadline = time.monotonic() + 5.0
+    while True:
         try:
-            names = os.listdir(self.base)
+            pids = [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
         except OSError:
+            pids = []
+        for pid in pids:
+            if pid == os.getpid():  # never ourselves
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.rmdir(path)
             return
-        for name in names:
-            if name.startswith("run-"):
-                try:
-                    pid = int(name.split("-")[1])
-                except (IndexError, ValueError):
-                    continue
-                if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
-                    self.destroy(os.path.join(self.base, name))
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                return  # left for the next start-up's sweep
+            time.sleep(0.005)
 
 
 @functools.lru_cache(maxsize=None)
-def _pids_cgroup() -> _PidsCgroup | None:
-    cg = _PidsCgroup.find()
+def _program_cgroups() -> _ProgramCgroups | None:
+    cg = _ProgramCgroups.find()
     if cg is not None:
         cg.sweep()
     return cg
 
 
+def _memcg_bytes(lim: Limits) -> int | None:
+    """The memory cgroup's limit for one program: `memory_mb` for all its processes together,
+    plus what the cgroup counts and RLIMIT_AS does not, each already bounded by its own limit:
+    files in its writable tmpfs mounts (at most two of `workdir_mb`: the working directory and
+    /dev/shm), its stdout and stderr (`file_mb` each), the helpers and kernel memory
+    (_MEMCG_SLACK_MB). So a program in one process meets RLIMIT_AS (a MemoryError, as without
+    the cgroup) before the cgroup's limit; only several processes together can reach the latter."""
+    if lim.memory_mb is None:
+        return None
+    return (lim.memory_mb + 2 * lim.workdir_mb + 2 * lim.file_mb + _MEMCG_SLACK_MB) * 1024 * 1024
+
+
 def process_limit(level: str) -> str:
     """How the per-program process limit is enforced: "cgroup", "rlimit" or "none"."""
-    if _pids_cgroup() is not None:
+    cg = _program_cgroups()
+    if cg is not None and "pids" in cg.controllers:
         return "cgroup"
     if os.geteuid() != 0 and level in ("bwrap", "unshare"):
         return "rlimit"  # RLIMIT_NPROC counted inside the program's own user namespace
     # root is exempt from RLIMIT_NPROC; without a user namespace it would count every process
     # of this user (and break programs of a user with many processes), so it is not set.
     return "none"
+
+
+def memory_limit(level: str) -> str:
+    """How the per-program memory limit (`Limits.memory_mb`) is enforced: "cgroup" (all of the
+    program's processes together, and RLIMIT_AS per process) or "rlimit" (RLIMIT_AS per process
+    only: a program that forks may use up to `nproc` x `memory_mb`). The same at every level;
+    `level` mirrors `process_limit`."""
+    cg = _program_cgroups()
+    return "cgroup" if cg is not None and "memory" in cg.controllers else "rlimit"
 
 
 # ------------------------------------------------------------------------------- the sandbox
@@ -446,6 +623,7 @@ class Sandbox:
                     f"Run scripts/setup_sandbox.sh (installs bubblewrap) or lower the requirement.")
         self.isolation = level
         self.process_limit = process_limit(level)  # "cgroup", "rlimit" or "none"
+        self.memory_limit = memory_limit(level)  # "cgroup" or "rlimit"
         if warn and level != "bwrap":
             print(f"[nanoseek.sandbox] WARNING: running untrusted code with isolation={level!r} "
                   f"({LEVEL_PROPERTIES[level]}); install bubblewrap for full isolation.",
@@ -498,56 +676,25 @@ class Sandbox:
         return out  # type: ignore[return-value]
 
 
-_CGROUP_SLACK = 8  # pids.max headroom for the helpers: sh, bwrap/unshare and their reapers
-
-
 def _run_one(job: Job, lim: Limits, level: str, python: str) -> Result:
     nonce = secrets.token_hex(16)
-    payload = {
-        "nonce": nonce,
-        "sys_path": list(_site_paths()),
-        "trusted_dirs": list(_trusted_dirs()),
-        "stages": job.stage_list(),
-        "files": job.files,
-        "mode": job.mode,
-        "preimport": job.preimport,
-        "timeout_s": lim.timeout_s,
-        "limits": {
-            "as_bytes": None if lim.memory_mb is None else lim.memory_mb * 1024 * 1024,
-            "fsize_bytes": lim.file_mb * 1024 * 1024,
-            "nofile": lim.nofile,
-            "nproc": lim.nproc if process_limit(level) == "rlimit" else None,
-            "cpu_s": int(lim.timeout_s + lim.grace_s) + 1,
-        },
-    }
     # The job, stdout and stderr are anonymous in-memory files (memfd): the program gets them
     # only as descriptors and cannot find them by path; nothing touches the disk.
     job_fd = _anon_file("nanoseek-job")
-    os.write(job_fd, marshal.dumps(payload))
+    os.write(job_fd, marshal.dumps(_payload(job, lim, level, nonce)))
     os.lseek(job_fd, 0, os.SEEK_SET)
     out_fd = _anon_file("nanoseek-stdout")
     err_fd = _anon_file("nanoseek-stderr")
     vr, vw = os.pipe()
     os.set_blocking(vr, False)
-    workdir = cgroup_path = None
+    workdir = cgroup = None
     try:
         py = [python, "-I", "-S", "-c", _RUNNER_SOURCE, str(job_fd), str(vw)]
-        if level == "bwrap":
-            argv, env, cwd = _bwrap_argv(lim) + py, {}, "/"  # env: --clearenv/--setenv inside
-        else:
-            workdir = tempfile.mkdtemp(prefix="nanoseek-sbx-")
-            env, cwd = _clean_env(workdir), workdir
-            if level == "unshare":
-                argv = _unshare_argv(workdir, lim.workdir_mb * 1024 * 1024) + py
-            else:
-                # A shell stays between the evaluator and the program, so that
-                # `os.kill(os.getppid(), ...)` kills the shell, not the evaluator.
-                argv = ["/bin/sh", "-c", '"$@"; exit $?', "sh"] + py
-        cgroups = _pids_cgroup()
+        argv, env, cwd, workdir = _isolation_argv(level, lim, py)
+        cgroups = _program_cgroups()
         if cgroups is not None:
-            cgroup_path = cgroups.create(lim.nproc + _CGROUP_SLACK)
-            # Join the cgroup before exec'ing the isolation tool, so every descendant is in it.
-            argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup_path] + argv
+            cgroup = cgroups.create(lim.nproc + _CGROUP_SLACK, _memcg_bytes(lim))
+            argv = cgroup.wrap(argv)  # joined before the isolation tool starts
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -566,16 +713,70 @@ def _run_one(job: Job, lim: Limits, level: str, python: str) -> Result:
         channel = _read_nonblocking(vr, 1 << 20)
         stdout = _read_capped(out_fd, lim.max_output_bytes)
         stderr = _read_capped(err_fd, lim.max_output_bytes)
+        stats = cgroup.stats() if cgroup is not None else {"oom_kills": 0}
+        if _on_cgroup_stats is not None and cgroup is not None:
+            _on_cgroup_stats(stats)
     finally:
-        if cgroup_path is not None:
-            _PidsCgroup.destroy(cgroup_path)
+        if cgroup is not None:
+            cgroup.destroy()
         for fd in (job_fd, out_fd, err_fd, vr, vw):
             if fd >= 0:
                 os.close(fd)
         if workdir is not None:
             _rmtree(workdir)
-    status, detail = _classify(channel, nonce, rc, timed_out, stderr)
+    status, detail = _oom_verdict(_classify(channel, nonce, rc, timed_out, stderr),
+                                  stats["oom_kills"], lim)
     return Result(status, stdout, stderr, duration, level, rc, detail)
+
+
+def _oom_verdict(verdict: tuple[str, str], oom_kills: int, lim: Limits) -> tuple[str, str]:
+    """The memory cgroup's OOM killer SIGKILLed `oom_kills` of the program's processes: unless
+    it passed anyway, whatever followed (a death by SIGKILL, a parent failing on its dead child,
+    a hang) is a "memory" verdict, like a MemoryError."""
+    status, detail = verdict
+    if not oom_kills or status in ("passed", "memory"):
+        return status, detail
+    return "memory", (f"out of memory: the kernel killed {oom_kills} of the program's processes, "
+                      f"which together exceeded memory_mb ({lim.memory_mb} MB + headroom) [{detail}]")
+
+
+def _payload(job: Job, lim: Limits, level: str, nonce: str) -> dict:
+    """What the harness (`_runner.py`) reads from its job descriptor."""
+    return {
+        "nonce": nonce,
+        "sys_path": list(_site_paths()),
+        "trusted_dirs": list(_trusted_dirs()),
+        "stages": job.stage_list(),
+        "files": job.files,
+        "mode": job.mode,
+        "preimport": job.preimport,
+        "timeout_s": lim.timeout_s,
+        "limits": {
+            "as_bytes": None if lim.memory_mb is None else lim.memory_mb * 1024 * 1024,
+            "fsize_bytes": lim.file_mb * 1024 * 1024,
+            "nofile": lim.nofile,
+            "nproc": lim.nproc if process_limit(level) == "rlimit" else None,
+            "cpu_s": int(lim.timeout_s + lim.grace_s) + 1,
+        },
+    }
+
+
+def _isolation_argv(level: str, lim: Limits, py: list[str]) -> tuple[list[str], dict, str, str | None]:
+    """(argv, env, cwd, host working directory to remove afterwards or None) to run `py`."""
+    if level == "bwrap":
+        return _bwrap_argv(lim) + py, {}, "/", None  # env: --clearenv/--setenv inside
+    workdir = tempfile.mkdtemp(prefix="nanoseek-sbx-")
+    if level == "unshare":
+        try:
+            argv = _unshare_argv(workdir, lim.workdir_mb * 1024 * 1024) + py
+        except BaseException:
+            _rmtree(workdir)
+            raise
+    else:
+        # A shell stays between the evaluator and the program, so that
+        # `os.kill(os.getppid(), ...)` kills the shell, not the evaluator.
+        argv = ["/bin/sh", "-c", '"$@"; exit $?', "sh"] + py
+    return argv, _clean_env(workdir), workdir, workdir
 
 
 def _anon_file(name: str) -> int:
@@ -756,12 +957,15 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int | None = 20
 
 
 def describe() -> dict:
-    """Which levels work here and why not, for `nanoseek eval sandbox`."""
+    """Which levels work here and why not, and how the process and memory limits are enforced
+    (`process_limit`, `memory_limit`), for `nanoseek eval sandbox`."""
     return {
         "best": best_isolation(),
         "levels": {lv: {"works": probe(lv)[0], "reason": probe(lv)[1],
                         **LEVEL_PROPERTIES[lv]} for lv in LEVELS[::-1]},
         "euid": os.geteuid(),
+        "process_limit": process_limit(best_isolation()),
+        "memory_limit": memory_limit(best_isolation()),
     }
 
 

@@ -15,9 +15,13 @@ import time
 
 import pytest
 
-from nanoseek.eval.sandbox import (LEVELS, IsolationUnavailable, Job, Limits, Sandbox,
-                                   _parse_verdicts, run_program)
+from nanoseek.eval import sandbox as sandbox_module
+from nanoseek.eval.sandbox import (LEVELS, IsolationUnavailable, Job, Limits, Sandbox, _cgroup_limits,
+                                   _cgroup_mounts, _memcg_bytes, _oom_verdict, _parse_verdicts,
+                                   _program_cgroups, describe, memory_limit, process_limit,
+                                   run_program)
 
+from ..conftest import skip_unless_ci
 from .conftest import IS_ROOT, make_sandbox
 
 
@@ -239,7 +243,137 @@ def test_memory_bomb(any_level):
     r = sb.run("x = bytearray(8 * 1024 ** 3)\nprint('allocated')")
     assert r.status == "memory" and "allocated" not in r.stdout, r
     r = sb.run("chunks = []\nwhile True:\n    chunks.append(b'x' * (16 * 1024 ** 2))\n")
-    assert r.status == "memory", r
+    # one process meets its RLIMIT_AS (a MemoryError) before the memory cgroup's limit, if any
+    assert r.status == "memory" and r.detail == "MemoryError", r
+
+
+# ------------------------------------------------- memory summed over all of a program's processes
+
+# Six children of ~200 MB each (every page written): each stays under a per-process limit of
+# 512 MB, together they hold 1.2 GB. The parent fails if any child died.
+FORKED_MEMORY = """
+import os, time
+kids = []
+for i in range({n}):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (200 << 20)
+        time.sleep(0.3)
+        os._exit(0)
+    kids.append(pid)
+codes = [os.waitpid(pid, 0)[1] for pid in kids]
+print(codes)
+assert not any(codes), f"children died: {{codes}}"
+"""
+
+
+@pytest.fixture
+def cgroup_stats(monkeypatch) -> list[dict]:
+    """The cgroup statistics of each run (peak memory, OOM kills, directories), read by the
+    sandbox just before it removes the cgroups."""
+    seen: list[dict] = []
+    monkeypatch.setattr(sandbox_module, "_on_cgroup_stats", seen.append)
+    return seen
+
+
+def needs_memory_cgroup(level: str) -> None:
+    if memory_limit(level) != "cgroup":
+        skip_unless_ci("no memory cgroup here (needs root and a v1 or v2 memory controller): "
+                       "memory is limited per process only (RLIMIT_AS)")
+
+
+def test_memory_is_bounded_over_all_processes(any_level, cgroup_stats):
+    needs_memory_cgroup(any_level.isolation)
+    lim = Limits(timeout_s=10, grace_s=2, memory_mb=512)
+    sb = Sandbox(any_level.isolation, warn=False, limits=lim)
+    t0 = time.monotonic()
+    r = sb.run(FORKED_MEMORY.format(n=6))
+    assert r.status == "memory" and "out of memory" in r.detail, r
+    assert time.monotonic() - t0 < 8
+    (stats,) = cgroup_stats
+    assert stats["oom_kills"] >= 1, stats
+    # The children's memory was counted (several reached 200 MB), and their sum, measured by the
+    # kernel, never exceeded memory_mb plus the headroom (_memcg_bytes: 512 + 192 MB here).
+    assert 400 << 20 < stats["memory_peak"] <= _memcg_bytes(lim), stats
+    assert not any(os.path.exists(d) for d in stats["dirs"]), stats
+    assert sb.run("print('still works')").stdout == "still works\n"
+
+
+def test_ordinary_program_fits_the_memory_limit(any_level, cgroup_stats):
+    sb = Sandbox(any_level.isolation, warn=False, limits=Limits(timeout_s=10, grace_s=2, memory_mb=512))
+    r = sb.run("block = b'x' * (100 << 20)\nprint(len(block))")
+    assert r.status == "passed" and r.stdout == f"{100 << 20}\n", r
+    if sb.memory_limit == "cgroup":
+        (stats,) = cgroup_stats
+        assert stats["oom_kills"] == 0 and 100 << 20 <= stats["memory_peak"] < 160 << 20, stats
+
+
+def test_cgroups_are_removed_after_runs(isolated, cgroup_stats):
+    cgroups = _program_cgroups()
+    if cgroups is None:
+        skip_unless_ci("no cgroups here (needs root and a pids or memory controller)")
+    # two children of 200 MB exceed this program's memory cgroup: 256 + 2 * 16 + 2 * 4 + 32 MB
+    sb = Sandbox(isolated.isolation, warn=False,
+                 limits=Limits(timeout_s=1, grace_s=1, memory_mb=256, workdir_mb=16, file_mb=4))
+    daemon = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+              "time.sleep(0.1)\n")
+    statuses = [sb.run(src).status for src in
+                ("print(1)", "while True:\n    pass\n", daemon, FORKED_MEMORY.format(n=2))]
+    expect_oom = "memory" if "memory" in cgroups.controllers else "passed"
+    assert statuses == ["passed", "timeout", "passed", expect_oom], statuses
+    assert len(cgroup_stats) == 4 and all(s["dirs"] for s in cgroup_stats)
+    left = [d for s in cgroup_stats for d in s["dirs"] if os.path.exists(d)]
+    mine = [n for base, _, _ in cgroups.hierarchies for n in os.listdir(base)
+            if n.startswith(f"run-{os.getpid()}-")]
+    assert left == [] and mine == [], (left, mine)
+
+
+def test_how_memory_and_processes_are_limited_is_reported(monkeypatch):
+    best = describe()["best"]
+    assert describe()["memory_limit"] == memory_limit(best) == Sandbox(best, warn=False).memory_limit
+    assert memory_limit(best) in ("cgroup", "rlimit")
+    # NANOSEEK_SANDBOX_NO_MEMCG=1: memory falls back to RLIMIT_AS alone, the pids cgroup stays
+    pids = process_limit(best)
+    monkeypatch.setenv("NANOSEEK_SANDBOX_NO_MEMCG", "1")
+    _program_cgroups.cache_clear()
+    try:
+        assert memory_limit(best) == "rlimit" and process_limit(best) == pids
+        assert Sandbox(best, warn=False).run("print(1)").status == "passed"
+    finally:
+        monkeypatch.delenv("NANOSEEK_SANDBOX_NO_MEMCG")
+        _program_cgroups.cache_clear()
+
+
+def test_an_oom_kill_is_a_memory_verdict():
+    lim = Limits(memory_mb=512)
+    killed = ("failed", "killed by SIGKILL before the program finished")
+    status, detail = _oom_verdict(killed, 2, lim)
+    assert status == "memory" and detail.startswith("out of memory: the kernel killed 2") and "SIGKILL" in detail
+    assert _oom_verdict(("timeout", "killed at the wall-clock limit"), 1, lim)[0] == "memory"
+    assert _oom_verdict(killed, 0, lim) == killed  # no OOM kill: unchanged
+    assert _oom_verdict(("passed", ""), 1, lim) == ("passed", "")  # a child died, the test passed
+    assert _oom_verdict(("memory", "MemoryError"), 1, lim) == ("memory", "MemoryError")
+
+
+def test_cgroup_discovery_v1_v2_and_hybrid():
+    v1 = ("30 25 0:26 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+          "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+          "32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+    assert _cgroup_mounts(v1, lambda mnt: set()) == {
+        "pids": ("/sys/fs/cgroup/pids", 1), "memory": ("/sys/fs/cgroup/memory", 1)}
+    v2 = "29 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert _cgroup_mounts(v2, lambda mnt: {"cpu", "memory", "pids"}) == {
+        "pids": ("/sys/fs/cgroup", 2), "memory": ("/sys/fs/cgroup", 2)}
+    hybrid = v1.splitlines()[0] + "\n" + v1.splitlines()[2]  # memory only in v2
+    assert _cgroup_mounts(hybrid, lambda mnt: {"memory"}) == {
+        "pids": ("/sys/fs/cgroup/pids", 1), "memory": ("/sys/fs/cgroup/unified", 2)}
+    assert _cgroup_mounts("", lambda mnt: set()) == {}
+    # the limits written: no swap (where the kernel has the knob), nothing for unlimited memory
+    assert _cgroup_limits(2, ("pids", "memory"), 72, 1 << 30) == [
+        ("pids.max", "72", False), ("memory.max", str(1 << 30), False), ("memory.swap.max", "0", True)]
+    assert _cgroup_limits(1, ("memory",), 72, 1 << 30) == [
+        ("memory.limit_in_bytes", str(1 << 30), False), ("memory.memsw.limit_in_bytes", str(1 << 30), True)]
+    assert _cgroup_limits(1, ("memory",), 72, None) == []
 
 
 def test_huge_output_is_cut_off(any_level):
