@@ -16,6 +16,11 @@ tokens per optimizer step (issue 12's criterion: trainer >= 1x transformers + Ad
 `--config small` is the `small` preset at one micro-batch of 4 x 512 (the earlier numbers in
 docs/train.md). Every step accumulates its micro-batches' gradients, then steps its optimizer.
 
+Precision as `nanoseek train --autocast auto` picks it: on a CPU with native bf16 matmuls the
+speedrun model (width 192) runs its LM head + CE in bf16 and the rest in fp32
+(trainer.use_bf16_head); transformers is then timed in fp32 and under bf16 autocast, and the
+faster of the two is the baseline; the trainer with an fp32 head is timed beside it.
+
 Ratios are against transformers; MFU is against a matmul peak measured in the same run (6 x
 activated params + attention FLOPs per token; the Muon Newton-Schulz FLOPs are not counted as
 useful work).
@@ -50,7 +55,7 @@ from nanoseek._runtime import keep_freed_memory
 from nanoseek.train import optim as optim_mod
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train.optim import OptimConfig, build_optimizer
-from nanoseek.train.trainer import use_bf16_autocast
+from nanoseek.train.trainer import use_bf16_autocast, use_bf16_head
 from nanoseek.train.metrics import measure_peak_flops, training_flops_per_token
 
 
@@ -107,6 +112,16 @@ def adamw_step(model, micro: list[torch.Tensor], kind: str, bf16: bool = False):
     return step
 
 
+def with_head(model, head: bool):
+    """The model with its loss's LM head + CE in bf16 when `head` (the trainer's "head" precision)."""
+    model.head_dtype = torch.bfloat16 if head else None
+    return model
+
+
+def head_note(head: bool) -> str:
+    return ", nanoseek's LM head + CE in bf16 (trainer.use_bf16_head)" if head else ""
+
+
 def muon_only(model, chunk_bytes: int, ns_dtype: str = "auto"):
     """One Muon step over the model's matrices with fixed random gradients."""
     params = [p for _, p in optim_mod.group_parameters(model)["muon"]]
@@ -161,9 +176,10 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="default",
                     help="keep: glibc keeps freed memory for reuse, as `nanoseek train` sets for its process "
                          "(nanoseek/_runtime.py), for every step timed here alike; default: glibc's defaults")
-    ap.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
-                    help="bf16 autocast for every step timed, as `nanoseek train --autocast` (auto: the trainer's "
-                         "choice for this model and machine, trainer.use_bf16_autocast)")
+    ap.add_argument("--autocast", choices=["auto", "bf16", "head", "off"], default="auto",
+                    help="bf16 autocast for every step timed, or the LM head alone in bf16 for nanoseek's steps, "
+                         "as `nanoseek train --autocast` (auto: the trainer's choice for this model and machine, "
+                         "trainer.use_bf16_autocast / use_bf16_head)")
     ap.add_argument("--muon-ab", action="store_true",
                     help="also time a Muon step alone: one whole-bucket Newton-Schulz batch vs the default "
                          "chunks, and fp32 vs bf16 iterations")
@@ -177,6 +193,7 @@ def main() -> None:
     torch.manual_seed(0)
     micro = [torch.randint(0, config.vocab_size, (batch, seq)) for _ in range(accum)]
     bf16 = use_bf16_autocast(args.autocast, torch.device("cpu"), config)
+    head = not bf16 and use_bf16_head(args.autocast, torch.device("cpu"), config)
     # MFU against the peak of the dtype the matmuls run in
     peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32, seconds=1.0)
     probe = Transformer(config)
@@ -185,14 +202,17 @@ def main() -> None:
     print(f"{args.config}: {accum} x micro-batch {batch} x {seq} = {accum * batch * seq} tokens/step, threads "
           f"{torch.get_num_threads()}, {'bf16' if bf16 else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s, {fpt / 1e6:.1f} MFLOP/token "
           f"(6 x activated params + attention); Muon Newton-Schulz in {str(ns_dtype).removeprefix('torch.')} "
-          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); every step {'under bf16 autocast' if bf16 else 'in fp32'}; allocator: "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); every step {'under bf16 autocast' if bf16 else 'in fp32'}{head_note(head)}; allocator: "
           f"{'freed memory kept (as nanoseek train), for every step alike' if args.malloc == 'keep' else 'glibc default'}")
 
     fns, phases = {}, {}
     if args.only != "transformers":
         torch.manual_seed(0)
-        fns["trainer"] = trainer_step(Transformer(config).train(), micro, phases, bf16=bf16)
-        fns["nanoseek"] = adamw_step(probe.train(), micro, "nanoseek", bf16)
+        fns["trainer"] = trainer_step(with_head(Transformer(config).train(), head), micro, phases, bf16=bf16)
+        fns["nanoseek"] = adamw_step(with_head(probe.train(), head), micro, "nanoseek", bf16)
+        if head:   # the trainer as it was before "auto" chose the bf16 head here
+            torch.manual_seed(0)
+            fns["trainer fp32 head"] = trainer_step(Transformer(config).train(), micro, {}, bf16=False)
     if args.only != "nanoseek":
         from bench_model import in_transformers  # benchmarks/ is the script's directory
 
@@ -201,15 +221,22 @@ def main() -> None:
             print("transformers not installed: baseline skipped")
         else:
             fns["transformers"] = adamw_step(hf.train(), micro, "transformers", bf16)
+            if head:   # nanoseek runs bf16 products: transformers gets its bf16 autocast too, the better counts
+                fns["transformers bf16"] = adamw_step(hf, micro, "transformers", True)
     if args.muon_ab and args.only != "transformers":
         if ns_dtype != torch.float32:       # the trainer as it was before "auto" chose bf16 here
             torch.manual_seed(0)
-            fns["trainer fp32 NS"] = trainer_step(Transformer(config).train(), micro, {}, "float32", bf16)
+            fns["trainer fp32 NS"] = trainer_step(with_head(Transformer(config).train(), head), micro, {}, "float32",
+                                                  bf16)
         fns["muon chunked"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES)
         fns["muon one batch"] = muon_only(probe, 1 << 62)
         fns["muon fp32"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES, "float32")
         fns["muon bf16"] = muon_only(probe, optim_mod.NS_CPU_CHUNK_BYTES, "bfloat16")
     dt = interleaved_medians(fns, warmup=1, reps=reps)
+    if "transformers bf16" in dt:
+        print(f"transformers + AdamW: fp32 {dt['transformers']:.2f} s/step, bf16 autocast "
+              f"{dt['transformers bf16']:.2f} s/step: the faster is the baseline")
+        dt["transformers"] = min(dt["transformers"], dt.pop("transformers bf16"))
     phases = {k: statistics.median(v[-reps:]) for k, v in phases.items()}
     report(dt, phases, accum * batch * seq, fpt, peak)
 
@@ -225,8 +252,11 @@ def report(dt: dict[str, float], phases: dict[str, float], tok: int, fpt: float,
     if "transformers" in dt:
         line("transformers: fwd+bwd (CE) + AdamW", "transformers")
     if "nanoseek" in dt:
-        line("nanoseek model: fwd+bwd (CE) + AdamW  [same work]", "nanoseek")
+        line("nanoseek model: fwd+bwd (CE) + AdamW  [same work]" + (", bf16 head" if "trainer fp32 head" in dt else ""),
+             "nanoseek")
         line("nanoseek trainer: V4 objective + clip + Muon/AdamW + bias", "trainer")
+        if "trainer fp32 head" in dt:
+            line("  the same, the LM head in fp32 instead of bf16", "trainer fp32 head")
         if "trainer fp32 NS" in dt:
             line("  the same, Newton-Schulz in fp32 instead of bf16", "trainer fp32 NS")
         parts = ", ".join(f"{k} {v:.3f} s" for k, v in phases.items())

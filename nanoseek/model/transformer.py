@@ -150,6 +150,10 @@ class Transformer(nn.Module):
         self.head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(c, lt) for lt in c.mtp_layer_types)
         self.dense_csa = False  # indexer warm-up switch (trainer sets it); see Attention
+        # The LM head + CE of `loss()` in this dtype outside autocast (None: the model's dtype).
+        # The trainer's "head" precision sets bf16 on CPUs with native bf16 matmuls for models too
+        # narrow for whole-model autocast: there the head is the biggest matmul of a step.
+        self.head_dtype: torch.dtype | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------ init
@@ -460,10 +464,11 @@ class Transformer(nn.Module):
         return LossTerms(total, ce, mtp, balance, indexer, n_tokens, logits, recall)
 
     def _head_loss(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """Mean CE of head(h) against labels (linear_cross_entropy; autocast as `self.head` would)."""
+        """Mean CE of head(h) against labels (linear_cross_entropy; autocast as `self.head` would,
+        else `head_dtype` when set). The log-softmax stays fp32 either way."""
         w = self.head.weight
-        if torch.is_autocast_enabled(h.device.type):
-            dt = torch.get_autocast_dtype(h.device.type)
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else self.head_dtype
+        if dt is not None:
             h, w = h.to(dt), w.to(dt)
         return linear_cross_entropy(h, w, labels, ignore_index)
 

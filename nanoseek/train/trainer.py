@@ -16,7 +16,8 @@ The DeepSeek-V4 recipe (spec section 3; V4 report sections 2.4 and 4.2):
     the indexer in both phases.
 Engineering: gradient accumulation to a token batch size, gradient clipping, bf16 autocast
 on CUDA and on CPUs with native bf16 matmuls for models of width >= 512 (`use_bf16_autocast`;
-fp32 elsewhere: bf16 matmul is ~100x slower than fp32 on CPUs without bf16 units), optional
+narrower models there run only the LM head + CE in bf16, `use_bf16_head`; fp32 elsewhere:
+bf16 matmul is ~100x slower than fp32 on CPUs without bf16 units), optional
 torch.compile, validation bits-per-byte, greedy sample generations, a live
 tqdm bar, JSONL (+ TensorBoard if installed) metrics with MFU and expert-load imbalance, and
 atomic checkpoints with exact resume (checkpoint.py).
@@ -123,7 +124,7 @@ class TrainConfig:
     resume: bool = False
     # --- systems ---
     device: str = "auto"                      # auto | cpu | cuda
-    autocast: str = "auto"                    # auto (use_bf16_autocast) | bf16 | off
+    autocast: str = "auto"                    # auto (use_bf16_autocast, use_bf16_head) | bf16 | head | off
     compile: bool | str = False               # True / "inductor", or another torch.compile backend name
     deterministic: bool = False
     find_unused_parameters: bool = False
@@ -396,6 +397,8 @@ def _wrap(run: Run) -> None:
                                                        ns_dtype=cfg.muon_ns_dtype))
     run.eval_model = _RootCall(run.module, model) if run.fsdp else model
     run.use_bf16 = use_bf16_autocast(cfg.autocast, d.device, model.config)
+    if not run.use_bf16 and use_bf16_head(cfg.autocast, d.device, model.config):
+        model.head_dtype = torch.bfloat16
 
 
 # Width from which "auto" trains in bf16 on a CPU with native bf16 matmuls: `small` (512) trains
@@ -412,6 +415,25 @@ def use_bf16_autocast(setting: str, device: torch.device, config) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and config.hidden_size >= CPU_BF16_MIN_WIDTH and fast_bf16_matmul("cpu")
+
+
+def use_bf16_head(setting: str, device: torch.device, config) -> bool:
+    """Whether the LM head + CE of the loss run in bf16 while the rest stays fp32 ("head"): as
+    --autocast head says, and under "auto" on a CPU with native bf16 matmuls for the models
+    too narrow for whole-model autocast. There the head is the step's biggest product (the
+    speedrun's [1024, 192] x [192, 4096], three times per pass, twice with MTP: ~20% of a
+    micro-step in fp32) and needs no other cast; its log-softmax stays fp32. The speedrun's
+    micro-step: 1.17x (docs/train.md, "Speed")."""
+    if setting in ("head", "bf16"):
+        return True
+    if setting != "auto":
+        return False
+    return device.type == "cpu" and fast_bf16_matmul("cpu")
+
+
+def precision_name(run_bf16: bool, head_dtype) -> str:
+    """What the start record and the report call the run's precision."""
+    return "bf16" if run_bf16 else "head-bf16" if head_dtype == torch.bfloat16 else "off"
 
 
 def _load_tokenizer(cfg: TrainConfig):
@@ -481,7 +503,7 @@ def _start_log(run: Run, resumed: bool) -> None:
                        "activated_params": model.num_parameters(activated=True),
                        "flops_per_token": run.flops_per_token, "peak_flops": run.peak_flops,
                        "batch_tokens": run.batch_tokens, "accum": run.accum, "world": d.world,
-                       "device": str(d.device), "autocast": "bf16" if run.use_bf16 else "off"})
+                       "device": str(d.device), "autocast": precision_name(run.use_bf16, model.head_dtype)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,32 @@ def test_bf16_autocast_training_step_is_finite_and_close():
     assert model.layers[0].hc_attn.fn.grad.dtype == torch.float32
 
 
+def test_bf16_head_outside_autocast_matches_its_oracle():
+    """Transformer.head_dtype (the trainer's "head" precision): the loss's LM head + CE take h and
+    the head weight in bf16 while the model stays fp32. Oracle: PyTorch's own bf16 product,
+    upcast, then F.cross_entropy; the fp32 loss is within bf16 rounding and not equal to it."""
+    torch.manual_seed(0)
+    model = perturbed(Transformer(ModelConfig.from_preset("tiny"))).train()
+    h = torch.randn(96, model.config.hidden_size, requires_grad=True)
+    labels = torch.randint(0, model.config.vocab_size, (96,))
+    labels[::7] = -100
+    fp32 = model._head_loss(h, labels, -100)
+    model.head_dtype = torch.bfloat16
+    got = model._head_loss(h, labels, -100)
+    gh, gw = torch.autograd.grad(got, (h, model.head.weight))
+    ref = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(h.bfloat16(), model.head.weight.bfloat16()).float(), labels)
+    rh, rw = torch.autograd.grad(ref, (h, model.head.weight))
+    assert gh.dtype == gw.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 1e-5
+    assert (gh - rh).abs().max() < 0.02 * rh.abs().max() and (gw - rw).abs().max() < 0.02 * rw.abs().max()
+    assert got.item() != fp32.item() and abs(got.item() - fp32.item()) < 0.01 * fp32.item()
+    # the whole objective takes it too, and trains
+    terms = model.loss(torch.randint(0, model.config.vocab_size, (2, 48)))
+    terms.loss.backward()
+    assert torch.isfinite(terms.loss) and model.head.weight.grad.dtype == torch.float32
+
+
 def test_indexer_recall_metric():
     from nanoseek.model.indexer import indexer_recall
 

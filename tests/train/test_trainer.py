@@ -51,6 +51,35 @@ def test_autocast_auto_policy(monkeypatch, native):
     assert wide.hidden_size >= trainer.CPU_BF16_MIN_WIDTH > narrow.hidden_size
     for dev in (cpu, cuda):
         assert trainer.use_bf16_autocast("bf16", dev, narrow) and not trainer.use_bf16_autocast("off", dev, wide)
+    # the LM head alone in bf16: where whole-model autocast is not chosen on a native-bf16 CPU
+    assert trainer.use_bf16_head("auto", cpu, narrow) is native
+    assert trainer.use_bf16_head("head", cpu, narrow) and not trainer.use_bf16_head("off", cpu, narrow)
+    assert not trainer.use_bf16_autocast("head", cpu, wide)
+
+
+def test_head_precision_run(train_data, tmp_path, monkeypatch):
+    """--autocast head: the loss's LM head + CE in bf16 (Transformer.head_dtype), the rest fp32;
+    the start record says so, and the run trains like the fp32 one (first loss within bf16
+    rounding of it, and lower at the end)."""
+    from nanoseek.train import trainer
+
+    seen = {}
+    real = trainer._wrap
+
+    def spy(run):
+        real(run)
+        seen["head"], seen["param"] = run.model.head_dtype, run.model.head.weight.dtype
+
+    monkeypatch.setattr(trainer, "_wrap", spy)
+    train(tiny_cfg(train_data, tmp_path / "head", autocast="head", max_steps=6))
+    assert seen == {"head": torch.bfloat16, "param": torch.float32}
+    train(tiny_cfg(train_data, tmp_path / "fp32", autocast="off", max_steps=6))
+    assert seen == {"head": None, "param": torch.float32}
+    start = json.loads((tmp_path / "head" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["autocast"] == "head-bf16"
+    h, f = records(tmp_path / "head"), records(tmp_path / "fp32")
+    assert h[0]["ce"] != f[0]["ce"] and abs(h[0]["ce"] - f[0]["ce"]) < 0.02 * f[0]["ce"]
+    assert h[-1]["ce"] < h[0]["ce"] - 0.3
 
 
 # ------------------------------------------------------------------------- bits per byte
