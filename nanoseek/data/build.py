@@ -17,8 +17,11 @@ Output layout:
   DIR/train/part-NNNNN.jsonl, DIR/val/part-NNNNN.jsonl   one JSON object per line:
       {"id", "repo", "path", "lang", "license", "source", "content"}
   DIR/manifest.json   configuration, every drop reason with file/byte counts and examples,
-                      redaction counts, languages, licenses, split, throughput (written last:
-                      its presence marks a finished build)
+                      redaction counts, languages, licenses, split, throughput, and three
+                      digests: `fingerprint` (the settings), `inputs_digest` (what was read:
+                      a rerun with unchanged settings rebuilds when it changed) and
+                      `content_digest` (what was written: the tokenizer and shards key on it).
+                      Written last: its presence marks a finished build.
   DIR/summary.md      the same, for people
   DIR/groups.tsv      group  split  files  bytes
 """
@@ -249,32 +252,78 @@ def _process_task_items(task: srcs.Task) -> _Result:
 # ---------------------------------------------------------------------------------------------
 # Main process
 
-def _prepare_out(out: Path, cfg: BuildConfig, force: bool) -> dict | None:
-    """Return the existing manifest if this exact build is already complete, else ready `out`."""
+def _existing_build(out: Path, cfg: BuildConfig, force: bool) -> dict | None:
+    """The manifest of a finished build in `out` with these settings (None if there is none, or
+    with force). Raises if `out` holds a build with other settings (unless force) or anything
+    that is not a nanoseek corpus: neither is overwritten by mistake."""
     manifest = out / "manifest.json"
     if manifest.is_file() and not (out / _BUILDING).exists():
         try:
             old = json.loads(manifest.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("fingerprint") == cfg.fingerprint() and not force:
+        old = old if isinstance(old, dict) else {}
+        if force:
+            return None
+        if old.get("fingerprint") == cfg.fingerprint():
             return old
-        if not force:
-            raise FileExistsError(f"{out} holds a corpus built with different settings; "
-                                  f"pass --force (force=True) to rebuild it")
-    if out.exists() and any(out.iterdir()):
-        ours = (out / _BUILDING).exists() or manifest.is_file()
-        if not ours:
-            raise FileExistsError(f"{out} exists and is not a nanoseek corpus; refusing to overwrite it")
-        for name in ("train", "val", ".staging", "manifest.json", "summary.md", "groups.tsv", _BUILDING):
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        raise FileExistsError(f"{out} holds a corpus built with different settings; "
+                              f"pass --force (force=True) to rebuild it")
+    if out.exists() and any(out.iterdir()) and not ((out / _BUILDING).exists() or manifest.is_file()):
+        raise FileExistsError(f"{out} exists and is not a nanoseek corpus; refusing to overwrite it")
+    return None
+
+
+def _reset_out(out: Path) -> None:
+    """Remove a previous (finished or interrupted) build from `out` and mark a build in progress."""
+    for name in ("train", "val", ".staging", "manifest.json", "summary.md", "groups.tsv", _BUILDING):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / _BUILDING).write_text("a build is in progress (or was interrupted)\n")
-    return None
+
+
+def _stat_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}\0missing"
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def inputs_digest(refs: list[srcs.FileRef], enum: srcs.Enumerated, cfg: BuildConfig) -> str:
+    """A cheap signature of what a build reads: every source file it would read (path, size,
+    mtime, group, license, language), every archive and table slice (path, size, mtime, slice),
+    every file skipped from its path or size, and the extra decontamination sets. It changes
+    when a code file is added, removed, edited or relicensed; files that are not code (README,
+    data) are not in it. Hashed as it goes: no list beyond the enumeration's own is built."""
+    h = hashlib.sha256()
+
+    def put(*parts) -> None:
+        h.update("\0".join(str(p) for p in parts).encode("utf-8", "surrogatepass") + b"\n")
+
+    for r in refs:
+        put("file", r.path, r.size, r.mtime_ns, r.group, r.license, r.lang)
+    last = stat = None
+    for t in enum.tasks:
+        if t.path != last:              # a table's slices share one stat
+            last, stat = t.path, _stat_key(t.path)
+        put("task", t.kind, t.source, stat, t.part, t.start, t.end)
+    for s in enum.skips:
+        put("skip", s.reason, s.where, s.size)
+    for p in cfg.decontam_extra:
+        put("decontam", _stat_key(p))
+    return h.hexdigest()[:16]
+
+
+def corpus_id(manifest: dict) -> str:
+    """What a tokenizer or token shards made from a corpus record and are checked against: the
+    digest of its contents, so that a rebuild over changed sources is never taken for the corpus
+    they were made from. A manifest from before content digests falls back to its fingerprint."""
+    return manifest.get("content_digest") or manifest["fingerprint"]
 
 
 def _sampler(refs, tasks, max_bytes: int, seed: int):
@@ -314,12 +363,83 @@ def _choose_val(bucket_bytes: dict[int, int], fraction: float, seed: int) -> set
     return val
 
 
+class _Merger:
+    """The main process' side of a build: merges worker results in task order, deduplicates, and
+    appends kept documents to one staging file per bucket, hashing each file as it is written."""
+
+    def __init__(self, cfg: BuildConfig, staging: Path):
+        self.total = _Result()
+        self.staging = staging
+        self.handles: dict[int, object] = {}
+        self.hashes: dict[int, object] = {}        # bucket -> sha256 of its file so far
+        self.bucket_bytes: Counter = Counter()
+        self.group_stats: dict[str, list] = defaultdict(lambda: [0, 0, 0])   # files, bytes, bucket
+        self.lang_stats: dict[str, list] = defaultdict(lambda: [0, 0])
+        self.lic_stats: dict[str, list] = defaultdict(lambda: [0, 0])
+        self.exact: set[bytes] = set()
+        self.near = dedup.NearDupIndex(cfg.near_dup_threshold) if cfg.near_dedup else None
+        self.kept = 0
+        self.warned = 0
+
+    def add(self, res: _Result) -> None:
+        total = self.total
+        total.files_seen += res.files_seen
+        total.bytes_read += res.bytes_read
+        total.not_code += res.not_code
+        total.redactions.update(res.redactions)
+        total.contaminated_by.update(res.contaminated_by)
+        for reason, (n, b, ex) in res.drops.items():
+            d = total.drops.setdefault(reason, [0, 0, []])
+            d[0] += n
+            d[1] += b
+            d[2].extend(ex[: _EXAMPLES - len(d[2])])
+            if reason == "unreadable" and self.warned < 20:
+                for e in ex:
+                    print(printable(f"warning: skipped unreadable input {e}"), file=sys.stderr)
+                    self.warned += 1
+        for doc in res.docs:
+            self._add_doc(doc)
+
+    def _add_doc(self, doc: _Doc) -> None:
+        if doc.digest in self.exact:
+            self.total.drop("exact_duplicate", doc.nbytes, doc.where)
+            return
+        self.exact.add(doc.digest)
+        if self.near is not None and doc.sig is not None and self.near.add(self.kept, doc.sig) is not None:
+            self.total.drop("near_duplicate", doc.nbytes, doc.where)
+            return
+        f = self.handles.get(doc.bucket)
+        if f is None:
+            f = self.handles[doc.bucket] = open(self.staging / f"part-{doc.bucket:05d}.jsonl", "wb", buffering=1 << 20)
+            self.hashes[doc.bucket] = hashlib.sha256()
+        f.write(doc.line)
+        self.hashes[doc.bucket].update(doc.line)
+        self.kept += 1
+        self.bucket_bytes[doc.bucket] += doc.nbytes
+        g = self.group_stats[doc.group]
+        g[0] += 1
+        g[1] += doc.nbytes
+        g[2] = doc.bucket
+        self.lang_stats[doc.lang][0] += 1
+        self.lang_stats[doc.lang][1] += doc.nbytes
+        self.lic_stats[doc.license or "unknown"][0] += 1
+        self.lic_stats[doc.license or "unknown"][1] += doc.nbytes
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+
+
 def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *, workers: int | None = None,
-                 force: bool = False, progress: bool = True, **options) -> dict:
+                 force: bool = False, progress: bool = True, check_inputs: bool = True, **options) -> dict:
     """Build the corpus into `out_dir` and return its manifest (see module docstring).
 
     `options` are BuildConfig fields (languages, license_policy, max_mb, val_fraction, seed, ...).
-    If `out_dir` already holds a finished build with the same settings it is reused as is.
+    If `out_dir` already holds a finished build with the same settings over the same sources
+    (`inputs_digest`: no code file added, removed or changed since) it is reused as is; if the
+    sources changed it is rebuilt. `check_inputs=False` reuses a finished build with the same
+    settings without looking at the sources (a resumable pipeline's finished stage: the
+    speedrun's later stages were made from it).
     """
     cfg = BuildConfig(sources=list(sources or ["default"]), **options)
     if cfg.license_policy not in licenses.POLICIES:
@@ -330,23 +450,32 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
             raise ValueError(f"unknown language(s) {unknown}; known: {', '.join(srcs.LANGUAGES)}")
     specs = [srcs.parse_source(s) for s in cfg.sources]
     out = Path(out_dir)
-    done = _prepare_out(out, cfg, force)
-    if done is not None:
+    old = _existing_build(out, cfg, force)
+    if old is not None and not check_inputs:
         if progress:
             print(f"corpus in {out} is already complete (manifest.json); reusing it", file=sys.stderr)
-        return done
+        return old
     t0 = time.perf_counter()
+    limits = srcs.SizeLimits(cfg.min_bytes, cfg.max_bytes)
+    refs, enum = srcs.enumerate_sources(specs, limits)
+    inputs = inputs_digest(refs, enum, cfg)
+    if old is not None:
+        if old.get("inputs_digest") in (inputs, None):
+            if progress:
+                print(f"corpus in {out} is already complete (manifest.json); reusing it", file=sys.stderr)
+            if "inputs_digest" not in old:
+                print(f"note: {out} was built before source signatures were recorded, so whether its sources "
+                      f"changed since is unknown; pass --force to rebuild it", file=sys.stderr)
+            return old
+        print(f"the sources of the corpus in {out} changed since it was built; rebuilding it", file=sys.stderr)
+    _reset_out(out)
 
     decontaminator = None
     benchmarks = []
     if cfg.decontaminate:
         benchmarks = [clean.humaneval_benchmark()] + [clean.jsonl_benchmark(p) for p in cfg.decontam_extra]
         decontaminator = clean.Decontaminator(benchmarks)
-
-    limits = srcs.SizeLimits(cfg.min_bytes, cfg.max_bytes)
-    refs, enum = srcs.enumerate_sources(specs, limits)
-    pre_skips = enum.skips
-    tasks = enum.tasks
+    pre_skips, tasks = enum.skips, enum.tasks
     if cfg.max_mb:
         keep = _sampler(refs, tasks, int(cfg.max_mb * 1e6), cfg.seed)
         if keep is not None:
@@ -356,34 +485,47 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
     tasks = srcs.batch_files(refs) + tasks
     t_enum = time.perf_counter() - t0
 
-    total = _Result()
-    for s in pre_skips:
-        total.files_seen += 1
-        total.drop(s.reason, s.size, s.where, s.message)
-        if s.reason == "unreadable":
-            print(printable(f"warning: skipped unreadable input {s.where}: {s.message}"), file=sys.stderr)
-    total.not_code = enum.not_code
-
     staging = out / ".staging"
     staging.mkdir()
-    handles: dict[int, object] = {}
-    bucket_bytes: Counter = Counter()
-    group_stats: dict[str, list] = defaultdict(lambda: [0, 0, 0])   # files, bytes, bucket
-    lang_stats: dict[str, list] = defaultdict(lambda: [0, 0])
-    lic_stats: dict[str, list] = defaultdict(lambda: [0, 0])
-    exact: set[bytes] = set()
-    near = dedup.NearDupIndex(cfg.near_dup_threshold) if cfg.near_dedup else None
-    kept = 0
-    cap = int(cfg.max_mb * 1e6) if cfg.max_mb else None
-    warned = 0
-
+    merge = _Merger(cfg, staging)
+    for s in pre_skips:
+        merge.total.files_seen += 1
+        merge.total.drop(s.reason, s.size, s.where, s.message)
+        if s.reason == "unreadable":
+            print(printable(f"warning: skipped unreadable input {s.where}: {s.message}"), file=sys.stderr)
+    merge.total.not_code = enum.not_code
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    est_total = sum(t.est_bytes for t in tasks)
+    _run_tasks(tasks, cfg, decontaminator, workers, merge, progress)
+    t_process = time.perf_counter() - t0 - t_enum
+
+    val_buckets = _choose_val(dict(merge.bucket_bytes), cfg.val_fraction, cfg.seed)
+    files, content_digest = _write_splits(out, merge, val_buckets)
+    split_stats = _write_groups(out, merge, val_buckets)
+    elapsed = time.perf_counter() - t0
+    timing = {"enumerate_s": round(t_enum, 3), "process_s": round(t_process, 3), "total_s": round(elapsed, 3),
+              "workers": workers, "mb_per_s": round(merge.total.bytes_read / 1e6 / max(elapsed, 1e-9), 2)}
+    digests = {"inputs_digest": inputs, "content_digest": content_digest}
+    manifest = _manifest(cfg, specs, digests, merge, decontaminator, benchmarks, val_buckets, split_stats, files,
+                         timing)
+    (out / "summary.md").write_text(summary_markdown(manifest), encoding="utf-8")
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
+    (out / _BUILDING).unlink()
+    return manifest
+
+
+def _run_tasks(tasks: list[srcs.Task], cfg: BuildConfig, decontaminator, workers: int, merge: _Merger,
+               progress: bool) -> None:
+    """Read and clean every task (in worker processes when workers > 1), merging the results in
+    task order, until --max-mb bytes have been read."""
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=est_total, unit="B", unit_scale=True, desc="data build", file=sys.stderr, smoothing=0.1)
+        bar = tqdm(total=sum(t.est_bytes for t in tasks), unit="B", unit_scale=True, desc="data build",
+                   file=sys.stderr, smoothing=0.1)
+    cap = int(cfg.max_mb * 1e6) if cfg.max_mb else None
 
     def results():
         if workers == 1 or len(tasks) <= 1:
@@ -398,81 +540,56 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
         for task, res in results():
             if bar is not None:
                 bar.update(task.est_bytes)
-            total.files_seen += res.files_seen
-            total.bytes_read += res.bytes_read
-            total.not_code += res.not_code
-            total.redactions.update(res.redactions)
-            total.contaminated_by.update(res.contaminated_by)
-            for reason, (n, b, ex) in res.drops.items():
-                d = total.drops.setdefault(reason, [0, 0, []])
-                d[0] += n
-                d[1] += b
-                d[2].extend(ex[: _EXAMPLES - len(d[2])])
-                if reason == "unreadable" and warned < 20:
-                    for e in ex:
-                        print(printable(f"warning: skipped unreadable input {e}"), file=sys.stderr)
-                        warned += 1
-            for doc in res.docs:
-                if doc.digest in exact:
-                    total.drop("exact_duplicate", doc.nbytes, doc.where)
-                    continue
-                exact.add(doc.digest)
-                if near is not None and doc.sig is not None:
-                    if near.add(kept, doc.sig) is not None:
-                        total.drop("near_duplicate", doc.nbytes, doc.where)
-                        continue
-                f = handles.get(doc.bucket)
-                if f is None:
-                    f = handles[doc.bucket] = open(staging / f"part-{doc.bucket:05d}.jsonl", "wb", buffering=1 << 20)
-                f.write(doc.line)
-                kept += 1
-                bucket_bytes[doc.bucket] += doc.nbytes
-                g = group_stats[doc.group]
-                g[0] += 1
-                g[1] += doc.nbytes
-                g[2] = doc.bucket
-                lang_stats[doc.lang][0] += 1
-                lang_stats[doc.lang][1] += doc.nbytes
-                lic_stats[doc.license or "unknown"][0] += 1
-                lic_stats[doc.license or "unknown"][1] += doc.nbytes
-            if cap is not None and total.bytes_read >= cap:
+            merge.add(res)
+            if cap is not None and merge.total.bytes_read >= cap:
                 break
     finally:
-        for f in handles.values():
-            f.close()
+        merge.close()
         if bar is not None:
             bar.close()
-    t_process = time.perf_counter() - t0 - t_enum
 
-    val_buckets = _choose_val(dict(bucket_bytes), cfg.val_fraction, cfg.seed)
-    files = {"train": [], "val": []}
+
+def _write_splits(out: Path, merge: _Merger, val_buckets: set[int]) -> tuple[dict[str, list[str]], str]:
+    """Move the bucket files into train/ and val/; return the file lists and the corpus' content
+    digest: sha256 over each file's name and sha256 (hashed while written: nothing is read back)."""
+    files: dict[str, list[str]] = {"train": [], "val": []}
     for split in files:
         (out / split).mkdir()
-    for b in sorted(bucket_bytes):
+    listing = hashlib.sha256()
+    for b in sorted(merge.bucket_bytes):
         split = "val" if b in val_buckets else "train"
         name = f"{split}/part-{b:05d}.jsonl"
-        os.replace(staging / f"part-{b:05d}.jsonl", out / name)
+        os.replace(merge.staging / f"part-{b:05d}.jsonl", out / name)
         files[split].append(name)
-    shutil.rmtree(staging)
+        listing.update(f"{name}\t{merge.hashes[b].hexdigest()}\n".encode())
+    shutil.rmtree(merge.staging)
+    return files, listing.hexdigest()
 
-    split_stats = {s: {"files": 0, "bytes": 0, "groups": 0} for s in files}
+
+def _write_groups(out: Path, merge: _Merger, val_buckets: set[int]) -> dict[str, dict]:
+    """groups.tsv, and files / bytes / groups per split."""
+    split_stats = {s: {"files": 0, "bytes": 0, "groups": 0} for s in ("train", "val")}
     with open(out / "groups.tsv", "w", encoding="utf-8") as f:
         f.write("group\tsplit\tfiles\tbytes\n")
-        for gname in sorted(group_stats):
-            n, b, bucket = group_stats[gname]
+        for gname in sorted(merge.group_stats):
+            n, b, bucket = merge.group_stats[gname]
             split = "val" if bucket in val_buckets else "train"
             f.write(f"{tsv_field(gname)}\t{split}\t{n}\t{b}\n")
             st = split_stats[split]
             st["files"] += n
             st["bytes"] += b
             st["groups"] += 1
+    return split_stats
 
-    elapsed = time.perf_counter() - t0
-    kept_bytes = sum(bucket_bytes.values())
-    manifest = {
+
+def _manifest(cfg: BuildConfig, specs, digests: dict, merge: _Merger, decontaminator, benchmarks,
+              val_buckets: set[int], split_stats: dict, files: dict, timing: dict) -> dict:
+    total, near = merge.total, merge.near
+    return {
         "format": "nanoseek-corpus",
         "version": PIPELINE_VERSION,
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": cfg.fingerprint(),   # the settings; inputs_digest / content_digest: what was read / written
+        **digests,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": asdict(cfg),
         "sources": [s.label for s in specs],
@@ -481,14 +598,15 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
             "files_seen": total.files_seen,
             "bytes_read": total.bytes_read,
             "not_code_ignored": total.not_code,
-            "kept_files": kept,
-            "kept_bytes": kept_bytes,
+            "kept_files": merge.kept,
+            "kept_bytes": sum(merge.bucket_bytes.values()),
             "dropped_files": sum(v[0] for v in total.drops.values()),
         },
         "dropped": {k: {"files": v[0], "bytes": v[1], "examples": v[2]} for k, v in sorted(total.drops.items())},
         "redactions": dict(sorted(total.redactions.items())),
-        "languages": {k: {"files": v[0], "bytes": v[1]} for k, v in sorted(lang_stats.items())},
-        "licenses": {k: {"files": v[0], "bytes": v[1]} for k, v in sorted(lic_stats.items(), key=lambda kv: -kv[1][1])},
+        "languages": {k: {"files": v[0], "bytes": v[1]} for k, v in sorted(merge.lang_stats.items())},
+        "licenses": {k: {"files": v[0], "bytes": v[1]}
+                     for k, v in sorted(merge.lic_stats.items(), key=lambda kv: -kv[1][1])},
         "license_policy": {"policy": cfg.license_policy, "allowed_categories": list(licenses.POLICIES[cfg.license_policy])},
         "dedup": {
             "exact": "blake2b-128 of the cleaned text",
@@ -506,15 +624,8 @@ def build_corpus(out_dir: str | os.PathLike, sources: list[str] | None = None, *
         "split": {"by": "group (repository / package)", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "num_buckets": cfg.num_buckets, "val_buckets": sorted(val_buckets), **split_stats},
         "files": files,
-        "timing": {"enumerate_s": round(t_enum, 3), "process_s": round(t_process, 3), "total_s": round(elapsed, 3),
-                   "workers": workers, "mb_per_s": round(total.bytes_read / 1e6 / max(elapsed, 1e-9), 2)},
+        "timing": timing,
     }
-    (out / "summary.md").write_text(summary_markdown(manifest), encoding="utf-8")
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
-    (out / _BUILDING).unlink()
-    return manifest
 
 
 def _mb(b: int) -> str:

@@ -12,8 +12,8 @@ On disk (SHARDDIR):
   {split}/shard-NNNNN.docs.npy     int64 offsets, length ndocs + 1: document i is
                                    tokens[docs[i]:docs[i + 1]]
   plan.json                        the chunking of the corpus into shards (for resuming)
-  index.json                       shard list, counts, dtype, special ids, tokenizer and corpus
-                                   fingerprints; written last: its presence marks completion
+  index.json                       shard list, counts, dtype, special ids, tokenizer fingerprint
+                                   and corpus content digest; written last: marks completion
 Each shard is the tokenization of one ~16 MB slice of a corpus file, written to a temporary
 name and renamed, so an interrupted run resumes by redoing only the missing shards, and the
 output is identical whatever the number of worker processes.
@@ -152,18 +152,20 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
                     force: bool = False, progress: bool = True) -> dict:
     """Tokenize every split of a corpus into memory-mapped shards; return the index (see module doc).
 
-    Resumes an interrupted run; returns the existing index if this exact job already finished.
-    Every `verify_every`-th document is also encoded with `tokenizers` and must match.
+    Resumes an interrupted run; returns the existing index if this exact job already finished
+    (same tokenizer, same corpus contents: shards of an earlier build of the corpus are refused
+    unless force). Every `verify_every`-th document is also encoded with `tokenizers` and must match.
     """
-    from nanoseek.data.build import load_manifest
+    from nanoseek.data.build import corpus_id, load_manifest
     from nanoseek.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     manifest = load_manifest(corpus_dir)
     tok = load_tokenizer(tokenizer_dir)
-    settings = {"corpus": manifest["fingerprint"], "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+    # "corpus": the digest of the corpus' contents, so shards of an earlier build are never reused
+    settings = {"corpus": corpus_id(manifest), "tokenizer": tokenizer_fingerprint(tokenizer_dir),
                 "chunk_mb": chunk_mb}
     out = Path(out_dir)
-    index_path, plan_path = out / _INDEX, out / _PLAN
+    index_path = out / _INDEX
     if index_path.is_file() and not force:
         idx = json.loads(index_path.read_text())
         if idx.get("settings") == settings:
@@ -171,35 +173,8 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
                 print(f"shards in {out} are already complete (index.json); reusing them", file=sys.stderr)
             return idx
         raise FileExistsError(f"{out} holds shards of another corpus/tokenizer; pass --force to redo them")
-    if force and out.exists():
-        for p in [index_path, plan_path]:
-            if p.exists():
-                p.unlink()
-        for split in ("train", "val"):
-            if (out / split).is_dir():
-                shutil.rmtree(out / split)
-    if out.exists() and any(out.iterdir()) and not plan_path.is_file():
-        raise FileExistsError(f"{out} exists and is not a nanoseek shard directory; refusing to write into it")
-
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
-        if plan["settings"] != settings:
-            raise FileExistsError(f"{out} holds a partial run for another corpus/tokenizer; pass --force")
-    else:
-        jobs = []
-        for split in ("train", "val"):
-            k = 0
-            for name in manifest["files"][split]:
-                for start, end in _chunks(Path(corpus_dir) / name, int(chunk_mb * 1e6)):
-                    jobs.append({"split": split, "name": f"{split}/shard-{k:05d}", "file": name, "start": start, "end": end})
-                    k += 1
-        plan = {"settings": settings, "dtype": dtype, "jobs": jobs}
-        out.mkdir(parents=True, exist_ok=True)
-        plan_path.write_text(json.dumps(plan, indent=1) + "\n")
-    for split in ("train", "val"):
-        (out / split).mkdir(parents=True, exist_ok=True)
-
+    plan = _plan(out, Path(corpus_dir), manifest, settings, dtype, chunk_mb, force)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     todo = []
@@ -212,32 +187,8 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
                          "dtype": plan["dtype"], "verify_every": verify_every})
     if progress and results:
         print(f"resuming: {len(results)} of {len(plan['jobs'])} shards already done", file=sys.stderr)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(j["end"] - j["start"] for j in todo), unit="B", unit_scale=True,
-                   desc="data tokenize", file=sys.stderr)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    try:
-        if workers == 1 or len(todo) <= 1:
-            _init_tokenize_worker(str(tokenizer_dir))
-            it = map(_tokenize_chunk, todo)
-            for j, r in zip(todo, it):
-                results[r["name"]] = r
-                if bar is not None:
-                    bar.update(j["end"] - j["start"])
-        else:
-            from nanoseek.data.build import mp_context
-
-            with mp_context().Pool(workers, initializer=_init_tokenize_worker, initargs=(str(tokenizer_dir),)) as pool:
-                for j, r in zip(todo, pool.imap(_tokenize_chunk, todo, chunksize=1)):
-                    results[r["name"]] = r
-                    if bar is not None:
-                        bar.update(j["end"] - j["start"])
-    finally:
-        if bar is not None:
-            bar.close()
+    _run_jobs(todo, str(tokenizer_dir), workers, progress, results)
     elapsed = time.perf_counter() - t0
 
     splits = {}
@@ -268,6 +219,68 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, index_path)
     return index
+
+
+def _plan(out: Path, corpus_dir: Path, manifest: dict, settings: dict, dtype: str, chunk_mb: float,
+          force: bool) -> dict:
+    """The plan of a run in `out`: the partial run's if one with these settings is there, else a
+    new one (with force, whatever was there is removed first)."""
+    index_path, plan_path = out / _INDEX, out / _PLAN
+    if force and out.exists():
+        for p in [index_path, plan_path]:
+            if p.exists():
+                p.unlink()
+        for split in ("train", "val"):
+            if (out / split).is_dir():
+                shutil.rmtree(out / split)
+    if out.exists() and any(out.iterdir()) and not plan_path.is_file():
+        raise FileExistsError(f"{out} exists and is not a nanoseek shard directory; refusing to write into it")
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        if plan["settings"] != settings:
+            raise FileExistsError(f"{out} holds a partial run for another corpus/tokenizer; pass --force")
+    else:
+        jobs = []
+        for split in ("train", "val"):
+            k = 0
+            for name in manifest["files"][split]:
+                for start, end in _chunks(corpus_dir / name, int(chunk_mb * 1e6)):
+                    jobs.append({"split": split, "name": f"{split}/shard-{k:05d}", "file": name, "start": start, "end": end})
+                    k += 1
+        plan = {"settings": settings, "dtype": dtype, "jobs": jobs}
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+    for split in ("train", "val"):
+        (out / split).mkdir(parents=True, exist_ok=True)
+    return plan
+
+
+def _run_jobs(todo: list[dict], tokenizer_dir: str, workers: int, progress: bool, results: dict) -> None:
+    """Tokenize the shards still to do (in worker processes when workers > 1) into `results`."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(j["end"] - j["start"] for j in todo), unit="B", unit_scale=True,
+                   desc="data tokenize", file=sys.stderr)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            _init_tokenize_worker(tokenizer_dir)
+            for j, r in zip(todo, map(_tokenize_chunk, todo)):
+                results[r["name"]] = r
+                if bar is not None:
+                    bar.update(j["end"] - j["start"])
+        else:
+            from nanoseek.data.build import mp_context
+
+            with mp_context().Pool(workers, initializer=_init_tokenize_worker, initargs=(tokenizer_dir,)) as pool:
+                for j, r in zip(todo, pool.imap(_tokenize_chunk, todo, chunksize=1)):
+                    results[r["name"]] = r
+                    if bar is not None:
+                        bar.update(j["end"] - j["start"])
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:

@@ -20,6 +20,7 @@ extension-less file.
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import csv
 import gzip
@@ -159,6 +160,7 @@ class FileRef:
     source: str
     size: int
     lang: str
+    mtime_ns: int = 0    # for the build's signature of its inputs (build.inputs_digest)
 
 
 @dataclass
@@ -387,7 +389,7 @@ def _add_file(out: Enumerated, abs_path: str, rel: str, group: str, lic: str | N
     if st.st_size < limits.min_bytes and lang is not None:
         out.skips.append(Skip("too_small", st.st_size, abs_path))
         return None
-    return FileRef(abs_path, rel, group, lic, source, st.st_size, lang)
+    return FileRef(abs_path, rel, group, lic, source, st.st_size, lang, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -655,6 +657,14 @@ def _archive_group(name: str, meta: str | None) -> str:
 
 
 _SIDE_MAX = 1 << 20          # bytes read from a metadata / license file inside an archive
+# A package has one METADATA / PKG-INFO, a manifest or two and a few license files (tens in a
+# wheel that bundles its dependencies' licenses), a few hundred KB in all. The caps below keep a
+# hostile archive (100,000 members named LICENSE-00001, ... of 1 MB each) from being held whole:
+# memory for side files stays under _SIDE_TOTAL + _SIDE_MAX whatever the archive holds.
+_SIDE_TOTAL = 4 << 20        # bytes of metadata / license files kept per archive
+_SIDE_COUNT = 256            # metadata / license files kept per archive
+_META_NAMES = ("METADATA", "PKG-INFO")
+_MANIFEST_NAMES = ("pyproject.toml", "package.json", "Cargo.toml", "setup.cfg")
 _STREAM_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, ValueError, RuntimeError,
                   zlib.error, lzma.LZMAError, NotImplementedError)
 
@@ -717,106 +727,238 @@ class _Spool:
 def _read_archive(task: Task, limits: SizeLimits):
     """Read a wheel / sdist / source archive in place (nothing is extracted to disk).
 
-    Every read is bounded (a member is read up to max_bytes + 1, a side file up to 1 MB), so a
-    decompression bomb costs time, not memory. A damaged zip member is dropped alone (each has
-    its own CRC); a damaged tar stream drops the whole archive, since nothing read from it can
-    be trusted (the stream is verified to its end before any member is kept).
+    Every read is bounded (a member is read up to max_bytes + 1, a side file up to 1 MB, side
+    files together up to _SIDE_TOTAL), so a decompression bomb costs time, not memory. A damaged
+    zip member is dropped alone (each has its own CRC); a damaged tar stream drops the whole
+    archive, since nothing read from it can be trusted (the stream is verified to its end before
+    any member is kept).
     """
     path = task.path
-    members = _Spool()                       # candidate code files
-    side: dict[str, bytes] = {}              # metadata and license files, by path
-    too_big: list[tuple[str, int]] = []
-    damaged: list[tuple[str, int, str]] = []
-    budget = 8 * limits.max_bytes * 64       # cap on bytes read from one archive (zip bombs)
-    size = _file_size(path)
-
-    def wanted_side(name: str) -> bool:
-        parts = name.split("/")
-        leaf = parts[-1]
-        shallow = len(parts) <= 2 or (len(parts) == 3 and parts[1].endswith((".dist-info", ".egg-info")))
-        return shallow and (leaf in ("METADATA", "PKG-INFO", "pyproject.toml", "package.json", "Cargo.toml",
-                                     "setup.cfg") or bool(licenses.LICENSE_FILE_RE.match(leaf))) or (
-            ".dist-info/licenses/" in name)
-
+    scan = _ArchiveScan(path, limits)
     try:
-        if path.lower().endswith((".whl", ".zip")):
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    name = info.filename
-                    if wanted_side(name):
-                        try:
-                            with zf.open(info) as f:
-                                side[name] = f.read(_SIDE_MAX)
-                        except _STREAM_ERRORS as e:
-                            damaged.append((name, info.compress_size, f"{type(e).__name__}: {e}"))
-                            continue
-                    if lang_from_path(name) is None:
-                        continue
-                    if info.file_size > limits.max_bytes:
-                        too_big.append((name, info.file_size))
-                        continue
-                    budget -= info.file_size
-                    if budget < 0:
-                        yield Skip("too_large", info.file_size, f"{path}!{name}", "archive read budget exhausted")
-                        continue
-                    try:
-                        with zf.open(info) as f:   # checks the member's CRC when read to its end
-                            data = f.read(limits.max_bytes + 1)
-                            if len(data) <= limits.max_bytes:
-                                f.read(1)
-                    except _STREAM_ERRORS as e:
-                        damaged.append((name, info.compress_size, f"{type(e).__name__}: {e}"))
-                        continue
-                    if len(data) > limits.max_bytes:
-                        too_big.append((name, len(data)))
-                        continue
-                    members.add(name, data)
-        else:
-            problem = verify_stream(path)
-            if problem:
-                raise tarfile.ReadError(problem)
-            with tarfile.open(path, mode="r:*") as tf:
-                for m in tf:  # streaming: one pass over the compressed file
-                    if not m.isfile():
-                        continue
-                    name = m.name
-                    if wanted_side(name):
-                        side[name] = tf.extractfile(m).read(_SIDE_MAX)
-                    if lang_from_path(name) is None:
-                        continue
-                    if m.size > limits.max_bytes:
-                        too_big.append((name, m.size))
-                        continue
-                    budget -= m.size
-                    if budget < 0:
-                        yield Skip("too_large", m.size, f"{path}!{name}", "archive read budget exhausted")
-                        continue
-                    data = tf.extractfile(m).read(limits.max_bytes + 1)
-                    if len(data) != m.size:
-                        raise tarfile.ReadError(f"member {name} is truncated")
-                    members.add(name, data)
-                # tarfile stops silently at a damaged header after the first: whatever follows the
-                # last member must be the end-of-archive marker (zero blocks) or nothing.
-                tf.fileobj.seek(tf.offset)
-                tail = tf.fileobj.read(512)
-                if tail.strip(b"\0"):
-                    raise tarfile.ReadError(f"damaged tar header at byte {tf.offset}: members after it are lost")
+        yield from (_scan_zip(scan) if path.lower().endswith((".whl", ".zip")) else _scan_tar(scan))
     except _STREAM_ERRORS as e:
-        members.close()
-        yield Skip("unreadable", size, path, f"cannot read archive: {type(e).__name__}: {e}")
+        scan.members.close()
+        yield Skip("unreadable", _file_size(path), path, f"cannot read archive: {type(e).__name__}: {e}")
         return
-    for name, n, why in damaged:
+    for name, n, why in scan.damaged:
         yield Skip("unreadable", n, f"{path}!{name}", f"damaged archive member: {why}")
+    lic, meta = _archive_license(scan.side.data)
+    group = _archive_group(path, meta)
+    label = f"{task.source}!{os.path.basename(path)}" if task.source != f"archive:{path}" else task.source
+    for name, n in scan.too_big:
+        if path_reason(name) is None:
+            yield Skip("too_large", n, f"{path}!{name}")
+    for name, data in scan.members:
+        reason = path_reason(name)
+        if reason:
+            yield Skip(reason, len(data), f"{path}!{name}")
+            continue
+        if len(data) < limits.min_bytes:
+            yield Skip("too_small", len(data), f"{path}!{name}")
+            continue
+        yield RawDoc(group, name, lang_from_path(name), lic, label, data, len(data), f"{path}!{name}")
+    scan.members.close()
 
+
+class _SideFiles:
+    """The metadata and license files of one archive: at most _SIDE_COUNT files, _SIDE_TOTAL bytes.
+
+    Files are ranked as `_archive_license` reads them (METADATA / PKG-INFO, then manifests, then
+    license files; by name within each). Past a cap the lowest-ranked files are not read, or are
+    let go again (a tar is read in stream order), and once a file is let go nothing ranked after
+    it is kept (`cut`), even a small one that would fit: the files kept are always exactly the
+    first ones the search would read without the caps. So it finds the same license, or (only in
+    an archive with hundreds of license files, or MBs of them) none -- never another one.
+    """
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+        self._ranks: list[tuple[int, str]] = []     # sorted
+        self.nbytes = 0
+        self.cut: tuple[int, str] | None = None     # the best rank let go so far
+
+    def wants(self, rank: tuple[int, str], size: int) -> bool:
+        """Whether a file of `size` bytes with this rank would be kept (read it only then)."""
+        if self.cut is not None and rank >= self.cut:
+            return False
+        if not self._ranks or rank > self._ranks[-1]:     # the usual case: files come in rank order
+            ahead, nbytes = len(self._ranks), self.nbytes
+        else:
+            ahead = bisect.bisect_left(self._ranks, rank)
+            nbytes = sum(len(self.data[r[1]]) for r in self._ranks[:ahead])
+        return ahead < _SIDE_COUNT and nbytes + min(size, _SIDE_MAX) <= _SIDE_TOTAL
+
+    def add(self, rank: tuple[int, str], data: bytes) -> list[tuple[str, int]]:
+        """Keep `data`; return (name, size) of each file this pushes past the caps (maybe itself)."""
+        if rank[1] in self.data:         # a name twice in an archive: the later copy wins
+            self._drop(rank)
+        bisect.insort(self._ranks, rank)
+        self.data[rank[1]] = data
+        self.nbytes += len(data)
+        out = []
+        while len(self._ranks) > _SIDE_COUNT or self.nbytes > _SIDE_TOTAL:
+            out += self.refuse(self._ranks[-1])
+        return out
+
+    def refuse(self, rank: tuple[int, str]) -> list[tuple[str, int]]:
+        """Let go of the file of this rank (if kept) and of every kept one ranked after it, and
+        keep nothing ranked after it from now on; return (name, size) of those let go."""
+        self.cut = rank if self.cut is None else min(self.cut, rank)
+        out = []
+        while self._ranks and self._ranks[-1] >= self.cut:
+            out.append(self._drop(self._ranks[-1]))
+        return out
+
+    def _drop(self, rank: tuple[int, str]) -> tuple[str, int]:
+        self._ranks.remove(rank)
+        n = len(self.data.pop(rank[1]))
+        self.nbytes -= n
+        return rank[1], n
+
+
+def _side_rank(name: str) -> tuple[int, str] | None:
+    """Rank of an archive member in the license search (lower: read first), None if not read."""
+    parts = name.split("/")
+    leaf = parts[-1]
+    shallow = len(parts) <= 2 or (len(parts) == 3 and parts[1].endswith((".dist-info", ".egg-info")))
+    if not shallow and ".dist-info/licenses/" not in name:
+        return None
+    if leaf in _META_NAMES:
+        return 0, name
+    if leaf in _MANIFEST_NAMES:
+        return 1, name
+    return (2, name) if licenses.LICENSE_FILE_RE.match(leaf) else None
+
+
+@dataclass
+class _ArchiveScan:
+    """What one pass over an archive collects.
+
+    `too_big` and `damaged` hold a short tuple per member, as `members` holds an offset per kept
+    one: proportional to the archive's member list, which zipfile holds whole anyway (its
+    central directory, as ZipInfo objects several times larger); in a tar each entry stands for
+    at least a 512-byte header in the stream. The member *contents* are what must not grow with
+    the archive: code members are spooled to disk, side files capped (_SideFiles).
+    """
+
+    path: str
+    limits: SizeLimits
+    members: _Spool = field(default_factory=_Spool)
+    side: _SideFiles = field(default_factory=_SideFiles)
+    too_big: list[tuple[str, int]] = field(default_factory=list)
+    damaged: list[tuple[str, int, str]] = field(default_factory=list)
+    budget: int = field(init=False)    # bytes still allowed to be read from this archive (zip bombs)
+
+    def __post_init__(self):
+        self.budget = 512 * self.limits.max_bytes
+
+    def read_side(self, rank: tuple[int, str], size: int, read):
+        """Read one metadata / license file (`read(n)`: its first n bytes) if the caps let it in;
+        yield a Skip for each side file left unread or let go."""
+        if not self.side.wants(rank, size) or self.budget < min(size, _SIDE_MAX):
+            yield from self._side_skip(rank[1], size)
+            for name, n in self.side.refuse(rank):
+                yield from self._side_skip(name, n)
+            return
+        data = read(_SIDE_MAX)
+        self.budget -= len(data)            # side files count against the read budget too
+        for name, n in self.side.add(rank, data):
+            yield from self._side_skip(name, n)
+
+    def _side_skip(self, name: str, size: int):
+        if lang_from_path(name) is None:    # (a LICENSE.py is still read as code: counted there)
+            yield Skip("too_large", size, f"{self.path}!{name}",
+                       f"license/metadata file not read: past this archive's caps ({_SIDE_COUNT} such files, "
+                       f"{_SIDE_TOTAL >> 20} MB, or its read budget)")
+
+
+def _scan_zip(scan: _ArchiveScan):
+    limits = scan.limits
+    with zipfile.ZipFile(scan.path) as zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        # Side files first, in the license search's order, so the caps keep the ones it reads first.
+        sides = sorted(((r, i) for i in infos if (r := _side_rank(i.filename)) is not None), key=lambda t: t[0])
+        bad = set()
+        for rank, info in sides:
+            try:
+                with zf.open(info) as f:
+                    yield from scan.read_side(rank, info.file_size, f.read)
+            except _STREAM_ERRORS as e:
+                scan.damaged.append((info.filename, info.compress_size, f"{type(e).__name__}: {e}"))
+                bad.add(id(info))
+        for info in infos:
+            name = info.filename
+            if lang_from_path(name) is None or id(info) in bad:
+                continue
+            if info.file_size > limits.max_bytes:
+                scan.too_big.append((name, info.file_size))
+                continue
+            scan.budget -= info.file_size
+            if scan.budget < 0:
+                yield Skip("too_large", info.file_size, f"{scan.path}!{name}", "archive read budget exhausted")
+                continue
+            try:
+                with zf.open(info) as f:   # checks the member's CRC when read to its end
+                    data = f.read(limits.max_bytes + 1)
+                    if len(data) <= limits.max_bytes:
+                        f.read(1)
+            except _STREAM_ERRORS as e:
+                scan.damaged.append((name, info.compress_size, f"{type(e).__name__}: {e}"))
+                continue
+            if len(data) > limits.max_bytes:
+                scan.too_big.append((name, len(data)))
+                continue
+            scan.members.add(name, data)
+
+
+def _scan_tar(scan: _ArchiveScan):
+    limits = scan.limits
+    problem = verify_stream(scan.path)
+    if problem:
+        raise tarfile.ReadError(problem)
+    with tarfile.open(scan.path, mode="r:*") as tf:
+        while (m := tf.next()) is not None:   # streaming: one pass over the compressed file
+            # tarfile keeps every header it has read (for getmember): a stream of millions of
+            # empty members would grow that list without bound. Nothing here looks one up.
+            tf.members.clear()
+            if not m.isfile():
+                continue
+            name = m.name
+            rank = _side_rank(name)
+            if rank is not None:
+                yield from scan.read_side(rank, m.size, tf.extractfile(m).read)
+            if lang_from_path(name) is None:
+                continue
+            if m.size > limits.max_bytes:
+                scan.too_big.append((name, m.size))
+                continue
+            scan.budget -= m.size
+            if scan.budget < 0:
+                yield Skip("too_large", m.size, f"{scan.path}!{name}", "archive read budget exhausted")
+                continue
+            data = tf.extractfile(m).read(limits.max_bytes + 1)
+            if len(data) != m.size:
+                raise tarfile.ReadError(f"member {name} is truncated")
+            scan.members.add(name, data)
+        # tarfile stops silently at a damaged header after the first: whatever follows the
+        # last member must be the end-of-archive marker (zero blocks) or nothing.
+        tf.fileobj.seek(tf.offset)
+        tail = tf.fileobj.read(512)
+        if tail.strip(b"\0"):
+            raise tarfile.ReadError(f"damaged tar header at byte {tf.offset}: members after it are lost")
+
+
+def _archive_license(side: dict[str, bytes]) -> tuple[str | None, str | None]:
+    """(license, METADATA text) of an archive from its side files: the package metadata first,
+    then a manifest (pyproject.toml, ...), then a license file; by name within each."""
     meta = next((v.decode("utf-8", "replace") for k, v in sorted(side.items())
-                 if k.endswith(("/METADATA", "/PKG-INFO")) or k in ("METADATA", "PKG-INFO")), None)
+                 if k.rsplit("/", 1)[-1] in _META_NAMES), None)
     lic = licenses.from_metadata(meta) if meta else None
     if not lic:
         for k in sorted(side):
             leaf = k.rsplit("/", 1)[-1]
-            if leaf in ("pyproject.toml", "package.json", "Cargo.toml", "setup.cfg"):
+            if leaf in _MANIFEST_NAMES:
                 lic = licenses.from_manifest(leaf, side[k].decode("utf-8", "replace"))
                 if lic:
                     break
@@ -826,22 +968,7 @@ def _read_archive(task: Task, limits: SizeLimits):
                 lic = licenses.from_text(side[k].decode("utf-8", "replace"))
                 if lic:
                     break
-    group = _archive_group(path, meta)
-    label = f"{task.source}!{os.path.basename(path)}" if task.source != f"archive:{path}" else task.source
-    for name, n in too_big:
-        if path_reason(name) is None:
-            yield Skip("too_large", n, f"{path}!{name}")
-    for name, data in members:
-        reason = path_reason(name)
-        if reason:
-            yield Skip(reason, len(data), f"{path}!{name}")
-            continue
-        lang = lang_from_path(name)
-        if len(data) < limits.min_bytes:
-            yield Skip("too_small", len(data), f"{path}!{name}")
-            continue
-        yield RawDoc(group, name, lang, lic, label, data, len(data), f"{path}!{name}")
-    members.close()
+    return lic, meta
 
 
 _COLUMNS = {
@@ -869,43 +996,69 @@ def _row_license(v) -> str | None:
 
 
 def _table_rows(task: Task, rows, where: str, limits: SizeLimits):
-    table = os.path.basename(task.path).split(".")[0]
     for i, rec in rows:
-        content = rec.get("content")
-        if not isinstance(content, str):
-            yield Skip("unreadable", 0, f"{where} row {i}", "missing or non-text content column")
-            continue
-        path, repo = str(rec.get("path") or f"row{i}"), rec.get("repo")
-        if not repo:
-            repo = f"{table}/{path.split('/', 1)[0]}" if "/" in path else table
-        try:   # (JSON can spell lone surrogates: not text, and not writable as UTF-8)
-            size = len(content.encode("utf-8"))
-            path.encode("utf-8"), str(repo).encode("utf-8")
-        except UnicodeEncodeError:
-            yield Skip("unreadable", 0, f"{where} row {i}", "content, path or repo is not valid Unicode "
-                                                         "(a lone surrogate)")
-            continue
-        named = rec.get("lang")
-        lang = (normalize_lang(named if isinstance(named, str) else None) or lang_from_path(path)
-                or lang_from_shebang(content[:256].encode()))
-        if lang is None:
-            yield Skip("not_code", size, f"{where} row {i}")
-            continue
-        reason = path_reason(path)
-        if reason:
-            yield Skip(reason, size, f"{where}:{path}")
-            continue
-        if size > limits.max_bytes:
-            yield Skip("too_large", size, f"{where}:{path}")
-            continue
-        if size < limits.min_bytes:
-            yield Skip("too_small", size, f"{where}:{path}")
-            continue
+        yield from _table_row(task, i, rec, where, limits)
+
+
+def _table_row(task: Task, i: int, rec: dict, where: str, limits: SizeLimits, size: int | None = None):
+    """One table row as a RawDoc or a Skip. `size`, when given, is the content's length in UTF-8
+    bytes and rec["content"] only its first 256 characters: a value too large to be converted,
+    which gets the same reason as it would whole (not_code, vendored, ... or too_large)."""
+    content = rec.get("content")
+    if not isinstance(content, str):
+        yield Skip("unreadable", 0, f"{where} row {i}", "missing or non-text content column")
+        return
+    table = os.path.basename(task.path).split(".")[0]
+    path, repo = str(rec.get("path") or f"row{i}"), rec.get("repo")
+    if not repo:
+        repo = f"{table}/{path.split('/', 1)[0]}" if "/" in path else table
+    try:   # (JSON can spell lone surrogates: not text, and not writable as UTF-8)
+        n = len(content.encode("utf-8"))
+        path.encode("utf-8"), str(repo).encode("utf-8")
+    except UnicodeEncodeError:
+        yield Skip("unreadable", 0, f"{where} row {i}", "content, path or repo is not valid Unicode "
+                                                     "(a lone surrogate)")
+        return
+    size = n if size is None else size
+    named = rec.get("lang")
+    lang = (normalize_lang(named if isinstance(named, str) else None) or lang_from_path(path)
+            or lang_from_shebang(content[:256].encode()))
+    if lang is None:
+        yield Skip("not_code", size, f"{where} row {i}")
+        return
+    reason = path_reason(path)
+    if reason:
+        yield Skip(reason, size, f"{where}:{path}")
+    elif size > limits.max_bytes:
+        yield Skip("too_large", size, f"{where}:{path}")
+    elif size < limits.min_bytes:
+        yield Skip("too_small", size, f"{where}:{path}")
+    else:
         yield RawDoc(str(repo), path, lang, _row_license(rec.get("license")), task.source, content, size,
                      f"{where}:{path}")
 
 
+# A Parquet row group is read in batches of at most _PARQUET_BATCH_ROWS rows and about
+# _PARQUET_BATCH_BYTES decoded bytes (sized from the row group's metadata: the read columns'
+# uncompressed bytes per row). The metadata can mislead (a dictionary-encoded value repeated in
+# every row looks small there), so the row cap is what bounds a batch whatever the file says: 16
+# values. Small batches cost little: reading a 200 MB row group of 5 KB rows took 0.7 s (1.8 s
+# read whole), and ~5 us more per row for 150-byte rows, against ~30 s to clean 200 MB.
+_PARQUET_BATCH_BYTES = 4 << 20
+_PARQUET_BATCH_ROWS = 16
+
+
 def _read_parquet(task: Task, limits: SizeLimits):
+    """Read one row group of a Parquet file, streamed in batches (see _PARQUET_BATCH_BYTES).
+
+    Memory is one batch, not the row group: a content value over max_bytes is measured in Arrow
+    (`binary_length`) and skipped as too_large without being converted to a Python string. The
+    row group is decoded and validated (UTF-8 included) once before any row is yielded, so a
+    row group that fails part-way is skipped whole as unreadable, as when it was read at once.
+    Not bounded: Arrow decompresses a data page whole, so one page (one value, or many rows a
+    hostile writer put in one page) that inflates beyond memory is still read into memory.
+    """
+    where = f"{task.path}#rg{task.part}"
     try:
         import pyarrow.parquet as pq
 
@@ -916,15 +1069,57 @@ def _read_parquet(task: Task, limits: SizeLimits):
             yield Skip("unreadable", _file_size(task.path), task.path,
                        f"Parquet file has no content column (looked for {', '.join(_COLUMNS['content'])})")
             return
-        tbl = pf.read_row_group(task.part, columns=[c for c in cols.values() if c])
-        data = {role: tbl.column(c).to_pylist() for role, c in cols.items() if c}
+        for _ in _parquet_batches(pf, task.part, cols):     # first pass: decode and validate only
+            pass
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for corrupt files
-        yield Skip("unreadable", task.est_bytes, f"{task.path}#rg{task.part}", f"broken Parquet data: {e}")
+        yield Skip("unreadable", task.est_bytes, where, f"broken Parquet data: {e}")
         return
-    n = len(data["content"])
-    base = task.part << 32
-    rows = ((base + i, {role: col[i] for role, col in data.items()}) for i in range(n))
-    yield from _table_rows(task, rows, f"{task.path}#rg{task.part}", limits)
+    first = task.part << 32   # row numbers as when the row group was read whole: part << 32 + row
+    try:
+        for batch in _parquet_batches(pf, task.part, cols):
+            yield from _parquet_rows(task, batch, cols, first, where, limits)
+            first += batch.num_rows
+    except Exception as e:  # noqa: BLE001 - the file changed since the first pass
+        yield Skip("unreadable", task.est_bytes, where, f"broken Parquet data (on the second pass): {e}")
+
+
+def _parquet_batches(pf, part: int, cols: dict):
+    names = [c for c in cols.values() if c]
+    rg = pf.metadata.row_group(part)
+    unpacked = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+                   if rg.column(j).path_in_schema.split(".")[0] in names)
+    per_row = max(unpacked / max(rg.num_rows, 1), 1.0)
+    rows = max(1, min(_PARQUET_BATCH_ROWS, int(_PARQUET_BATCH_BYTES / per_row)))
+    for batch in pf.iter_batches(batch_size=rows, row_groups=[part], columns=names, use_threads=False):
+        batch.validate(full=True)    # invalid UTF-8 in a string column: to_pylist would raise later
+        yield batch
+
+
+def _parquet_rows(task: Task, batch, cols: dict, first: int, where: str, limits: SizeLimits):
+    """The rows of one Parquet batch. Content values are converted one at a time, and one over
+    max_bytes not at all (its length is measured in Arrow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    other = {role: batch.column(c).to_pylist() for role, c in cols.items() if c and role != "content"}
+    content = batch.column(cols["content"])
+    if pa.types.is_dictionary(content.type):
+        content = content.dictionary_decode()
+    t = content.type
+    is_str = pa.types.is_string(t) or pa.types.is_large_string(t) or t == pa.string_view()
+    # A binary column's rows are skipped as non-text; a number or list column's (nothing else
+    # holds text) are too, without converting them.
+    text_like = is_str or pa.types.is_binary(t) or pa.types.is_large_binary(t) or t == pa.binary_view()
+    sizes = pc.binary_length(content).to_pylist() if text_like else [None] * len(content)
+    for i, size in enumerate(sizes):
+        rec = {role: col[i] for role, col in other.items()}
+        if size is not None and size > limits.max_bytes:
+            # the first 256 characters decide a shebang language, as for a value read whole
+            rec["content"] = pc.utf8_slice_codeunits(content.slice(i, 1), 0, 256)[0].as_py() if is_str else None
+            yield from _table_row(task, first + i, rec, where, limits, size=size)
+        else:
+            rec["content"] = content[i].as_py() if text_like else None
+            yield from _table_row(task, first + i, rec, where, limits)
 
 
 def _max_line_bytes(limits: SizeLimits) -> int:

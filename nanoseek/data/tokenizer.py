@@ -355,16 +355,19 @@ def train_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int, out_dir: str
     """Train a byte-level BPE on the corpus' train split; save it to out_dir; return its metadata.
 
     Reuses out_dir if it already holds a tokenizer trained with the same settings on the same
-    corpus. Reports bytes per token on (up to eval_mb of) the val split.
+    corpus (same contents: `build.corpus_id`); one trained on another corpus, or on an earlier
+    build of this one, is refused unless force. Reports bytes per token on (up to eval_mb of) the
+    val split.
     """
     from tokenizers import trainers, pre_tokenizers
 
-    from nanoseek.data.build import load_manifest
+    from nanoseek.data.build import corpus_id, load_manifest
 
     if vocab_size < NUM_SPECIAL + 256 + 1:
         raise ValueError(f"vocab_size must be > {NUM_SPECIAL + 256} (specials + 256 byte tokens)")
     manifest = load_manifest(corpus_dir)
-    settings = {"corpus": manifest["fingerprint"], "vocab_size": vocab_size, "pretokenizer": pretokenizer,
+    # "corpus" is the digest of the corpus' contents: a rebuild over changed sources is another corpus
+    settings = {"corpus": corpus_id(manifest), "vocab_size": vocab_size, "pretokenizer": pretokenizer,
                 "max_train_mb": max_train_mb, "min_frequency": min_frequency}
     out = Path(out_dir)
     meta_path = out / _META
@@ -374,6 +377,9 @@ def train_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int, out_dir: str
             if progress:
                 print(f"tokenizer in {out} is already trained with these settings; reusing it", file=sys.stderr)
             return old
+        if {**(old.get("settings") or {}), "corpus": settings["corpus"]} == settings:
+            raise FileExistsError(f"{out} holds a tokenizer trained on another corpus (or an earlier build of this "
+                                  f"one, from other sources); pass --force to retrain it")
         raise FileExistsError(f"{out} holds a tokenizer trained with other settings; pass --force to retrain")
     t0 = time.perf_counter()
     tok = new_bpe(pretokenizer)

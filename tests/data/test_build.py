@@ -1,13 +1,18 @@
 """`nanoseek data build` on the fixture corpus: exact manifest counts, nothing planted survives,
-group-level split, determinism, reuse of a finished build."""
+group-level split, determinism, reuse of a finished build (only while its sources are unchanged)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
+
 import pytest
 
-from nanoseek.data.build import build_corpus, load_manifest
-from tests.data.fixture_corpus import EXPECTED_DROPS, EXPECTED_KEPT, FIXTURE_OPTIONS, SECRETS, read_corpus
+from nanoseek.data.build import build_corpus, corpus_id, load_manifest
+from tests.data.fixture_corpus import (EXPECTED_DROPS, EXPECTED_KEPT, FIXTURE_OPTIONS, MIT_TEXT, SECRETS, py_code,
+                                       read_corpus)
 
 
 def test_manifest_counts_are_exact(corpus):
@@ -68,7 +73,7 @@ def test_split_is_by_group_and_matches_manifest(corpus):
 def test_build_is_deterministic_across_worker_counts(tmp_path, fixture_sources, corpus):
     out, m = corpus
     m2 = build_corpus(tmp_path / "c2", fixture_sources, workers=2, progress=False, **FIXTURE_OPTIONS)
-    assert m2["fingerprint"] == m["fingerprint"]
+    assert m2["fingerprint"] == m["fingerprint"] and m2["content_digest"] == m["content_digest"]
     assert m2["files"] == m["files"]
     for split in ("train", "val"):
         for name in m["files"][split]:
@@ -135,3 +140,58 @@ def test_bad_source_errors_are_clear(tmp_path):
     (tmp_path / "notes.docx").write_bytes(b"x")
     with pytest.raises(ValueError, match="cannot tell what kind of source"):
         build_corpus(tmp_path / "y", [str(tmp_path / "notes.docx")], progress=False)
+
+
+SMALL = dict(decontaminate=False, near_dedup=False, license_policy="any")
+
+
+def _project(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "LICENSE").write_text(MIT_TEXT)
+    for i in range(n):
+        (root / f"m{i}.py").write_text(py_code(700 + i))
+    return root
+
+
+def test_changed_sources_are_rebuilt_without_force(tmp_path, capsys):
+    """A finished build is reused only while its sources are unchanged (`inputs_digest`): a file
+    added, or edited in place (same size), makes the same command rebuild it. `content_digest` is
+    the sha256 over the written files' names and sha256s."""
+    src, out = _project(tmp_path / "proj", 3), tmp_path / "c"
+    m1 = build_corpus(out, [str(src)], workers=1, progress=False, **SMALL)
+    listing = hashlib.sha256()
+    for name in m1["files"]["train"] + m1["files"]["val"]:
+        listing.update(f"{name}\t{hashlib.sha256((out / name).read_bytes()).hexdigest()}\n".encode())
+    assert m1["content_digest"] == listing.hexdigest()
+    assert build_corpus(out, [str(src)], workers=1, progress=False, **SMALL) == m1      # unchanged: reused
+    capsys.readouterr()
+
+    (src / "added.py").write_text(py_code(750))
+    # a resumable pipeline's finished stage (the speedrun's) is kept whatever changed since
+    assert build_corpus(out, [str(src)], workers=1, progress=False, check_inputs=False, **SMALL) == m1
+    m2 = build_corpus(out, [str(src)], workers=1, progress=False, **SMALL)
+    assert "changed since it was built; rebuilding" in capsys.readouterr().err
+    assert m2["fingerprint"] == m1["fingerprint"] and m2["inputs_digest"] != m1["inputs_digest"]
+    assert m2["content_digest"] != m1["content_digest"] and m2["counts"]["kept_files"] == 4
+    assert "added.py" in {d["path"] for d in read_corpus(out)}
+
+    p = src / "m0.py"
+    before = p.stat()
+    p.write_text(p.read_text().replace("Module", "Modulo", 1))
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))   # (a coarse clock may not tick)
+    assert p.stat().st_size == before.st_size
+    m3 = build_corpus(out, [str(src)], workers=1, progress=False, **SMALL)
+    assert m3["inputs_digest"] != m2["inputs_digest"] and m3["content_digest"] != m2["content_digest"]
+    assert any(d["content"].startswith('"""Modulo') for d in read_corpus(out))
+
+
+def test_a_manifest_from_before_the_digests_still_works(tmp_path, capsys):
+    """A corpus built before the digests were recorded is reused (with a note: whether its sources
+    changed is unknown), and downstream stages key on its settings fingerprint, as they did."""
+    src, out = _project(tmp_path / "proj", 2), tmp_path / "c"
+    m = build_corpus(out, [str(src)], workers=1, progress=False, **SMALL)
+    old = {k: v for k, v in m.items() if k not in ("inputs_digest", "content_digest")}
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert build_corpus(out, [str(src)], workers=1, progress=False, **SMALL) == old
+    assert "built before source signatures were recorded" in capsys.readouterr().err
+    assert corpus_id(old) == old["fingerprint"] and corpus_id(m) == m["content_digest"] != m["fingerprint"]

@@ -13,13 +13,15 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from nanoseek.data.build import build_corpus
-from nanoseek.data.sources import RawDoc, SizeLimits, Task, enumerate_sources, parse_source, read_task
+from nanoseek.data import sources
+from nanoseek.data.sources import RawDoc, SizeLimits, Skip, Task, enumerate_sources, parse_source, read_task
 from tests.data.fixture_corpus import py_code, read_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +188,105 @@ def test_jsonl_gz_bomb_is_streamed(tmp_path):
     r = _probe(path)
     assert r["grew_mb"] < 100, r
     assert r["kept"] == 2 and r["drops"] == {"too_large": 1}, r
+
+
+def _traced_read(path: Path, limits: SizeLimits = SizeLimits()) -> tuple[list, float]:
+    """read_task's items for one archive and the peak of Python memory while reading (MB)."""
+    tracemalloc.start()
+    try:
+        items = list(read_task(Task("archive", "archive", path=str(path)), limits))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return items, peak / 1e6
+
+
+MIT_TEXT = "MIT License\n\nPermission is hereby granted, free of charge, to any person obtaining a copy"
+
+
+def _side_skips(items) -> list[Skip]:
+    return [i for i in items if isinstance(i, Skip) and "license/metadata file not read" in i.message]
+
+
+def test_a_thousand_license_files_are_not_all_held(tmp_path):
+    """A wheel with 1,000 members named LICENSE-NNNNN, each inflating to 1 MB (1 GB in all, 6 MB
+    on disk), is read with a few MB of memory (before: every one was held, 1 GB). The real
+    license file, last in the archive but first in the license search, is still the one read;
+    each license file left unread is counted."""
+    path = tmp_path / "hurt-1.0-py3-none-any.whl"
+    junk = b"Copyright (c) nobody, all rights unclear.\n" * ((1 << 20) // 42)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for i in range(3):
+            z.writestr(f"hurt/m{i}.py", py_code(400 + i))
+        for i in range(1000):
+            z.writestr(f"hurt/LICENSE-{i:05d}", junk)
+        z.writestr("hurt/LICENSE", MIT_TEXT)
+    assert path.stat().st_size < 8 << 20
+    items, peak_mb = _traced_read(path)
+    assert peak_mb < 16, peak_mb
+    docs = [i for i in items if isinstance(i, RawDoc)]
+    assert [(d.path, d.license) for d in docs] == [(f"hurt/m{i}.py", "MIT") for i in range(3)]
+    skipped = _side_skips(items)
+    assert len(skipped) >= 1000 - (sources._SIDE_TOTAL >> 20)       # about 4 of 1 MB fit the cap
+    assert len(skipped) == len(items) - 3 and all(s.reason == "too_large" for s in skipped)
+
+
+def test_a_tar_stream_of_license_files_and_empty_members_is_read_bounded(tmp_path):
+    """In a tar (read in stream order) the license files come last-ranked first, so each new one
+    pushes a kept one out; 20,000 empty members follow (tarfile's own list of headers grew with
+    them). The side files kept stay at the count cap, and the real license is the one kept."""
+    path = tmp_path / "hurt-1.0.tar.gz"
+    junk = b"Copyright (c) nobody, all rights unclear.\n" * 200          # 8.4 KB: the count cap binds
+    n_junk = 1500
+
+    def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        add(tf, "hurt-1.0/hurt/m0.py", py_code(410).encode())
+        for i in reversed(range(n_junk)):
+            add(tf, f"hurt-1.0/LICENSE-{i:05d}", junk)
+        add(tf, "hurt-1.0/LICENSE", MIT_TEXT.encode())
+        for i in range(20_000):
+            add(tf, f"hurt-1.0/data/{i:05d}.txt", b"")
+    items, peak_mb = _traced_read(path)
+    assert peak_mb < 10, peak_mb                    # before: 13 MB of side files + 9 MB of headers
+    docs = [i for i in items if isinstance(i, RawDoc)]
+    assert [(d.path, d.license) for d in docs] == [("hurt-1.0/hurt/m0.py", "MIT")]
+    assert len(_side_skips(items)) == n_junk + 1 - sources._SIDE_COUNT
+
+
+PARQUET_HUGE = 2_100_000      # bytes of each oversized value (over the default max_bytes, 1 MiB)
+
+
+def test_a_huge_parquet_row_group_is_streamed(tmp_path):
+    """Two Parquet files of one row group each, a few hundred KB on disk, decoding to ~1.1 GB:
+    300 rows of 2.1 MB (plain-encoded, skipped as too_large without being converted) and 2,000
+    rows sharing one dictionary-encoded 256 KB value (so the metadata says ~0.5 KB a row). The
+    worker's memory grows by under 100 MB (before: the whole row group, as Arrow data and as
+    Python strings: +1.7 GB and +1.3 GB measured)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "tables"
+    src.mkdir()
+    good = pa.array([py_code(600 + i) for i in range(6)])
+    big = pa.array(["x = 1\n" * (PARQUET_HUGE // 6)])       # chunks share one buffer: cheap to write
+    content = pa.chunked_array([good.slice(0, 3)] + [big] * 300 + [good.slice(3)])
+    paths = [f"g{i}.py" for i in range(3)] + [f"big{i}.py" for i in range(300)] + [f"g{i}.py" for i in range(3, 6)]
+    pq.write_table(pa.table({"content": content, "path": paths}), src / "huge.parquet", compression="zstd",
+                   use_dictionary=False, row_group_size=1 << 20)
+    rep = pa.array(["y" * (256 << 10)])
+    pq.write_table(pa.table({"content": pa.chunked_array([rep] * 2000), "path": [f"n{i}.txt" for i in range(2000)]}),
+                   src / "rep.parquet", compression="zstd", row_group_size=1 << 20)
+    for name in ("huge.parquet", "rep.parquet"):
+        meta = pq.ParquetFile(src / name).metadata
+        assert meta.num_row_groups == 1 and (src / name).stat().st_size < 1 << 20
+    r = _probe(src)
+    assert r["grew_mb"] < 100, r
+    assert r["kept"] == 6 and r["drops"] == {"too_large": 300}, r
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Token shards and the packing / FIM loader: shard contents, resume, determinism, boundaries,
-FIM layouts, per-rank disjointness, exact resume of the loader."""
+FIM layouts, per-rank disjointness, exact resume of the loader; no stale tokenizer or shards for
+a rebuilt corpus."""
 
 from __future__ import annotations
 
@@ -201,3 +202,37 @@ def test_large_vocabularies_use_uint32(tmp_path, corpus, tokenizer_dir, shard_di
     a, b = ShardSet(tmp_path / "s32", "train"), ShardSet(shard_dir, "train")
     assert a.tokens[0].dtype == np.uint32 and len(a) == len(b)
     assert all(np.array_equal(a.doc(i), b.doc(i)) for i in range(len(a)))
+
+
+def test_a_rebuilt_corpus_gets_no_stale_tokenizer_or_shards(tmp_path):
+    """`data build --force` over an edited source keeps the settings fingerprint but not the
+    content digest: the tokenizer and shards made from the earlier build are refused (before:
+    silently reused), and redone with force they hold the new corpus."""
+    from nanoseek.data.build import build_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+    from tests.data.fixture_corpus import MIT_TEXT, py_code
+
+    src = tmp_path / "proj"
+    src.mkdir()
+    (src / "LICENSE").write_text(MIT_TEXT)
+    for i in range(4):
+        (src / f"m{i}.py").write_text(py_code(800 + i))
+    corpus, tok_dir, out = tmp_path / "corpus", tmp_path / "tok", tmp_path / "shards"
+    opts = dict(workers=1, progress=False, decontaminate=False, near_dedup=False, val_fraction=0.0)
+    m1 = build_corpus(corpus, [str(src)], **opts)
+    train_tokenizer(corpus, 320, tok_dir, progress=False)
+    tokenize_corpus(corpus, tok_dir, out, workers=1, progress=False)
+
+    (src / "m0.py").write_text(py_code(899))
+    m2 = build_corpus(corpus, [str(src)], force=True, **opts)
+    assert m2["fingerprint"] == m1["fingerprint"] and m2["content_digest"] != m1["content_digest"]
+    with pytest.raises(FileExistsError, match="another corpus"):
+        train_tokenizer(corpus, 320, tok_dir, progress=False)
+    with pytest.raises(FileExistsError, match="another corpus"):
+        tokenize_corpus(corpus, tok_dir, out, workers=1, progress=False)
+    assert train_tokenizer(corpus, 320, tok_dir, force=True, progress=False)["settings"]["corpus"] == m2["content_digest"]
+    idx = tokenize_corpus(corpus, tok_dir, out, workers=1, force=True, progress=False)
+    assert idx["settings"]["corpus"] == m2["content_digest"]
+    tok, shards = load_tokenizer(tok_dir), ShardSet(out, "train")
+    assert sorted(tok.decode(shards.doc(i)) for i in range(len(shards))) == sorted(_corpus_docs(corpus, "train"))
+    assert py_code(899) in {tok.decode(shards.doc(i)) for i in range(len(shards))}

@@ -155,3 +155,89 @@ def test_default_corpus_is_stdlib_and_site_packages():
         by_group.setdefault(r.group, r)
     assert "numpy" in by_group and by_group["numpy"].license and "BSD-3-Clause" in by_group["numpy"].license
     assert not any("/_vendor/" in r.rel for r in refs)
+
+
+def _parquet_items(path, limits):
+    refs, enum = enumerate_sources([parse_source(str(path))], limits)
+    return [i for t in enum.tasks for i in read_task(t, limits)]
+
+
+def test_parquet_row_groups_are_read_in_batches_with_the_same_results(tmp_path):
+    """Rows are read in batches of at most _PARQUET_BATCH_ROWS; rows keep their numbers (row group
+    << 32 + row) across batches, and a value over max_bytes (never converted to a str) gets the
+    reason it would get read whole: too_large, or vendored / not_code first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    limits = SizeLimits(max_bytes=2000)
+    big = "x = 1\n" * 1000                                      # 6,000 bytes
+    rows = [(py_code(i, 2), f"m{i}.py") for i in range(100)]
+    rows[20] = (big, "big.py")
+    rows[30] = (big, "vendor/x.py")
+    rows[40] = ("hello " * 1000, "notes.txt")
+    rows[50] = ("#!/bin/sh\n" + "echo hi\n" * 1000, "tool")        # language from the shebang
+    rows[60] = ("#!/usr/bin/env python3\n# héllo ✓\n" + big, "run")  # 256 characters, not bytes
+    rows[75] = (None, "none.py")
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"content": [c for c, _ in rows], "path": [p for _, p in rows]}), path,
+                   row_group_size=70)
+    assert 100 > 70 > sources._PARQUET_BATCH_ROWS
+    got = [(type(i).__name__, getattr(i, "reason", ""), i.where, i.size) for i in _parquet_items(path, limits)]
+    where = [f"{path}#rg0", f"{path}#rg1"]
+    n = len(big.encode())
+    expected = {20: ("Skip", "too_large", f"{where[0]}:big.py", n),
+                30: ("Skip", "vendored", f"{where[0]}:vendor/x.py", n),
+                40: ("Skip", "not_code", f"{where[0]} row 40", 6000),
+                50: ("Skip", "too_large", f"{where[0]}:tool", len(rows[50][0])),
+                60: ("Skip", "too_large", f"{where[0]}:run", len(rows[60][0].encode())),
+                75: ("Skip", "unreadable", f"{where[1]} row {(1 << 32) + 5}", 0)}
+    want = [expected.get(i) or ("RawDoc", "", f"{where[i >= 70]}:{p}", len(c.encode()))
+            for i, (c, p) in enumerate(rows)]
+    assert got == want
+
+
+def test_parquet_bad_row_group_or_non_text_column(tmp_path):
+    """A row group with invalid UTF-8 is skipped whole (the other one is read); a content column
+    that is not text skips each row, as when the row group was read whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [py_code(i, 2).encode() for i in range(6)]
+    values[4] = b"x = '\xff\xfe'\n" * 10
+    content = pa.array(values, pa.binary()).view(pa.string())     # a string column, with bad bytes
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"content": content, "path": [f"m{i}.py" for i in range(6)]}), path, row_group_size=3)
+    items = _parquet_items(path, SizeLimits())
+    assert [i.path for i in items if isinstance(i, RawDoc)] == ["m0.py", "m1.py", "m2.py"]
+    skips = [i for i in items if isinstance(i, Skip)]
+    assert [(s.reason, s.where) for s in skips] == [("unreadable", f"{path}#rg1")]
+    assert "broken Parquet data" in skips[0].message
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"content": [1, 2, 3], "path": ["a.py", "b.py", "c.py"]}), path)
+    items = _parquet_items(path, SizeLimits())
+    assert [(i.reason, i.where) for i in items] == [("unreadable", f"{path}#rg0 row {r}") for r in range(3)]
+
+
+def test_archive_license_search_past_the_caps_finds_the_same_license_or_none(tmp_path, monkeypatch):
+    """Past the caps on side files, the license search sees only its first candidates: a license
+    file that did not fit is never skipped over for a later one (which could name another
+    license). Here LICENSE-5 (GPL) does not fit after 3.5 MB of license files naming none, so the
+    small MIT LICENSE-6 after it must not decide: the license is unknown, not MIT."""
+    from tests.data.fixture_corpus import GPL_TEXT, MIT_TEXT
+
+    mb = 1 << 20
+    junk = ["x\n" * (mb // 2)] * 3 + ["x\n" * (mb // 4)]
+    path = tmp_path / "p-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("p/m.py", py_code(1))
+        for i, text in enumerate(junk):
+            z.writestr(f"p/LICENSE-{i + 1}", text)
+        z.writestr("p/LICENSE-5", GPL_TEXT + " " * (9 * mb // 10))
+        z.writestr("p/LICENSE-6", MIT_TEXT)
+    assert sources._SIDE_TOTAL == 4 * mb                  # (the sizes above are chosen for it)
+    items = list(read_task(Task("archive", "archive", path=str(path)), SizeLimits()))
+    assert [(d.path, d.license) for d in items if isinstance(d, RawDoc)] == [("p/m.py", None)]
+    assert sorted(s.where.rsplit("/", 1)[1] for s in items if isinstance(s, Skip)) == ["LICENSE-5", "LICENSE-6"]
+    monkeypatch.setattr(sources, "_SIDE_TOTAL", 8 * mb)    # with room for it, LICENSE-5 decides
+    items = list(read_task(Task("archive", "archive", path=str(path)), SizeLimits()))
+    assert [d.license for d in items if isinstance(d, RawDoc)] == ["GPL-3.0-or-later"]
