@@ -62,7 +62,7 @@ def prepare_data(root: Path, corpus_mb: float, vocab_size: int) -> tuple[Path, P
     from nanoseek.data.tokenizer import train_tokenizer
 
     workers = os.cpu_count() or 1
-    build_corpus(root / "corpus", ["default"], workers=workers, max_mb=corpus_mb)
+    build_corpus(root / "corpus", ["default"], workers=workers, max_mb=corpus_mb, check_inputs=False)  # (a finished one is kept: its tokenizer was made from it)
     train_tokenizer(root / "corpus", vocab_size, tok)
     tokenize_corpus(root / "corpus", tok, shards, workers=workers)
     return shards, tok

@@ -69,7 +69,7 @@ def build_models(work: Path, depth: int, vocab: int) -> tuple[Path, Path]:
     from nanoseek.train.export import write_model_dir
     from nanoseek.train.presets import scaled_model_config
 
-    build_corpus(work / "corpus", ["default"], workers=1, max_mb=1.0, progress=False)
+    build_corpus(work / "corpus", ["default"], workers=1, max_mb=1.0, progress=False, check_inputs=False)  # (a finished one is kept: its tokenizer was made from it)
     train_tokenizer(work / "corpus", vocab, work / "tokenizer", progress=False)
     tok = load_tokenizer(work / "tokenizer")
     dirs = []

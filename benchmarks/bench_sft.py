@@ -40,7 +40,7 @@ def build_data(work: Path, corpus_mb: float) -> tuple[Path, Path, Path]:
     from nanoseek.data.shards import tokenize_corpus
     from nanoseek.data.tokenizer import train_tokenizer
 
-    build_corpus(work / "corpus", ["default"], workers=2, max_mb=corpus_mb, progress=False)
+    build_corpus(work / "corpus", ["default"], workers=2, max_mb=corpus_mb, progress=False, check_inputs=False)  # (a finished one is kept: its tokenizer was made from it)
     train_tokenizer(work / "corpus", 4096, work / "tokenizer", progress=False)
     tokenize_corpus(work / "corpus", work / "tokenizer", work / "shards", workers=2, progress=False)
     return work / "shards", work / "tokenizer", work / "corpus"

@@ -1056,7 +1056,9 @@ def _read_parquet(task: Task, limits: SizeLimits):
     row group is decoded and validated (UTF-8 included) once before any row is yielded, so a
     row group that fails part-way is skipped whole as unreadable, as when it was read at once.
     Not bounded: Arrow decompresses a data page whole, so one page (one value, or many rows a
-    hostile writer put in one page) that inflates beyond memory is still read into memory.
+    hostile writer put in one page) that inflates beyond memory is still read into memory; and a
+    batch holds its rows decoded, so a dictionary-encoded value repeated in every row costs
+    _PARQUET_BATCH_ROWS copies of it.
     """
     where = f"{task.path}#rg{task.part}"
     try:

@@ -436,7 +436,8 @@ class _ProgramCgroups:
     def create(self, max_pids: int, memory_bytes: int | None) -> "_CgroupRun":
         with self._lock:
             self._n += 1
-            name = f"run-{os.getpid()}-{self._n}"
+            # (a random tail: a directory an earlier removal gave up on may hold the same count)
+            name = f"run-{os.getpid()}-{self._n}-{secrets.token_hex(3)}"
         run = _CgroupRun()
         try:
             for base, version, controllers in self.hierarchies:
@@ -501,9 +502,9 @@ class _CgroupRun:
                 continue
             if version == 1:
                 events = _read_keyed(os.path.join(path, "memory.oom_control"))
-                kills = events.get("oom_kill")
-                if kills is None:  # before Linux 4.13, no count: did it ever hit the limit?
-                    kills = int(bool(_read_int(os.path.join(path, "memory.failcnt"))))
+                # (before Linux 4.13 there is no count, and failcnt also counts reclaimed page
+                # cache: unknown is taken as none)
+                kills = events.get("oom_kill", 0)
                 peak = _read_int(os.path.join(path, "memory.max_usage_in_bytes"))
             else:
                 kills = _read_keyed(os.path.join(path, "memory.events")).get("oom_kill", 0)
@@ -693,7 +694,10 @@ def _run_one(job: Job, lim: Limits, level: str, python: str) -> Result:
         argv, env, cwd, workdir = _isolation_argv(level, lim, py)
         cgroups = _program_cgroups()
         if cgroups is not None:
-            cgroup = cgroups.create(lim.nproc + _CGROUP_SLACK, _memcg_bytes(lim))
+            try:
+                cgroup = cgroups.create(lim.nproc + _CGROUP_SLACK, _memcg_bytes(lim))
+            except OSError as e:   # (e.g. ENOSPC: the kernel's cgroup ids run out) never run unbounded
+                return Result("error", "", "", 0.0, level, None, f"could not create the program's cgroup: {e}")
             argv = cgroup.wrap(argv)  # joined before the isolation tool starts
         t0 = time.monotonic()
         try:

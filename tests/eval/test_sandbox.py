@@ -294,7 +294,8 @@ def test_memory_is_bounded_over_all_processes(any_level, cgroup_stats):
     assert stats["oom_kills"] >= 1, stats
     # The children's memory was counted (several reached 200 MB), and their sum, measured by the
     # kernel, never exceeded memory_mb plus the headroom (_memcg_bytes: 512 + 192 MB here).
-    assert 400 << 20 < stats["memory_peak"] <= _memcg_bytes(lim), stats
+    if stats["memory_peak"] is not None:   # (cgroup v2 before Linux 5.19 has no memory.peak)
+        assert 400 << 20 < stats["memory_peak"] <= _memcg_bytes(lim), stats
     assert not any(os.path.exists(d) for d in stats["dirs"]), stats
     assert sb.run("print('still works')").stdout == "still works\n"
 
@@ -305,7 +306,9 @@ def test_ordinary_program_fits_the_memory_limit(any_level, cgroup_stats):
     assert r.status == "passed" and r.stdout == f"{100 << 20}\n", r
     if sb.memory_limit == "cgroup":
         (stats,) = cgroup_stats
-        assert stats["oom_kills"] == 0 and 100 << 20 <= stats["memory_peak"] < 160 << 20, stats
+        assert stats["oom_kills"] == 0, stats
+        if stats["memory_peak"] is not None:   # (cgroup v2 before Linux 5.19 has no memory.peak)
+            assert 100 << 20 <= stats["memory_peak"] < 160 << 20, stats
 
 
 def test_cgroups_are_removed_after_runs(isolated, cgroup_stats):
