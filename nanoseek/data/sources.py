@@ -704,6 +704,117 @@ def verify_stream(path: str) -> str | None:
     return None
 
 
+# A pax ('x', 'g') or GNU long-name / long-link ('L', 'K') header is read whole by tarfile before
+# the member it describes: a few KB of gzip can declare one of gigabytes. Real ones hold a path
+# and a few attributes; 1 MB is far beyond any of them.
+_TAR_META_MAX = 1 << 20
+# tarfile's rule for which headers are followed by data (tarfile._proc_builtin): regular files,
+# and types it does not know; links, directories, devices and FIFOs have none.
+_TAR_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def tar_stream_problem(path: str) -> str | None:
+    """Check a tar file (plain or compressed) before tarfile reads it, in bounded memory: every
+    compressed stream's CRC to its end (verify_stream), and every metadata header's size
+    (_TAR_META_MAX). None if both hold, else what is wrong. Headers are walked with tarfile's
+    own rules (sizes in octal or base-256, a pax `size` record for the next member, GNU sparse
+    extension blocks); at a header whose checksum fails the walk stops and tarfile judges it."""
+    opener = _compressed_opener(path) or open
+    try:
+        with opener(path, "rb") as f:
+            problem = _walk_tar_headers(f)
+            while f.read(1 << 20):   # (to the end: a compressed stream's CRC is checked there)
+                pass
+    except _STREAM_ERRORS as e:
+        return f"damaged compressed stream: {type(e).__name__}: {e}"
+    return problem
+
+
+def _walk_tar_headers(f) -> str | None:
+    pax_size = None    # a pax header's `size` record: the next member's data size
+    at = 0
+    while True:
+        block = f.read(512)
+        if len(block) < 512 or not block.strip(b"\0") or not _tar_checksum_ok(block):
+            return None
+        at += 512
+        kind, size = block[156:157], _tar_number(block[124:136])
+        if size is None:
+            return None
+        if size < 0:   # (base-256 allows it; tarfile would then read a metadata header to the end)
+            return f"tar header with a negative size at byte {at - 512}"
+        if kind in (b"x", b"g", b"L", b"K"):
+            if size > _TAR_META_MAX:
+                return (f"tar metadata header ({kind.decode()!r}) of {size} bytes at byte {at - 512}: more "
+                        f"than {_TAR_META_MAX} (tarfile would read it whole into memory)")
+            data = f.read(-(-size // 512) * 512)
+            at += len(data)
+            if kind == b"x":
+                pax_size = _pax_size(data[:size])
+                if pax_size is not None and pax_size < 0:
+                    return f"tar pax header with a negative size at byte {at - 512 - len(data)}"
+            continue
+        if kind == b"S" and block[482]:   # GNU sparse: extension headers follow, each may chain
+            while True:
+                ext = f.read(512)
+                at += len(ext)
+                if len(ext) < 512 or not ext[504]:
+                    break
+        if pax_size is not None:
+            size, pax_size = pax_size, None
+        if kind in _TAR_NO_DATA:
+            continue
+        skip = -(-size // 512) * 512
+        while skip > 0:
+            n = len(f.read(min(skip, 1 << 20)))
+            if n == 0:
+                return None    # truncated: tarfile reports it
+            skip -= n
+            at += n
+
+
+def _tar_number(field: bytes) -> int | None:
+    """A tar header's numeric field: octal text, or base-256 (first byte 0x80, or 0xFF: negative)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else n
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return None
+
+
+def _tar_checksum_ok(block: bytes) -> bool:
+    stored = _tar_number(block[148:156])
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])     # the checksum field counted as spaces
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)   # (as C's signed char)
+    return stored in (unsigned, signed)
+
+
+def _pax_size(data: bytes) -> int | None:
+    """The `size` record of a pax header's "LEN key=value\n" records, if any."""
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            return None
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            return None
+        if length <= 0:
+            return None
+        key, _, value = data[sp + 1 : pos + length].rstrip(b"\n").partition(b"=")
+        if key == b"size":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+        pos += length
+    return None
+
+
 class _Spool:
     """Member contents held in a spooled temporary file (memory stays flat for big archives)."""
 
@@ -914,7 +1025,7 @@ def _scan_zip(scan: _ArchiveScan):
 
 def _scan_tar(scan: _ArchiveScan):
     limits = scan.limits
-    problem = verify_stream(scan.path)
+    problem = tar_stream_problem(scan.path)
     if problem:
         raise tarfile.ReadError(problem)
     with tarfile.open(scan.path, mode="r:*") as tf:

@@ -258,6 +258,63 @@ def test_a_tar_stream_of_license_files_and_empty_members_is_read_bounded(tmp_pat
     assert len(_side_skips(items)) == n_junk + 1 - sources._SIDE_COUNT
 
 
+def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type = size, kind
+    return ti.tobuf(tarfile.USTAR_FORMAT)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_a_huge_tar_metadata_header_is_refused_before_tarfile_reads_it(tmp_path, kind):
+    """tarfile reads a pax / GNU long-name header whole: 64 KB of gzip declaring a 64 MB one would
+    be 64 MB in memory (before: peak 75 MB). The archive is refused as unreadable, with why."""
+    path = tmp_path / "bomb-1.0.tar.gz"
+    code = py_code(300).encode()
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_tar_header("././@PaxHeader", 64 << 20, kind))
+        for _ in range(64):
+            f.write(b"\0" * (1 << 20))
+        f.write(_tar_header("bomb-1.0/m.py", len(code)) + _pad(code) + b"\0" * 1024)
+    items, peak_mb = _traced_read(path)
+    assert peak_mb < 8, peak_mb
+    assert [(i.reason, "metadata header" in i.message) for i in items] == [("unreadable", True)], items
+
+
+def test_pax_and_gnu_long_names_and_pax_sizes_still_read(tmp_path):
+    """Real metadata headers pass the header walk: long names in pax and GNU format, and a pax
+    `size` record that overrides the member's own size field (what tarfile writes past 8 GiB).
+    The member after that one holds bytes that are a valid header declaring a 64 MB pax header:
+    a walk that ignored the pax size would land on them and refuse the archive."""
+    long = "pkg-1.0/" + "d" * 120 + "/m.py"
+    code = py_code(300).encode()
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"long-{fmt}.tar.gz"
+        with tarfile.open(path, "w:gz", format=fmt) as tf:
+            ti = tarfile.TarInfo(long)
+            ti.size = len(code)
+            tf.addfile(ti, io.BytesIO(code))
+        assert sources.tar_stream_problem(str(path)) is None
+        docs = [i for i in _traced_read(path)[0] if isinstance(i, RawDoc)]
+        assert [d.path for d in docs] == [long]
+    decoy = _pad(_tar_header("decoy", 64 << 20, tarfile.XHDTYPE) + code)
+    record = f"size={len(decoy)}\n"
+    record = f"{len(record) + 3} {record}"      # "NN size=...\n": NN counts itself
+    path = tmp_path / "paxsize.tar.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(_tar_header("././@PaxHeader", len(record), tarfile.XHDTYPE) + _pad(record.encode()))
+        f.write(_tar_header("pkg-1.0/data.bin", 0) + decoy)
+        f.write(_tar_header("pkg-1.0/m.py", len(code)) + _pad(code) + b"\0" * 1024)
+    assert sources.tar_stream_problem(str(path)) is None
+    with tarfile.open(path) as tf:      # (tarfile agrees: the data member is len(decoy) long)
+        assert [(m.name, m.size) for m in tf] == [("pkg-1.0/data.bin", len(decoy)), ("pkg-1.0/m.py", len(code))]
+    docs = [i for i in _traced_read(path)[0] if isinstance(i, RawDoc)]
+    assert [d.path for d in docs] == ["pkg-1.0/m.py"]
+
+
 PARQUET_HUGE = 2_100_000      # bytes of each oversized value (over the default max_bytes, 1 MiB)
 
 
