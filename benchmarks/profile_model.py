@@ -31,7 +31,7 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
 `HyperConnection.collapse_function`: the collapse as one Function, `Experts.fused`: the routed
 experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
-`cpu_kernels.swiglu_bf16` and `Attention.fold_heads`: bf16 only; `loss.use_kernel`: the head's
+`cpu_kernels.swiglu_bf16`, `Attention.fold_heads` and `Attention.bmm_softmax`: bf16 only; `loss.use_kernel`: the head's
 per-chunk cross-entropy as one C call) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 Each round takes a new token batch (seeded: the same ones for both modes and every process), so
@@ -278,6 +278,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "Experts.bucket_rows": (moe.Experts, "bucket_rows"),   # (bf16 autocast only: use --bf16)
     "cpu_kernels.swiglu_bf16": (cpu_kernels, "swiglu_bf16"),   # (bf16 autocast only: use --bf16)
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)
+    "Attention.bmm_softmax": (Attention, "bmm_softmax"),   # (bf16 autocast only: use --bf16)
     "loss.use_kernel": (model_loss, "use_kernel"),
 }
 

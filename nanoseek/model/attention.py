@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CSA, HCA, ModelConfig
+from . import cpu_kernels
 from .cache import LayerCache
 from .compressor import Compressor
 from .context import ForwardContext
@@ -296,6 +297,10 @@ class Attention(nn.Module):
     # GPUs keep the per-head layout (`enable_gqa`) and the sink channel.
     fold_heads = True
     FOLD_MASK_BYTES = 32 << 20
+    # Folded bf16 blocks as batched bf16 products around one C pass for the sink softmax
+    # (_BmmSinkAttention) instead of the CPU flash kernel, where the C kernels are built: a switch
+    # for the benchmarks (benchmarks/profile_model.py --switch Attention.bmm_softmax).
+    bmm_softmax = True
 
     def _sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s, folded: bool = False):
         h, d = self.h, self.d
@@ -313,10 +318,13 @@ class Attention(nn.Module):
         if folded:  # q_blocks' rows are (query, head) ordered: one head of Bq*H rows as they come
             kv = torch.cat(keys, dim=2).flatten(0, 1).unsqueeze(1)  # [B*nb, 1, K, D]
             mask = torch.cat(masks, dim=-1).flatten(0, 1).to(dtype)  # [B*nb, bq, K]
-            k = mask.shape[-1] + 1
-            step = max(1, self.FOLD_MASK_BYTES // (bq * h * k * mask.element_size()))
-            out = _FoldedSinkAttention.apply(q_blocks.flatten(0, 1).unsqueeze(1), kv, mask,
-                                             fp32_or_wider(self.attn_sink), scale, step)
+            q_rows, sink = q_blocks.flatten(0, 1).unsqueeze(1), fp32_or_wider(self.attn_sink)
+            if self.bmm_softmax and dtype == torch.bfloat16 and cpu_kernels.attn_applies(kv[:, 0]):
+                out = _BmmSinkAttention.apply(q_rows, kv, mask, sink, scale)
+            else:
+                k = mask.shape[-1] + 1
+                step = max(1, self.FOLD_MASK_BYTES // (bq * h * k * mask.element_size()))
+                out = _FoldedSinkAttention.apply(q_rows, kv, mask, sink, scale, step)
             return out.reshape(b, nb * bq, h, d)[:, :s]
         sink = (fp32_or_wider(self.attn_sink) / scale).to(dtype)
         q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
@@ -430,6 +438,76 @@ class _FoldedSinkAttention(torch.autograd.Function):
         dot = (g.to(wide) * out.to(wide)).sum(-1).view_as(p_sink)
         d_sink = -(p_sink * dot).sum((0, 1, 2))
         return dq, dkv[:, :, :-1], None, d_sink, None, None
+
+
+class _BmmSinkAttention(torch.autograd.Function):
+    """The folded blocks (q [G, 1, Bq*H, D], kv [G, 1, K, D], mask [G, Bq, K], sink [H], as
+    _FoldedSinkAttention) as batched products around the sink softmax:
+
+        p = sink_softmax(q kv^T * scale + mask)          [G, Bq*H, K]   (kernels/attn.h)
+        out = p kv
+        backward: dp = g kv^T, ds = p (dp - g.out) scale, dq = ds kv, dkv = p^T g + ds^T q,
+                  d sink_h = -sum over h's rows of exp(sink_h - lse) (g.out)
+
+    Why: on a CPU without AMX, PyTorch's flash kernel runs its bf16 products through fp32 GEMMs
+    (it keeps its statistics and accumulations in fp32); here they are oneDNN bf16 GEMMs at
+    about twice the rate, and the softmax is one C pass each way (a `small` CSA call, [16, 1024,
+    385]: forward + backward 36 -> ~23 ms). The price is the flash kernel's extra precision:
+    the scores and probabilities are rounded to bf16 between the products, as in any eager
+    attention under autocast (the error of bf16 q and k is already of that order). Memory: the
+    probabilities are kept for the backward, [G, Bq*H, K] bf16 (12.6 MB for that call), where
+    the flash kernel keeps only its log-sum-exp. The softmax is the C kernel's for bf16 and
+    PyTorch's formula otherwise (the float64 tests run that against the flash path)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, mask, sink, scale: float):
+        q2, kv2 = q[:, 0], kv[:, 0]
+        p = torch.bmm(q2, kv2.transpose(1, 2))       # raw scores, made the probabilities in place
+        lse = _sink_softmax(p, mask, sink, scale)
+        out = torch.bmm(p, kv2)
+        ctx.save_for_backward(q2, kv2, p, out, lse, sink)
+        ctx.scale = scale
+        return out.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        q2, kv2, p, out, lse, sink = ctx.saved_tensors
+        g = g[:, 0].contiguous()
+        wide = lse.dtype
+        delta = (g.to(wide) * out.to(wide)).sum(-1)  # [G, R]: g . out = sum_j p_j dp_j
+        ds = torch.bmm(g, kv2.transpose(1, 2))
+        _sink_softmax_backward(ds, p, delta, ctx.scale)
+        dq = torch.bmm(ds, kv2)
+        dkv = torch.bmm(p.transpose(1, 2), g).baddbmm_(ds.transpose(1, 2), q2)   # value + key parts
+        h = sink.numel()
+        p_sink = torch.exp(sink.to(wide).view(1, 1, h) - lse.view(lse.shape[0], -1, h))
+        d_sink = -(p_sink * delta.view_as(p_sink)).sum((0, 1))
+        return dq.unsqueeze(1), dkv.unsqueeze(1), None, d_sink.to(sink.dtype), None
+
+
+def _sink_softmax(s: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """In place over raw scores s [G, R, K]: the sink softmax (see _BmmSinkAttention); returns
+    the rows' log-normalisers [G, R] (fp32; fp64 for fp64 scores)."""
+    h = sink.numel()
+    if cpu_kernels.attn_applies(s):
+        return cpu_kernels.attn_softmax(s, mask, sink, h, scale)
+    wide = torch.float64 if s.dtype == torch.float64 else torch.float32
+    z = s.to(wide) * scale + mask.to(wide).repeat_interleave(h, dim=1)
+    sk = sink.to(wide).repeat(s.shape[1] // h).view(1, -1, 1)       # row r: head r % h
+    m = torch.maximum(z.amax(-1, keepdim=True), sk)
+    e = torch.exp(z - m)
+    d = e.sum(-1, keepdim=True) + torch.exp(sk - m)
+    s.copy_(e / d)
+    return (m + torch.log(d)).squeeze(-1)
+
+
+def _sink_softmax_backward(ds: torch.Tensor, p: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
+    """In place over ds = g kv^T: p (ds - delta) scale."""
+    if cpu_kernels.attn_applies(ds):
+        cpu_kernels.attn_softmax_backward(ds, p, delta, scale)
+        return
+    wide = delta.dtype
+    ds.copy_(p.to(wide) * (ds.to(wide) - delta.unsqueeze(-1)) * scale)
 
 
 def _write_ring(cache: LayerCache, kv: torch.Tensor, start: int) -> None:

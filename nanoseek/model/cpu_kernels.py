@@ -8,6 +8,8 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     y = cpu_kernels.swiglu(gate, up, 10.0)                 # silu(min(g, L)) * clamp(u, -L, L); fp32/64, bf16
     dgate, dup = cpu_kernels.swiglu_backward(gate, up, grad, 10.0)
     lse, target = cpu_kernels.cross_entropy_rows(logits, labels, weight)   # logits -> d CE / d logits
+    lse = cpu_kernels.attn_softmax(scores, mask, sink, heads, scale)      # bf16 scores -> probabilities
+    cpu_kernels.attn_softmax_backward(dp, p, delta, scale)                 # dp -> d loss / d scores
     out = cpu_kernels.stream_mix(y, streams, post, comb)    # mHC's expand, [..., n, d] streams
     gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
     x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
@@ -31,6 +33,9 @@ their work on a CPU.
     the target logit and the gradient (softmax - one-hot) were nine passes over [512, 8192] (a
     `small` chunk; with bf16 logits two of them casts). One call: each row read twice and its
     gradient written once, over the logits.
+  * the sink softmax of the folded bf16 attention (model/attention.py _BmmSinkAttention,
+    kernels/attn.h): scale, mask, max, exp, sum and divide over [blocks, rows, keys] bf16 scores
+    between its batched products, and the backward's p (dp - delta) scale. One pass each.
 Each kernel splits its tokens (elements) across PyTorch's OpenMP threads, as PyTorch's own ops
 do, so that it scales with the cores; each token is computed whole by one thread, so the results
 do not depend on the thread count.
@@ -73,7 +78,7 @@ from .._runtime import cache_root, switched_off
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h", "ce.h")  # kernels.c includes the others
+_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h", "ce.h", "attn.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 
@@ -174,6 +179,9 @@ def _library() -> ctypes.CDLL | None:
     for suffix in _SUFFIX.values():
         fn = getattr(lib, f"ce_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr] * 5 + [long, long, ctypes.c_int, ptr, long], None
+    lib.attn_softmax_bf16.argtypes = [ptr] * 4 + [long] * 4 + [ctypes.c_float, ptr, long]
+    lib.attn_softmax_backward_bf16.argtypes = [ptr] * 3 + [long, long, ctypes.c_float, long]
+    lib.attn_softmax_bf16.restype = lib.attn_softmax_backward_bf16.restype = None
     return lib
 
 
@@ -383,3 +391,47 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, weight: torch
     getattr(lib, f"ce_rows_{_SUFFIX[logits.dtype]}")(logits.data_ptr(), lab.data_ptr(), w.data_ptr(), lse.data_ptr(),
                                                      target.data_ptr(), rows, v, int(grad), work.data_ptr(), threads)
     return lse, target
+
+
+def attn_applies(scores: torch.Tensor) -> bool:
+    """Whether `attn_softmax` / `attn_softmax_backward` can run on these scores (bf16 [G, R, K]
+    on the CPU, eager)."""
+    return (scores.device.type == "cpu" and scores.dtype == torch.bfloat16 and scores.dim() == 3
+            and scores.shape[-1] > 0 and not torch.compiler.is_compiling() and available())
+
+
+def attn_softmax(scores: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor, heads: int,
+                 scale: float) -> torch.Tensor:
+    """The sink softmax of raw scores [G, R, K] (bf16, contiguous; rows query-major, head-minor)
+    with an additive mask [G, R / heads, K] (bf16) and per-head sink logits [heads], in place:
+    scores become the probabilities (rounded to bf16). Returns each row's log-normaliser [G, R]
+    (fp32, the sink included). No autograd: attention._BmmSinkAttention is the caller."""
+    g, r, k = scores.shape
+    if not scores.is_contiguous() or r % heads:
+        raise ValueError(f"attn_softmax: needs contiguous scores with rows a multiple of {heads}, "
+                         f"got {tuple(scores.shape)}")
+    mask = mask.contiguous()
+    lib = _checked("attn_softmax", scores, mask, shapes=[(g, r, k), (g, r // heads, k)], dtypes=(torch.bfloat16,))
+    sk = sink.detach().to(torch.float32).contiguous()
+    if sk.shape != (heads,) or sk.device != scores.device:
+        raise ValueError(f"attn_softmax: needs sink logits of shape ({heads},) on the CPU, got {tuple(sk.shape)}")
+    lse = torch.empty(g, r, dtype=torch.float32)
+    threads = max(1, torch.get_num_threads())
+    work = torch.empty(threads * k, dtype=torch.float32)   # one row buffer per thread
+    lib.attn_softmax_bf16(scores.data_ptr(), mask.data_ptr(), sk.data_ptr(), lse.data_ptr(), g, r, heads, k,
+                          scale, work.data_ptr(), threads)
+    return lse
+
+
+def attn_softmax_backward(dp: torch.Tensor, p: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
+    """In place over dp [G, R, K] (bf16, contiguous: g v^T): p (dp - delta) scale, the gradient of
+    the raw scores, with p the probabilities attn_softmax wrote and delta [G, R] (fp32) g . out."""
+    if not dp.is_contiguous():
+        raise ValueError("attn_softmax_backward: needs contiguous dp")
+    p = p.contiguous()
+    lib = _checked("attn_softmax_backward", dp, p, dtypes=(torch.bfloat16,))
+    d = delta.detach().to(torch.float32).contiguous()
+    if d.shape != dp.shape[:2] or d.device != dp.device:
+        raise ValueError(f"attn_softmax_backward: needs delta of shape {tuple(dp.shape[:2])}, got {tuple(d.shape)}")
+    lib.attn_softmax_backward_bf16(dp.data_ptr(), p.data_ptr(), d.data_ptr(), dp.shape[0] * dp.shape[1],
+                                   dp.shape[2], scale, max(1, torch.get_num_threads()))

@@ -131,6 +131,8 @@ def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, *a, **k: seen.append((q.dtype, q.shape[1])) or real(q, *a, **k))
     monkeypatch.setattr(attention, "_flash", lambda q, *a: seen.append((q.dtype, q.shape[1])) or real_flash(q, *a))
+    real_softmax = attention._sink_softmax     # (the folded bf16 blocks' batched-product path)
+    monkeypatch.setattr(attention, "_sink_softmax", lambda p, *a: seen.append((p.dtype, 1)) or real_softmax(p, *a))
     ref_terms, ref = _loss_and_grads(model, ids)
     assert {dt for dt, _ in seen} == {torch.float32}
     errs = {}
@@ -150,6 +152,72 @@ def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
         cache = model.new_cache(1, 16)
         model(ids[:1, :1], cache=cache)                              # a one-query block: per head
     assert seen and {heads for _, heads in seen} == {model.config.num_attention_heads}
+
+
+def _folded_inputs(dtype, g=5, bq=6, h=4, k=23, d=16, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(g, 1, bq * h, d, dtype=torch.float64)
+    kv = torch.randn(g, 1, k, d, dtype=torch.float64)
+    mask = torch.zeros(g, bq, k, dtype=torch.float64).masked_fill(torch.rand(g, bq, k) < 0.4, float("-inf"))
+    mask[2, 1] = float("-inf")                     # a row that sees nothing but the sink
+    sink = torch.randn(h, dtype=torch.float64)
+    grad = torch.randn(g, 1, bq * h, d, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, kv, mask)] + [sink, grad.to(dtype)]
+
+
+def _folded_run(fn, q, kv, mask, sink, grad, *extra):
+    q, kv, sink = (t.detach().clone().requires_grad_() for t in (q, kv, sink))
+    out = fn.apply(q, kv, mask, sink, 0.25, *extra)
+    return [out, *torch.autograd.grad(out, (q, kv, sink), grad)]
+
+
+def test_bmm_sink_attention_equals_the_flash_path_float64():
+    """_BmmSinkAttention (batched products around the sink softmax; PyTorch's softmax formula in
+    float64) against the folded flash path: output and the query, key/value and sink gradients
+    to float64 rounding, a row that sees only the sink included."""
+    args = _folded_inputs(torch.float64)
+    ref = _folded_run(attention._FoldedSinkAttention, *args, 2)
+    got = _folded_run(attention._BmmSinkAttention, *args)
+    for a, c in zip(ref, got):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+    assert got[0][2, 0, 4:8].abs().max() == 0           # the sink-only row's output is exactly 0
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler")
+def test_bmm_sink_attention_bf16_kernels():
+    """The C sink softmax (kernels/attn.h) against PyTorch's formula on the same bf16 scores: the
+    probabilities within one bf16 rounding, the log-normalisers to fp32 rounding, a hidden key's
+    probability exactly 0; its backward pass likewise; the same bits at 1 and 3 threads; and the
+    whole Function in bf16 within bf16 error of float64."""
+    q, kv, mask, sink, grad = _folded_inputs(torch.bfloat16)
+    s = torch.bmm(q[:, 0], kv[:, 0].transpose(1, 2))
+    z = s.double() * 0.25 + mask.double().repeat_interleave(4, dim=1)
+    zs = torch.cat([z, sink.view(1, 1, 4).repeat(1, 1, z.shape[1] // 4).transpose(1, 2).expand(z.shape[0], -1, 1)], -1)
+    p_ref, lse_ref = torch.softmax(zs, -1)[..., :-1], torch.logsumexp(zs, -1)
+    outs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            p = s.clone()
+            lse = cpu_kernels.attn_softmax(p, mask, sink, 4, 0.25)
+            dp = torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+            delta = torch.randn(s.shape[:2], generator=torch.Generator().manual_seed(2))
+            ds = dp.clone()
+            cpu_kernels.attn_softmax_backward(ds, p, delta, 0.25)
+        finally:
+            torch.set_num_threads(2)
+        outs.append((p, lse, ds))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    p, lse, ds = outs[0]
+    torch.testing.assert_close(p.double(), p_ref, rtol=2 ** -8, atol=1e-30)
+    assert (p[mask.repeat_interleave(4, dim=1) == float("-inf")] == 0).all()
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-6, atol=1e-6)
+    ds_ref = p.double() * (dp.double() - delta.double().unsqueeze(-1)) * 0.25
+    torch.testing.assert_close(ds.double(), ds_ref, rtol=2 ** -8, atol=1e-30)
+    ref = _folded_run(attention._FoldedSinkAttention, *_folded_inputs(torch.float64), 2)
+    got = _folded_run(attention._BmmSinkAttention, q, kv, mask, sink.float(), grad)
+    for a, c in zip(ref, got):
+        assert ((c.double() - a).norm() / a.norm()) < 0.02
 
 
 def test_sdpa_attention_cached_decode_equals_reference(plain_paths):

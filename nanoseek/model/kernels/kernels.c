@@ -1,5 +1,5 @@
 /* nanoseek's C kernels for the eager CPU paths, one translation unit: each kernel body
- * (sinkhorn.h, swiglu.h, mhc.h, ce.h; what they compute and why, at their top) is instantiated
+ * (sinkhorn.h, swiglu.h, mhc.h, ce.h, attn.h; what they compute and why, at their top) is instantiated
  * for float32 (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
  * cc -O3 -march=native -fno-trapping-math -fopenmp -shared (OpenMP where the compiler has it)
  * and loaded with ctypes by nanoseek/model/cpu_kernels.py. */
@@ -58,6 +58,14 @@
 #define EXP exp_f32
 #include "swiglu.h"
 #include "ce.h"
+#undef REAL
+#undef NAME
+#undef EXP
+#undef STORE_T
+#undef LOAD
+#undef STORE
+
+#include "attn.h"   /* bf16 only (the folded attention under autocast) */
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }
