@@ -212,6 +212,10 @@ def test_bmm_sink_attention_bf16_kernels():
     torch.testing.assert_close(p.double(), p_ref, rtol=2 ** -8, atol=1e-30)
     assert (p[mask.repeat_interleave(4, dim=1) == float("-inf")] == 0).all()
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-6, atol=1e-6)
+    bad = s.clone()
+    bad[1, 3, 5] = float("nan")                          # a NaN score poisons its row only
+    cpu_kernels.attn_softmax(bad, mask, sink, 4, 0.25)
+    assert bad[1, 3].isnan().all() and not bad[1, 2].isnan().any() and not bad[0].isnan().any()
     ds_ref = p.double() * (dp.double() - delta.double().unsqueeze(-1)) * 0.25
     torch.testing.assert_close(ds.double(), ds_ref, rtol=2 ** -8, atol=1e-30)
     ref = _folded_run(attention._FoldedSinkAttention, *_folded_inputs(torch.float64), 2)

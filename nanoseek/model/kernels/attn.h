@@ -16,7 +16,8 @@
  * In PyTorch either was ~6 passes over [groups, rows, keys] (scale, mask add, max, exp, sum,
  * divide; multiply, subtract, multiply) with fp32 temporaries; here each row is read twice and
  * written once (the exponentials go through a per-thread row buffer of `keys` floats). A hidden
- * key's exponential is exactly 0 (exp_f32 would give ~1e-38 for -inf), as in the flash kernel.
+ * key's exponential is exactly 0 (exp_f32 would give ~1e-38 for -inf), as in the flash kernel;
+ * a NaN score makes its row NaN, as there (the max skips it, the exponential does not).
  * Rows are split across up to `threads` OpenMP threads, each row computed whole by one thread,
  * so results do not depend on the thread count. */
 
@@ -41,7 +42,7 @@ void attn_softmax_bf16(uint16_t *restrict s, const uint16_t *restrict mask, cons
         float d = 0.0f;
 #pragma omp simd reduction(+ : d)
         for (long j = 0; j < keys; j++) {
-            const float x = e[j] > -INFINITY ? exp_f32(e[j] - m) : 0.0f;
+            const float x = e[j] == -INFINITY ? 0.0f : exp_f32(e[j] - m);   /* (a NaN stays NaN) */
             e[j] = x;
             d += x;
         }
