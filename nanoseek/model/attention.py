@@ -449,10 +449,10 @@ class _BmmSinkAttention(torch.autograd.Function):
         backward: dp = g kv^T, ds = p (dp - g.out) scale, dq = ds kv, dkv = p^T g + ds^T q,
                   d sink_h = -sum over h's rows of exp(sink_h - lse) (g.out)
 
-    Why: on a CPU without AMX, PyTorch's flash kernel runs its bf16 products through fp32 GEMMs
-    (it keeps its statistics and accumulations in fp32); here they are oneDNN bf16 GEMMs at
-    about twice the rate, and the softmax is one C pass each way (a `small` CSA call, [16, 1024,
-    385]: forward + backward 36 -> ~23 ms). The price is the flash kernel's extra precision:
+    Why: PyTorch's CPU flash kernel ran these shapes at ~30% of the bf16 matmul peak (small
+    per-block products, fp32 statistics, the scores recomputed in the backward); the same six
+    products as oneDNN bf16 batched GEMMs take about half its time, and the softmax is one C pass
+    each way (a `small` CSA call, [16, 1024, 385]: forward + backward ~40 -> ~27 ms). The price is the flash kernel's extra precision:
     the scores and probabilities are rounded to bf16 between the products, as in any eager
     attention under autocast (the error of bf16 q and k is already of that order). Memory: the
     probabilities are kept for the backward, [G, Bq*H, K] bf16 (12.6 MB for that call), where
