@@ -977,6 +977,19 @@ class _ArchiveScan:
         for name, n in self.side.add(rank, data):
             yield from self._side_skip(name, n)
 
+    def admit(self, name: str, size: int):
+        """Whether a code member of `size` bytes (as its header says) may be read: one over
+        max_bytes goes to too_big, and each one read is charged to the read budget; yields the
+        Skip of one past the budget. Returns True when the member is to be read."""
+        if size > self.limits.max_bytes:
+            self.too_big.append((name, size))
+            return False
+        self.budget -= size
+        if self.budget < 0:
+            yield Skip("too_large", size, f"{self.path}!{name}", "archive read budget exhausted")
+            return False
+        return True
+
     def _side_skip(self, name: str, size: int):
         if lang_from_path(name) is None:    # (a LICENSE.py is still read as code: counted there)
             yield Skip("too_large", size, f"{self.path}!{name}",
@@ -1002,12 +1015,7 @@ def _scan_zip(scan: _ArchiveScan):
             name = info.filename
             if lang_from_path(name) is None or id(info) in bad:
                 continue
-            if info.file_size > limits.max_bytes:
-                scan.too_big.append((name, info.file_size))
-                continue
-            scan.budget -= info.file_size
-            if scan.budget < 0:
-                yield Skip("too_large", info.file_size, f"{scan.path}!{name}", "archive read budget exhausted")
+            if not (yield from scan.admit(name, info.file_size)):
                 continue
             try:
                 with zf.open(info) as f:   # checks the member's CRC when read to its end
@@ -1041,12 +1049,7 @@ def _scan_tar(scan: _ArchiveScan):
                 yield from scan.read_side(rank, m.size, tf.extractfile(m).read)
             if lang_from_path(name) is None:
                 continue
-            if m.size > limits.max_bytes:
-                scan.too_big.append((name, m.size))
-                continue
-            scan.budget -= m.size
-            if scan.budget < 0:
-                yield Skip("too_large", m.size, f"{scan.path}!{name}", "archive read budget exhausted")
+            if not (yield from scan.admit(name, m.size)):
                 continue
             data = tf.extractfile(m).read(limits.max_bytes + 1)
             if len(data) != m.size:

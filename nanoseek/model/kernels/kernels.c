@@ -15,6 +15,7 @@
 #endif
 
 #include "vec_math.h"
+#include "attn.h"   /* bf16 scores only (the folded attention under autocast): no instantiation */
 
 #define TB 16                 /* Sinkhorn: tokens per block, the lanes of its inner loops */
 #define PARALLEL_MIN 32768    /* elementwise kernels: fewer elements run on one thread */
@@ -58,14 +59,6 @@
 #define EXP exp_f32
 #include "swiglu.h"
 #include "ce.h"
-#undef REAL
-#undef NAME
-#undef EXP
-#undef STORE_T
-#undef LOAD
-#undef STORE
-
-#include "attn.h"   /* bf16 only (the folded attention under autocast) */
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }
