@@ -405,6 +405,7 @@ def _wrap(run: Run) -> None:
 # 1.5x faster in forward + backward there (docs/train.md), while at the speedrun's width 192 bf16
 # GEMMs barely beat fp32 and the casts remain (within noise of fp32 in the trainer).
 CPU_BF16_MIN_WIDTH = 512
+AUTOCAST_SETTINGS = ("auto", "bf16", "head", "off")   # --autocast
 
 
 def use_bf16_autocast(setting: str, device: torch.device, config) -> bool:
@@ -456,6 +457,8 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be stop or skip, got {cfg.on_nonfinite!r}")
+    if cfg.autocast not in AUTOCAST_SETTINGS:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_SETTINGS)}, got {cfg.autocast!r}")
     objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
     tok = _load_tokenizer(cfg)
     mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
