@@ -29,7 +29,8 @@ the two modes of one run.
 indexer KL, what the trainer runs) with each fast-path switch off and on in alternating rounds
 (`RMSNorm.fused`, `rope.use_complex`, `HyperConnection.fused`, `Attention.use_sdpa`,
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
-`HyperConnection.collapse_function`: the collapse as one Function, `Experts.fused`: the routed
+`HyperConnection.collapse_function`: the collapse as one Function, `HyperConnection.mix_kernels`: its
+mix products as C passes, `Experts.fused`: the routed
 experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
 `cpu_kernels.swiglu_bf16`, `Attention.fold_heads` and `Attention.bmm_softmax`: bf16 only; `loss.use_kernel`: the head's
 per-chunk cross-entropy as one C call) and prints
@@ -274,6 +275,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "cpu_kernels.enabled": (cpu_kernels, "enabled"),
     "HyperConnection.stream_kernels": (hyper_connections.HyperConnection, "stream_kernels"),
     "HyperConnection.collapse_function": (hyper_connections.HyperConnection, "collapse_function"),
+    "HyperConnection.mix_kernels": (hyper_connections.HyperConnection, "mix_kernels"),
     "Experts.fused": (moe.Experts, "fused"),
     "Experts.bucket_rows": (moe.Experts, "bucket_rows"),   # (bf16 autocast only: use --bf16)
     "cpu_kernels.swiglu_bf16": (cpu_kernels, "swiglu_bf16"),   # (bf16 autocast only: use --bf16)

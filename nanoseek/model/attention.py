@@ -80,7 +80,7 @@ class Attention(nn.Module):
         cos, sin = rope_angles(ctx.positions, self.inv_freq)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(b, s, self.h, self.d)
-        q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos, sin)
+        q = apply_rope(rms_normalize(q, self.eps, keep_dtype=True), cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
 
         if cache is not None and ctx.start is None:

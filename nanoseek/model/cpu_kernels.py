@@ -10,6 +10,8 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     lse, target = cpu_kernels.cross_entropy_rows(logits, labels, weight)   # logits -> d CE / d logits
     lse = cpu_kernels.attn_softmax(scores, mask, sink, heads, scale)      # bf16 scores -> probabilities
     cpu_kernels.attn_softmax_backward(dp, p, delta, scale)                 # dp -> d loss / d scores
+    y, r = cpu_kernels.rms_norm(x, weight, eps)            # x / rms(x) * weight (None: unweighted)
+    gx, gw = cpu_kernels.rms_norm_backward(x, r, weight, grad)
     out = cpu_kernels.stream_mix(y, streams, post, comb)    # mHC's expand, [..., n, d] streams
     gy, gx, gpost, gcomb = cpu_kernels.stream_mix_backward(y, streams, post, comb, grad)
     x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
@@ -36,10 +38,14 @@ their work on a CPU.
   * the sink softmax of the folded bf16 attention (model/attention.py _BmmSinkAttention,
     kernels/attn.h): scale, mask, max, exp, sum and divide over [blocks, rows, keys] bf16 scores
     between its batched products, and the backward's p (dp - delta) scale. One pass each.
+  * RMSNorm (model/norm.py, kernels/norm.h): 5 passes forward and ~8 backward per norm in
+    PyTorch's autograd Function, with bf16 input copied to fp32 and xhat saved in fp32; one
+    call each way, x saved in its own dtype. A [4, 512, 512] fp32 norm's forward + backward
+    ~4 -> ~1.3 ms; the four kinds of norm of a bf16 `small` step ~40 -> ~18 ms.
 Each kernel splits its tokens (elements) across PyTorch's OpenMP threads, as PyTorch's own ops
 do, so that it scales with the cores; each token is computed whole by one thread, so the results
 do not depend on the thread count.
-The callers (hyper_connections._SinkhornKernel, _StreamMix, _WeightedSum, moe._SwiGLU) are
+The callers (hyper_connections._SinkhornKernel, _StreamMix, _WeightedSum, moe._SwiGLU, norm._RMSNorm) are
 autograd Functions next to the PyTorch references; docs/model.md "Speed" has the measurements. Compiled graphs (the decode
 step, `compile_kernels`, `--compile` training) keep the PyTorch code, which inductor fuses.
 
@@ -78,7 +84,7 @@ from .._runtime import cache_root, switched_off
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h", "ce.h", "attn.h")  # kernels.c includes the others
+_FILES = ("kernels.c", "vec_math.h", "sinkhorn.h", "swiglu.h", "mhc.h", "ce.h", "attn.h", "norm.h")  # kernels.c includes the others
 MAX_N = 8          # the kernel's limits (hc_mult is 4 in every V4 config, sinkhorn iters 20)
 MAX_ITERS = 64
 
@@ -169,7 +175,9 @@ def _library() -> ctypes.CDLL | None:
                            ("stream_mix_backward", [ptr] * 9 + [long] * 3),
                            ("weighted_sum", [ptr] * 3 + [long] * 3),
                            ("weighted_sum_backward", [ptr] * 5 + [long] * 3),
-                           ("collapse_backward", [ptr] * 5 + [long] * 3)):
+                           ("collapse_backward", [ptr] * 5 + [long] * 3),
+                           ("mix_rms", [ptr] * 4 + [long] * 4),
+                           ("collapse_mix_backward", [ptr] * 10 + [long] * 5)):
             fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, None
     for name, args in (("swiglu", [ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int]),
@@ -182,6 +190,11 @@ def _library() -> ctypes.CDLL | None:
     lib.attn_softmax_bf16.argtypes = [ptr] * 4 + [long] * 4 + [ctypes.c_float, ptr, long]
     lib.attn_softmax_backward_bf16.argtypes = [ptr] * 3 + [long, long, ctypes.c_float, long]
     lib.attn_softmax_bf16.restype = lib.attn_softmax_backward_bf16.restype = None
+    for dtype, suffix in _SUFFIX.items():
+        forward, backward = getattr(lib, f"rms_norm_{suffix}"), getattr(lib, f"rms_norm_backward_{suffix}")
+        forward.argtypes = [ptr] * 4 + [long, long, _SWIGLU_REAL[dtype]]   # eps: float for bf16 tensors
+        backward.argtypes = [ptr] * 6 + [long, long, ptr, long]
+        forward.restype = backward.restype = None
     return lib
 
 
@@ -356,6 +369,73 @@ def collapse_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.
     return gx
 
 
+
+MIX_MAX_BYTES = 8 * 32   # mhc.h: a token's mix outputs fill at most MIX_MAXV 32-byte vectors
+
+
+def mix_applies(flat: torch.Tensor, fn: torch.Tensor) -> bool:
+    """Whether `mix_rms` / `collapse_mix_backward` can run: flat streams [T, K] and fn [M, K], CPU,
+    one dtype of fp32 / fp64, at most MIX_MAX_BYTES of outputs a token (M <= 64 in fp32), eager."""
+    return (flat.device.type == "cpu" and flat.dtype in _REAL and flat.dim() == 2 and fn.dim() == 2
+            and fn.dtype == flat.dtype and fn.device == flat.device and fn.shape[1] == flat.shape[1]
+            and 0 < fn.shape[0] * fn.element_size() <= MIX_MAX_BYTES
+            and not torch.compiler.is_compiling() and available())
+
+
+def _mix_checked(name: str, flat: torch.Tensor, fn: torch.Tensor):
+    if flat.dim() != 2 or fn.dim() != 2 or fn.shape[1] != flat.shape[1] or not (
+            0 < fn.shape[0] * fn.element_size() <= MIX_MAX_BYTES):
+        raise ValueError(f"{name}: needs flat [T, K] and fn [M, K] with M * element size <= {MIX_MAX_BYTES}, "
+                         f"got {tuple(flat.shape)} and {tuple(fn.shape)}")
+    return _checked(name, flat, fn, shapes=[flat.shape, fn.shape])
+
+
+def mix_rms(flat: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat @ fn^T [T, M], sum of squares of each row of flat [T]) in one pass over flat [T, K]:
+    the mHC mix's product and its RMS statistic (hyper_connections._Collapse); needs
+    mix_applies(flat, fn)."""
+    lib = _mix_checked("mix_rms", flat, fn)
+    x = flat.detach().contiguous()
+    (tokens, width), m = x.shape, fn.shape[0]
+    lanes = 32 // x.element_size()
+    # fn^T with its columns padded to whole vectors: one row of it per k, read as MV vectors
+    fn_t = x.new_zeros(width, -(-m // lanes) * lanes)
+    fn_t[:, :m] = fn.detach().t()
+    raw, ss = x.new_empty(tokens, m), x.new_empty(tokens)
+    getattr(lib, f"mix_rms_{_SUFFIX[x.dtype]}")(x.data_ptr(), fn_t.data_ptr(), raw.data_ptr(), ss.data_ptr(),
+                                                tokens, width, m, max(1, torch.get_num_threads()))
+    return raw, ss
+
+
+def collapse_mix_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor,
+                          g_mix: torch.Tensor, fn: torch.Tensor, extra: torch.Tensor | None = None,
+                          needs: tuple[bool, bool] = (True, True)):
+    """A whole collapse's (d streams, d fn), None where `needs` is False: for weights [..., n],
+    streams [..., n, d], grad [..., d], coef [...], g_mix [..., M] (the mix's gradient times r) and
+    fn [M, n d],
+        d streams = w_j g + coef X_j + g_mix fn (+ extra, another gradient of the streams),
+        d fn      = g_mix^T X
+    in one pass over the streams (collapse_backward, the two GEMMs and the add, fused)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    lib, tokens, _, _, (x, w, g) = _streams("collapse_mix_backward", streams, weights, grad.to(streams.dtype),
+                                            kinds="wy")
+    m = fn.shape[0]
+    flat = x.view(tokens, n * d)
+    _mix_checked("collapse_mix_backward", flat, fn)
+    c, gm, f = (t.detach().to(x.dtype).contiguous() for t in (coef, g_mix, fn))
+    e = None if extra is None else extra.detach().to(x.dtype).contiguous()
+    _checked("collapse_mix_backward", x, c, gm, *(() if e is None else (e,)),
+             shapes=[x.shape, lead, (*lead, m), *(() if e is None else (x.shape,))])
+    gx = torch.empty_like(x) if needs[0] else None
+    gfn = x.new_empty(m, n * d) if needs[1] else None
+    threads = max(1, torch.get_num_threads())
+    work = x.new_empty(threads * m * n * d) if needs[1] else None
+    getattr(lib, f"collapse_mix_backward_{_SUFFIX[x.dtype]}")(
+        w.data_ptr(), x.data_ptr(), g.data_ptr(), c.data_ptr(), gm.data_ptr(), f.data_ptr(), _ptr(e), _ptr(gx),
+        _ptr(gfn), _ptr(work), tokens, n, d, m, threads)
+    return gx, gfn
+
+
 _CE_DTYPES = {**_REAL, torch.bfloat16: ctypes.c_float}   # logits: fp32 / fp64, or bf16 (fp32 arithmetic)
 
 
@@ -435,3 +515,64 @@ def attn_softmax_backward(dp: torch.Tensor, p: torch.Tensor, delta: torch.Tensor
         raise ValueError(f"attn_softmax_backward: needs delta of shape {tuple(dp.shape[:2])}, got {tuple(d.shape)}")
     lib.attn_softmax_backward_bf16(dp.data_ptr(), p.data_ptr(), d.data_ptr(), dp.shape[0] * dp.shape[1],
                                    dp.shape[2], scale, max(1, torch.get_num_threads()))
+
+
+# RMSNorm (kernels/norm.h): x fp32 / fp64 / bf16; weight, r and the weight's gradient in the
+# arithmetic's dtype (fp32 for bf16 x)
+_NORM_REAL = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
+NORM_BLOCK = 32   # tokens per partial row of the weight's gradient: fixed, so its bits never depend on the threads
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether `rms_norm` can run x [..., d] (CPU, fp32/fp64/bf16) with this weight (None, or [d]
+    fp32; fp64 for fp64 x) in eager mode."""
+    return (x.device.type == "cpu" and x.dtype in _NORM_REAL and x.dim() >= 1 and x.shape[-1] > 0
+            and (weight is None or (weight.device == x.device and weight.dtype == _NORM_REAL[x.dtype]
+                                    and weight.shape == x.shape[-1:]))
+            and not torch.compiler.is_compiling() and available())
+
+
+def _norm_checked(name: str, x: torch.Tensor, weight: torch.Tensor | None, *grad: torch.Tensor,
+                  r: torch.Tensor | None = None):
+    """The library, after checking x [..., d] (and grad: its shape and dtype), weight [d] or None
+    and r [...], both in the arithmetic's dtype."""
+    if x.dim() < 1:
+        raise ValueError(f"{name}: needs x [..., d], got a scalar")
+    lib = _checked(name, x, *grad, dtypes=_NORM_REAL)
+    real = _NORM_REAL[x.dtype]
+    for what, t, shape in (("weight", weight, x.shape[-1:]), ("r", r, x.shape[:-1])):
+        if t is not None and (t.device.type != "cpu" or t.dtype != real or t.shape != shape):
+            raise ValueError(f"{name}: needs {what} of shape {tuple(shape)} and dtype {real} on the CPU for x "
+                             f"{tuple(x.shape)} {x.dtype}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    return lib
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r) for x [..., d]: y = x r * weight (weight None: x r) in x's dtype (bf16: computed in
+    fp32, rounded once), r = 1 / sqrt(mean(x^2) + eps) [...] in fp32 (fp64 for fp64 x), kept for
+    rms_norm_backward. No autograd: norm._RMSNorm is the caller; needs rms_norm_applies(x, weight)."""
+    lib = _norm_checked("rms_norm", x, weight)
+    xs = x.detach().contiguous()
+    w = None if weight is None else weight.detach().contiguous()
+    y, r = torch.empty_like(xs), xs.new_empty(xs.shape[:-1], dtype=_NORM_REAL[xs.dtype])
+    getattr(lib, f"rms_norm_{_SUFFIX[xs.dtype]}")(xs.data_ptr(), _ptr(w), y.data_ptr(), r.data_ptr(), r.numel(),
+                                                 xs.shape[-1], eps)
+    return y, r
+
+
+def rms_norm_backward(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor,
+                      needs: tuple[bool, bool] = (True, True)):
+    """(d x, d weight) of sum(grad * rms_norm(x, weight, eps)[0]), from x and the forward's r: d x in
+    x's dtype, d weight in the weight's; None where `needs` is False (d weight: or no weight)."""
+    g = grad.detach().to(x.dtype)
+    lib = _norm_checked("rms_norm_backward", x, weight, g, r=r)
+    xs, rs, g = x.detach().contiguous(), r.detach().contiguous(), g.contiguous()
+    w = None if weight is None else weight.detach().contiguous()
+    tokens, d = rs.numel(), xs.shape[-1]
+    gx = torch.empty_like(xs) if needs[0] else None
+    gw = torch.empty_like(w) if needs[1] and w is not None else None
+    # one partial row of the weight's gradient per block of NORM_BLOCK tokens, added in order
+    work = rs.new_empty(-(-tokens // NORM_BLOCK) * d if gw is not None else 0)
+    getattr(lib, f"rms_norm_backward_{_SUFFIX[xs.dtype]}")(xs.data_ptr(), rs.data_ptr(), _ptr(w), g.data_ptr(),
+                                                          _ptr(gx), _ptr(gw), tokens, d, work.data_ptr(), NORM_BLOCK)
+    return gx, gw

@@ -160,6 +160,10 @@ class HyperConnection(nn.Module):
     # runs: 3 MiB of streams, the speedrun's, 0.97x; 16 MiB, `small`'s, 1.10x)
     collapse_function = True
     COLLAPSE_MIN_BYTES = 8 << 20
+    # in _Collapse: the mix's products as C passes (cpu_kernels.mix_rms, collapse_mix_backward:
+    # the product with the mean square, and the streams' and fn's gradients in one pass); False:
+    # MKL GEMMs around the C collapse pass
+    mix_kernels = True
 
     def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -173,8 +177,10 @@ class HyperConnection(nn.Module):
     # replaces it per instance with a torch.compile'd version that fuses them into a few
     mix_weights = staticmethod(lambda *a: mix_weights(*a))
 
-    def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n])."""
+    def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """streams [B,S,n,d] -> (block input [B,S,d], post [B,S,n], comb [B,S,n,n], streams): pass
+        the returned streams (the same values) to `expand`; on the _Collapse path they are its
+        alias output, so that their gradient from the expand joins the collapse's own in one pass."""
         if _collapse_applies(streams, self.fn, self.scale, self.base):
             def weights(mix, scale, base):
                 return self.mix_weights(mix, scale, base, self.n, self.iters, self.hc_eps)
@@ -183,7 +189,7 @@ class HyperConnection(nn.Module):
         mix = _normalized_mix(streams, self.fn, self.norm_eps)
         pre, post, comb = self.mix_weights(mix, self.scale, self.base, self.n, self.iters, self.hc_eps)
         x = _weighted_sum(pre, streams)
-        return x, post, comb
+        return x, post, comb, streams
 
     def block_input(self, streams: torch.Tensor) -> torch.Tensor:
         """collapse()'s block input alone: no post / comb weights (no Sinkhorn)."""
@@ -271,15 +277,24 @@ class _Collapse(torch.autograd.Function):
     def forward(ctx, streams, fn, scale, base, weights, eps: float):
         x = streams.contiguous()
         flat = x.view(-1, x.shape[-2] * x.shape[-1])
-        raw = flat @ fn.t()
-        r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
+        ctx.kernel = HyperConnection.mix_kernels and cpu_kernels.mix_applies(flat, fn)
+        if ctx.kernel:  # the product and the mean square in one pass (kernels/mhc.h)
+            raw, ss = cpu_kernels.mix_rms(flat, fn)
+            r = torch.rsqrt(ss.unsqueeze(-1) / flat.shape[-1] + eps)
+        else:
+            raw = flat @ fn.t()
+            r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
         pre, *rest = weights((raw * r).view(*x.shape[:-2], -1), scale, base)
         ctx.weights = weights
         ctx.save_for_backward(x, fn, scale, base, raw, r, pre)
-        return (cpu_kernels.weighted_sum(pre, x), *rest)
+        # the streams themselves come back as the last output (an alias): the expand after the
+        # block reads them through it, so their gradient from there reaches this backward, which
+        # adds it in its own pass instead of autograd adding two [T, n, d] gradients
+        return (cpu_kernels.weighted_sum(pre, x), *rest, streams)
 
     @staticmethod
     def backward(ctx, gx, *g_rest):
+        *g_rest, g_streams = g_rest
         x, fn, scale, base, raw, r, pre = ctx.saved_tensors
         lead, width = x.shape[:-2], x.shape[-2] * x.shape[-1]
         gx = x.new_zeros(*lead, x.shape[-1]) if gx is None else gx
@@ -292,14 +307,30 @@ class _Collapse(torch.autograd.Function):
                                                          allow_unused=True)
         g_mix = g_mix.reshape(raw.shape)
         gr = g_mix * r
-        grad_x = grad_fn = None
-        if ctx.needs_input_grad[0]:
-            coef = (g_mix * raw).sum(-1) * r.squeeze(-1).pow(3) * (-1.0 / width)
-            grad_x = cpu_kernels.collapse_backward(pre, x, gx, coef.view(lead))
-            grad_x.view(-1, width).addmm_(gr, fn)
-        if ctx.needs_input_grad[1]:
-            grad_fn = _fn_grad(x.view(-1, width), gr)
+        coef = ((g_mix * raw).sum(-1) * r.squeeze(-1).pow(3) * (-1.0 / width)).view(lead)
+        grad_x, grad_fn = _collapse_grads(ctx, pre, x, gx, coef, gr, fn, g_streams)
         return grad_x, grad_fn, g_scale, g_base, None, None
+
+
+def _collapse_grads(ctx, pre, x, gx, coef, gr, fn, g_streams):
+    """_Collapse's (d streams, d fn): pre_j gx + coef X_j + gr fn (+ g_streams) and gr^T X, one
+    C pass where the mix kernels apply, else the C collapse pass, two GEMMs and an add."""
+    need_x, need_fn = ctx.needs_input_grad[:2]
+    if not (need_x or need_fn):
+        return None, None
+    width = x.shape[-2] * x.shape[-1]
+    if ctx.kernel:
+        return cpu_kernels.collapse_mix_backward(pre, x, gx, coef, gr.view(*coef.shape, -1), fn, g_streams,
+                                                 (need_x, need_fn))
+    grad_x = grad_fn = None
+    if need_x:
+        grad_x = cpu_kernels.collapse_backward(pre, x, gx, coef)
+        grad_x.view(-1, width).addmm_(gr, fn)
+        if g_streams is not None:
+            grad_x += g_streams
+    if need_fn:
+        grad_fn = _fn_grad(x.view(-1, width), gr)
+    return grad_x, grad_fn
 
 
 def _fn_grad(flat: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:

@@ -80,9 +80,9 @@ class Block(nn.Module):
     # front and back as two graphs and runs the data-dependent grouped expert pass between them
     def front(self, streams: torch.Tensor, ctx: ForwardContext, cache=None):
         """Attention sub-block, then the FFN's mHC collapse, norm and routing."""
-        x, post, comb = self.hc_attn.collapse(streams)
+        x, post, comb, streams = self.hc_attn.collapse(streams)
         streams = self.hc_attn.expand(self.attn(self.attn_norm(x), ctx, cache), streams, post, comb)
-        x, post, comb = self.hc_ffn.collapse(streams)
+        x, post, comb, streams = self.hc_ffn.collapse(streams)
         x = self.ffn_norm(x)
         return (streams, post, comb, x, *self.ffn.route(x, ctx))
 

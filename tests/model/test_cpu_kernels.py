@@ -18,7 +18,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import cpu_kernels
 from nanoseek.model import hyper_connections as hc
-from nanoseek.model import moe
+from nanoseek.model import moe, norm
 
 from ..conftest import skip_unless_ci
 
@@ -453,6 +453,79 @@ def test_mhc_direct_calls_check_what_the_c_code_reads(kernels):
             call()
 
 
+
+def _mix_inputs(tokens, n, d, m, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)   # noqa: E731
+    return (torch.rand(tokens, n, generator=g, dtype=dtype), r(tokens, n, d), r(tokens, d), r(tokens),
+            r(tokens, m), r(m, n * d), r(tokens, n, d))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("tokens,n,d,m", [(2048, 4, 512, 24), (37, 4, 24, 24), (5, 4, 40, 4), (1, 2, 8, 8),
+                                          (70, 3, 17, 15), (33, 4, 192, 24), (0, 4, 16, 24)])
+def test_mix_kernels_equal_the_float64_products(kernels, dtype, tol, tokens, n, d, m):
+    """mix_rms and collapse_mix_backward (kernels/mhc.h) against the products in float64: any
+    token count (register blocks of 8 / 4 / 32 tokens with a tail), d not a multiple of the
+    vector span, M from 4 (a hyper head) to 24 (a site), with and without the extra gradient,
+    and each output on its own (`needs`)."""
+    w, x, gy, coef, gr, fn, extra = _mix_inputs(tokens, n, d, m, dtype)
+    flat, X, F = x.view(tokens, n * d), x.double().view(tokens, n * d), fn.double()
+
+    def close(got, want):
+        scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+    raw, ss = cpu_kernels.mix_rms(flat, fn)
+    close(raw, X @ F.t())
+    close(ss, X.square().sum(-1))
+    base = (w.double().unsqueeze(-1) * gy.double().unsqueeze(-2) + coef.double().view(-1, 1, 1) * x.double())
+    base = base.view(tokens, n * d) + gr.double() @ F
+    for e in (None, extra):
+        gx, gfn = cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr, fn, e)
+        close(gx.view(tokens, n * d), base if e is None else base + e.double().view(tokens, n * d))
+        close(gfn, gr.double().t() @ X)
+    only_x = cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr, fn, extra, needs=(True, False))
+    only_fn = cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr, fn, extra, needs=(False, True))
+    assert only_x[1] is None and only_fn[0] is None
+    assert torch.equal(only_x[0], gx) and torch.equal(only_fn[1], gfn)
+
+
+def test_mix_kernels_per_token_results_ignore_the_thread_count(kernels):
+    """raw, ss and the streams' gradient are computed whole per token: the same bits at 1 and 3
+    threads; fn's gradient adds per-thread partial sums (rounding only, as a GEMM's)."""
+    w, x, gy, coef, gr, fn, extra = _mix_inputs(301, 4, 64, 24, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            results.append((*cpu_kernels.mix_rms(x.view(301, -1), fn),
+                            *cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr, fn, extra)))
+    finally:
+        torch.set_num_threads(threads)
+    (raw1, ss1, gx1, gfn1), (raw3, ss3, gx3, gfn3) = results
+    assert torch.equal(raw1, raw3) and torch.equal(ss1, ss3) and torch.equal(gx1, gx3)
+    torch.testing.assert_close(gfn3, gfn1, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_direct_calls_check_what_the_c_code_reads(kernels):
+    w, x, gy, coef, gr, fn, extra = _mix_inputs(3, 4, 8, 24, torch.float32)
+    flat = x.view(3, 32)
+    assert cpu_kernels.mix_applies(flat, fn) and not cpu_kernels.mix_applies(flat, torch.randn(65, 32))
+    assert not cpu_kernels.mix_applies(flat, fn.double()) and not cpu_kernels.mix_applies(flat.bfloat16(), fn)
+    bad = [lambda: cpu_kernels.mix_rms(flat, fn[:, :31]),
+           lambda: cpu_kernels.mix_rms(flat, torch.randn(65, 32)),           # more outputs than a block holds
+           lambda: cpu_kernels.mix_rms(flat, fn.double()),
+           lambda: cpu_kernels.mix_rms(x, fn),
+           lambda: cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr[:, :23], fn),
+           lambda: cpu_kernels.collapse_mix_backward(w, x, gy, coef[:2], gr, fn),
+           lambda: cpu_kernels.collapse_mix_backward(w, x, gy, coef, gr, fn, extra[:, :3]),
+           lambda: cpu_kernels.collapse_mix_backward(w, x, gy[:, :7], coef, gr, fn)]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
+
 def test_one_openmp_runtime_in_the_process(kernels):
     """The kernels' OpenMP (-fopenmp) must be PyTorch's own libgomp, not a second runtime with
     its own thread pool competing for the cores (Linux: the loaded libraries are listed)."""
@@ -466,11 +539,15 @@ def test_one_openmp_runtime_in_the_process(kernels):
 
 @pytest.mark.parametrize("head", [False, True])
 @pytest.mark.parametrize("used", ["all", "x only", "streams frozen"])
-def test_collapse_function_equals_the_composed_functions(kernels, monkeypatch, head, used):
+@pytest.mark.parametrize("mix_kernel", [True, False])
+def test_collapse_function_equals_the_composed_functions(kernels, monkeypatch, head, used, mix_kernel):
     """_Collapse (one Function, one streams gradient) against _MixRMS -> mix weights ->
-    _WeightedSum in float64: the block input, post, comb and the gradients of the streams, fn,
-    scale and base; also with post / comb unused (their gradients None) and frozen streams."""
+    _WeightedSum in float64: the block input, post, comb, the streams passed on to the expand
+    (an alias output of _Collapse, whose gradient its backward adds) and the gradients of the
+    streams, fn, scale and base; also with post / comb unused (their gradients None) and frozen
+    streams; with the mix kernels (cpu_kernels.mix_rms, collapse_mix_backward) and without."""
     monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 0)   # (small test tensors)
+    monkeypatch.setattr(hc.HyperConnection, "mix_kernels", mix_kernel)
     torch.manual_seed(4)
     n, d = 4, 24
     site = (hc.HyperHead(d, n, 1e-6, 1e-6) if head else hc.HyperConnection(d, n, 20, 1e-6, 1e-6)).double()
@@ -578,3 +655,157 @@ def test_cross_entropy_kernel_keeps_nan_in_its_row(kernels):
     lse, _ = cpu_kernels.cross_entropy_rows(logits, labels, torch.ones(3))
     assert torch.isnan(lse[1]) and torch.isnan(logits[1]).all()
     assert torch.isfinite(lse[[0, 2]]).all() and torch.isfinite(logits[[0, 2]]).all()
+
+
+def _norm_reference(x: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6):
+    """(y, d x, d weight or None) of the plain RMSNorm formula in float64, from the tensors as stored."""
+    xd = x.double().requires_grad_()
+    wd = None if weight is None else weight.double().requires_grad_()
+    y = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps)
+    y = y if wd is None else y * wd
+    grads = torch.autograd.grad(y, [t for t in (xd, wd) if t is not None], grad.double())
+    return y.detach(), grads[0], grads[1] if wd is not None else None
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float):
+    """To tol relative to the largest entry (the kernel's sums run in another order)."""
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("shape", [(2, 37, 512), (5, 77), (1, 16), (1, 3), (70, 33), (0, 8)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_kernel_equals_float64_formula(kernels, dtype, tol, shape, weighted):
+    """y, r, grad_x and grad_w (kernels/norm.h) against the plain formula's autograd in float64:
+    tokens across several of the weight gradient's blocks (NORM_BLOCK), a single token, no token,
+    d not a multiple of the kernel's 16 lanes; each gradient on its own (`needs`)."""
+    torch.manual_seed(shape[-1])
+    x = (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+    w = torch.randn(shape[-1], dtype=dtype) if weighted else None
+    g = torch.randn(*shape, dtype=dtype)
+    ref_y, ref_gx, ref_gw = _norm_reference(x, w, g)
+    y, r = cpu_kernels.rms_norm(x, w, 1e-6)
+    gx, gw = cpu_kernels.rms_norm_backward(x, r, w, g)
+    assert y.dtype == r.dtype == gx.dtype == dtype and y.shape == gx.shape == x.shape and r.shape == shape[:-1]
+    _close(y, ref_y, tol)
+    _close(r, torch.rsqrt(x.double().square().mean(-1) + 1e-6), tol)
+    _close(gx, ref_gx, tol)
+    assert (gw is None) == (w is None)
+    if w is not None:
+        _close(gw, ref_gw, 10 * tol)
+        only_x = cpu_kernels.rms_norm_backward(x, r, w, g, needs=(True, False))
+        only_w = cpu_kernels.rms_norm_backward(x, r, w, g, needs=(False, True))
+        assert only_x[1] is None and only_w[0] is None
+        assert torch.equal(only_x[0], gx) and torch.equal(only_w[1], gw)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_bf16_rms_norm_is_the_fp32_formula_rounded_once(kernels, weighted):
+    """bf16 x: y is PyTorch's fp32 formula rounded once to bf16 (to one ulp, where the kernel's
+    r differs from PyTorch's in its last bit), r in fp32; the gradients are the fp32 formula's
+    (grad_x rounded to bf16, grad_w fp32)."""
+    torch.manual_seed(5)
+    x = (torch.randn(4, 37, 256) * 3).bfloat16()
+    w = torch.randn(256) * 0.3 + 1 if weighted else None
+    g = torch.randn(4, 37, 256).bfloat16()
+    xf = x.float()
+    r_ref = torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    ref = (xf * r_ref if w is None else xf * r_ref * w).bfloat16()
+    y, r = cpu_kernels.rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16 and r.dtype == torch.float32
+    ulps = (y.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+    torch.testing.assert_close(r, r_ref.squeeze(-1), rtol=1e-6, atol=0)
+    _, ref_gx, ref_gw = _norm_reference(x, w, g)
+    gx, gw = cpu_kernels.rms_norm_backward(x, r, w, g)
+    assert gx.dtype == torch.bfloat16
+    torch.testing.assert_close(gx.double(), ref_gx, rtol=2.0**-8, atol=1e-6)
+    if weighted:
+        assert gw.dtype == torch.float32
+        _close(gw, ref_gw, 1e-5)
+
+
+def test_rms_norm_kernel_gives_the_same_bits_at_any_thread_count(kernels):
+    """Tokens are split across the threads, each computed whole by one; grad_w adds partial rows of
+    fixed blocks of NORM_BLOCK tokens in order, so it does not depend on the split either."""
+    torch.manual_seed(6)
+    x, w, g = torch.randn(301, 96), torch.randn(96), torch.randn(301, 96)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            out = []
+            for xs, gs in ((x, g), (x.bfloat16(), g.bfloat16())):
+                y, r = cpu_kernels.rms_norm(xs, w, 1e-6)
+                out += [y, r, *cpu_kernels.rms_norm_backward(xs, r, w, gs)]
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_rms_norm_kernel_keeps_nan_in_its_row(kernels):
+    """A NaN activation (a diverged step) makes its row's y, r and grad_x NaN, as PyTorch's formula
+    would, and leaves the other rows alone (grad_w sums every row: NaN there too, as in PyTorch)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, g = torch.randn(3, 40).to(dtype), torch.randn(40), torch.randn(3, 40).to(dtype)
+        x[1, 7] = float("nan")
+        y, r = cpu_kernels.rms_norm(x, w, 1e-6)
+        gx, _ = cpu_kernels.rms_norm_backward(x, r, w, g)
+        assert torch.isnan(y[1]).all() and torch.isnan(r[1]) and torch.isnan(gx[1]).all()
+        assert torch.isfinite(y[[0, 2]]).all() and torch.isfinite(r[[0, 2]]).all() and torch.isfinite(gx[[0, 2]]).all()
+
+
+def test_rms_norm_direct_calls_check_what_the_c_code_reads(kernels):
+    x, w = torch.randn(3, 8), torch.randn(8)
+    y, r = cpu_kernels.rms_norm(x, w, 1e-6)
+    assert cpu_kernels.rms_norm_applies(x, w) and cpu_kernels.rms_norm_applies(x.bfloat16(), w)
+    assert cpu_kernels.rms_norm_applies(x.double(), w.double()) and cpu_kernels.rms_norm_applies(x, None)
+    for args in ((x, w.double()), (x.double(), w), (x.half(), None), (x, w[:7]), (x.bfloat16(), w.bfloat16()),
+                 (torch.randn(3, 0), None)):
+        assert not cpu_kernels.rms_norm_applies(*args)
+    bad = [lambda: cpu_kernels.rms_norm(x, w[:7], 1e-6),
+           lambda: cpu_kernels.rms_norm(x, w.double(), 1e-6),
+           lambda: cpu_kernels.rms_norm(x.half(), None, 1e-6),
+           lambda: cpu_kernels.rms_norm(x.bfloat16(), w.bfloat16(), 1e-6),
+           lambda: cpu_kernels.rms_norm(torch.tensor(1.0), None, 1e-6),
+           lambda: cpu_kernels.rms_norm(x, w.to("meta"), 1e-6),
+           lambda: cpu_kernels.rms_norm_backward(x, r, w, torch.randn(3, 7)),
+           lambda: cpu_kernels.rms_norm_backward(x, r[:2], w, x),
+           lambda: cpu_kernels.rms_norm_backward(x, r.double(), w, x),
+           lambda: cpu_kernels.rms_norm_backward(x, r, torch.randn(9), x)]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_the_model_uses_the_norm_kernel_where_it_applies(kernels, monkeypatch):
+    """Training (forward and backward; fp32, and bf16 autocast: fp32 and bf16 inputs) and
+    inference go through the kernel; `RMSNorm.fused = False` and switched-off kernels do not."""
+    calls = []
+    for name in ("rms_norm", "rms_norm_backward"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _n=name, _r=real: calls.append((_n, a[0].dtype)) or _r(*a))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    model.loss(ids).loss.backward()
+    assert {("rms_norm", torch.float32), ("rms_norm_backward", torch.float32)} == set(calls)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(ids).loss.backward()
+    assert {(n, dt) for n in ("rms_norm", "rms_norm_backward") for dt in (torch.float32, torch.bfloat16)} == set(calls)
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert {("rms_norm", torch.float32)} == set(calls)
+    calls.clear()
+    for switch in ((norm.RMSNorm, "fused"), (cpu_kernels, "enabled")):
+        monkeypatch.setattr(*switch, False)
+        with torch.no_grad():
+            model(ids)
+        model.loss(ids).loss.backward()
+        monkeypatch.setattr(*switch, True)
+    assert calls == []

@@ -7,8 +7,9 @@
   torch.autograd.gradcheck in float64 and against the plain formulas;
 * head + cross-entropy: `linear_cross_entropy` vs F.cross_entropy (values, gradients,
   ignore_index, autocast) and Transformer.loss with and without kept logits;
-* RMSNorm: the autograd Function (`RMSNorm.fused`) by gradcheck in float64 and against the plain
-  formula (fp32, bf16 input, no weight);
+* RMSNorm: the autograd Function (`RMSNorm.fused`), with PyTorch ops or the C kernel, by
+  gradcheck in float64 and against the plain formula (fp32, bf16 input, no weight); grad and
+  no-grad forwards bit-identical;
 * RoPE: the complex-product rotation (`rope.use_complex`) against the real-valued formula;
 * routed experts in training: one autograd Function (`Experts.fused`, `_GroupedExperts`) against
   the per-expert F.linear loop (float64 exact, bf16 autocast, idle experts, gradcheck);
@@ -268,15 +269,15 @@ def test_mhc_fused_equals_plain(plain_paths):
         hc.HyperConnection.fused = fused
         site.zero_grad()
         streams = streams0.clone().requires_grad_()
-        x, post, comb = site.collapse(streams)
-        out = site.expand(torch.tanh(x), streams, post, comb)
+        x, post, comb, mixed = site.collapse(streams)
+        out = site.expand(torch.tanh(x), mixed, post, comb)
         (out * weights).sum().backward()
         results.append([out.detach(), comb.detach(), streams.grad, site.fn.grad, site.base.grad, site.scale.grad])
     for a, b in zip(*results):  # fp32 (exactness is gradcheck's job above): summation order only
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     # the inference path (no grad) uses the in-place Sinkhorn: the same matrices
     with torch.no_grad():
-        _, _, comb_ng = site.collapse(streams0)
+        _, _, comb_ng, _ = site.collapse(streams0)
     torch.testing.assert_close(comb_ng, results[1][1], rtol=1e-6, atol=1e-7)
 
 
@@ -291,8 +292,8 @@ def test_mhc_stays_fp32_under_autocast():
         site.zero_grad()
         streams = streams0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            x, post, comb = site.collapse(streams)
-            out = site.expand(torch.tanh(x), streams, post, comb)
+            x, post, comb, mixed = site.collapse(streams)
+            out = site.expand(torch.tanh(x), mixed, post, comb)
         assert out.dtype == torch.float32
         (out * streams0).sum().backward()
         results.append([out.detach(), streams.grad, site.fn.grad])
@@ -300,16 +301,35 @@ def test_mhc_stays_fp32_under_autocast():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
-def test_rmsnorm_function_gradcheck_float64():
+def _rmsnorm_kernel(monkeypatch, on: bool):
+    """The C kernel (cpu_kernels.rms_norm, kernels/norm.h) switched on or off for one test."""
+    if on and not cpu_kernels.available():
+        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
+    monkeypatch.setattr(cpu_kernels, "enabled", on)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_rmsnorm_function_gradcheck_float64(monkeypatch, kernel):
+    """The Function's backward by PyTorch ops (kernels off) and by the C kernel, which it must take."""
+    _rmsnorm_kernel(monkeypatch, kernel)
+    calls = []
+    real = cpu_kernels.rms_norm_backward
+    monkeypatch.setattr(cpu_kernels, "rms_norm_backward", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: norm._RMSNorm.apply(a, b, 1e-6), (x, w))
-    assert torch.autograd.gradcheck(lambda a: norm._RMSNorm.apply(a, None, 1e-6), (x,))
+    for shape in ((3, 5, 7), (1, 17)):   # and a single token, d not a multiple of the kernel's lanes
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(shape[-1], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: norm._RMSNorm.apply(a, b, 1e-6), (x, w))
+        assert torch.autograd.gradcheck(lambda a: norm._RMSNorm.apply(a, None, 1e-6), (x,))
+    assert bool(calls) == kernel
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_fused_equals_plain(plain_paths, dtype):
+def test_rmsnorm_fused_equals_plain(plain_paths, monkeypatch, dtype, kernel):
+    """RMSNorm and rms_normalize (fp32 out, or x's dtype: attention's per-head use) by the
+    Function, with PyTorch ops (kernels off) or the C kernel, against the plain formula."""
+    _rmsnorm_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     layer = norm.RMSNorm(48, 1e-6)
     torch.nn.init.normal_(layer.weight, 1.0, 0.3)
@@ -322,17 +342,37 @@ def test_rmsnorm_fused_equals_plain(plain_paths, dtype):
         x = x0.clone().requires_grad_()
         y = layer(x)
         z = norm.rms_normalize(x, 1e-6)  # the unweighted per-head variant
-        assert y.dtype == dtype and z.dtype == torch.float32
-        (y.float() * g).sum().add((z * g).sum()).backward()
+        q = norm.rms_normalize(x, 1e-6, keep_dtype=True)
+        assert y.dtype == q.dtype == dtype and z.dtype == torch.float32
+        (y.float() * g).sum().add((z * g).sum()).add((q.float() * g).sum()).backward()
         assert x.grad.dtype == dtype
-        results.append([y.float(), z, x.grad.float(), layer.weight.grad])
-    # the forward is the plain formula's ops (bit for bit); the backward is the textbook formula
-    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+        results.append([y.float(), z, q.float(), x.grad.float(), layer.weight.grad])
+    if not kernel:  # the PyTorch Function's forward is the plain formula's ops, bit for bit
+        assert all(torch.equal(results[1][i], results[0][i]) for i in range(3))
+    # the backward is the textbook formula; the kernel's sums run in another order (bf16: 1 ulp)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tol)
-    with torch.no_grad():  # inference takes the plain formula whatever the switch
+    with torch.no_grad():  # inference: the plain formula (kernels off) or the kernel
         torch.testing.assert_close(layer(x0).float(), results[0][0], **tol)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_grad_and_no_grad_forwards_agree(plain_paths, monkeypatch, dtype, kernel):
+    """A no-grad pass (e.g. GRPO's old log-probs) sees the training pass's bits: RMSNorm (x or
+    only the weight wanting a gradient) and both rms_normalize outputs, kernel or PyTorch ops."""
+    _rmsnorm_kernel(monkeypatch, kernel)
+    torch.manual_seed(1)
+    layer = norm.RMSNorm(40, 1e-6)
+    torch.nn.init.normal_(layer.weight, 1.0, 0.3)
+    x = (torch.randn(3, 11, 40) * 2).to(dtype)
+    for fn in (layer, lambda t: norm.rms_normalize(t, 1e-6), lambda t: norm.rms_normalize(t, 1e-6, keep_dtype=True)):
+        with torch.no_grad():
+            ref = fn(x)
+        out = fn(x.clone().requires_grad_())
+        assert out.grad_fn is not None and torch.equal(out.detach(), ref)
+        assert torch.equal(fn(x).detach(), ref)   # RMSNorm: a gradient for the weight only
 
 
 @pytest.mark.parametrize("case", ["heads", "no_pass_through", "strided", "bf16", "inverse"])
@@ -516,7 +556,7 @@ def test_compiled_decode_products_with_inductor():
     x, streams, y = torch.randn(2, 1, 64), torch.randn(2, 1, 4, 16), torch.randn(2, 1, 16)
 
     def step(x, streams, y):
-        mixed, post, comb = site.collapse(streams)
+        mixed, post, comb, streams = site.collapse(streams)
         return layer(x), mixed, site.expand(y, streams, post, comb)
 
     torch._dynamo.reset()

@@ -1,5 +1,5 @@
 /* nanoseek's C kernels for the eager CPU paths, one translation unit: each kernel body
- * (sinkhorn.h, swiglu.h, mhc.h, ce.h, attn.h; what they compute and why, at their top) is instantiated
+ * (sinkhorn.h, swiglu.h, mhc.h, ce.h, norm.h, attn.h; what they compute and why, at their top) is instantiated
  * for float32 (suffix _f32) and float64 (_f64, what the tests' gradcheck runs). Built with
  * cc -O3 -march=native -fno-trapping-math -fopenmp -shared (OpenMP where the compiler has it)
  * and loaded with ctypes by nanoseek/model/cpu_kernels.py. */
@@ -10,8 +10,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_NUM() omp_get_thread_num()
+#define NUM_THREADS() omp_get_num_threads()
 #else
 #define THREAD_NUM() 0
+#define NUM_THREADS() 1
 #endif
 
 #include "vec_math.h"
@@ -31,6 +33,7 @@
 #include "swiglu.h"
 #include "mhc.h"
 #include "ce.h"
+#include "norm.h"
 #undef REAL
 #undef NAME
 #undef EXP
@@ -42,6 +45,7 @@
 #include "swiglu.h"
 #include "mhc.h"
 #include "ce.h"
+#include "norm.h"
 #undef REAL
 #undef NAME
 #undef EXP
@@ -49,8 +53,8 @@
 #undef LOAD
 #undef STORE
 
-/* bfloat16 tensors (autocast's expert activations and head logits), float arithmetic: SwiGLU and
- * the cross-entropy rows only */
+/* bfloat16 tensors (autocast's expert activations, head logits and normed activations), float
+ * arithmetic: SwiGLU, the cross-entropy rows and RMSNorm only */
 #define STORE_T uint16_t
 #define LOAD(x) bf16_to_f32(x)
 #define STORE(x) f32_to_bf16(x)
@@ -59,6 +63,7 @@
 #define EXP exp_f32
 #include "swiglu.h"
 #include "ce.h"
+#include "norm.h"
 
 /* the block size, for the caller's Sinkhorn workspace: (3 n*n + (2 iters - 1) n) * TB reals a thread */
 long sinkhorn_tokens_per_block(void) { return TB; }

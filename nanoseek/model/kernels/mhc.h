@@ -126,4 +126,204 @@ void NAME(collapse_backward)(const REAL *restrict w, const REAL *restrict x, con
     }
 }
 
+/* ---- The mix's products (hyper_connections._Collapse), over the flat streams X [T, K = n d] ----
+ *
+ *     forward:   raw[t, m] = sum_k X[t, k] fn[m, k],   ss[t] = sum_k X[t, k]^2
+ *     backward:  gx[t, k]  = w[t, j] g[t, i] + coef[t] X[t, k] + sum_m gr[t, m] fn[m, k] (+ extra[t, k]),  k = j d + i
+ *                dfn[m, k] = sum_t gr[t, m] X[t, k]
+ *
+ * with M = 2n + n*n = 24 mix outputs a site (n for a hyper head). MKL runs these products with
+ * their narrow side (24) at ~45% of the fp32 peak, and the backward was four passes over the
+ * streams (collapse_backward's, the GEMM adding gr fn into it, the GEMM reading X for dfn, and
+ * autograd adding the expand's streams gradient, `extra`). Here the forward is one pass that
+ * also forms the sum of squares, and the backward one pass that forms gx and, while a block of
+ * tokens' X is still in L2, their share of dfn.
+ *
+ * Register blocking with GCC/Clang vector types (VL reals a 32-byte vector; no intrinsics, so
+ * any target with the vector extension builds it): the forward keeps 8 tokens x MV vectors of
+ * outputs in registers and broadcasts one X value at a time against one row of fn^T (the
+ * caller passes fn transposed and zero-padded to MV * VL columns); the backward's gx keeps
+ * 4 tokens x 4 vectors along k, its dfn 6 (or 4, or 1) outputs x 4 vectors along k. Sums over
+ * k run in blocks of KSPAN terms added into a running total (rounding as a blocked GEMM's).
+ * gx is computed whole per token (any thread count gives the same bits); dfn adds per-thread
+ * partial sums over each thread's tokens (workspace [threads, M, K]), so its rounding depends
+ * on the thread count, as a GEMM's does. */
+
+#ifndef NANOSEEK_MIX_COMMON
+#define NANOSEEK_MIX_COMMON
+#define MIX_TOK 8        /* forward: tokens per register block */
+#define MIX_MAXV 8       /* forward: at most this many output vectors (M <= 8 VL) */
+#define KSPAN 256        /* terms per partial sum before it joins the running total */
+#define GX_TOK 4         /* backward: tokens per register block of gx */
+#define GX_VEC 4         /* backward: vectors along k per block */
+#define DFN_TBLK 32      /* backward: tokens whose X stays in L2 between the gx and dfn passes */
+#define AINLINE static inline __attribute__((always_inline))
+#endif
+
+typedef REAL NAME(vec) __attribute__((vector_size(32)));
+typedef REAL NAME(uvec) __attribute__((vector_size(32), aligned(sizeof(REAL)), may_alias));
+#define VL ((long)(32 / sizeof(REAL)))
+#define VLOAD(p) (*(const NAME(uvec) *)(p))
+#define VSTORE(p, v) (*(NAME(uvec) *)(p) = (v))
+
+/* raw and ss of the tokens t0 .. t0 + R - 1 (R <= MIX_TOK; the block's other rows repeat the
+ * last token and are not stored). MV is a literal at the fast call sites: the block then lives
+ * in registers. */
+AINLINE void NAME(mix_block)(const REAL *restrict x, const REAL *restrict fnT, REAL *restrict raw,
+                             REAL *restrict ss, long t0, long R, long K, long M, const long MV) {
+    const long mp = MV * VL;
+    const REAL *row[MIX_TOK];
+    NAME(vec) acc[MIX_TOK][MIX_MAXV], tot[MIX_TOK][MIX_MAXV];
+    for (long r = 0; r < MIX_TOK; r++) {
+        row[r] = x + (t0 + (r < R ? r : R - 1)) * K;
+        for (long v = 0; v < MV; v++) tot[r][v] = (NAME(vec)){0};
+    }
+    for (long k0 = 0; k0 < K; k0 += KSPAN) {
+        const long k1 = k0 + KSPAN < K ? k0 + KSPAN : K;
+        for (long r = 0; r < MIX_TOK; r++)
+            for (long v = 0; v < MV; v++) acc[r][v] = (NAME(vec)){0};
+        for (long k = k0; k < k1; k++) {
+            NAME(vec) f[MIX_MAXV];
+            for (long v = 0; v < MV; v++) f[v] = VLOAD(fnT + k * mp + v * VL);
+            for (long r = 0; r < MIX_TOK; r++) {
+                const REAL a = row[r][k];
+                for (long v = 0; v < MV; v++) acc[r][v] += a * f[v];
+            }
+        }
+        for (long r = 0; r < MIX_TOK; r++)
+            for (long v = 0; v < MV; v++) tot[r][v] += acc[r][v];
+    }
+    for (long r = 0; r < R; r++) {
+        for (long m = 0; m < M; m++) raw[(t0 + r) * M + m] = tot[r][m / VL][m % VL];
+        ss[t0 + r] = NAME(dot)(row[r], row[r], K);
+    }
+}
+
+void NAME(mix_rms)(const REAL *restrict x, const REAL *restrict fnT, REAL *restrict raw, REAL *restrict ss,
+                   long T, long K, long M, long threads) {
+    const long mv = (M + VL - 1) / VL;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long t0 = 0; t0 < T; t0 += MIX_TOK) {
+        const long R = T - t0 < MIX_TOK ? T - t0 : MIX_TOK;
+        switch (mv) {   /* literal MV: the specialised, register-resident blocks */
+        case 1: NAME(mix_block)(x, fnT, raw, ss, t0, R, K, M, 1); break;
+        case 2: NAME(mix_block)(x, fnT, raw, ss, t0, R, K, M, 2); break;
+        case 3: NAME(mix_block)(x, fnT, raw, ss, t0, R, K, M, 3); break;
+        default: NAME(mix_block)(x, fnT, raw, ss, t0, R, K, M, mv); break;
+        }
+    }
+}
+
+/* gx of the tokens t0 .. t0 + R - 1 (R <= GX_TOK; as mix_block, extra rows repeat the last) */
+AINLINE void NAME(mix_grad_rows)(const REAL *restrict w, const REAL *restrict x, const REAL *restrict g,
+                                 const REAL *restrict coef, const REAL *restrict gr, const REAL *restrict fn,
+                                 const REAL *restrict extra, REAL *restrict gx, long t0, long R, long n, long d,
+                                 long M) {
+    const long K = n * d, span = GX_VEC * VL;
+    long t[GX_TOK];
+    for (long r = 0; r < GX_TOK; r++) t[r] = t0 + (r < R ? r : R - 1);
+    for (long j = 0; j < n; j++) {
+        long i = 0;
+        for (; i + span <= d; i += span) {
+            const long k = j * d + i;
+            NAME(vec) s[GX_TOK][GX_VEC];
+            for (long r = 0; r < GX_TOK; r++)
+                for (long q = 0; q < GX_VEC; q++) s[r][q] = coef[t[r]] * VLOAD(x + t[r] * K + k + q * VL);
+            for (long m = 0; m < M; m++) {
+                NAME(vec) f[GX_VEC];
+                for (long q = 0; q < GX_VEC; q++) f[q] = VLOAD(fn + m * K + k + q * VL);
+                for (long r = 0; r < GX_TOK; r++) {
+                    const REAL c = gr[t[r] * M + m];
+                    for (long q = 0; q < GX_VEC; q++) s[r][q] += c * f[q];
+                }
+            }
+            for (long r = 0; r < R; r++) {
+                const REAL wj = w[t[r] * n + j];
+                for (long q = 0; q < GX_VEC; q++) {
+                    NAME(vec) v = s[r][q] + wj * VLOAD(g + t[r] * d + i + q * VL);
+                    if (extra) v += VLOAD(extra + t[r] * K + k + q * VL);
+                    VSTORE(gx + t[r] * K + k + q * VL, v);
+                }
+            }
+        }
+        for (; i < d; i++)   /* d not a multiple of the span: the rest element by element */
+            for (long r = 0; r < R; r++) {
+                const long k = j * d + i;
+                REAL s = coef[t[r]] * x[t[r] * K + k];
+                for (long m = 0; m < M; m++) s += gr[t[r] * M + m] * fn[m * K + k];
+                s += w[t[r] * n + j] * g[t[r] * d + i];
+                gx[t[r] * K + k] = extra ? s + extra[t[r] * K + k] : s;
+            }
+    }
+}
+
+/* part[m, k] += sum over tokens t0 .. t1 - 1 of gr[t, m] X[t, k], MB outputs at a time */
+AINLINE void NAME(mix_dfn_rows)(const REAL *restrict x, const REAL *restrict gr, REAL *restrict part,
+                                long t0, long t1, long K, long M, const long MB) {
+    const long span = GX_VEC * VL;
+    for (long m0 = 0; m0 < M; m0 += MB) {
+        long k = 0;
+        for (; k + span <= K; k += span) {
+            NAME(vec) a[6][GX_VEC];
+            for (long c = 0; c < MB; c++)
+                for (long q = 0; q < GX_VEC; q++) a[c][q] = VLOAD(part + (m0 + c) * K + k + q * VL);
+            for (long t = t0; t < t1; t++) {
+                NAME(vec) xv[GX_VEC];
+                for (long q = 0; q < GX_VEC; q++) xv[q] = VLOAD(x + t * K + k + q * VL);
+                for (long c = 0; c < MB; c++) {
+                    const REAL gm = gr[t * M + m0 + c];
+                    for (long q = 0; q < GX_VEC; q++) a[c][q] += gm * xv[q];
+                }
+            }
+            for (long c = 0; c < MB; c++)
+                for (long q = 0; q < GX_VEC; q++) VSTORE(part + (m0 + c) * K + k + q * VL, a[c][q]);
+        }
+        for (; k < K; k++)
+            for (long c = 0; c < MB; c++) {
+                REAL s = part[(m0 + c) * K + k];
+                for (long t = t0; t < t1; t++) s += gr[t * M + m0 + c] * x[t * K + k];
+                part[(m0 + c) * K + k] = s;
+            }
+    }
+}
+
+/* gx (if not NULL) and dfn (if not NULL; work: threads * M * K reals) as in the section's top */
+void NAME(collapse_mix_backward)(const REAL *restrict w, const REAL *restrict x, const REAL *restrict g,
+                                 const REAL *restrict coef, const REAL *restrict gr, const REAL *restrict fn,
+                                 const REAL *restrict extra, REAL *restrict gx, REAL *restrict dfn,
+                                 REAL *restrict work, long T, long n, long d, long M, long threads) {
+    const long K = n * d, blocks = (T + DFN_TBLK - 1) / DFN_TBLK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        REAL *part = dfn ? work + (long)THREAD_NUM() * M * K : NULL;
+        if (part) memset(part, 0, sizeof(REAL) * M * K);
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            const long t0 = b * DFN_TBLK, t1 = t0 + DFN_TBLK < T ? t0 + DFN_TBLK : T;
+            if (gx)
+                for (long q = t0; q < t1; q += GX_TOK)
+                    NAME(mix_grad_rows)(w, x, g, coef, gr, fn, extra, gx, q, t1 - q < GX_TOK ? t1 - q : GX_TOK,
+                                        n, d, M);
+            if (part) {
+                if (M % 6 == 0) NAME(mix_dfn_rows)(x, gr, part, t0, t1, K, M, 6);
+                else if (M % 4 == 0) NAME(mix_dfn_rows)(x, gr, part, t0, t1, K, M, 4);
+                else NAME(mix_dfn_rows)(x, gr, part, t0, t1, K, M, 1);
+            }
+        }   /* (the implicit barrier: every partial is complete) */
+        if (dfn) {
+            const long parts = NUM_THREADS();
+#pragma omp for schedule(static)
+            for (long e = 0; e < M * K; e++) {
+                REAL s = 0;
+                for (long p = 0; p < parts; p++) s += work[p * M * K + e];
+                dfn[e] = s;
+            }
+        }
+    }
+}
+
+#undef VL
+#undef VLOAD
+#undef VSTORE
+
 #undef LANES
