@@ -116,6 +116,48 @@ class OpTimer(TorchDispatchMode):
         self.stats[key][1] += 1
         return out
 
+    def kernel_call(self, name: str, dt: float) -> None:
+        """A C kernel's call (see _TimedKernels): an op of its own, "C:<function>"."""
+        key = (self.phase, f"C:{name}", "", "")
+        self.stats[key][0] += dt
+        self.stats[key][1] += 1
+
+
+class _TimedKernels:
+    """While active, every call into nanoseek's C kernels (cpu_kernels: ctypes calls, which no
+    dispatch mode sees) is timed and handed to timer.kernel_call(name, seconds), so the op and
+    module tables include the kernels' time instead of leaving it out."""
+
+    def __init__(self, timer):
+        self.timer, self.saved = timer, None
+
+    def __enter__(self):
+        self.saved = cpu_kernels._library
+        lib = self.saved()
+        proxy = None if lib is None else _LibraryProxy(lib, self.timer)
+        cpu_kernels._library = lambda: proxy
+        return self
+
+    def __exit__(self, *exc):
+        cpu_kernels._library = self.saved
+
+
+class _LibraryProxy:
+    def __init__(self, lib, timer):
+        self._lib, self._timer = lib, timer
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*args):
+            t = time.perf_counter()
+            out = fn(*args)
+            self._timer.kernel_call(name, time.perf_counter() - t)
+            return out
+        return timed
+
 
 def _timed_steps(model, ids, bf16: bool, v4: bool, timer, after_forward=None) -> float:
     """Warm-up steps, one plain step (its wall seconds are returned), one warm-up under `timer`,
@@ -139,10 +181,10 @@ def _timed_steps(model, ids, bf16: bool, v4: bool, timer, after_forward=None) ->
     t = time.perf_counter()
     step()
     wall = time.perf_counter() - t
-    with timer:
+    with timer, _TimedKernels(timer):
         step()  # (one warm-up under the mode: its first dispatches are slower)
     timer.stats.clear()
-    with timer:
+    with timer, _TimedKernels(timer):
         step()
     return wall
 
@@ -161,7 +203,7 @@ def op_times(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
     n = sum(v[1] for v in timer.stats.values())
     small = [v for v in timer.stats.values() if v[0] / v[1] < 30e-6]
     print(f"{_step_title(bf16, v4, ids, wall)}; "
-          f"{n} aten ops timed, {total * 1e3:.0f} ms in all; {sum(v[1] for v in small)} ops under 30 us "
+          f"{n} aten ops and C kernel calls (C:...) timed, {total * 1e3:.0f} ms in all; {sum(v[1] for v in small)} ops under 30 us "
           f"take {sum(v[0] for v in small) * 1e3:.0f} ms\n")
     by_op: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
     for (phase, op, _, _), (dt, c) in timer.stats.items():
@@ -225,15 +267,22 @@ class ModuleTimer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        dt = time.perf_counter() - t
+        self._add(self._where(), time.perf_counter() - t)
+        return out
+
+    def _where(self) -> str:
         if self.phase == "forward":
-            where = self.stack[-1][0]
-        else:
-            node = torch._C._current_autograd_node()
-            where = node.metadata.get("module", OUTSIDE) if node is not None else OUTSIDE
+            return self.stack[-1][0]
+        node = torch._C._current_autograd_node()
+        return node.metadata.get("module", OUTSIDE) if node is not None else OUTSIDE
+
+    def _add(self, where: str, dt: float) -> None:
         self.stats[(self.phase, where)][0] += dt
         self.stats[(self.phase, where)][1] += 1
-        return out
+
+    def kernel_call(self, name: str, dt: float) -> None:
+        """A C kernel's call (see _TimedKernels), counted like an aten op of the module running it."""
+        self._add(self._where(), dt)
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -259,7 +308,7 @@ def by_module(model, ids, bf16: bool, rows: int, v4: bool = False) -> None:
         row[0 if phase == "forward" else 2] += dt
         row[1 if phase == "forward" else 3] += c
     total = sum(r[0] + r[2] for r in per.values())
-    print(f"{_step_title(bf16, v4, ids, wall)}; {total * 1e3:.0f} ms of aten ops timed, by module "
+    print(f"{_step_title(bf16, v4, ids, wall)}; {total * 1e3:.0f} ms of aten ops and C kernel calls timed, by module "
           "(backward: the module whose forward made the autograd node)\n")
     lines = ["| module | forward ms | ops | backward ms | ops | share |", "|---|---|---|---|---|---|"]
     for where, (f, fc, b, bc) in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][2]))[:rows]:

@@ -214,8 +214,9 @@ class _GroupedExperts(torch.autograd.Function):
     copy per matrix). Here the stacked weights are cast once (to the autocast dtype, if any),
     each product writes into one preallocated buffer (the outputs, the gate and up activations,
     and in the backward the input gradient and the stacked weight gradients, cast back once), and
-    the backward recomputes the SwiGLU from the saved gate and up activations. The arithmetic is
-    the per-expert code's, product by product."""
+    the backward forms the SwiGLU's gradients from the saved gate and up activations (one C pass)
+    and W2's from the saved SwiGLU output. The arithmetic is the per-expert code's, product by
+    product."""
 
     # Row buckets: oneDNN, which runs bf16/fp16 matmuls on a CPU, builds a kernel for every new
     # shape (~0.6 ms on this kind of machine) and keeps the last 1024. The experts' row counts
@@ -244,20 +245,23 @@ class _GroupedExperts(torch.autograd.Function):
             if rows is not None:  # expert slices padded with zero rows
                 x = x.new_zeros(sum(counts), x.shape[1]).index_copy_(0, rows, x)
             m, inter = x.shape[0], w1.shape[1]
-            gate, up = x.new_empty(m, inter), x.new_empty(m, inter)
+            gate, up, act = x.new_empty(m, inter), x.new_empty(m, inter), x.new_empty(m, inter)
             ys = x.new_empty(m, w2.shape[1])
             for e, (a, b) in _slices(counts):
                 torch.mm(x[a:b], w1c[e].t(), out=gate[a:b])
                 torch.mm(x[a:b], w3c[e].t(), out=up[a:b])
-                torch.mm(swiglu(gate[a:b], up[a:b], limit), w2c[e].t(), out=ys[a:b])
-        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, rows)
+                act[a:b] = swiglu(gate[a:b], up[a:b], limit)
+                torch.mm(act[a:b], w2c[e].t(), out=ys[a:b])
+        # the activation is kept (one more [rows, inter] tensor) for W2's gradient: recomputing
+        # it in the backward cost a SwiGLU pass per expert
+        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, act, rows)
         ctx.counts, ctx.limit, ctx.param_dtypes = counts, limit, (w1.dtype, w2.dtype, w3.dtype)
         ctx.x_dtype = xs.dtype
         return ys if rows is None else ys.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w1c, w2c, w3c, gate, up, rows = ctx.saved_tensors
+        x, w1c, w2c, w3c, gate, up, act, rows = ctx.saved_tensors
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         with fp32_region(x.device.type):
             gy = gy.to(x.dtype)
@@ -272,7 +276,7 @@ class _GroupedExperts(torch.autograd.Function):
             for e, (a, b) in _slices(ctx.counts):
                 g, u, ge = gate[a:b], up[a:b], gy[a:b]
                 if gw[1] is not None:
-                    torch.mm(ge.t(), swiglu(g, u, ctx.limit), out=gw[1][e])
+                    torch.mm(ge.t(), act[a:b], out=gw[1][e])
                 d_gate, d_up = swiglu_backward(g, u, ge @ w2c[e], ctx.limit)
                 if gw[0] is not None:
                     torch.mm(d_gate.t(), x[a:b], out=gw[0][e])
