@@ -176,11 +176,11 @@ class Experts(nn.Module):
         # tokens sorted by expert: each expert reads one contiguous slice (index_select, not
         # x[token]: its backward is one index_add instead of an accumulating index_put, ~5%
         # of the layer's forward + backward)
-        xs = x.index_select(0, token)
-        if Experts.fused and torch.is_grad_enabled() and any(t.requires_grad for t in (xs, self.w1, self.w2, self.w3)):
-            ys = _GroupedExperts.apply(xs, self.w1, self.w2, self.w3, counts, self.limit)
+        if Experts.fused and torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.w1, self.w2, self.w3)):
+            # (the Function gathers the rows itself: after its cast, into its padded layout)
+            ys = _GroupedExperts.apply(x, self.w1, self.w2, self.w3, counts, self.limit, token)
         else:
-            ys = per_expert(xs, self.w1, self.w2, self.w3, counts, self.limit)
+            ys = per_expert(x.index_select(0, token), self.w1, self.w2, self.w3, counts, self.limit)
         ys = ys * weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
         return torch.zeros(n_tok, x.shape[1], dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
 
@@ -236,14 +236,21 @@ class _GroupedExperts(torch.autograd.Function):
         return _GroupedExperts.row_bucket if on else 1
 
     @staticmethod
-    def forward(ctx, xs, w1, w2, w3, counts: list[int], limit: float):
+    def forward(ctx, xs, w1, w2, w3, counts: list[int], limit: float, token: torch.Tensor | None = None):
+        """xs: the expert-sorted rows, or with `token` the tokens' rows [N, D], row i of the
+        sorted order being xs[token[i]]: then they are cast before the gather (N rows, not N * k)
+        and gathered straight into the padded layout."""
         dev = xs.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
         with fp32_region(dev):  # (autocast off: the casts are explicit, once per matrix stack)
             x, w1c, w2c, w3c = (t.to(dtype) for t in (xs, w1, w2, w3))
+            sorted_rows = len(token) if token is not None else x.shape[0]
             rows, counts = _bucketed(counts, _GroupedExperts.bucket(x), x.device)
-            if rows is not None:  # expert slices padded with zero rows
-                x = x.new_zeros(sum(counts), x.shape[1]).index_copy_(0, rows, x)
+            gather, pad = _gather_index(token, rows, sum(counts), sorted_rows, x.device)
+            if gather is not None:
+                x = x.index_select(0, gather)
+            if pad is not None:  # expert slices padded with zero rows
+                x.index_fill_(0, pad, 0)
             m, inter = x.shape[0], w1.shape[1]
             gate, up, act = x.new_empty(m, inter), x.new_empty(m, inter), x.new_empty(m, inter)
             ys = x.new_empty(m, w2.shape[1])
@@ -254,14 +261,14 @@ class _GroupedExperts(torch.autograd.Function):
                 torch.mm(act[a:b], w2c[e].t(), out=ys[a:b])
         # the activation is kept (one more [rows, inter] tensor) for W2's gradient: recomputing
         # it in the backward cost a SwiGLU pass per expert
-        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, act, rows)
+        ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, act, rows, gather, pad)
         ctx.counts, ctx.limit, ctx.param_dtypes = counts, limit, (w1.dtype, w2.dtype, w3.dtype)
-        ctx.x_dtype = xs.dtype
+        ctx.x_shape, ctx.x_dtype = xs.shape, xs.dtype
         return ys if rows is None else ys.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w1c, w2c, w3c, gate, up, act, rows = ctx.saved_tensors
+        x, w1c, w2c, w3c, gate, up, act, rows, gather, pad = ctx.saved_tensors
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         with fp32_region(x.device.type):
             gy = gy.to(x.dtype)
@@ -285,9 +292,31 @@ class _GroupedExperts(torch.autograd.Function):
                 if gx is not None:
                     torch.mm(d_gate, w1c[e], out=gx[a:b]).addmm_(d_up, w3c[e])
         grads = [None if g is None else g.to(dt) for g, dt in zip(gw, ctx.param_dtypes)]
-        if gx is not None and rows is not None:
-            gx = gx.index_select(0, rows)
-        return (None if gx is None else gx.to(ctx.x_dtype)), *grads, None, None
+        return _input_grad(gx, rows, gather, pad, ctx.x_shape, ctx.x_dtype), *grads, None, None, None
+
+
+def _gather_index(token: torch.Tensor | None, rows: torch.Tensor | None, padded: int, n_sorted: int, device):
+    """(gather, pad): the row of the input each padded-layout row reads (None: the input as it
+    is) and the padded layout's filler rows (None: none), which read row 0 and are then zeroed."""
+    if rows is None:
+        return token, None
+    src = token if token is not None else torch.arange(n_sorted, device=device)
+    gather = torch.zeros(padded, dtype=torch.long, device=device).index_copy_(0, rows, src)
+    filler = torch.ones(padded, dtype=torch.bool, device=device).index_fill_(0, rows, False)
+    return gather, filler.nonzero().squeeze(1)
+
+
+def _input_grad(gx, rows, gather, pad, x_shape, x_dtype):
+    """The gradient of _GroupedExperts' input from that of its padded-layout rows gx: the filler
+    rows' (exact zeros, set so whatever the weights hold) dropped, the gathered rows added back
+    to the rows they read, in the input's dtype."""
+    if gx is None:
+        return None
+    if gather is None:   # the sorted rows themselves, unpadded
+        return gx.to(x_dtype)
+    if pad is not None:
+        gx.index_fill_(0, pad, 0)
+    return gx.new_zeros(x_shape, dtype=x_dtype).index_add_(0, gather, gx.to(x_dtype))
 
 
 def _bucketed(counts: list[int], bucket: int, device) -> tuple[torch.Tensor | None, list[int]]:

@@ -54,8 +54,13 @@ def test_op_times_report_on_a_tiny_model(capsys, tiny_config):
     _tool().op_times(model, ids, bf16=False, rows=200, v4=True)   # the trainer's objective: MTP too
     out_v4 = capsys.readouterr().out
     assert out_v4.startswith("fp32 step (V4 objective), batch (2, 32):")
-    ops = lambda text: int(text.split(" aten ops timed")[0].rsplit(";", 1)[1])  # noqa: E731
+    ops = lambda text: int(text.split(" aten ops and C kernel calls")[0].rsplit(";", 1)[1])  # noqa: E731
     assert ops(out_v4) > ops(out)
+    from nanoseek.model import cpu_kernels
+
+    if cpu_kernels.available():   # the C kernels' calls are timed too (no dispatch mode sees them)
+        assert "| forward | `C:" in out_v4 and "| backward | `C:" in out_v4
+    assert cpu_kernels._library.__name__ == "_library"   # the timing proxy is removed afterwards
 
 
 def test_switch_ab_times_only_the_named_switches_and_restores_them(capsys, tiny_config):
