@@ -192,8 +192,8 @@ def _library() -> ctypes.CDLL | None:
     lib.attn_softmax_bf16.restype = lib.attn_softmax_backward_bf16.restype = None
     for dtype, suffix in _SUFFIX.items():
         forward, backward = getattr(lib, f"rms_norm_{suffix}"), getattr(lib, f"rms_norm_backward_{suffix}")
-        forward.argtypes = [ptr] * 4 + [long, long, _SWIGLU_REAL[dtype]]   # eps: float for bf16 tensors
-        backward.argtypes = [ptr] * 6 + [long, long, ptr, long]
+        forward.argtypes = [ptr] * 4 + [long, long, _SWIGLU_REAL[dtype], long]   # eps: float for bf16 tensors
+        backward.argtypes = [ptr] * 6 + [long, long, ptr, long, long]
         forward.restype = backward.restype = None
     return lib
 
@@ -556,7 +556,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[
     w = None if weight is None else weight.detach().contiguous()
     y, r = torch.empty_like(xs), xs.new_empty(xs.shape[:-1], dtype=_NORM_REAL[xs.dtype])
     getattr(lib, f"rms_norm_{_SUFFIX[xs.dtype]}")(xs.data_ptr(), _ptr(w), y.data_ptr(), r.data_ptr(), r.numel(),
-                                                 xs.shape[-1], eps)
+                                                 xs.shape[-1], eps, max(1, torch.get_num_threads()))
     return y, r
 
 
@@ -574,5 +574,6 @@ def rms_norm_backward(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | N
     # one partial row of the weight's gradient per block of NORM_BLOCK tokens, added in order
     work = rs.new_empty(-(-tokens // NORM_BLOCK) * d if gw is not None else 0)
     getattr(lib, f"rms_norm_backward_{_SUFFIX[xs.dtype]}")(xs.data_ptr(), rs.data_ptr(), _ptr(w), g.data_ptr(),
-                                                          _ptr(gx), _ptr(gw), tokens, d, work.data_ptr(), NORM_BLOCK)
+                                                          _ptr(gx), _ptr(gw), tokens, d, work.data_ptr(), NORM_BLOCK,
+                                                          max(1, torch.get_num_threads()))
     return gx, gw

@@ -286,6 +286,9 @@ class _Collapse(torch.autograd.Function):
             r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
         pre, *rest = weights((raw * r).view(*x.shape[:-2], -1), scale, base)
         ctx.weights = weights
+        # an unused output (a hyper head's alias, an unread post / comb) gets None, not a zero
+        # tensor of its size: the backward treats None as zero
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, fn, scale, base, raw, r, pre)
         # the streams themselves come back as the last output (an alias): the expand after the
         # block reads them through it, so their gradient from there reaches this backward, which

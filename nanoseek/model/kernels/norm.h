@@ -66,8 +66,8 @@ static inline REAL NAME(norm_dot)(const STORE_T *restrict x, const STORE_T *rest
 
 /* y[t, :] = x[t, :] r[t] w, r[t] = 1 / sqrt(mean(x[t, :]^2) + eps), for T rows of d */
 void NAME(rms_norm)(const STORE_T *restrict x, const REAL *restrict w, STORE_T *restrict y, REAL *restrict r,
-                    long T, long d, REAL eps) {
-#pragma omp parallel for schedule(static)
+                    long T, long d, REAL eps, long threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * d >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
         const STORE_T *xt = x + t * d;
         STORE_T *yt = y + t * d;
@@ -83,9 +83,9 @@ void NAME(rms_norm)(const STORE_T *restrict x, const REAL *restrict w, STORE_T *
  * grad_w [d] (either may be NULL); work holds ceil(T / block) * d reals when grad_w is wanted. */
 void NAME(rms_norm_backward)(const STORE_T *restrict x, const REAL *restrict r, const REAL *restrict w,
                              const STORE_T *restrict g, STORE_T *restrict gx, REAL *restrict gw, long T, long d,
-                             REAL *restrict work, long block) {
+                             REAL *restrict work, long block, long threads) {
     const long blocks = (T + block - 1) / block;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * d >= PARALLEL_MIN)
     for (long b = 0; b < blocks; b++) {
         REAL *part = gw ? work + b * d : NULL;
         if (part)
