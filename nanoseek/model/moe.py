@@ -214,9 +214,9 @@ class _GroupedExperts(torch.autograd.Function):
     copy per matrix). Here the stacked weights are cast once (to the autocast dtype, if any),
     each product writes into one preallocated buffer (the outputs, the gate and up activations,
     and in the backward the input gradient and the stacked weight gradients, cast back once), and
-    the backward forms the SwiGLU's gradients from the saved gate and up activations (one C pass)
-    and W2's from the saved SwiGLU output. The arithmetic is the per-expert code's, product by
-    product."""
+    the backward forms the SwiGLU's gradients from the saved gate and up activations and W2's
+    from the saved SwiGLU output; the SwiGLU runs once over all experts' rows each way (one C
+    pass). The arithmetic is the per-expert code's, product by product."""
 
     # Row buckets: oneDNN, which runs bf16/fp16 matmuls on a CPU, builds a kernel for every new
     # shape (~0.6 ms on this kind of machine) and keeps the last 1024. The experts' row counts
@@ -252,15 +252,18 @@ class _GroupedExperts(torch.autograd.Function):
             if pad is not None:  # expert slices padded with zero rows
                 x.index_fill_(0, pad, 0)
             m, inter = x.shape[0], w1.shape[1]
-            gate, up, act = x.new_empty(m, inter), x.new_empty(m, inter), x.new_empty(m, inter)
+            gate, up = x.new_empty(m, inter), x.new_empty(m, inter)
             ys = x.new_empty(m, w2.shape[1])
             for e, (a, b) in _slices(counts):
                 torch.mm(x[a:b], w1c[e].t(), out=gate[a:b])
                 torch.mm(x[a:b], w3c[e].t(), out=up[a:b])
-                act[a:b] = swiglu(gate[a:b], up[a:b], limit)
+            # elementwise: one call over every expert's rows (the slices tile the buffers) instead
+            # of one per expert and layer, each with its checks and views
+            act = swiglu(gate, up, limit)
+            for e, (a, b) in _slices(counts):
                 torch.mm(act[a:b], w2c[e].t(), out=ys[a:b])
         # the activation is kept (one more [rows, inter] tensor) for W2's gradient: recomputing
-        # it in the backward cost a SwiGLU pass per expert
+        # it in the backward cost a SwiGLU pass
         ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, act, rows, gather, pad)
         ctx.counts, ctx.limit, ctx.param_dtypes = counts, limit, (w1.dtype, w2.dtype, w3.dtype)
         ctx.x_shape, ctx.x_dtype = xs.shape, xs.dtype
@@ -280,17 +283,19 @@ class _GroupedExperts(torch.autograd.Function):
             for g in gw:
                 if g is not None and idle:
                     g[idle] = 0
+            d_act = gy.new_empty(gate.shape)
             for e, (a, b) in _slices(ctx.counts):
-                g, u, ge = gate[a:b], up[a:b], gy[a:b]
                 if gw[1] is not None:
-                    torch.mm(ge.t(), act[a:b], out=gw[1][e])
-                d_gate, d_up = swiglu_backward(g, u, ge @ w2c[e], ctx.limit)
+                    torch.mm(gy[a:b].t(), act[a:b], out=gw[1][e])
+                torch.mm(gy[a:b], w2c[e], out=d_act[a:b])
+            d_gate, d_up = swiglu_backward(gate, up, d_act, ctx.limit)   # (one call, as the forward's)
+            for e, (a, b) in _slices(ctx.counts):
                 if gw[0] is not None:
-                    torch.mm(d_gate.t(), x[a:b], out=gw[0][e])
+                    torch.mm(d_gate[a:b].t(), x[a:b], out=gw[0][e])
                 if gw[2] is not None:
-                    torch.mm(d_up.t(), x[a:b], out=gw[2][e])
+                    torch.mm(d_up[a:b].t(), x[a:b], out=gw[2][e])
                 if gx is not None:
-                    torch.mm(d_gate, w1c[e], out=gx[a:b]).addmm_(d_up, w3c[e])
+                    torch.mm(d_gate[a:b], w1c[e], out=gx[a:b]).addmm_(d_up[a:b], w3c[e])
         grads = [None if g is None else g.to(dt) for g, dt in zip(gw, ctx.param_dtypes)]
         return _input_grad(gx, rows, gather, pad, ctx.x_shape, ctx.x_dtype), *grads, None, None, None
 
