@@ -99,10 +99,8 @@ class Attention(nn.Module):
             ctx.aux.indexer_recall.append(indexer_recall(raw_comp, visible, picked, self.index_topk))
 
         o = apply_rope(out, cos, sin, inverse=True)  # [B,S,H,D]
-        o = o.reshape(b, s, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)
-        o = torch.einsum("bsgi,gri->bsgr", o, wo_a)
-        return self.wo_b(o.flatten(2))
+        return self.wo_b(grouped_projection(o.reshape(b, s, self.groups, -1), wo_a))
 
     def write_cache(self, x: torch.Tensor, ctx: ForwardContext, cache: LayerCache) -> None:
         """What a prefill chunk (`ctx.start` set) writes into the cache -- the window ring, the
@@ -483,6 +481,17 @@ class _BmmSinkAttention(torch.autograd.Function):
         p_sink = torch.exp(sink.to(wide).view(1, 1, h) - lse.view(lse.shape[0], -1, h))
         d_sink = -(p_sink * delta.view_as(p_sink)).sum((0, 1))
         return dq.unsqueeze(1), dkv.unsqueeze(1), None, d_sink.to(sink.dtype), None
+
+
+def grouped_projection(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The grouped output projection's first half: o [B, S, G, I], w [G, R, I] -> [B, S, G * R],
+    group g's outputs o_g w_g^T. One batched product over the groups with o moved groups-first
+    and made contiguous: einsum("bsgi,gri->bsgr") picked a layout whose backward ran the weight
+    gradient at ~140 GFLOP/s in bf16 (the same arithmetic; forward + backward at `small`'s
+    [4, 512, 4, 128] x [4, 128, 128] in bf16: 4.75 -> 2.80 ms)."""
+    b, s, g, i = o.shape
+    groups_first = o.reshape(b * s, g, i).transpose(0, 1).contiguous()
+    return torch.bmm(groups_first, w.transpose(1, 2)).transpose(0, 1).reshape(b, s, -1)
 
 
 def _sink_softmax(s: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:

@@ -671,3 +671,24 @@ def test_grouped_experts_bf16_products_use_row_buckets():
             _experts_pass(ex, x, idx, w, fused=True, autocast=autocast)
         ragged = [r for shapes in seen for shape in shapes for r in shape if r not in (64, 48)]
         assert len(seen) >= 4 * 9 and ragged and all(rows_ok(r) for r in ragged), ragged
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6, 3), (1, 1, 2, 8, 8), (3, 7, 1, 4, 5)])
+def test_grouped_projection_equals_the_einsum_float64(shape):
+    """attention.grouped_projection (one bmm over groups-first rows) against the per-group
+    einsum it replaced: values and both gradients in float64, and under bf16 autocast the same
+    dtype out and values at bf16 rounding."""
+    b, s, g, i, r = shape
+    o = torch.randn(b, s, g, i, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(g, r, i, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(b, s, g * r, dtype=torch.float64)
+    got = attention.grouped_projection(o, w)
+    want = torch.einsum("bsgi,gri->bsgr", o, w).flatten(2)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    for a, c in zip(torch.autograd.grad((got * weights).sum(), (o, w)),
+                    torch.autograd.grad((want * weights).sum(), (o, w))):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention.grouped_projection(o.float(), w.float())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), want.detach(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
