@@ -427,12 +427,18 @@ def test_the_model_uses_the_mhc_kernels_where_they_apply(kernels, monkeypatch):
     x = torch.randn(2, 4, 8)
     assert not cpu_kernels.mhc_applies(x.bfloat16())
     assert not cpu_kernels.mhc_applies(x, torch.randn(2, 8, dtype=torch.float64))   # mixed dtypes
-    for switch in ((hc.HyperConnection, "fused"), (cpu_kernels, "enabled")):
-        monkeypatch.setattr(*switch, False)
+    _no_calls_with_switches_off(model, ids, calls, monkeypatch, (hc.HyperConnection, "fused"))
+
+
+def _no_calls_with_switches_off(model, ids, calls, monkeypatch, switch):
+    """With `switch` (object, attribute) off, and with all C kernels off, a no-grad forward and
+    a training step record no kernel call."""
+    for off in (switch, (cpu_kernels, "enabled")):
+        monkeypatch.setattr(*off, False)
         with torch.no_grad():
             model(ids)
         model.loss(ids).loss.backward()
-        monkeypatch.setattr(*switch, True)
+        monkeypatch.setattr(*off, True)
     assert calls == []
 
 
@@ -802,10 +808,4 @@ def test_the_model_uses_the_norm_kernel_where_it_applies(kernels, monkeypatch):
         model(ids)
     assert {("rms_norm", torch.float32)} == set(calls)
     calls.clear()
-    for switch in ((norm.RMSNorm, "fused"), (cpu_kernels, "enabled")):
-        monkeypatch.setattr(*switch, False)
-        with torch.no_grad():
-            model(ids)
-        model.loss(ids).loss.backward()
-        monkeypatch.setattr(*switch, True)
-    assert calls == []
+    _no_calls_with_switches_off(model, ids, calls, monkeypatch, (norm.RMSNorm, "fused"))
