@@ -17,6 +17,8 @@ ctypes, and used where they apply; everywhere else the PyTorch code runs.
     x = cpu_kernels.weighted_sum(w, streams)                # sum_j w_j X_j
     gw, gx = cpu_kernels.weighted_sum_backward(w, streams, grad)
     gx = cpu_kernels.collapse_backward(w, streams, grad, coef)   # w_j g + coef X_j
+    raw, ss = cpu_kernels.mix_rms(flat, fn)                 # flat @ fn^T and the rows' sums of squares
+    gx, gfn = cpu_kernels.collapse_mix_backward(w, streams, grad, coef, g_mix, fn, extra)
 
 Why: some of the model's arithmetic is many tiny PyTorch ops whose dispatch costs more than
 their work on a CPU.
@@ -42,6 +44,10 @@ their work on a CPU.
     PyTorch's autograd Function, with bf16 input copied to fp32 and xhat saved in fp32; one
     call each way, x saved in its own dtype. A [4, 512, 512] fp32 norm's forward + backward
     ~4 -> ~1.3 ms; the four kinds of norm of a bf16 `small` step ~40 -> ~18 ms.
+  * mHC's mix products (spec 1.2, kernels/mhc.h): [T, 4d] x [4d, 24] in fp32, whose narrow side
+    MKL ran at ~45% of the fp32 peak, plus a norm pass forward, and backward two GEMMs, the
+    collapse pass and autograd's add of the expand's streams gradient. One register-blocked
+    pass each way (1.1 vs 1.75 ms forward at `small`; a site's forward + backward 33.5 -> 30 ms).
 Each kernel splits its tokens (elements) across PyTorch's OpenMP threads, as PyTorch's own ops
 do, so that it scales with the cores; each token is computed whole by one thread, so the results
 do not depend on the thread count.

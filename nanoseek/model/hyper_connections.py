@@ -265,13 +265,16 @@ class _Collapse(torch.autograd.Function):
         pre, *rest = weights(mix, scale, base)                       (mix_weights: pre, post, comb)
         x = sum_j pre_j X_j
 
-    -> (x, *rest). Composed of _MixRMS, the mix weights and _WeightedSum, the streams' gradient
-    came in two [T, n, d] tensors (the weighted sum's and the mix's) that autograd then added, and
-    the mix's took a separate pass for its RMS term. Here it is written once: one C pass forms
-    pre_j g + coef X_j (cpu_kernels.collapse_backward) and one GEMM adds the mix's g_mix r fn in
-    place. The small graph of the mix weights (sigmoids, Sinkhorn: [T, 2n + n*n] numbers) runs
-    without autograd in the forward and is recomputed with it in the backward, from the saved
-    mix; the same arithmetic as the composed Functions, to rounding."""
+    -> (x, *rest, streams). Composed of _MixRMS, the mix weights and _WeightedSum, the streams'
+    gradient came in two [T, n, d] tensors (the weighted sum's and the mix's) that autograd then
+    added, and the mix's took a separate pass for its RMS term. Here it is written once: one C
+    pass forms pre_j g + coef X_j + g_mix r fn, plus the gradient of the last output -- the
+    streams themselves, which the expand after the block reads through it -- and fn's gradient
+    (cpu_kernels.collapse_mix_backward; where that does not apply, cpu_kernels.collapse_backward,
+    a GEMM and an add). The forward's product and mean square are one pass too (mix_rms). The
+    small graph of the mix weights (sigmoids, Sinkhorn: [T, 2n + n*n] numbers) runs without
+    autograd in the forward and is recomputed with it in the backward, from the saved mix; the
+    same arithmetic as the composed Functions, to rounding."""
 
     @staticmethod
     def forward(ctx, streams, fn, scale, base, weights, eps: float):
