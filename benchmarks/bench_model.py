@@ -2,7 +2,8 @@
 
 Measures, for both implementations on identical weights (the issue's table, "as a new user would"):
   * training step tokens/s at batch 4 x seq 512 (forward + CE + backward + AdamW), fp32 and bf16
-    autocast, with MFU against a matmul peak measured in the same run and the step's peak RSS;
+    autocast, the two implementations alternating (two steps each, the second timed), with MFU against a matmul peak measured
+    in the same run and the step's peak RSS;
   * prefill time of a 512-token prompt (batch 1);
   * `nanoseek.generate` with default options (the decode step compiles where it can, see
     engine/compiling.py; the first call, compilation included, is reported apart) vs
@@ -232,19 +233,53 @@ def measure_inference(name: str, model, r: dict, prompt, new_tokens: int, steps:
         r["generate_s"] = median_time(lambda: gen(model, prompt, new_tokens), 1, max(2, steps - 1))
 
 
-def measure_training(name: str, model, r: dict, ids, steps: int, run_bf16: bool, fpt: float, peak32: float,
+def alternate_steps(step: dict, rounds: int) -> dict[str, list[float]]:
+    """`rounds` rounds of two calls of each function, the second one timed; the functions (and
+    their optimizers) are freed on return. The untimed call absorbs what the switch costs: with
+    glibc's allocator, the heap the other implementation's step left behind (trimmed, or cut up
+    into other sizes) is faulted in again by the first step after a switch (timing single
+    alternating steps made transformers' bf16 step ~30% slower than back to back), while a
+    training run's steps follow one another."""
+    times: dict[str, list[float]] = {name: [] for name in step}
+    for _ in range(rounds):
+        for name, fn in step.items():
+            fn()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def measure_training(impls: dict, results: dict, ids, steps: int, run_bf16: bool, fpt: float, peak32: float,
                      peak16: float) -> None:
-    """Training step tokens/s, MFU and peak RSS, fp32 and (where bf16 matmuls are native) bf16."""
+    """Training step tokens/s, MFU and peak RSS, fp32 and (where bf16 matmuls are native) bf16.
+
+    Peak RSS first: one step of each implementation and precision alone, in the order nanoseek
+    fp32, bf16, transformers fp32, bf16, each with its own optimizer, freed after it. Then the
+    speed, the implementations alternating (alternate_steps, medians over `steps` rounds): this
+    VM's speed drifts by 20-30% within a minute (the same step in one process took 1.46-2.0 s
+    in bf16 across five phases), so timing one implementation's steps after the other's
+    measures the drift as much as the code."""
     batch, seq = ids.shape
-    for autocast, label in ((False, "fp32"), (True, "bf16")):
-        if autocast and not run_bf16:
-            r[f"train_{label}_tok_s"] = r[f"train_{label}_mfu"] = r[f"train_{label}_rss"] = float("nan")
-            continue
-        step = train_step_fn(model, ids, name, autocast)
-        r[f"train_{label}_rss"] = peak_rss_during(step)  # also the warm-up step
-        dt = median_time(step, warmup=0, reps=steps)
-        r[f"train_{label}_tok_s"] = batch * seq / dt
-        r[f"train_{label}_mfu"] = fpt * batch * seq / dt / (peak16 if autocast else peak32)
+    precisions = [(False, "fp32"), (True, "bf16")] if run_bf16 else [(False, "fp32")]
+    for r in results.values():
+        if not run_bf16:
+            r["train_bf16_tok_s"] = r["train_bf16_mfu"] = r["train_bf16_rss"] = float("nan")
+    for name, model in impls.items():
+        for autocast, label in precisions:
+            results[name][f"train_{label}_rss"] = peak_rss_during(train_step_fn(model, ids, name, autocast))
+    for autocast, label in precisions:
+        times = alternate_steps({name: train_step_fn(model, ids, name, autocast) for name, model in impls.items()},
+                                steps)
+        for name, ts in times.items():
+            dt = statistics.median(ts)
+            results[name][f"train_{label}_tok_s"] = batch * seq / dt
+            results[name][f"train_{label}_mfu"] = fpt * batch * seq / dt / (peak16 if autocast else peak32)
+        if len(times) == 2:
+            per_round = [h / n for n, h in zip(times["nanoseek"], times["transformers"])]
+            print(f"train {label}: nanoseek/transformers per round {', '.join(f'{x:.2f}' for x in per_round)}x "
+                  f"(nanoseek {' '.join(f'{t:.2f}' for t in times['nanoseek'])} s, "
+                  f"transformers {' '.join(f'{t:.2f}' for t in times['transformers'])} s a step)", flush=True)
 
 
 def print_ratios(a: dict, b: dict, run_bf16: bool) -> None:
@@ -347,9 +382,10 @@ def main() -> None:
         med = generate_rounds(impls["nanoseek"], impls["transformers"], prompt, new_tokens, max(3, 2 * steps - 1))
         for name, t in med.items():
             results[name]["generate_s"] = t
-    for name, model in impls.items():
+    measure_training({name: model.train() for name, model in impls.items()}, results, ids, steps, run_bf16, fpt,
+                     peak32, peak16)
+    for name in impls:
         r = results[name]
-        measure_training(name, model.train(), r, ids, steps, run_bf16, fpt, peak32, peak16)
         extra = (f", bare eager decode loop {r['decode_loop_tok_s']:.1f} tok/s, first generate call "
                  f"{r['first_generate_s']:.1f} s") if name == "nanoseek" else ""
         print(f"{name:>12}: train fp32 {r['train_fp32_tok_s']:7.1f} tok/s (MFU {r['train_fp32_mfu']:.1%}, "
