@@ -250,13 +250,28 @@ class Attention(nn.Module):
         win_bias: broadcastable to [B, nb, Bq, Kw]; comp: [B, N, D]; comp_bias: [B, S, N]."""
         if not self.use_sdpa:
             return self._attend_reference(q_blocks, keys_t, win_bias, comp, comp_bias, s)
-        out = self._attend_sdpa(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+        out, lse = self._attend_sdpa(q_blocks, keys_t, win_bias, comp, comp_bias, s)
         if not want_probs or comp is None or not comp.shape[1]:
             return out, None, None
-        with torch.no_grad():  # the indexer's target is detached: the logits again, forward only
-            logits_w, logits_c, raw_c, lse = self._logits(q_blocks, keys_t, win_bias, comp, comp_bias, s)
-            p_c = torch.exp(logits_c - lse.unsqueeze(-1))
+        with torch.no_grad():  # the indexer's target is detached: forward only
+            if lse is None or not self.reuse_lse:  # the logits again, for the joint normaliser
+                logits_w, logits_c, raw_c, lse = self._logits(q_blocks, keys_t, win_bias, comp, comp_bias, s)
+            else:
+                logits_c, raw_c = self._comp_logits(q_blocks, comp, comp_bias, s)
+            # arguments clamped at -80 (e^-80 ~ 2e-35, above fp32's denormals): PyTorch's exp
+            # takes a slow path for the masked entries' ~-1e30 and for denormal results (this
+            # [4, 512, 8, 128] call of `small`: 11 -> 2 ms); the KL normalises the target over
+            # the allowed entries and zeroes the others, so nothing it reads changes measurably
+            p_c = (logits_c - lse.unsqueeze(-1)).clamp_(min=-80.0).exp_()
         return out, p_c, raw_c
+
+    # The indexer's KL target needs the main attention's probabilities of the compressed entries,
+    # exp(logit - lse) with lse the joint log-normaliser (window, compressed entries, sink). The
+    # folded attention (bf16 autocast on a CPU, the trainer's setting for widths >= 512) returns
+    # the lse its softmax formed anyway, so only the compressed entries' logits are formed again;
+    # elsewhere (and with this off) the window logits and both log-sum-exps are recomputed
+    # (`small`'s V4 step under bf16: ~150 ms of logsumexp alone, docs/model.md "Speed").
+    reuse_lse = True
 
     def _attend_sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """The same joint softmax as `_attend_reference` in one fused attention call.
@@ -280,8 +295,8 @@ class Attention(nn.Module):
         if folded:
             dtype = torch.get_autocast_dtype(dev)
         with fp32_region(dev):
-            out = self._sdpa(q_blocks.to(dtype), keys_t, win_bias, comp, comp_bias, s, folded)
-        return out.to(q_blocks.dtype)
+            out, lse = self._sdpa(q_blocks.to(dtype), keys_t, win_bias, comp, comp_bias, s, folded)
+        return out.to(q_blocks.dtype), lse
 
     # Folded heads (bf16 autocast on a CPU, blocks of more than one query): V4's heads share one
     # key/value set (MQA), so the H heads of a query block can enter the kernel as ONE head with
@@ -301,6 +316,8 @@ class Attention(nn.Module):
     bmm_softmax = True
 
     def _sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s, folded: bool = False):
+        """-> (out [B,S,H,D], the joint log-normaliser [B,S,H] (fp32, detached) or None): the
+        folded kernels return theirs, the per-head layout none."""
         h, d = self.h, self.d
         scale = d**-0.5
         b, nb = q_blocks.shape[:2]
@@ -318,12 +335,12 @@ class Attention(nn.Module):
             mask = torch.cat(masks, dim=-1).flatten(0, 1).to(dtype)  # [B*nb, bq, K]
             q_rows, sink = q_blocks.flatten(0, 1).unsqueeze(1), fp32_or_wider(self.attn_sink)
             if self.bmm_softmax and dtype == torch.bfloat16 and cpu_kernels.attn_applies(kv[:, 0]):
-                out = _BmmSinkAttention.apply(q_rows, kv, mask, sink, scale)
+                out, lse = _BmmSinkAttention.apply(q_rows, kv, mask, sink, scale)
             else:
                 k = mask.shape[-1] + 1
                 step = max(1, self.FOLD_MASK_BYTES // (bq * h * k * mask.element_size()))
-                out = _FoldedSinkAttention.apply(q_rows, kv, mask, sink, scale, step)
-            return out.reshape(b, nb * bq, h, d)[:, :s]
+                out, lse = _FoldedSinkAttention.apply(q_rows, kv, mask, sink, scale, step)
+            return out.reshape(b, nb * bq, h, d)[:, :s], lse.reshape(b, nb * bq, h)[:, :s]
         sink = (fp32_or_wider(self.attn_sink) / scale).to(dtype)
         q = q_blocks.view(b, nb, bq, h, d).transpose(2, 3)  # [B, nb, H, bq, D]
         q = torch.cat([q, sink.view(1, 1, h, 1, 1).expand(b, nb, h, bq, 1)], dim=-1).flatten(0, 1)
@@ -333,7 +350,7 @@ class Attention(nn.Module):
         mask = torch.cat(masks, dim=-1).flatten(0, 1).unsqueeze(1).to(dtype)  # [B*nb, 1, bq, K]
         out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale, enable_gqa=True)
         out = out[..., :d].unflatten(0, (b, nb)).transpose(2, 3)  # [B, nb, bq, H, D]
-        return out.reshape(b, nb * bq, h, d)[:, :s]
+        return out.reshape(b, nb * bq, h, d)[:, :s], None
 
     def _logits(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """Scaled, masked logits of the window blocks [B,nb,bq,H,Kw] and of the compressed entries
@@ -346,14 +363,21 @@ class Attention(nn.Module):
         logits_w = logits_w.unflatten(2, (bq, h)) + win_bias.unsqueeze(-2)  # [B,nb,bq,H,Kw]
         lse = torch.logsumexp(logits_w, dim=-1).flatten(1, 2)[:, :s]  # [B,S,H]
         lse = torch.logaddexp(lse, fp32_or_wider(self.attn_sink))
-        q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
         if comp is not None and comp.shape[1]:
-            raw_c = fp32_or_wider(torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype))).unflatten(1, (s, h)) * scale
-            logits_c = raw_c + comp_bias.unsqueeze(2)  # [B,S,H,N]
+            logits_c, raw_c = self._comp_logits(q_blocks, comp, comp_bias, s)
             lse = torch.logaddexp(lse, torch.logsumexp(logits_c, dim=-1))
         else:
             logits_c = raw_c = None
         return logits_w, logits_c, raw_c, lse
+
+    def _comp_logits(self, q_blocks, comp, comp_bias, s):
+        """The compressed entries' scaled logits with the mask and without it, [B,S,H,N] each."""
+        h, d = self.h, self.d
+        b, nb = q_blocks.shape[:2]
+        bq = q_blocks.shape[2] // h
+        q_flat = q_blocks.flatten(1, 2)[:, : s * h] if nb * bq != s else q_blocks.reshape(b, s * h, d)
+        raw_c = fp32_or_wider(torch.matmul(q_flat, comp.transpose(1, 2).to(q_flat.dtype))).unflatten(1, (s, h)) * d**-0.5
+        return raw_c + comp_bias.unsqueeze(2), raw_c
 
     def _attend_reference(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """Two partial softmaxes sharing one log-normaliser, written out op by op."""
@@ -421,10 +445,11 @@ class _FoldedSinkAttention(torch.autograd.Function):
         out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
         ctx.save_for_backward(q, kv, out, lse, sink_row, *masks)
         ctx.scale, ctx.step = scale, step
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         q, kv, out, lse, sink_row, *masks = ctx.saved_tensors
         g = g.contiguous()
         dq, dkv = torch.empty_like(q), torch.empty_like(kv)
@@ -465,10 +490,11 @@ class _BmmSinkAttention(torch.autograd.Function):
         out = torch.bmm(p, kv2)
         ctx.save_for_backward(q2, kv2, p, out, lse, sink)
         ctx.scale = scale
-        return out.unsqueeze(1)
+        ctx.mark_non_differentiable(lse)
+        return out.unsqueeze(1), lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         q2, kv2, p, out, lse, sink = ctx.saved_tensors
         g = g[:, 0].contiguous()
         wide = lse.dtype

@@ -114,10 +114,15 @@ def test_folded_heads_equal_per_head_float64(plain_paths, cap, monkeypatch):
     results = []
     for folded in (False, True):
         attn.zero_grad(set_to_none=True)
-        out = attn._sdpa(q, keys, win_bias, comp, comp_bias, s, folded)
+        out, lse = attn._sdpa(q, keys, win_bias, comp, comp_bias, s, folded)
+        assert (lse is None) == (not folded)
         results.append([out, *torch.autograd.grad(out, (q, keys, comp, attn.attn_sink), grad)])
     for a, c in zip(*results):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+    # the folded kernel's log-normaliser (the indexer's KL target reuses it) is the joint one
+    # the op-by-op logits give: window, compressed entries and sink
+    want = attn._logits(q.detach(), keys.detach(), win_bias, comp.detach(), comp_bias, s)[3]
+    torch.testing.assert_close(lse, want, rtol=1e-12, atol=1e-12)
 
 
 def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
@@ -155,6 +160,42 @@ def test_folded_bf16_kernel_under_autocast(plain_paths, monkeypatch):
     assert seen and {heads for _, heads in seen} == {model.config.num_attention_heads}
 
 
+@pytest.mark.parametrize("bmm_softmax", [True, False])
+def test_indexer_target_reuses_the_attention_lse(plain_paths, monkeypatch, bmm_softmax):
+    """Under bf16 autocast (folded attention) the indexer's KL target takes the joint
+    log-normaliser from the attention kernel (`Attention.reuse_lse`) instead of recomputing the
+    window logits: the KL and recall terms, the loss and every gradient as with the recompute,
+    to fp32 rounding of the normaliser, and no window logits formed again."""
+    if bmm_softmax and not cpu_kernels.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(Attention, "bmm_softmax", bmm_softmax)
+    torch.manual_seed(0)
+    model = Transformer(_tiny())
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.attn_sink.normal_(0, 1.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150))
+    recomputed = []
+    real_logits = Attention._logits
+    monkeypatch.setattr(Attention, "_logits", lambda self, *a: recomputed.append(1) or real_logits(self, *a))
+    results = {}
+    for reuse in (False, True):
+        monkeypatch.setattr(Attention, "reuse_lse", reuse)
+        recomputed.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[reuse] = _loss_and_grads(model, ids, indexer_weight=1.0)
+        csa = sum(layer.attn.indexer is not None for layer in model.layers)
+        assert len(recomputed) == (0 if reuse else csa) and csa > 0
+    (ref, g_ref), (out, g_out) = results[False], results[True]
+    assert ref.indexer > 0
+    for term in ("loss", "ce", "indexer", "indexer_recall"):
+        torch.testing.assert_close(getattr(out, term), getattr(ref, term), rtol=1e-5, atol=1e-6)
+    # (the kernel's scores and the recomputed ones are bf16 products of the same inputs whose
+    # roundings may differ in the last bit, which moves the indexer's gradients by ~1e-3: a
+    # normaliser of the wrong rows, heads or without the sink moves them by far more)
+    _assert_grads_close(g_ref, g_out, rtol=1e-2)
+
+
 def _folded_inputs(dtype, g=5, bq=6, h=4, k=23, d=16, seed=0):
     torch.manual_seed(seed)
     q = torch.randn(g, 1, bq * h, d, dtype=torch.float64)
@@ -167,15 +208,17 @@ def _folded_inputs(dtype, g=5, bq=6, h=4, k=23, d=16, seed=0):
 
 
 def _folded_run(fn, q, kv, mask, sink, grad, *extra):
+    """[out, d q, d kv, d sink, lse] of one folded attention Function."""
     q, kv, sink = (t.detach().clone().requires_grad_() for t in (q, kv, sink))
-    out = fn.apply(q, kv, mask, sink, 0.25, *extra)
-    return [out, *torch.autograd.grad(out, (q, kv, sink), grad)]
+    out, lse = fn.apply(q, kv, mask, sink, 0.25, *extra)
+    assert not lse.requires_grad
+    return [out, *torch.autograd.grad(out, (q, kv, sink), grad), lse.reshape(q.shape[0], -1)]
 
 
 def test_bmm_sink_attention_equals_the_flash_path_float64():
     """_BmmSinkAttention (batched products around the sink softmax; PyTorch's softmax formula in
-    float64) against the folded flash path: output and the query, key/value and sink gradients
-    to float64 rounding, a row that sees only the sink included."""
+    float64) against the folded flash path: output, the query, key/value and sink gradients and
+    the rows' log-normalisers to float64 rounding, a row that sees only the sink included."""
     args = _folded_inputs(torch.float64)
     ref = _folded_run(attention._FoldedSinkAttention, *args, 2)
     got = _folded_run(attention._BmmSinkAttention, *args)
