@@ -23,6 +23,7 @@ alternating so that load drift on a shared machine hits both alike; only the pri
     python benchmarks/bench_compile.py startup --preset small                  # a new process's warm start
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
+    python benchmarks/bench_compile.py train --preset small --bf16 --reps 5   # under bf16 autocast
 
 Compilation is cached on disk by inductor (/tmp/torchinductor_$USER), so a second process
 compiles faster than the first; --fresh-cache measures a cold compile.
@@ -63,14 +64,16 @@ def bench_train(args) -> None:
 
     def step(model):
         def run():
-            t = model.loss(ids, doc_ids=doc)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                t = model.loss(ids, doc_ids=doc)
             t.loss.backward()
             model.zero_grad(set_to_none=True)
             return float(t.loss.detach())
         return run
 
     print(f"train step ({args.preset}, batch {args.batch}x{args.seq}, full objective fwd+bwd, "
-          f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
+          f"threads={torch.get_num_threads()}, backend={args.backend}, {'bf16 autocast' if args.bf16 else 'fp32'})",
+          flush=True)
     t0 = time.perf_counter()
     loss_c = step(compiled)()
     compile_s = time.perf_counter() - t0
@@ -235,6 +238,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--bf16", action="store_true",
+                    help="train: under bf16 autocast (what `nanoseek train --autocast auto` picks on CPUs with native "
+                         "bf16 matmuls at width >= 512)")
     ap.add_argument("--per-block", action="store_true",
                     help="decode: also time a copy compiled with one graph per block (decode_group_size=1)")
     ap.add_argument("--no-memory-planning", action="store_true",
