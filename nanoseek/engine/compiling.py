@@ -7,8 +7,8 @@
 A one-token decode step of a V4 model is thousands of tiny ops in eager mode (mHC Sinkhorn,
 norms, RoPE, routing); `Transformer.compile_blocks` fuses each run of two blocks into one
 inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`, `chat`, `serve`
-and the Python `nanoseek.generate*` compile the decode step unless told not to -- decode only:
-prefill, training and scoring stay eager (`compile_blocks(decode_only=True)`).
+and the Python `nanoseek.generate*` compile the decode step unless told not to -- decode only,
+with compile=True as well: prefill, training and scoring stay eager (`compile_blocks(decode_only=True)`).
 
 First use compiles (about a minute for `small` on 2 cores; a second cache length -- each `generate`
 sizes its cache to its prompt + new tokens -- compiles the graphs once more with the length
@@ -64,14 +64,20 @@ def resolve_compile(compile: bool | None, device_type: str = "cpu") -> bool:
 
 def compile_for_decoding(model, compile: bool | None) -> bool:
     """Compile `model`'s decode step in place when `compile` (None = auto) says so; returns
-    whether it is compiled. A model already compiled (by the user, any mode) is left as it is."""
+    whether it is compiled. A model already compiled (by the user, any mode) is left as it is.
+
+    Only the decode step, for an explicit True too: compiling uncached calls as well made a
+    model that had once generated with compile=True train and score through compiled graphs,
+    starting with minutes of compilation at its next training step, and no faster afterwards
+    (`small` in bf16: 0.99x, docs/train.md "--compile"). `model.compile_blocks()` compiles those
+    for whoever wants them."""
     if getattr(model, "blocks_compiled", False):
         return True
     device = next(model.parameters()).device.type
     if not resolve_compile(compile, device):
         return False
     use_persistent_cache()
-    model.compile_blocks(decode_only=compile is None, **decode_compile_options(device))
+    model.compile_blocks(decode_only=True, **decode_compile_options(device))
     return True
 
 

@@ -68,6 +68,13 @@ def test_auto_compiles_decode_only_with_a_persistent_cache(monkeypatch, tmp_path
     # an explicit False never compiles; an already compiled model is left as it is
     assert compiling.compile_for_decoding(_tiny(), False) is False
     assert compiling.compile_for_decoding(model, False) is True
+    # an explicit True compiles the decode step only, too: the model still trains eagerly
+    forced = _tiny()
+    assert compiling.compile_for_decoding(forced, True) is True
+    assert forced.blocks_compiled
+    assert forced._block_runner(forced._context(ids, None)) is _call_block
+    assert not forced._runs_compiled_step(forced._context(ids, None))
+    assert forced._runs_compiled_step(forced._context(ids[:, :1], forced.new_cache(1, 16)))
 
 
 def test_failing_compiler_falls_back_to_eager():
@@ -121,10 +128,11 @@ def test_compiled_decode_only_matches_eager():
     assert model.blocks_compiled
 
 
-@pytest.mark.parametrize("flag, expected", [(None, []), ("--enforce-eager", []), ("--compile", [False])])
+@pytest.mark.parametrize("flag, expected", [(None, []), ("--enforce-eager", []), ("--compile", [True])])
 def test_cli_compile_flags(tmp_path, monkeypatch, flag, expected):
     """`nanoseek generate` (one short generation): auto stays eager, --enforce-eager never compiles
-    (also not through generate_stream's own default), --compile compiles unconditionally."""
+    (also not through generate_stream's own default), --compile compiles the decode step
+    unconditionally (decode_only=True: the uncached calls stay eager)."""
     from nanoseek.cli import main
     from tests.engine.fixtures import save_model_dir
 
