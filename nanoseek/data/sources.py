@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.data import licenses
+from nanoseek.data.parquet_pages import largest_page
 from nanoseek.jsonl import TOO_LONG, iter_lines
 
 # --------------------------------------------------------------------------------------------
@@ -1160,6 +1161,12 @@ def _table_row(task: Task, i: int, rec: dict, where: str, limits: SizeLimits, si
 # read whole), and ~5 us more per row for 150-byte rows, against ~30 s to clean 200 MB.
 _PARQUET_BATCH_BYTES = 4 << 20
 _PARQUET_BATCH_ROWS = 16
+# Arrow decompresses a page whole, into what its header says (data/parquet_pages.py): a row group
+# any of whose read columns has a page over this many bytes (or 8 x max_bytes, if more) is
+# skipped as too_large before Arrow reads it. Writers make pages of about 1 MiB (pyarrow,
+# parquet-mr); one value makes a page of its own size, and a value over max_bytes is skipped
+# anyway.
+_PARQUET_MAX_PAGE = 64 << 20
 
 
 def _read_parquet(task: Task, limits: SizeLimits):
@@ -1169,9 +1176,10 @@ def _read_parquet(task: Task, limits: SizeLimits):
     (`binary_length`) and skipped as too_large without being converted to a Python string. The
     row group is decoded and validated (UTF-8 included) once before any row is yielded, so a
     row group that fails part-way is skipped whole as unreadable, as when it was read at once.
-    Not bounded: Arrow decompresses a data page whole, so one page (one value, or many rows a
-    hostile writer put in one page) that inflates beyond memory is still read into memory; and a
-    batch holds its rows decoded, so a dictionary-encoded value repeated in every row costs
+    Arrow decompresses a page whole, so before that the read columns' page headers are walked
+    and a row group with a page over _PARQUET_MAX_PAGE (or 8 x max_bytes) is skipped as
+    too_large: a few KB of zstd cannot claim gigabytes. Still within that bound: a batch holds
+    its rows decoded, so a dictionary-encoded value repeated in every row costs
     _PARQUET_BATCH_ROWS copies of it.
     """
     where = f"{task.path}#rg{task.part}"
@@ -1185,6 +1193,13 @@ def _read_parquet(task: Task, limits: SizeLimits):
             yield Skip("unreadable", _file_size(task.path), task.path,
                        f"Parquet file has no content column (looked for {', '.join(_COLUMNS['content'])})")
             return
+        cap = max(_PARQUET_MAX_PAGE, 8 * limits.max_bytes)
+        largest = _largest_parquet_page(task.path, pf, task.part, cols)
+        if largest > cap:
+            yield Skip("too_large", task.est_bytes, where,
+                       f"a Parquet page decompresses to {largest / 2**20:.0f} MiB, over the {cap / 2**20:.0f} MiB "
+                       "a page may take (Arrow decompresses pages whole)")
+            return
         for _ in _parquet_batches(pf, task.part, cols):     # first pass: decode and validate only
             pass
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for corrupt files
@@ -1197,6 +1212,25 @@ def _read_parquet(task: Task, limits: SizeLimits):
             first += batch.num_rows
     except Exception as e:  # noqa: BLE001 - the file changed since the first pass
         yield Skip("unreadable", task.est_bytes, where, f"broken Parquet data (on the second pass): {e}")
+
+
+def _largest_parquet_page(path: str, pf, part: int, cols: dict) -> int:
+    """The largest uncompressed page (bytes) of the read columns in row group `part`, from the
+    page headers (data/parquet_pages.py; PageWalkError for malformed ones). Each column chunk is
+    walked over the bytes Arrow reads for it: from its dictionary page, where it has one, for
+    the chunk's total compressed size."""
+    names = {c for c in cols.values() if c}
+    rg = pf.metadata.row_group(part)
+    largest = 0
+    with open(path, "rb") as f:
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            if col.path_in_schema.split(".")[0] not in names:
+                continue
+            start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else \
+                col.data_page_offset
+            largest = max(largest, largest_page(f, start, col.total_compressed_size))
+    return largest
 
 
 def _parquet_batches(pf, part: int, cols: dict):
