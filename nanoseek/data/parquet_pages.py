@@ -24,6 +24,9 @@ a size out of range, a chunk past the end of the file -- raises PageWalkError.
 from __future__ import annotations
 
 MAX_HEADER = 16 << 20   # the largest page header read (Arrow's default limit)
+# parquet-mr up to 1.2.8 left a dictionary page's header out of the chunk's stated length
+# (PARQUET-816): Arrow reads up to 100 bytes past it, and so may a walk given this slack
+OLD_WRITER_SLACK = 100
 _FIRST_READ = 512       # bytes read for a header first (statistics can make it longer)
 _MAX_DEPTH = 64         # nesting of Thrift structs and containers
 
@@ -139,6 +142,7 @@ def parse_header(buf: bytes) -> tuple[int, int, int]:
 
 
 def _header_at(f, pos: int, end: int) -> tuple[int, int, int]:
+    """The page header at pos, read from at most the bytes before end."""
     want = _FIRST_READ
     while True:
         f.seek(pos)
@@ -155,21 +159,22 @@ def _header_at(f, pos: int, end: int) -> tuple[int, int, int]:
             want *= 16
 
 
-def pages(f, start: int, length: int) -> list[tuple[int, int, int]]:
+def pages(f, start: int, length: int, slack: int = 0) -> list[tuple[int, int, int]]:
     """(header length, uncompressed size, compressed size) of each page of the column chunk that
-    occupies [start, start + length) of the binary file f, in order."""
-    if start < 0 or length < 0:
+    occupies [start, start + length) of the binary file f, in order; the pages must end exactly
+    there, or within `slack` bytes after it (OLD_WRITER_SLACK)."""
+    if start < 0 or length < 0 or slack < 0:
         raise PageWalkError(f"a column chunk at {start} of length {length}")
     pos, end, out = start, start + length, []
     while pos < end:
-        uncompressed, compressed, header = _header_at(f, pos, end)
+        uncompressed, compressed, header = _header_at(f, pos, end + slack)
         out.append((header, uncompressed, compressed))
         pos += header + compressed
-    if pos != end:
+    if not end <= pos <= end + slack:
         raise PageWalkError(f"the pages end at byte {pos}, the column chunk at {end}")
     return out
 
 
-def largest_page(f, start: int, length: int) -> int:
+def largest_page(f, start: int, length: int, slack: int = 0) -> int:
     """The largest uncompressed page size (bytes) of that column chunk (0 for an empty one)."""
-    return max((u for _, u, _ in pages(f, start, length)), default=0)
+    return max((u for _, u, _ in pages(f, start, length, slack)), default=0)

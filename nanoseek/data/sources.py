@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.data import licenses
-from nanoseek.data.parquet_pages import largest_page
+from nanoseek.data.parquet_pages import OLD_WRITER_SLACK, largest_page
 from nanoseek.jsonl import TOO_LONG, iter_lines
 
 # --------------------------------------------------------------------------------------------
@@ -1217,8 +1217,8 @@ def _read_parquet(task: Task, limits: SizeLimits):
 def _largest_parquet_page(path: str, pf, part: int, cols: dict) -> int:
     """The largest uncompressed page (bytes) of the read columns in row group `part`, from the
     page headers (data/parquet_pages.py; PageWalkError for malformed ones). Each column chunk is
-    walked over the bytes Arrow reads for it: from its dictionary page, where it has one, for
-    the chunk's total compressed size."""
+    walked over the bytes Arrow reads for it: from its dictionary page where that comes first,
+    for the chunk's total compressed size (plus the slack Arrow gives old parquet-mr files)."""
     names = {c for c in cols.values() if c}
     rg = pf.metadata.row_group(part)
     largest = 0
@@ -1227,9 +1227,10 @@ def _largest_parquet_page(path: str, pf, part: int, cols: dict) -> int:
             col = rg.column(j)
             if col.path_in_schema.split(".")[0] not in names:
                 continue
-            start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else \
-                col.data_page_offset
-            largest = max(largest, largest_page(f, start, col.total_compressed_size))
+            start, first = col.data_page_offset, col.dictionary_page_offset
+            if col.has_dictionary_page and first and 0 < first < start:
+                start = first
+            largest = max(largest, largest_page(f, start, col.total_compressed_size, OLD_WRITER_SLACK))
     return largest
 
 
