@@ -8,9 +8,10 @@ Spec 1.5; V4 report eqs. 13-17; DeepSeek-V3.2 DSA training recipe for the loss.
     I[t,s]   = sum_h w[t,h] * ReLU(q^I[t,h] . K^I[s]) / sqrt(index_head_dim)
 
 Each query keeps the `index_topk` highest-scoring *complete* entries. Ties are broken toward the
-most recent entry (a stable sort over the entry axis in reverse order), so a cached decode, which
-scores one query at a time, selects exactly what the full forward selects; about a quarter of
-the scores are exactly 0 at random init because of the ReLU, so ties are common.
+most recent entry (`select_topk`: what a stable sort over the reversed entry axis picks), so a
+cached decode, which scores one query at a time, selects exactly what the full forward selects;
+about a quarter of the scores are exactly 0 at random init because of the ReLU, so ties are
+common.
 
 Training (the part transformers leaves out): the indexer's inputs are detached and it is trained
 by `indexer_kl`, KL(p || softmax(I)) where p is the main attention's probability mass on the
@@ -55,16 +56,26 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     """Boolean selection mask [B, S, N]: the k best visible entries per query.
 
     Ties go to the most recent entry. When a query sees at most k entries, all are selected
-    (no sort needed)."""
+    (no selection needed). A NaN score counts as +inf (where a descending sort puts it).
+
+    One `topk` (a partial selection) over keys that no two entries share: each score's float32
+    bits mapped to an integer of the same order in the high half of an int64, its index in the
+    low half, so equal scores rank by index. A stable sort of the whole row picked the same
+    entries; measured against it on 2 cores: a decode step at N = 16K entries (a 64K-token
+    context), k = 512: 0.77 -> 0.16 ms a CSA layer; a 2048-query prefill chunk over 4K entries
+    212-239 -> 101-127 ms; the `small` training step's [4, 512, 128], k = 32: 3.3 -> 1.9 ms."""
     n = scores.shape[-1]
     if n <= k:
         return visible
-    masked = scores.masked_fill(~visible, float("-inf"))
-    # reverse the entry axis so that a stable descending sort prefers larger indices on ties
-    order = torch.sort(masked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]
-    chosen = torch.zeros_like(visible)
-    chosen.scatter_(-1, n - 1 - order, True)
-    return chosen & visible
+    inf = float("inf")
+    masked = torch.where(visible, scores.float().nan_to_num(nan=inf, posinf=inf, neginf=-inf), -inf)
+    bits = masked.view(torch.int32).to(torch.int64)
+    # a negative float's bits read as an int are -2^31 + its magnitude: -magnitude orders it
+    # (and makes -0.0 equal +0.0, as the float comparison has it: 0 scores are common, both signs)
+    order = torch.where(bits < 0, -(bits + (1 << 31)), bits)
+    key = order.mul_(1 << 32).add_(torch.arange(n, device=scores.device))
+    picked = key.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(visible).scatter_(-1, picked, True) & visible
 
 
 def indexer_kl(index_scores: torch.Tensor, attn_probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

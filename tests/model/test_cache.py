@@ -1,5 +1,7 @@
 """Cache exactness: prefill + token-by-token decode equals the full forward (issue test 2)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -151,6 +153,36 @@ def test_topk_ties_prefer_most_recent_entry():
     chosen = select_topk(scores, visible, 3)
     # 5.0 and 1.0, then the latest visible zero (index 3); never the invisible index 5
     assert chosen[0, 0].tolist() == [False, True, False, True, True, False]
+
+
+def _topk_by_sort(scores, visible, k):
+    """The tie rule spelled out: per row, visible entries ordered by score (descending), ties by
+    index (latest first), NaN as +inf; the first k kept (a plain Python sort)."""
+    out = torch.zeros_like(visible)
+    for row in itertools.product(*map(range, scores.shape[:-1])):
+        s, v = scores[row].tolist(), visible[row].tolist()
+        key = [(float("inf") if x != x else x, j) for j, x in enumerate(s) if v[j]]
+        for _, j in sorted(key, reverse=True)[:k]:
+            out[row + (j,)] = True
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_selection_matches_a_sort_with_the_tie_rule(seed):
+    from nanoseek.model.indexer import select_topk
+
+    g = torch.Generator().manual_seed(seed)
+    n, k = 40, [1, 5, 16, 39][seed % 4]
+    # few distinct values (many ties, including at the k-th score), rows with fewer than k
+    # visible entries, NaN scores and zeros of both signs
+    scores = torch.randint(0, 4, (3, 7, n), generator=g).float().relu_() - 1.0
+    scores[0, 0, ::3] = float("nan")
+    scores[1, :, ::2] *= -1.0   # -0.0 among the zeros: equal to +0.0, ties by index
+    visible = torch.rand(3, 7, n, generator=g) < torch.linspace(0.05, 1.0, 7).view(1, 7, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = select_topk(scores.to(dtype), visible, k)
+        assert torch.equal(got, _topk_by_sort(scores, visible, k)), dtype
+        assert (got.sum(-1) == visible.sum(-1).clamp(max=k)).all()
 
 
 def test_cache_errors_are_clear():
