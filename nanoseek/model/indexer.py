@@ -24,7 +24,6 @@ precision the rotation is exactly orthogonal and cancels in q.k, so it is omitte
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .compressor import Compressor
@@ -47,8 +46,10 @@ class Indexer(nn.Module):
         b, s, _ = x.shape
         q = apply_rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
         dots = torch.matmul(q.float().flatten(1, 2), keys.float().transpose(1, 2))  # [B, S*H, N]
-        dots = F.relu(dots).unflatten(1, (s, self.n_heads)) * self.head_dim**-0.5
-        w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, H]
+        # ReLU in place and both scales on the head weights [B, S, H] rather than on the [B, S, H, N]
+        # products: an 8K-token prefill's [1, 32768, 2048] products are 268 MB a CSA layer
+        dots = dots.relu_().unflatten(1, (s, self.n_heads))
+        w = self.weights_proj(x).float() * (self.n_heads * self.head_dim) ** -0.5  # [B, S, H]
         return torch.einsum("bshn,bsh->bsn", dots, w)
 
 
@@ -56,26 +57,54 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     """Boolean selection mask [B, S, N]: the k best visible entries per query.
 
     Ties go to the most recent entry. When a query sees at most k entries, all are selected
-    (no selection needed). A NaN score counts as +inf (where a descending sort puts it).
-
-    One `topk` (a partial selection) over keys that no two entries share: each score's float32
-    bits mapped to an integer of the same order in the high half of an int64, its index in the
-    low half, so equal scores rank by index. A stable sort of the whole row picked the same
-    entries; measured against it on 2 cores: a decode step at N = 16K entries (a 64K-token
-    context), k = 512: 0.77 -> 0.16 ms a CSA layer; a 2048-query prefill chunk over 4K entries
-    212-239 -> 101-127 ms; the `small` training step's [4, 512, 128], k = 32: 3.3 -> 1.9 ms."""
-    n = scores.shape[-1]
-    if n <= k:
+    (no selection needed). A NaN score counts as +inf (where a descending sort puts it)."""
+    if scores.shape[-1] <= k:
         return visible
+    picked, valid = topk_indices(scores, visible, k)
+    return torch.zeros_like(visible).scatter_(-1, picked, valid)
+
+
+def topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(picked [..., k] int64, valid [..., k] bool): the entries `select_topk` selects, as indices
+    in no particular order, and whether each is visible (a query that sees fewer than k entries
+    also gets invisible ones, marked False). Needs N >= k entries.
+
+    One `topk` of k + 1 over the scores: where the k-th and (k+1)-th differ, the k best are the
+    same whatever the tie rule. The rows where they are equal (a tie across the cut: zero scores
+    are common, from the ReLU) are selected again with the rule (`unique_key_topk`), as is every
+    row inside a compiled graph (no data-dependent branch there). A stable sort of each whole
+    row did the same in O(N log N); against it (2 cores, medians of alternating runs, 80% of the
+    entries visible): a decode step at N = 16K entries (a 64K-token context), k = 512: 0.80 ->
+    0.17 ms a CSA layer; 512 and 2,048 prefill queries over 4K entries, k = 512: 58 -> 19 and
+    235 -> 85 ms; 8,192 over 2K, k = 32 (`small`'s 8K prefill): 435 -> 119 ms; the `small`
+    training step's [4, 512, 128], k = 32: 5.1 -> 3.2 ms."""
+    n = scores.shape[-1]
     inf = float("inf")
-    masked = torch.where(visible, scores.float().nan_to_num(nan=inf, posinf=inf, neginf=-inf), -inf)
-    bits = masked.view(torch.int32).to(torch.int64)
-    # a negative float's bits read as an int are -2^31 + its magnitude: -magnitude orders it
-    # (and makes -0.0 equal +0.0, as the float comparison has it: 0 scores are common, both signs)
-    order = torch.where(bits < 0, -(bits + (1 << 31)), bits)
-    key = order.mul_(1 << 32).add_(torch.arange(n, device=scores.device))
-    picked = key.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(visible).scatter_(-1, picked, True) & visible
+    masked = scores.float().masked_fill(~visible, -inf).nan_to_num_(nan=inf, posinf=inf, neginf=-inf)
+    if n == k or torch.compiler.is_compiling():
+        picked = unique_key_topk(masked, k)
+    else:
+        top, picked = masked.topk(k + 1, dim=-1)
+        cut = top[..., k - 1]
+        tied = (cut == top[..., k]) & (cut > -inf)   # (below -inf: only invisible entries are tied)
+        picked = picked[..., :k]
+        if tied.any():
+            rows = tied.nonzero(as_tuple=True)
+            picked = picked.clone()
+            picked[rows] = unique_key_topk(masked[rows], k)
+    return picked, visible.gather(-1, picked)
+
+
+def unique_key_topk(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k best of `masked` (fp32, no NaN) under the tie rule (equal scores:
+    the latest entry first): one `topk` over int64 keys no two entries share, each score's bits
+    mapped to an integer of the same order in the high half, its index in the low half."""
+    bits = masked.view(torch.int32)
+    # a negative float's bits, read as an int, are the sign bit + its magnitude: -magnitude
+    # orders it (and makes -0.0 equal +0.0, as float comparison does: zero scores are common)
+    order = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    key = torch.add(torch.arange(masked.shape[-1], device=masked.device), order.to(torch.int64), alpha=1 << 32)
+    return key.topk(k, dim=-1, sorted=False).indices
 
 
 def indexer_kl(index_scores: torch.Tensor, attn_probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

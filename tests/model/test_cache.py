@@ -167,9 +167,13 @@ def _topk_by_sort(scores, visible, k):
     return out
 
 
+@pytest.mark.parametrize("in_graph", [False, True])   # True: every row through the unique keys
 @pytest.mark.parametrize("seed", range(6))
-def test_topk_selection_matches_a_sort_with_the_tie_rule(seed):
+def test_topk_selection_matches_a_sort_with_the_tie_rule(seed, in_graph, monkeypatch):
     from nanoseek.model.indexer import select_topk
+
+    if in_graph:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
     g = torch.Generator().manual_seed(seed)
     n, k = 40, [1, 5, 16, 39][seed % 4]

@@ -88,12 +88,19 @@ def test_compiled_loss_and_grads_match_eager():
     assert not model.blocks_compiled
 
 
-def test_compiled_decode_gives_eager_greedy_tokens():
+@pytest.mark.parametrize("gathered", [False, True])
+def test_compiled_decode_gives_eager_greedy_tokens(monkeypatch, gathered):
     """A batch of 2 rows at different positions (continuous batching) decoded greedily past
     several compressed-entry boundaries and past the sliding window, eager vs compiled.
     One CSA layer with hash routing: the window ring, both overlapping compressor state machines
     (main and indexer) and the hash gate; HCA's simpler compressor is traced by the fullgraph
-    decode test below."""
+    decode test below. `gathered`: the CSA layer attends to its top-k entries gathered
+    (Attention._attend_sparse) instead of masked (16 entry slots against k = 8)."""
+    from nanoseek.model.attention import Attention
+
+    if gathered:
+        monkeypatch.setattr(Attention, "sparse_min_ratio", 1)
+        monkeypatch.setattr(Attention, "sparse_min_decode_entries", 1)
     model = _model(seed=1, kinds=("compressed_sparse_attention",), mtp=0, routing=["hash_moe"]).eval()
     prompts = [torch.randint(0, model.config.vocab_size, (1, n)) for n in (21, 6)]
 

@@ -33,6 +33,8 @@ from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
 
+from .conftest import perturbed
+
 
 def _tiny(**kw) -> ModelConfig:
     c = ModelConfig.from_preset("tiny")
@@ -281,6 +283,77 @@ def test_sdpa_attention_cached_decode_equals_reference(plain_paths):
             steps = [model(ids[:, i : i + 1], cache=cache) for i in range(70, 90)]
         outs.append(torch.cat([first, *steps], dim=1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def _count_calls(monkeypatch, cls, name):
+    calls = []
+    original = getattr(cls, name)
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def _prefill_and_decode(model, ids, split: int, cache_len: int):
+    """Logits of a chunked cached prefill (two chunks) then one-token steps, rows side by side."""
+    cache = model.new_cache(ids.shape[0], cache_len)
+    outs = [model(ids[:, :7], cache=cache), model(ids[:, 7:split], cache=cache)]
+    outs += [model(ids[:, i : i + 1], cache=cache) for i in range(split, ids.shape[1])]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [Attention.SPARSE_CHUNK_BYTES, 1])   # 1: one query block a chunk
+def test_gathered_csa_equals_the_op_by_op_reference(plain_paths, monkeypatch, chunk_bytes):
+    """The gathered CSA path (each query's top-k entries gathered, inference) against the
+    op-by-op joint softmax over every entry with the top-k mask (use_sdpa = False): an uncached
+    forward in float64, and (fp32: the compressor state is fp32) a chunked cached prefill
+    followed by decode steps of two rows."""
+    monkeypatch.setattr(Attention, "sparse_min_ratio", 1)   # tiny contexts: gather from N >= k on
+    monkeypatch.setattr(Attention, "sparse_min_decode_entries", 1)
+    monkeypatch.setattr(Attention, "SPARSE_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(3)
+    model = perturbed(Transformer(_tiny(index_topk=3)), seed=5).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 75))
+    calls = _count_calls(monkeypatch, Attention, "_attend_sparse")
+    results = []
+    for reference in (False, True):
+        Attention.use_sdpa = not reference
+        with torch.no_grad():
+            uncached = model.double()(ids)
+            cached = _prefill_and_decode(model.float(), ids, 60, 80)
+        results.append((uncached, cached))
+        # two CSA layers, gathered: the uncached call, the second chunk, 15 steps (the first
+        # chunk's 7 tokens make 1 entry, fewer than k: nothing to select)
+        assert len(calls) == 2 * (1 + 1 + 15)
+    (got64, got), (want64, want) = results
+    torch.testing.assert_close(got64, want64, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_csa_only_without_autograd_and_past_the_thresholds(plain_paths, monkeypatch):
+    """Training (autograd) and short contexts keep the masked dense path (chunks: N against
+    sparse_min_ratio * k; decode steps: against sparse_min_decode_entries); the fp32 model's
+    gathered and dense outputs agree."""
+    torch.manual_seed(4)
+    model = perturbed(Transformer(_tiny(index_topk=3)), seed=6).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 65))   # 16 entries a CSA layer
+    calls = _count_calls(monkeypatch, Attention, "_attend_sparse")
+    model(ids).sum()   # with autograd
+    monkeypatch.setattr(Attention, "sparse_min_decode_entries", 17)
+    with torch.no_grad():
+        monkeypatch.setattr(Attention, "sparse_min_ratio", 6)   # 16 < 6 x 3
+        cache = model.new_cache(1, 80)
+        dense = torch.cat([model(ids[:, :64], cache=cache), model(ids[:, 64:], cache=cache)], dim=1)
+        assert not calls
+        monkeypatch.setattr(Attention, "sparse_min_ratio", 5)   # 16 >= 5 x 3
+        monkeypatch.setattr(Attention, "sparse_min_decode_entries", 16)
+        cache = model.new_cache(1, 80)
+        gathered = torch.cat([model(ids[:, :64], cache=cache), model(ids[:, 64:], cache=cache)], dim=1)
+        assert len(calls) == 2 * 2   # two CSA layers: the prefill and the decode step
+    torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_mhc_functions_gradcheck_float64():
