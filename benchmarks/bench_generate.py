@@ -21,6 +21,12 @@ and prints the ratios. Timings are medians of --reps runs; only same-run ratios 
     python benchmarks/bench_generate.py --quick    # fewer tokens
     python benchmarks/bench_generate.py --threads 1
     python benchmarks/bench_generate.py --threads 1 --compile   # + torch.compile'd decode (minutes to compile)
+    python benchmarks/bench_generate.py --long-context 4096 16384  # long prompts only (see below)
+
+--long-context N ...: for each prompt length N, the eager prefill into a cache and the eager batch-1
+decode step after it, with the model's defaults (CSA attends to gathered top-k entries past its
+thresholds, docs/model.md "Speed") against every CSA call masked over all entries
+(`Attention.sparse_gather = False`), alternating in one process; prints times and ratios.
 """
 
 from __future__ import annotations
@@ -240,6 +246,38 @@ def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens
             eng.stop()
 
 
+def bench_long_context(model, lengths: list[int], reps: int) -> None:
+    """Prefill and decode at long prompts: the defaults against masked CSA (module docstring)."""
+    from nanoseek.model.attention import Attention
+
+    vocab = model.config.vocab_size
+    for n in lengths:
+        ids = torch.randint(32, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+        times: dict[tuple[str, bool], list[float]] = {(part, on): [] for part in ("prefill", "decode") for on in (False, True)}
+        caches = {}
+        with torch.no_grad():
+            for _ in range(reps):
+                for on in (False, True):
+                    Attention.sparse_gather = on
+                    caches[on] = cache = model.new_cache(1, n + 8 * reps + 8)
+                    t = time.perf_counter()
+                    tok = model(ids, cache=cache)[:, -1:].argmax(-1)
+                    times[("prefill", on)].append(time.perf_counter() - t)
+            for _ in range(reps):   # decode steps continue each mode's own cache
+                for on in (False, True):
+                    Attention.sparse_gather = on
+                    t = time.perf_counter()
+                    for _ in range(8):
+                        tok = model(tok, cache=caches[on])[:, -1:].argmax(-1)
+                    times[("decode", on)].append((time.perf_counter() - t) / 8)
+        Attention.sparse_gather = True
+        med = {key: statistics.median(v) for key, v in times.items()}
+        print(f"prompt {n:6d}: prefill {med[('prefill', True)]:7.2f} s (masked CSA {med[('prefill', False)]:7.2f} s, "
+              f"{med[('prefill', False)] / med[('prefill', True)]:.2f}x), eager decode step "
+              f"{med[('decode', True)] * 1e3:6.1f} ms (masked {med[('decode', False)] * 1e3:6.1f} ms, "
+              f"{med[('decode', False)] / med[('decode', True)]:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -257,6 +295,8 @@ def main() -> None:
     ap.add_argument("--spec-draft", type=int, default=2, help="draft tokens per round")
     ap.add_argument("--spec-temperature", type=float, default=0.8, help="sampled speculative runs")
     ap.add_argument("--spec-top-p", type=float, default=0.95)
+    ap.add_argument("--long-context", type=int, nargs="+", metavar="N",
+                    help="only: prefill and decode at these prompt lengths, gathered vs masked CSA")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,6 +308,12 @@ def main() -> None:
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
     model = Transformer(config).eval()
+    if args.long_context:
+        if min(args.long_context) < 1:
+            ap.error("--long-context lengths must be at least 1")
+        print(f"small config, threads={torch.get_num_threads()}, medians of {args.reps} alternating runs")
+        bench_long_context(model, args.long_context, args.reps)
+        return
     print(f"small config, threads={torch.get_num_threads()}, prompt {args.prompt} tokens, {n} new tokens")
     prompt = torch.randint(32, config.vocab_size, (args.prompt,)).tolist()
 
