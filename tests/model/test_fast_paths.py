@@ -356,6 +356,24 @@ def test_gathered_csa_only_without_autograd_and_past_the_thresholds(plain_paths,
     torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_gathered_csa_with_bf16_weights(plain_paths, monkeypatch):
+    """bf16 weights and cache (`--dtype bf16` decoding): the gathered path, in fp32 arithmetic as
+    the masked one, gives the same logits to bf16 rounding."""
+    monkeypatch.setattr(Attention, "sparse_min_ratio", 1)
+    monkeypatch.setattr(Attention, "sparse_min_decode_entries", 1)
+    torch.manual_seed(4)
+    model = perturbed(Transformer(_tiny(index_topk=3)), seed=6).eval().to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 75))
+    calls = _count_calls(monkeypatch, Attention, "_attend_sparse")
+    outs = []
+    for gathered in (True, False):
+        monkeypatch.setattr(Attention, "sparse_gather", gathered)
+        with torch.no_grad():
+            outs.append(_prefill_and_decode(model, ids, 60, 80))
+    assert len(calls) == 2 * (1 + 15)
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
 def test_mhc_functions_gradcheck_float64():
     torch.manual_seed(0)
     n, d = 3, 5
