@@ -73,11 +73,10 @@ def topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[t
     same whatever the tie rule. The rows where they are equal (a tie across the cut: zero scores
     are common, from the ReLU) are selected again with the rule (`unique_key_topk`), as is every
     row inside a compiled graph (no data-dependent branch there). A stable sort of each whole
-    row did the same in O(N log N); against it (2 cores, medians of alternating runs, 80% of the
-    entries visible): a decode step at N = 16K entries (a 64K-token context), k = 512: 0.80 ->
-    0.17 ms a CSA layer; 512 and 2,048 prefill queries over 4K entries, k = 512: 58 -> 19 and
-    235 -> 85 ms; 8,192 over 2K, k = 32 (`small`'s 8K prefill): 435 -> 119 ms; the `small`
-    training step's [4, 512, 128], k = 32: 5.1 -> 3.2 ms."""
+    row did the same in O(N log N); against it (`python benchmarks/bench_indexer.py`, 2 cores): a
+    decode step over 16K entries (a 64K-token context), k = 512: 0.81 -> 0.12 ms a CSA layer;
+    2,048 prefill queries over 4K entries, k = 512: 229 -> 86 ms; `small`'s 8K prefill, k = 32:
+    373 -> 113 ms; `small`'s training step, [4, 512, 128]: 3.4 ms either way."""
     n = scores.shape[-1]
     inf = float("inf")
     masked = scores.float().masked_fill(~visible, -inf).nan_to_num_(nan=inf, posinf=inf, neginf=-inf)
