@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model.attention import Attention
 from nanoseek.model.context import ForwardContext
 
 
@@ -96,8 +97,6 @@ def test_compiled_decode_gives_eager_greedy_tokens(monkeypatch, gathered):
     (main and indexer) and the hash gate; HCA's simpler compressor is traced by the fullgraph
     decode test below. `gathered`: the CSA layer attends to its top-k entries gathered
     (Attention._attend_sparse) instead of masked (16 entry slots against k = 8)."""
-    from nanoseek.model.attention import Attention
-
     if gathered:
         monkeypatch.setattr(Attention, "sparse_min_ratio", 1)
         monkeypatch.setattr(Attention, "sparse_min_decode_entries", 1)
