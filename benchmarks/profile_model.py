@@ -33,7 +33,8 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 mix products as C passes, `Experts.fused`: the routed
 experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
 `cpu_kernels.swiglu_bf16`, `Attention.fold_heads`, `Attention.bmm_softmax` and `Attention.reuse_lse` (the indexer's KL target
-from the attention kernel's log-normaliser): bf16 only; `loss.use_kernel`: the head's
+from the attention kernel's log-normaliser), `Transformer.autocast_streams` (bf16 residual streams): bf16 only;
+`loss.use_kernel`: the head's
 per-chunk cross-entropy as one C call) and prints
 each one's ratio; `--preset speedrun` is the CPU speedrun's depth-3 model at 4 x 256 tokens.
 Each round takes a new token batch (seeded: the same ones for both modes and every process), so
@@ -333,6 +334,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "Attention.bmm_softmax": (Attention, "bmm_softmax"),   # (bf16 autocast only: use --bf16)
     "Attention.reuse_lse": (Attention, "reuse_lse"),   # (bf16 autocast only: use --bf16)
     "loss.use_kernel": (model_loss, "use_kernel"),
+    "Transformer.autocast_streams": (Transformer, "autocast_streams"),   # (bf16 autocast only: use --bf16)
 }
 
 

@@ -32,7 +32,9 @@ their work on a CPU.
     streams plus the block output) and the weighted sum that collapses them, and their
     gradients. In PyTorch each product is a pass over the 4x-wide streams (16 MiB per site of a
     `small` step; the expand's backward is five passes and two temporaries of that size); here
-    one pass each way.
+    one pass each way. Also for bf16 streams (bf16 autocast's, Transformer.autocast_streams):
+    the per-token weights, fn and the arithmetic stay fp32, each streams-sized result is rounded
+    to bf16 once, and every pass moves half the bytes.
   * the head's cross-entropy (model/loss.py, kernels/ce.h): per chunk of logits, the log-softmax,
     the target logit and the gradient (softmax - one-hot) were nine passes over [512, 8192] (a
     `small` chunk; with bf16 logits two of them casts). One call: each row read twice and its
@@ -101,6 +103,11 @@ swiglu_bf16 = True  # bf16 tensors take the SwiGLU kernel too (False: PyTorch's 
 _REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}   # (the C arithmetic's type)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _SWIGLU_REAL = {**_REAL, torch.bfloat16: ctypes.c_float}   # SwiGLU also reads and writes bf16
+# mHC's stream kernels: the streams' dtype -> that of the per-token weights, fn and the arithmetic
+# (bf16 streams, autocast's: float arithmetic, each result rounded once; kernels/mhc.h)
+_STREAM_REAL = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
+_MHC_KERNELS = ("stream_mix", "stream_mix_backward", "weighted_sum", "weighted_sum_backward", "collapse_backward",
+                "mix_rms", "collapse_mix_backward")
 
 
 def _compiler() -> list[str] | None:
@@ -173,6 +180,8 @@ def _library() -> ctypes.CDLL | None:
     ptr, long = ctypes.c_void_p, ctypes.c_long
     lib.sinkhorn_tokens_per_block.restype = long
     lib.tokens_per_block = lib.sinkhorn_tokens_per_block()   # Sinkhorn's block, for its workspace
+    lib.mhc_wide_rows.restype = long
+    lib.wide_rows = lib.mhc_wide_rows()   # the mix kernels' widened rows a thread (bf16 streams)
     for dtype, real in _REAL.items():
         for name, args in (("sinkhorn", [ptr, ptr, ptr, ptr, long, long, long, real, ptr, long, long]),
                            ("swiglu", [ptr, ptr, ptr, long, real, ctypes.c_int]),
@@ -182,14 +191,17 @@ def _library() -> ctypes.CDLL | None:
                            ("weighted_sum", [ptr] * 3 + [long] * 3),
                            ("weighted_sum_backward", [ptr] * 5 + [long] * 3),
                            ("collapse_backward", [ptr] * 5 + [long] * 3),
-                           ("mix_rms", [ptr] * 4 + [long] * 4),
-                           ("collapse_mix_backward", [ptr] * 10 + [long] * 5)):
+                           ("mix_rms", [ptr] * 4 + [long] * 4 + [ptr]),
+                           ("collapse_mix_backward", [ptr] * 10 + [long] * 5 + [ptr])):
             fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, None
     for name, args in (("swiglu", [ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int]),
                        ("swiglu_backward", [ptr, ptr, ptr, ptr, ptr, long, ctypes.c_float, ctypes.c_int])):
         fn = getattr(lib, f"{name}_bf16")
         fn.argtypes, fn.restype = args, None
+    for name in _MHC_KERNELS:   # (pointers and sizes only: the same arguments as their _f32 versions)
+        fn = getattr(lib, f"{name}_bf16")
+        fn.argtypes, fn.restype = getattr(lib, f"{name}_f32").argtypes, None
     for suffix in _SUFFIX.values():
         fn = getattr(lib, f"ce_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr] * 5 + [long, long, ctypes.c_int, ptr, long], None
@@ -295,22 +307,39 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, li
 
 
 def mhc_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the mHC stream kernels can run on these tensors (CPU, one dtype of fp32 / fp64;
-    the streams [..., n, d] first) in eager mode."""
+    """Whether the mHC stream kernels can run on these tensors (CPU, in eager mode; the streams
+    [..., n, d] first, fp32 / fp64 / bf16; the others each in the streams' dtype or, for the
+    per-token weights and fn, in their arithmetic's: fp32 for bf16 streams)."""
     first = tensors[0]
-    return (first.device.type == "cpu" and first.dtype in _REAL and first.dim() >= 2
-            and all(t.device == first.device and t.dtype == first.dtype for t in tensors)
+    if first.device.type != "cpu" or first.dtype not in _STREAM_REAL or first.dim() < 2:
+        return False
+    dtypes = (first.dtype, _STREAM_REAL[first.dtype])
+    return (all(t.device == first.device and t.dtype in dtypes for t in tensors)
             and not torch.compiler.is_compiling() and available())
 
 
+def _small_checked(name: str, streams: torch.Tensor, tensors, shapes) -> None:
+    """The per-token weights (and fn, ...) beside streams: CPU, the arithmetic's dtype, these shapes."""
+    real = _STREAM_REAL[streams.dtype]
+    for t, shape in zip(tensors, shapes):
+        if t.device.type != "cpu" or t.dtype != real or t.shape != torch.Size(shape):
+            raise ValueError(f"{name}: needs a CPU {real} tensor of shape {tuple(shape)} beside {streams.dtype} "
+                             f"streams {tuple(streams.shape)}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
 def _streams(name: str, streams: torch.Tensor, *others: torch.Tensor, kinds: str):
-    """Check streams [..., n, d] and the others ("y": [..., d], "w": [..., n], "c": [..., n, n],
-    "x": like the streams); returns (library, tokens, n, d, contiguous detached tensors)."""
+    """Check streams [..., n, d] and the others ("y": [..., d] and "x": like the streams, both in
+    the streams' dtype; "w": [..., n] and "c": [..., n, n], in the arithmetic's: _STREAM_REAL);
+    returns (library, tokens, n, d, contiguous detached tensors)."""
     if streams.dim() < 2:
         raise ValueError(f"{name}: needs streams [..., n, d], got {tuple(streams.shape)}")
     lead, (n, d) = streams.shape[:-2], streams.shape[-2:]
     want = {"y": (*lead, d), "w": (*lead, n), "c": (*lead, n, n), "x": streams.shape}
-    lib = _checked(name, streams, *others, shapes=[streams.shape, *(torch.Size(want[k]) for k in kinds)])
+    big = [(t, torch.Size(want[k])) for t, k in zip(others, kinds) if k in "xy"]
+    lib = _checked(name, streams, *(t for t, _ in big), shapes=[streams.shape, *(s for _, s in big)],
+                   dtypes=_STREAM_REAL)
+    small = [(t, want[k]) for t, k in zip(others, kinds) if k in "wc"]
+    _small_checked(name, streams, [t for t, _ in small], [shape for _, shape in small])
     return lib, lead.numel(), n, d, [t.detach().contiguous() for t in (streams, *others)]
 
 
@@ -367,8 +396,8 @@ def collapse_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.
     lead = streams.shape[:-2]
     lib, tokens, n, d, (x, w, g) = _streams("collapse_backward", streams, weights, grad.to(streams.dtype),
                                             kinds="wy")
-    c = coef.detach().to(x.dtype).contiguous()
-    _checked("collapse_backward", x, c, shapes=[x.shape, lead])
+    c = coef.detach().to(_STREAM_REAL[x.dtype]).contiguous()
+    _small_checked("collapse_backward", x, [c], [lead])
     gx = torch.empty_like(x)
     getattr(lib, f"collapse_backward_{_SUFFIX[x.dtype]}")(w.data_ptr(), x.data_ptr(), g.data_ptr(), c.data_ptr(),
                                                           gx.data_ptr(), tokens, n, d)
@@ -380,10 +409,11 @@ MIX_MAX_BYTES = 8 * 32   # mhc.h: a token's mix outputs fill at most MIX_MAXV 32
 
 
 def mix_applies(flat: torch.Tensor, fn: torch.Tensor) -> bool:
-    """Whether `mix_rms` / `collapse_mix_backward` can run: flat streams [T, K] and fn [M, K], CPU,
-    one dtype of fp32 / fp64, at most MIX_MAX_BYTES of outputs a token (M <= 64 in fp32), eager."""
-    return (flat.device.type == "cpu" and flat.dtype in _REAL and flat.dim() == 2 and fn.dim() == 2
-            and fn.dtype == flat.dtype and fn.device == flat.device and fn.shape[1] == flat.shape[1]
+    """Whether `mix_rms` / `collapse_mix_backward` can run: flat streams [T, K] (fp32 / fp64 / bf16)
+    and fn [M, K] in their arithmetic's dtype (fp32 for bf16 streams), CPU, at most MIX_MAX_BYTES
+    of outputs a token (M <= 64 in fp32), eager."""
+    return (flat.device.type == "cpu" and flat.dtype in _STREAM_REAL and flat.dim() == 2 and fn.dim() == 2
+            and fn.dtype == _STREAM_REAL[flat.dtype] and fn.device == flat.device and fn.shape[1] == flat.shape[1]
             and 0 < fn.shape[0] * fn.element_size() <= MIX_MAX_BYTES
             and not torch.compiler.is_compiling() and available())
 
@@ -393,7 +423,9 @@ def _mix_checked(name: str, flat: torch.Tensor, fn: torch.Tensor):
             0 < fn.shape[0] * fn.element_size() <= MIX_MAX_BYTES):
         raise ValueError(f"{name}: needs flat [T, K] and fn [M, K] with M * element size <= {MIX_MAX_BYTES}, "
                          f"got {tuple(flat.shape)} and {tuple(fn.shape)}")
-    return _checked(name, flat, fn, shapes=[flat.shape, fn.shape])
+    lib = _checked(name, flat, dtypes=_STREAM_REAL)
+    _small_checked(name, flat, [fn], [fn.shape])
+    return lib
 
 
 def mix_rms(flat: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,14 +435,21 @@ def mix_rms(flat: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.T
     lib = _mix_checked("mix_rms", flat, fn)
     x = flat.detach().contiguous()
     (tokens, width), m = x.shape, fn.shape[0]
-    lanes = 32 // x.element_size()
+    lanes = 32 // fn.element_size()
     # fn^T with its columns padded to whole vectors: one row of it per k, read as MV vectors
-    fn_t = x.new_zeros(width, -(-m // lanes) * lanes)
+    fn_t = fn.new_zeros(width, -(-m // lanes) * lanes)
     fn_t[:, :m] = fn.detach().t()
-    raw, ss = x.new_empty(tokens, m), x.new_empty(tokens)
+    raw, ss = fn.new_empty(tokens, m), fn.new_empty(tokens)
+    threads = max(1, torch.get_num_threads())
+    wide = _wide_rows(lib, x, fn, threads)   # (held here: the C call writes into it)
     getattr(lib, f"mix_rms_{_SUFFIX[x.dtype]}")(x.data_ptr(), fn_t.data_ptr(), raw.data_ptr(), ss.data_ptr(),
-                                                tokens, width, m, max(1, torch.get_num_threads()))
+                                                tokens, width, m, threads, _ptr(wide))
     return raw, ss
+
+
+def _wide_rows(lib, x: torch.Tensor, fn: torch.Tensor, threads: int) -> torch.Tensor | None:
+    """bf16 streams: the mix kernels' per-thread workspace of widened rows (kernels/mhc.h rows())."""
+    return fn.new_empty(threads * lib.wide_rows * x.shape[-1]) if x.dtype != fn.dtype else None
 
 
 def collapse_mix_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor,
@@ -428,17 +467,20 @@ def collapse_mix_backward(weights: torch.Tensor, streams: torch.Tensor, grad: to
     m = fn.shape[0]
     flat = x.view(tokens, n * d)
     _mix_checked("collapse_mix_backward", flat, fn)
-    c, gm, f = (t.detach().to(x.dtype).contiguous() for t in (coef, g_mix, fn))
+    real = _STREAM_REAL[x.dtype]
+    c, gm, f = (t.detach().to(real).contiguous() for t in (coef, g_mix, fn))
     e = None if extra is None else extra.detach().to(x.dtype).contiguous()
-    _checked("collapse_mix_backward", x, c, gm, *(() if e is None else (e,)),
-             shapes=[x.shape, lead, (*lead, m), *(() if e is None else (x.shape,))])
+    _small_checked("collapse_mix_backward", x, [c, gm], [lead, (*lead, m)])
+    if e is not None:
+        _checked("collapse_mix_backward", x, e, dtypes=_STREAM_REAL)
     gx = torch.empty_like(x) if needs[0] else None
-    gfn = x.new_empty(m, n * d) if needs[1] else None
+    gfn = f.new_empty(m, n * d) if needs[1] else None
     threads = max(1, torch.get_num_threads())
-    work = x.new_empty(threads * m * n * d) if needs[1] else None
+    work = f.new_empty(threads * m * n * d) if needs[1] else None
+    wide = _wide_rows(lib, flat, f, threads)   # (held here: the C call writes into it)
     getattr(lib, f"collapse_mix_backward_{_SUFFIX[x.dtype]}")(
         w.data_ptr(), x.data_ptr(), g.data_ptr(), c.data_ptr(), gm.data_ptr(), f.data_ptr(), _ptr(e), _ptr(gx),
-        _ptr(gfn), _ptr(work), tokens, n, d, m, threads)
+        _ptr(gfn), _ptr(work), tokens, n, d, m, threads, _ptr(wide))
     return gx, gfn
 
 

@@ -11,7 +11,10 @@ sub-block F (attention or MoE) a hyper-connection computes, from the streams the
 and the block output is  X'_k = post_k * F(sum_j pre_j X_j) + sum_j comb[j, k] X_j.
 Projecting `comb` onto doubly-stochastic matrices keeps the residual mapping non-expansive
 across depth; gradients flow through all Sinkhorn iterations (the matrices are n x n).
-Everything in here runs in fp32, as in the reference.
+Everything in here computes in fp32, as in the reference. The streams are stored in the model's
+activation dtype: fp32, or bf16 under bf16 autocast (Transformer.autocast_streams), as the
+reference stores them in its bf16 model dtype and flattens them to fp32 for the mix (spec 1.2);
+bf16 streams are widened for every product and each result is rounded back once.
 
 The final hyper head collapses the streams once more (only `pre`, no Sinkhorn) before the last
 RMSNorm and the LM head; MTP blocks own one too.
@@ -199,17 +202,19 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def expand(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed)."""
-        dtype = streams.dtype
+        """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed), in the streams'
+        dtype, computed in fp32 (fp64 for a float64 model)."""
+        dtype, wide = streams.dtype, fp32_or_wider(streams)
+        post, comb = post.to(wide.dtype), comb.to(wide.dtype)
         if gemv.in_graph(streams.shape[:-2].numel(), y, streams, post, comb):
             # a compiled decode step: one pointwise kernel instead of a per-token bmm
-            mixed = (comb.to(dtype).unsqueeze(-1) * streams.unsqueeze(-2)).sum(-3)
-            return post.to(dtype).unsqueeze(-1) * y.to(dtype).unsqueeze(-2) + mixed
+            mixed = (comb.unsqueeze(-1) * wide.unsqueeze(-2)).sum(-3)
+            return (post.unsqueeze(-1) * y.to(wide.dtype).unsqueeze(-2) + mixed).to(dtype)
         if HyperConnection.fused:
             with fp32_region(streams.device.type):  # mHC stays fp32
-                return _StreamMix.apply(y.to(dtype), streams, post.to(dtype), comb.to(dtype))
-        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
-        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
+                return _StreamMix.apply(y.to(dtype), streams, post, comb)
+        mixed = torch.matmul(comb.transpose(-1, -2), wide)
+        return (post.unsqueeze(-1) * y.to(wide.dtype).unsqueeze(-2) + mixed).to(dtype)
 
 
 class HyperHead(nn.Module):
@@ -285,8 +290,9 @@ class _Collapse(torch.autograd.Function):
             raw, ss = cpu_kernels.mix_rms(flat, fn)
             r = torch.rsqrt(ss.unsqueeze(-1) / flat.shape[-1] + eps)
         else:
-            raw = flat @ fn.t()
-            r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
+            wide = fp32_or_wider(flat)
+            raw = wide @ fn.t()
+            r = torch.rsqrt(torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
         pre, *rest = weights((raw * r).view(*x.shape[:-2], -1), scale, base)
         ctx.weights = weights
         # an unused output (a hyper head's alias, an unread post / comb) gets None, not a zero
@@ -329,13 +335,14 @@ def _collapse_grads(ctx, pre, x, gx, coef, gr, fn, g_streams):
         return cpu_kernels.collapse_mix_backward(pre, x, gx, coef, gr.view(*coef.shape, -1), fn, g_streams,
                                                  (need_x, need_fn))
     grad_x = grad_fn = None
-    if need_x:
-        grad_x = cpu_kernels.collapse_backward(pre, x, gx, coef)
+    if need_x:  # (bf16 streams: the sum in fp32, rounded to bf16 at the end)
+        grad_x = fp32_or_wider(cpu_kernels.collapse_backward(pre, x, gx, coef))
         grad_x.view(-1, width).addmm_(gr, fn)
         if g_streams is not None:
             grad_x += g_streams
+        grad_x = grad_x.to(x.dtype)
     if need_fn:
-        grad_fn = _fn_grad(x.view(-1, width), gr)
+        grad_fn = _fn_grad(fp32_or_wider(x).view(-1, width), gr)
     return grad_x, grad_fn
 
 
@@ -350,8 +357,9 @@ def _fn_grad(flat: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] (in fp32)."""
-    wide = fp32_or_wider(streams)
+    """sum_j w_j X_j: weights [...,n], streams [...,n,d] -> [...,d] in the streams' dtype (computed
+    in fp32; the C passes read bf16 streams as they are)."""
+    wide = streams if _stream_kernels(streams, weights) else fp32_or_wider(streams)
     with fp32_region(streams.device.type):
         if HyperConnection.fused and torch.is_grad_enabled() and (streams.requires_grad or weights.requires_grad):
             out = _WeightedSum.apply(weights, wide)  # no per-token GEMMs, no [.., n, d] temporary
@@ -427,23 +435,26 @@ class _StreamMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, streams, post, comb):
+        """y and streams in the streams' dtype, post and comb in fp32 (fp64 for fp64 streams)."""
         ctx.save_for_backward(y, streams, post, comb)
         if _stream_kernels(streams, y, post, comb):
             return cpu_kernels.stream_mix(y, streams, post, comb)
-        return torch.matmul(comb.transpose(-1, -2), streams).addcmul_(post.unsqueeze(-1), y.unsqueeze(-2))
+        y_, x_ = fp32_or_wider(y), fp32_or_wider(streams)   # (bf16 streams: computed in fp32)
+        return torch.matmul(comb.transpose(-1, -2), x_).addcmul_(post.unsqueeze(-1), y_.unsqueeze(-2)).to(streams.dtype)
 
     @staticmethod
     def backward(ctx, g):
         y, streams, post, comb = ctx.saved_tensors
         if _stream_kernels(streams, y, post, comb, g):
             return cpu_kernels.stream_mix_backward(y, streams, post, comb, g, ctx.needs_input_grad)
+        g, y_, x_ = fp32_or_wider(g), fp32_or_wider(y), fp32_or_wider(streams)
         grad_y = grad_x = grad_post = grad_comb = None
         if ctx.needs_input_grad[0]:
-            grad_y = torch.matmul(post.unsqueeze(-2), g).squeeze(-2)
+            grad_y = torch.matmul(post.unsqueeze(-2), g).squeeze(-2).to(y.dtype)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.matmul(comb, g)
+            grad_x = torch.matmul(comb, g).to(streams.dtype)
         if ctx.needs_input_grad[2]:  # (a matmul with a 1-column right side is slower than this)
-            grad_post = (g * y.unsqueeze(-2)).sum(-1)
+            grad_post = (g * y_.unsqueeze(-2)).sum(-1)
         if ctx.needs_input_grad[3]:
-            grad_comb = torch.matmul(streams, g.transpose(-1, -2))
+            grad_comb = torch.matmul(x_, g.transpose(-1, -2))
         return grad_y, grad_x, grad_post, grad_comb

@@ -408,7 +408,7 @@ def test_kernels_give_the_same_bits_at_any_thread_count(kernels):
 
 
 def test_the_model_uses_the_mhc_kernels_where_they_apply(kernels, monkeypatch):
-    """Training (forward and backward) and inference (prefill) go through the kernels; bf16
+    """Training (forward and backward) and inference (prefill) go through the kernels; fp16
     streams, the plain reference and switched-off kernels do not."""
     calls = []
     for name in ("stream_mix", "stream_mix_backward", "weighted_sum", "weighted_sum_backward"):
@@ -425,7 +425,8 @@ def test_the_model_uses_the_mhc_kernels_where_they_apply(kernels, monkeypatch):
     assert {"stream_mix", "weighted_sum"} == set(calls)
     calls.clear()
     x = torch.randn(2, 4, 8)
-    assert not cpu_kernels.mhc_applies(x.bfloat16())
+    assert cpu_kernels.mhc_applies(x.bfloat16(), torch.randn(2, 4))   # bf16 streams, fp32 weights
+    assert not cpu_kernels.mhc_applies(x.half())
     assert not cpu_kernels.mhc_applies(x, torch.randn(2, 8, dtype=torch.float64))   # mixed dtypes
     _no_calls_with_switches_off(model, ids, calls, monkeypatch, (hc.HyperConnection, "fused"))
 
@@ -448,6 +449,8 @@ def test_mhc_direct_calls_check_what_the_c_code_reads(kernels):
            lambda: cpu_kernels.stream_mix(y, x, post, comb[..., :3]),
            lambda: cpu_kernels.stream_mix(y, x, post.double(), comb),
            lambda: cpu_kernels.stream_mix(y.bfloat16(), x.bfloat16(), post.bfloat16(), comb.bfloat16()),
+           lambda: cpu_kernels.stream_mix(y, x.bfloat16(), post, comb),   # y in the streams' dtype
+           lambda: cpu_kernels.weighted_sum(w.bfloat16(), x.bfloat16()),  # weights in fp32
            lambda: cpu_kernels.stream_mix_backward(y, x, post, comb, torch.randn(3, 4, 7)),
            lambda: cpu_kernels.weighted_sum(w[:, :3], x),
            lambda: cpu_kernels.weighted_sum(w, torch.randn(8)),
@@ -497,6 +500,48 @@ def test_mix_kernels_equal_the_float64_products(kernels, dtype, tol, tokens, n, 
     assert torch.equal(only_x[0], gx) and torch.equal(only_fn[1], gfn)
 
 
+@pytest.mark.parametrize("tokens,n,d,m", [(2048, 4, 512, 24), (37, 4, 72, 24), (5, 3, 17, 15), (9, 4, 64, 4),
+                                          (0, 4, 16, 24)])
+def test_mhc_kernels_on_bf16_streams_round_the_fp32_results_once(kernels, tokens, n, d, m):
+    """bf16 streams (bf16 autocast's): every mHC stream kernel widens them, computes what its fp32
+    version computes from the widened values, and rounds each streams-sized result to bf16 once,
+    to nearest even: the same bits as the fp32 kernel's result rounded by PyTorch's `.bfloat16()`
+    (vector stores and the scalar tails alike); the per-token results (the mix, its sums of
+    squares, the weights' and fn's gradients) are fp32 and equal the fp32 kernel's. (The fp32
+    kernels are checked against float64 products above.)"""
+    g = torch.Generator().manual_seed(5)
+    big = lambda *shape: (3 * torch.randn(*shape, generator=g)).bfloat16()   # noqa: E731
+    x, y, gs, gu, extra = big(tokens, n, d), big(tokens, d), big(tokens, n, d), big(tokens, d), big(tokens, n, d)
+    w, post, coef = torch.rand(tokens, n, generator=g), 2 * torch.rand(tokens, n, generator=g), torch.randn(tokens)
+    comb, gm, fn = torch.rand(tokens, n, n, generator=g), torch.randn(tokens, m, generator=g), torch.randn(m, n * d)
+    wide = lambda *ts: [t.float() for t in ts]   # noqa: E731
+
+    def same(got, want):   # streams-sized results: bf16, PyTorch's rounding of fp32's; the others fp32, equal
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                streams_sized = a.shape in (x.shape, y.shape) and a.shape != w.shape
+                assert a.dtype == (torch.bfloat16 if streams_sized else torch.float32)
+                assert torch.equal(a, b.to(a.dtype))
+
+    assert cpu_kernels.mhc_applies(x, y, post, comb) and cpu_kernels.mix_applies(x.view(tokens, n * d), fn)
+    X, Y, GS, GU, E = wide(x, y, gs, gu, extra)
+    same([cpu_kernels.stream_mix(y, x, post, comb)], [cpu_kernels.stream_mix(Y, X, post, comb)])
+    same(cpu_kernels.stream_mix_backward(y, x, post, comb, gs), cpu_kernels.stream_mix_backward(Y, X, post, comb, GS))
+    same([cpu_kernels.weighted_sum(w, x)], [cpu_kernels.weighted_sum(w, X)])
+    same(cpu_kernels.weighted_sum_backward(w, x, gu), cpu_kernels.weighted_sum_backward(w, X, GU))
+    same([cpu_kernels.collapse_backward(w, x, gu, coef)], [cpu_kernels.collapse_backward(w, X, GU, coef)])
+    same(cpu_kernels.mix_rms(x.view(tokens, n * d), fn), cpu_kernels.mix_rms(X.view(tokens, n * d), fn))
+    for e, ew in ((None, None), (extra, E)):
+        same(cpu_kernels.collapse_mix_backward(w, x, gu, coef, gm, fn, e),
+             cpu_kernels.collapse_mix_backward(w, X, GU, coef, gm, fn, ew))
+    # the rounding is PyTorch's, not a truncation: some results change in their last bf16 bit
+    if tokens:
+        exact = cpu_kernels.stream_mix(Y, X, post, comb)
+        assert not torch.equal(exact.bfloat16(), (exact.view(torch.int32) & -65536).view(torch.float32).bfloat16())
+
+
 def test_mix_kernels_per_token_results_ignore_the_thread_count(kernels):
     """raw, ss and the streams' gradient are computed whole per token: the same bits at 1 and 3
     threads; fn's gradient adds per-thread partial sums (rounding only, as a GEMM's)."""
@@ -519,8 +564,11 @@ def test_mix_direct_calls_check_what_the_c_code_reads(kernels):
     w, x, gy, coef, gr, fn, extra = _mix_inputs(3, 4, 8, 24, torch.float32)
     flat = x.view(3, 32)
     assert cpu_kernels.mix_applies(flat, fn) and not cpu_kernels.mix_applies(flat, torch.randn(65, 32))
-    assert not cpu_kernels.mix_applies(flat, fn.double()) and not cpu_kernels.mix_applies(flat.bfloat16(), fn)
+    assert not cpu_kernels.mix_applies(flat, fn.double()) and not cpu_kernels.mix_applies(flat.half(), fn)
+    assert cpu_kernels.mix_applies(flat.bfloat16(), fn) and not cpu_kernels.mix_applies(flat.bfloat16(), fn.bfloat16())
     bad = [lambda: cpu_kernels.mix_rms(flat, fn[:, :31]),
+           lambda: cpu_kernels.mix_rms(flat.bfloat16(), fn.bfloat16()),        # fn in the arithmetic's fp32
+           lambda: cpu_kernels.collapse_mix_backward(w, x.bfloat16(), gy, coef, gr, fn, extra.float()[:, :3]),
            lambda: cpu_kernels.mix_rms(flat, torch.randn(65, 32)),           # more outputs than a block holds
            lambda: cpu_kernels.mix_rms(flat, fn.double()),
            lambda: cpu_kernels.mix_rms(x, fn),
