@@ -158,11 +158,12 @@ class HyperConnection(nn.Module):
     # (cpu_kernels.stream_mix / weighted_sum); False: their PyTorch products
     stream_kernels = True
     # with both: a collapse that records gradients is one autograd Function (_Collapse), for
-    # streams of at least COLLAPSE_MIN_BYTES: below that its fixed cost (the mix weights
+    # streams of at least COLLAPSE_MIN_ELEMENTS: below that its fixed cost (the mix weights
     # recomputed under autograd in the backward) outweighs the passes it saves (measured, whole
-    # runs: 3 MiB of streams, the speedrun's, 0.97x; 16 MiB, `small`'s, 1.10x)
+    # runs, fp32 streams: 0.8M elements, the speedrun's, 0.97x; 4M, `small`'s, 1.10x; bf16
+    # streams, `small` at 4 x 256 tokens, 2M elements: 1.01-1.06x in three process pairs)
     collapse_function = True
-    COLLAPSE_MIN_BYTES = 8 << 20
+    COLLAPSE_MIN_ELEMENTS = 2 << 20
     # in _Collapse: the mix's products as C passes (cpu_kernels.mix_rms, collapse_mix_backward:
     # the product with the mean square, and the streams' and fn's gradients in one pass); False:
     # MKL GEMMs around the C collapse pass
@@ -259,7 +260,7 @@ def _collapse_applies(streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tens
     """Whether a collapse that records gradients runs as one _Collapse (eager CPU, fp32/fp64)."""
     return (HyperConnection.collapse_function and torch.is_grad_enabled()
             and (streams.requires_grad or fn.requires_grad)
-            and streams.numel() * streams.element_size() >= HyperConnection.COLLAPSE_MIN_BYTES
+            and streams.numel() >= HyperConnection.COLLAPSE_MIN_ELEMENTS
             and _stream_kernels(streams, fn, scale, base))
 
 

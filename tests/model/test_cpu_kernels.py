@@ -600,7 +600,7 @@ def test_collapse_function_equals_the_composed_functions(kernels, monkeypatch, h
     (an alias output of _Collapse, whose gradient its backward adds) and the gradients of the
     streams, fn, scale and base; also with post / comb unused (their gradients None) and frozen
     streams; with the mix kernels (cpu_kernels.mix_rms, collapse_mix_backward) and without."""
-    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 0)   # (small test tensors)
+    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 0)   # (small test tensors)
     monkeypatch.setattr(hc.HyperConnection, "mix_kernels", mix_kernel)
     torch.manual_seed(4)
     n, d = 4, 24
@@ -644,7 +644,7 @@ def test_collapse_function_gradcheck_float64(kernels):
 
 
 def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeypatch):
-    """With streams of at least COLLAPSE_MIN_BYTES, in training only."""
+    """With streams of at least COLLAPSE_MIN_ELEMENTS, in training only."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
@@ -654,7 +654,7 @@ def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeyp
         if isinstance(m, hc.HyperHead)]
     model.loss(ids).loss.backward()
     assert seen and set(seen) == {"_WeightedSumBackward"}          # tiny streams: the composed Functions
-    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 1)
+    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 1)
     seen.clear()
     model.loss(ids).loss.backward()
     assert seen and set(seen) == {"_CollapseBackward"}

@@ -439,8 +439,8 @@ _HC_MODES = {   # how a bf16-streams site runs: the switches set (class, attribu
     "plain": [(hc.HyperConnection, "fused", False)],
     "functions": [(cpu_kernels, "enabled", False)],
     "kernels": [],
-    "collapse": [(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 0)],
-    "collapse-gemm": [(hc.HyperConnection, "COLLAPSE_MIN_BYTES", 0), (hc.HyperConnection, "mix_kernels", False)],
+    "collapse": [(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 0)],
+    "collapse-gemm": [(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 0), (hc.HyperConnection, "mix_kernels", False)],
 }
 
 
