@@ -12,7 +12,7 @@ and the block output is  X'_k = post_k * F(sum_j pre_j X_j) + sum_j comb[j, k] X
 Projecting `comb` onto doubly-stochastic matrices keeps the residual mapping non-expansive
 across depth; gradients flow through all Sinkhorn iterations (the matrices are n x n).
 Everything in here computes in fp32, as in the reference. The streams are stored in the model's
-activation dtype: fp32, or bf16 under bf16 autocast (Transformer.autocast_streams), as the
+activation dtype: fp32, or bf16 under bf16 autocast on a CPU (Transformer.autocast_streams), as the
 reference stores them in its bf16 model dtype and flattens them to fp32 for the mix (spec 1.2);
 bf16 streams are widened for every product and each result is rounded back once.
 

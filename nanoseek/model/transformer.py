@@ -236,20 +236,21 @@ class Transformer(nn.Module):
             streams = run(layer, streams, ctx, cache)
         return streams
 
-    # Under bf16 autocast the residual streams are stored in bf16, as the reference stores them in
-    # its bf16 model dtype (spec 1.2: X flattened to fp32 for the mix, the block input cast back to
-    # bf16); the mixes, weighted sums and stream mixes still compute in fp32 and round each result
+    # Under bf16 autocast on a CPU the residual streams are stored in bf16, as the reference stores
+    # them in its bf16 model dtype (spec 1.2: X flattened to fp32 for the mix, the block input cast
+    # back to bf16); the mixes, weighted sums and stream mixes still compute in fp32 and round each result
     # once (hyper_connections, kernels/mhc.h). Half the bytes for mHC's passes over the 4x-wide
     # streams and for what a training step keeps of them: `small`'s bf16 step 1.05-1.16x, with
     # the same loss curve in a 300-step study (docs/model.md "Speed", "bf16 residual streams").
-    # False: fp32 streams under autocast too (a benchmark switch).
+    # CPU only: there the C stream kernels read bf16 as it is; elsewhere the PyTorch paths would
+    # widen the streams into fp32 temporaries around every mix, unmeasured on a GPU, so GPUs keep
+    # fp32 streams. False: fp32 streams under autocast on a CPU too (a benchmark switch).
     autocast_streams = True
 
     def _input_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
-        dev = x.device.type
-        if (self.autocast_streams and torch.is_autocast_enabled(dev)
-                and torch.get_autocast_dtype(dev) == torch.bfloat16):
+        if (self.autocast_streams and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
             x = x.to(torch.bfloat16)
         return x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
 
