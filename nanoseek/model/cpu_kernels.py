@@ -449,7 +449,7 @@ def mix_rms(flat: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _wide_rows(lib, x: torch.Tensor, fn: torch.Tensor, threads: int) -> torch.Tensor | None:
     """bf16 streams: the mix kernels' per-thread workspace of widened rows (kernels/mhc.h rows())."""
-    return fn.new_empty(threads * lib.wide_rows * x.shape[-1]) if x.dtype != fn.dtype else None
+    return fn.new_empty(threads * lib.wide_rows * x.shape[-1]) if x.dtype == torch.bfloat16 else None
 
 
 def collapse_mix_backward(weights: torch.Tensor, streams: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor,
