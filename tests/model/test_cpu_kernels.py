@@ -536,6 +536,17 @@ def test_mhc_kernels_on_bf16_streams_round_the_fp32_results_once(kernels, tokens
     for e, ew in ((None, None), (extra, E)):
         same(cpu_kernels.collapse_mix_backward(w, x, gu, coef, gm, fn, e),
              cpu_kernels.collapse_mix_backward(w, X, GU, coef, gm, fn, ew))
+    # NaN stays NaN through the bf16 stores (vector lanes and tails alike), inf stays inf
+    if tokens:
+        bad = x.clone()
+        bad[0, 0, 0], bad[-1, -1, -1] = float("nan"), float("inf")
+        out = cpu_kernels.stream_mix(y, bad, post, comb).float()
+        ref = cpu_kernels.stream_mix(Y, bad.float(), post, comb)
+        assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+        assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[ref.isinf()], ref[ref.isinf()])
+        gx = cpu_kernels.collapse_mix_backward(w, bad, gu, coef, gm, fn, extra, (True, False))[0].float()
+        gx_ref = cpu_kernels.collapse_mix_backward(w, bad.float(), GU, coef, gm, fn, E, (True, False))[0]
+        assert torch.equal(gx.isnan(), gx_ref.isnan()) and gx.isnan().any()
     # the rounding is PyTorch's, not a truncation: some results change in their last bf16 bit
     if tokens:
         exact = cpu_kernels.stream_mix(Y, X, post, comb)
