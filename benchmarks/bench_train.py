@@ -16,10 +16,12 @@ tokens per optimizer step (issue 12's criterion: trainer >= 1x transformers + Ad
 `--config small` is the `small` preset at one micro-batch of 4 x 512 (the earlier numbers in
 docs/train.md). Every step accumulates its micro-batches' gradients, then steps its optimizer.
 
-Precision as `nanoseek train --autocast auto` picks it: on a CPU with native bf16 matmuls the
-speedrun model (width 192) runs its LM head + CE in bf16 and the rest in fp32
-(trainer.use_bf16_head); transformers is then timed in fp32 and under bf16 autocast, and the
-faster of the two is the baseline; the trainer with an fp32 head is timed beside it.
+Precision as `nanoseek train --autocast auto` picks it: on a CPU with native bf16 matmuls both
+configs train under bf16 autocast (trainer.use_bf16_autocast; models narrower than the depth
+dial's run only their LM head + CE in bf16, trainer.use_bf16_head). Whenever nanoseek's steps run
+bf16 products, transformers is timed in fp32 and under bf16 autocast and the faster of the two is
+the baseline. Beside the trainer is timed the speedrun's earlier default precision on such CPUs
+(bf16 autocast: the LM head alone in bf16; bf16 head: the whole step in fp32).
 
 Ratios are against transformers; MFU is against a matmul peak measured in the same run (6 x
 activated params + attention FLOPs per token; the Muon Newton-Schulz FLOPs are not counted as
@@ -213,6 +215,9 @@ def main() -> None:
         if head:   # the trainer as it was before "auto" chose the bf16 head here
             torch.manual_seed(0)
             fns["trainer fp32 head"] = trainer_step(Transformer(config).train(), micro, {}, bf16=False)
+        if bf16 and args.config == "speedrun":   # ... and before "auto" chose bf16 autocast at its width
+            torch.manual_seed(0)
+            fns["trainer bf16 head"] = trainer_step(with_head(Transformer(config).train(), True), micro, {})
     if args.only != "nanoseek":
         from bench_model import in_transformers  # benchmarks/ is the script's directory
 
@@ -220,8 +225,8 @@ def main() -> None:
         if hf is None:
             print("transformers not installed: baseline skipped")
         else:
-            fns["transformers"] = adamw_step(hf.train(), micro, "transformers", bf16)
-            if head:   # nanoseek runs bf16 products: transformers gets its bf16 autocast too, the better counts
+            fns["transformers"] = adamw_step(hf.train(), micro, "transformers", False)
+            if head or bf16:   # nanoseek runs bf16 products: transformers gets its bf16 autocast too, the better counts
                 fns["transformers bf16"] = adamw_step(hf, micro, "transformers", True)
     if args.muon_ab and args.only != "transformers":
         if ns_dtype != torch.float32:       # the trainer as it was before "auto" chose bf16 here
@@ -257,6 +262,8 @@ def report(dt: dict[str, float], phases: dict[str, float], tok: int, fpt: float,
         line("nanoseek trainer: V4 objective + clip + Muon/AdamW + bias", "trainer")
         if "trainer fp32 head" in dt:
             line("  the same, the LM head in fp32 instead of bf16", "trainer fp32 head")
+        if "trainer bf16 head" in dt:
+            line("  the same in fp32 but for the LM head + CE (bf16 head)", "trainer bf16 head")
         if "trainer fp32 NS" in dt:
             line("  the same, Newton-Schulz in fp32 instead of bf16", "trainer fp32 NS")
         parts = ", ".join(f"{k} {v:.3f} s" for k, v in phases.items())

@@ -42,7 +42,7 @@ from .context import ForwardContext
 from .gemv import Linear
 from .indexer import Indexer, indexer_kl, indexer_recall, select_topk, topk_indices
 from .norm import RMSNorm, rms_normalize
-from .precision import fp32_or_wider, fp32_region
+from .precision import fp32_or_wider, fp32_region, wide_dtype
 from .rope import apply_rope, inv_frequencies, rope_angles
 
 NEG = -1e30  # finite "minus infinity" for masks: keeps logsumexp gradients NaN-free
@@ -306,7 +306,7 @@ class Attention(nn.Module):
 
     # The indexer's KL target needs the main attention's probabilities of the compressed entries,
     # exp(logit - lse) with lse the joint log-normaliser (window, compressed entries, sink). The
-    # folded attention (bf16 autocast on a CPU, the trainer's setting for widths >= 512) returns
+    # folded attention (bf16 autocast on a CPU, the trainer's setting from width 128) returns
     # the lse its softmax formed anyway, so only the compressed entries' logits are formed again;
     # elsewhere (and with this off) the window logits and both log-sum-exps are recomputed
     # (`small`'s V4 step under bf16: ~150 ms of logsumexp alone, docs/model.md "Speed").
@@ -328,7 +328,7 @@ class Attention(nn.Module):
         # attention keeps its softmax statistics and accumulations in fp32 whatever the input
         # dtype). Unfolded, the bf16 kernel is slower than the fp32 one; folded fp32 measured
         # no faster than unfolded fp32 in whole steps (docs/model.md "Speed").
-        dtype = fp32_or_wider(q_blocks).dtype
+        dtype = wide_dtype(q_blocks)
         folded = (self.fold_heads and _HAS_CPU_FLASH and dev == "cpu" and q_blocks.shape[2] > self.h
                   and torch.is_autocast_enabled(dev))
         if folded:
@@ -402,7 +402,7 @@ class Attention(nn.Module):
         b, nb = q_blocks.shape[:2]
         bq = q_blocks.shape[2] // h
         k = picked.index.shape[-1]
-        f32 = fp32_or_wider(q_blocks).dtype
+        f32 = wide_dtype(q_blocks)
         sink = fp32_or_wider(self.attn_sink).to(f32)
         bias = torch.zeros(picked.valid.shape, dtype=f32, device=comp.device).masked_fill_(~picked.valid, NEG)
         pad = nb * bq - s   # the last block's padded query rows: entry 0, masked; their outputs are dropped

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels, gemv
-from .precision import fp32_or_wider, fp32_region
+from .precision import fp32_or_wider, fp32_region, wide_dtype
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -205,17 +205,18 @@ class HyperConnection(nn.Module):
     def expand(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k * y + sum_j comb[j,k] X_j   (comb is applied transposed), in the streams'
         dtype, computed in fp32 (fp64 for a float64 model)."""
-        dtype, wide = streams.dtype, fp32_or_wider(streams)
-        post, comb = post.to(wide.dtype), comb.to(wide.dtype)
+        dtype, real = streams.dtype, wide_dtype(streams)
+        post, comb = post.to(real), comb.to(real)
         if gemv.in_graph(streams.shape[:-2].numel(), y, streams, post, comb):
             # a compiled decode step: one pointwise kernel instead of a per-token bmm
+            wide = streams.to(real)
             mixed = (comb.unsqueeze(-1) * wide.unsqueeze(-2)).sum(-3)
-            return (post.unsqueeze(-1) * y.to(wide.dtype).unsqueeze(-2) + mixed).to(dtype)
+            return (post.unsqueeze(-1) * y.to(real).unsqueeze(-2) + mixed).to(dtype)
         if HyperConnection.fused:
             with fp32_region(streams.device.type):  # mHC stays fp32
                 return _StreamMix.apply(y.to(dtype), streams, post, comb)
-        mixed = torch.matmul(comb.transpose(-1, -2), wide)
-        return (post.unsqueeze(-1) * y.to(wide.dtype).unsqueeze(-2) + mixed).to(dtype)
+        mixed = torch.matmul(comb.transpose(-1, -2), streams.to(real))
+        return (post.unsqueeze(-1) * y.to(real).unsqueeze(-2) + mixed).to(dtype)
 
 
 class HyperHead(nn.Module):

@@ -1,4 +1,4 @@
-"""fp32 regions under autocast: `with fp32_region(x.device.type): ...`, and `fp32_or_wider(t)`.
+"""fp32 regions under autocast: `with fp32_region(x.device.type): ...`, `fp32_or_wider(t)` and `wide_dtype(t)`.
 
 The parts of V4 that the reference runs in fp32 (mHC, the compressor's projections, the router,
 the attention kernel) turn autocast off around themselves. When autocast is not on (inference,
@@ -28,3 +28,8 @@ def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     """What the fp32 parts compute in: bf16/fp16 widened to fp32, while a float64 model (the tests'
     exact reference) stays float64."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def wide_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32_or_wider(t).dtype, without converting t (a streams-sized bf16 tensor is 16 MiB)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -140,7 +140,7 @@ _LOOP_FLAGS: dict[str, dict] = {
     "keep_last": dict(help="checkpoints kept"),
     "resume": dict(help="continue from the newest checkpoint in --out"),
     "device": dict(choices=["auto", "cpu", "cuda"], help="auto: CUDA when available"),
-    "autocast": dict(choices=list(AUTOCAST_SETTINGS), help="auto: bf16 on CUDA, and on CPUs with native bf16 matmuls (AMX, AVX512-BF16) for models of width >= 512, only the LM head + CE in bf16 (head) for narrower ones; fp32 elsewhere"),
+    "autocast": dict(choices=list(AUTOCAST_SETTINGS), help="auto: bf16 on CUDA, and on CPUs with native bf16 matmuls (AMX, AVX512-BF16) for models of width >= 128, only the LM head + CE in bf16 (head) for narrower ones; fp32 elsewhere"),
     "compile": dict(nargs="?", const="inductor", metavar="BACKEND",
                     help="regional torch.compile of the blocks with BACKEND (inductor when none is named; "
                          "minutes of compilation at the start; docs/train.md)"),

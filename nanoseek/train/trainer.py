@@ -15,7 +15,7 @@ The DeepSeek-V4 recipe (spec section 3; V4 report sections 2.4 and 4.2):
     first `indexer_warmup_steps` steps, sparse top-k afterwards; the indexer KL loss trains
     the indexer in both phases.
 Engineering: gradient accumulation to a token batch size, gradient clipping, bf16 autocast
-on CUDA and on CPUs with native bf16 matmuls for models of width >= 512 (`use_bf16_autocast`;
+on CUDA and on CPUs with native bf16 matmuls for models of width >= 128 (`use_bf16_autocast`;
 narrower models there run only the LM head + CE in bf16, `use_bf16_head`; fp32 elsewhere:
 bf16 matmul is ~100x slower than fp32 on CPUs without bf16 units), optional
 torch.compile, validation bits-per-byte, greedy sample generations, a live
@@ -401,10 +401,13 @@ def _wrap(run: Run) -> None:
         model.head_dtype = torch.bfloat16
 
 
-# Width from which "auto" trains in bf16 on a CPU with native bf16 matmuls: `small` (512) trains
-# 1.5x faster in forward + backward there (docs/train.md), while at the speedrun's width 192 bf16
-# GEMMs barely beat fp32 and the casts remain (within noise of fp32 in the trainer).
-CPU_BF16_MIN_WIDTH = 512
+# Width from which "auto" trains in bf16 on a CPU with native bf16 matmuls: the depth dial's
+# whole range. Whole trainer steps (V4 objective, Muon), bf16 against the bf16 LM head alone, same
+# process: width 128 1.05x, 192 (the speedrun) 1.10x, 256 1.20x; `small` (512) 1.5x in forward +
+# backward against fp32 (docs/train.md). At 192 bf16 used to be within noise of fp32, until
+# bf16 kernels for SwiGLU, the folded attention and the residual streams took its casts away.
+# Narrower models (the tests' `tiny`, 64) are unmeasured and keep the bf16 head alone.
+CPU_BF16_MIN_WIDTH = 128
 AUTOCAST_SETTINGS = ("auto", "bf16", "head", "off")   # --autocast
 
 
@@ -421,10 +424,10 @@ def use_bf16_autocast(setting: str, device: torch.device, config) -> bool:
 def use_bf16_head(setting: str, device: torch.device, config) -> bool:
     """Whether the LM head + CE of the loss run in bf16 while the rest stays fp32 ("head"): as
     --autocast head says, and under "auto" on a CPU with native bf16 matmuls for the models
-    too narrow for whole-model autocast. There the head is the step's biggest product (the
-    speedrun's [1024, 192] x [192, 4096], three times per pass, twice with MTP: ~20% of a
-    micro-step in fp32) and needs no other cast; its log-softmax stays fp32. The speedrun's
-    micro-step: 1.17x (docs/train.md, "Speed")."""
+    too narrow for whole-model autocast (below CPU_BF16_MIN_WIDTH). There the head is the step's
+    biggest product (at width 192: [1024, 192] x [192, 4096], three times per pass, twice with
+    MTP: ~20% of a micro-step in fp32) and needs no other cast; its log-softmax stays fp32. The
+    speedrun's micro-step, when it still ran in fp32: 1.17x (docs/train.md, "Speed")."""
     if setting in ("head", "bf16"):
         return True
     if setting != "auto":

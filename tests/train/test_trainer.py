@@ -14,6 +14,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.model import cpu_kernels
 from nanoseek.model.moe import MoE
 from nanoseek.train.checkpoint import latest_checkpoint, load_model_state, load_tree
+from nanoseek.train.presets import scaled_model_config
 from nanoseek.train.objectives import PretrainObjective
 from nanoseek.train import parallelize
 from nanoseek.train.trainer import Dist, TrainConfig, bits_per_byte_sums, evaluate_bpb, to_device, train
@@ -38,8 +39,8 @@ def records(run_dir) -> list[dict]:
 # ------------------------------------------------------------------------- precision
 @pytest.mark.parametrize("native", [True, False])
 def test_autocast_auto_policy(monkeypatch, native):
-    """--autocast auto: bf16 on CUDA; on a CPU only with native bf16 matmuls and from width 512
-    (where it measured faster); "bf16" / "off" as said, whatever the machine."""
+    """--autocast auto: bf16 on CUDA; on a CPU only with native bf16 matmuls and from width 128
+    (the depth dial's range, where it measured faster); "bf16" / "off" as said, whatever the machine."""
     from nanoseek.train import trainer
 
     monkeypatch.setattr(trainer, "fast_bf16_matmul", lambda device_type: native)
@@ -49,6 +50,10 @@ def test_autocast_auto_policy(monkeypatch, native):
     assert not trainer.use_bf16_autocast("auto", cpu, narrow)
     assert trainer.use_bf16_autocast("auto", cpu, wide) is native
     assert wide.hidden_size >= trainer.CPU_BF16_MIN_WIDTH > narrow.hidden_size
+    # every model of the depth dial (the speedrun's depth 3 included) takes bf16 there
+    for depth in (2, 3):
+        dial = scaled_model_config(depth=depth, vocab_size=4096, seq_len=256)
+        assert trainer.use_bf16_autocast("auto", cpu, dial) is native
     for dev in (cpu, cuda):
         assert trainer.use_bf16_autocast("bf16", dev, narrow) and not trainer.use_bf16_autocast("off", dev, wide)
     # the LM head alone in bf16: where whole-model autocast is not chosen on a native-bf16 CPU
