@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from nanoseek.model import attention, cpu_kernels, gemv, moe, norm, rope
 from nanoseek.model import hyper_connections as hc
 from nanoseek.model.attention import Attention
 from nanoseek.model.loss import linear_cross_entropy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import perturbed
 
@@ -482,6 +485,43 @@ def test_mhc_on_bf16_streams_computes_in_fp32(plain_paths, monkeypatch, mode):
                                       ref, (2**-8, 0.01, 0.01, 0.01, 0.01)):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < bound, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["kernels", "collapse"])
+def test_mhc_kernels_on_bf16_streams_make_no_fp32_copy_of_them(plain_paths, monkeypatch, mode):
+    """Where the C kernels take bf16 streams, nothing widens them first: no fp32 tensor of the
+    streams' size is made by the expand (forward and backward; an eager widening that only the
+    PyTorch fallbacks use once cost 0.8 ms and 32 MiB of a `small` site), nor by the whole
+    collapse Function. (The composed collapse below COLLAPSE_MIN_ELEMENTS widens for its fp32
+    GEMM by design: `kernels` checks the expand alone.)"""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
+    for switch in _HC_MODES[mode]:
+        monkeypatch.setattr(*switch)
+    torch.manual_seed(0)
+    site = hc.HyperConnection(64, 4, 20, 1e-6, 1e-6)
+    torch.nn.init.normal_(site.fn, std=0.1)
+    streams = torch.randn(2, 64, 4, 64).bfloat16().requires_grad_()   # (4x the mix workspace: fn's size)
+    weights = torch.randn(streams.shape).bfloat16()
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16 and t.numel() >= streams.numel():
+                    made.append((func.__name__, tuple(t.shape), t.dtype))
+            return out
+
+    whole = mode == "collapse"
+    with Record() if whole else contextlib.nullcontext():
+        x, post, comb, mixed = site.collapse(streams)
+    if not whole:
+        x, post, comb, mixed = (t.detach().requires_grad_() for t in (x, post, comb, mixed))
+    with Record():
+        out = site.expand(torch.tanh(x), mixed, post, comb)
+        (out * weights).sum().backward()   # (a bf16 loss: its own ops make no fp32 tensor)
+    assert (streams if whole else mixed).grad is not None and made == [], made
 
 
 def test_bf16_streams_under_autocast_train_as_close_as_fp32_streams():
