@@ -447,6 +447,18 @@ _HC_MODES = {   # how a bf16-streams site runs: the switches set (class, attribu
 }
 
 
+def _bf16_site(monkeypatch, mode: str) -> hc.HyperConnection:
+    """A seeded 4-stream site of width 64 (fn drawn), with `mode`'s switches set."""
+    if mode not in ("plain", "functions") and not cpu_kernels.available():
+        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
+    for switch in _HC_MODES[mode]:
+        monkeypatch.setattr(*switch)
+    torch.manual_seed(0)
+    site = hc.HyperConnection(64, 4, 20, 1e-6, 1e-6)
+    torch.nn.init.normal_(site.fn, std=0.1)
+    return site
+
+
 @pytest.mark.parametrize("mode", list(_HC_MODES))
 def test_mhc_on_bf16_streams_computes_in_fp32(plain_paths, monkeypatch, mode):
     """bf16 streams (Transformer.autocast_streams): a site's collapse + expand, forward and
@@ -454,13 +466,7 @@ def test_mhc_on_bf16_streams_computes_in_fp32(plain_paths, monkeypatch, mode):
     C kernels, the whole-collapse Function with and without its mix kernels) gives the float64
     result from the same bf16 values within bf16's rounding of each stored result: outputs and
     the streams' gradient in bf16, the block input in bf16, fn's gradient in fp32."""
-    if mode != "plain" and mode != "functions" and not cpu_kernels.available():
-        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
-    for switch in _HC_MODES[mode]:
-        monkeypatch.setattr(*switch)
-    torch.manual_seed(0)
-    site = hc.HyperConnection(64, 4, 20, 1e-6, 1e-6)
-    torch.nn.init.normal_(site.fn, std=0.1)
+    site = _bf16_site(monkeypatch, mode)
     torch.nn.init.normal_(site.base, std=0.5)
     streams0 = torch.randn(2, 9, 4, 64).bfloat16()
     weights = torch.randn(2, 9, 4, 64).bfloat16()
@@ -494,13 +500,7 @@ def test_mhc_kernels_on_bf16_streams_make_no_fp32_copy_of_them(plain_paths, monk
     PyTorch fallbacks use once cost 0.8 ms and 32 MiB of a `small` site), nor by the whole
     collapse Function. (The composed collapse below COLLAPSE_MIN_ELEMENTS widens for its fp32
     GEMM by design: `kernels` checks the expand alone.)"""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler (tests/model/test_cpu_kernels.py fails for that in CI)")
-    for switch in _HC_MODES[mode]:
-        monkeypatch.setattr(*switch)
-    torch.manual_seed(0)
-    site = hc.HyperConnection(64, 4, 20, 1e-6, 1e-6)
-    torch.nn.init.normal_(site.fn, std=0.1)
+    site = _bf16_site(monkeypatch, mode)
     streams = torch.randn(2, 64, 4, 64).bfloat16().requires_grad_()   # (4x the mix workspace: fn's size)
     weights = torch.randn(streams.shape).bfloat16()
     made = []
