@@ -185,6 +185,17 @@ def last_answer(d) -> dict:
     """)
 
 
+def stream_to_end(d) -> list[int]:
+    """Poll until the answer being streamed ends; the lengths WATCH_LENGTHS saw (then reset)."""
+    polled = []
+    while state(d) == "streaming" or not polled:
+        a = last_answer(d)
+        polled.append(len(a["content"]) if a else 0)
+        assert len(polled) < 3000, "still streaming after a minute"
+        time.sleep(0.02)
+    return d.execute_script("const L = window.__lengths; window.__lengths = []; return L")
+
+
 def wait_idle(d, timeout=30.0):
     wait(lambda: state(d) == "idle", "the answer to finish", timeout)
 
@@ -219,13 +230,16 @@ def test_key_needed_then_streams_multi_turn(page, page_server):
         wait(lambda: d.find_element("id", "model").text == MODEL_NAME, "the model name (with the key)")
         d.execute_script(WATCH_LENGTHS)
         d.find_element("id", "send").click()
-        polled = []
-        while state(d) == "streaming" or not polled:
+        for attempt in range(3):
+            lengths = stream_to_end(d)
             a = last_answer(d)
-            polled.append(len(a["content"]) if a else 0)
-            assert len(polled) < 3000, "still streaming after a minute"
-            time.sleep(0.02)
-        lengths = d.execute_script("return window.__lengths")
+            # a sampled answer the model itself ends within a token or two (its end-of-sequence
+            # token drawn at temperature 1: ~1% of tries) cannot show streaming; ask again in a
+            # new chat. A page that renders only at the end still fails: its answers are long.
+            if attempt == 2 or len(a["content"]) >= 16 or a["note"] or len([n for n in lengths if n]) >= 3:
+                break
+            d.find_element("id", "new-chat").click()
+            send(d, "def fib(n):")
         assert not error_text(d), error_text(d)
         grew = [n for n in lengths if n > 0]
         assert len(grew) >= 3 and grew == sorted(grew), f"answer did not stream: DOM lengths {lengths}"
