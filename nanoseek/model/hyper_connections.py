@@ -158,10 +158,14 @@ class HyperConnection(nn.Module):
     # (cpu_kernels.stream_mix / weighted_sum); False: their PyTorch products
     stream_kernels = True
     # with both: a collapse that records gradients is one autograd Function (_Collapse), for
-    # streams of at least COLLAPSE_MIN_ELEMENTS: below that its fixed cost (the mix weights
-    # recomputed under autograd in the backward) outweighs the passes it saves (measured, whole
-    # runs, fp32 streams: 0.8M elements, the speedrun's, 0.97x; 4M, `small`'s, 1.10x; bf16
-    # streams, `small` at 4 x 256 tokens, 2M elements: 1.01-1.06x in three process pairs)
+    # fp32 / fp64 streams of at least COLLAPSE_MIN_ELEMENTS: below that its fixed cost (the mix
+    # weights recomputed under autograd in the backward) outweighs the passes it saves (measured,
+    # whole runs, fp32 streams: 0.8M elements, the speedrun's, 0.97x; 4M, `small`'s, 1.10x).
+    # bf16 streams take it at any size: the composed path would widen them to fp32 for its GEMM
+    # (a copy, saved for the backward) where _Collapse's kernels read bf16 (whole trainer steps,
+    # same process, 10 rounds a run, median per-round ratio: the speedrun's 0.8M elements
+    # 1.02-1.03x in four runs, depth 2's 0.5M 1.00x; `small` at 4 x 256 tokens, 2M: 1.01-1.06x
+    # in three process pairs)
     collapse_function = True
     COLLAPSE_MIN_ELEMENTS = 2 << 20
     # in _Collapse: the mix's products as C passes (cpu_kernels.mix_rms, collapse_mix_backward:
@@ -258,10 +262,11 @@ def _stream_kernels(streams: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def _collapse_applies(streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether a collapse that records gradients runs as one _Collapse (eager CPU, fp32/fp64)."""
+    """Whether a collapse that records gradients runs as one _Collapse (eager CPU; fp32 / fp64
+    streams from COLLAPSE_MIN_ELEMENTS on, bf16 streams at any size)."""
     return (HyperConnection.collapse_function and torch.is_grad_enabled()
             and (streams.requires_grad or fn.requires_grad)
-            and streams.numel() >= HyperConnection.COLLAPSE_MIN_ELEMENTS
+            and (streams.dtype == torch.bfloat16 or streams.numel() >= HyperConnection.COLLAPSE_MIN_ELEMENTS)
             and _stream_kernels(streams, fn, scale, base))
 
 

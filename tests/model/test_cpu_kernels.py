@@ -655,7 +655,8 @@ def test_collapse_function_gradcheck_float64(kernels):
 
 
 def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeypatch):
-    """With streams of at least COLLAPSE_MIN_ELEMENTS, in training only."""
+    """With fp32 streams of at least COLLAPSE_MIN_ELEMENTS, bf16 streams (autocast) of any size,
+    in training only."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
@@ -668,6 +669,12 @@ def test_the_model_collapses_with_one_function_in_training_only(kernels, monkeyp
     monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 1)
     seen.clear()
     model.loss(ids).loss.backward()
+    assert seen and set(seen) == {"_CollapseBackward"}
+    monkeypatch.setattr(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 1 << 40)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 streams: the Function whatever their size
+        loss = model.loss(ids).loss
+    loss.backward()
     assert seen and set(seen) == {"_CollapseBackward"}
     with torch.no_grad():
         model(ids)

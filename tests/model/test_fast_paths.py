@@ -441,7 +441,7 @@ def test_mhc_stays_fp32_under_autocast():
 _HC_MODES = {   # how a bf16-streams site runs: the switches set (class, attribute, value)
     "plain": [(hc.HyperConnection, "fused", False)],
     "functions": [(cpu_kernels, "enabled", False)],
-    "kernels": [],
+    "kernels": [(hc.HyperConnection, "collapse_function", False)],   # (the composed Functions' kernels)
     "collapse": [(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 0)],
     "collapse-gemm": [(hc.HyperConnection, "COLLAPSE_MIN_ELEMENTS", 0), (hc.HyperConnection, "mix_kernels", False)],
 }
@@ -498,8 +498,8 @@ def test_mhc_kernels_on_bf16_streams_make_no_fp32_copy_of_them(plain_paths, monk
     """Where the C kernels take bf16 streams, nothing widens them first: no fp32 tensor of the
     streams' size is made by the expand (forward and backward; an eager widening that only the
     PyTorch fallbacks use once cost 0.8 ms and 32 MiB of a `small` site), nor by the whole
-    collapse Function. (The composed collapse below COLLAPSE_MIN_ELEMENTS widens for its fp32
-    GEMM by design: `kernels` checks the expand alone.)"""
+    collapse Function. (The composed collapse, which bf16 streams take only with that Function
+    switched off, widens for its fp32 GEMM by design: `kernels` checks the expand alone.)"""
     site = _bf16_site(monkeypatch, mode)
     streams = torch.randn(2, 64, 4, 64).bfloat16().requires_grad_()   # (4x the mix workspace: fn's size)
     weights = torch.randn(streams.shape).bfloat16()
