@@ -20,8 +20,8 @@ Precision as `nanoseek train --autocast auto` picks it: on a CPU with native bf1
 configs train under bf16 autocast (trainer.use_bf16_autocast; models narrower than the depth
 dial's run only their LM head + CE in bf16, trainer.use_bf16_head). Whenever nanoseek's steps run
 bf16 products, transformers is timed in fp32 and under bf16 autocast and the faster of the two is
-the baseline. Beside the trainer is timed the speedrun's earlier default precision on such CPUs
-(bf16 autocast: the LM head alone in bf16; bf16 head: the whole step in fp32).
+the baseline. Beside the trainer the speedrun's earlier default on such CPUs is timed (fp32 but
+for the LM head + CE in bf16), and for a model that takes the bf16 head the step in plain fp32.
 
 Ratios are against transformers; MFU is against a matmul peak measured in the same run (6 x
 activated params + attention FLOPs per token; the Muon Newton-Schulz FLOPs are not counted as
