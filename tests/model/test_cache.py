@@ -10,9 +10,9 @@ from nanoseek import ModelConfig, Transformer
 from .conftest import perturbed
 
 
-def model_with_topk(topk: int) -> Transformer:
+def model_with_topk(topk: int, **overrides) -> Transformer:
     torch.manual_seed(0)
-    return perturbed(Transformer(ModelConfig.from_preset("tiny", index_topk=topk)), seed=7).eval()
+    return perturbed(Transformer(ModelConfig.from_preset("tiny", index_topk=topk, **overrides)), seed=7).eval()
 
 
 @pytest.mark.parametrize("topk", [64, 3])  # 3 < the 22 CSA entries of 90 tokens: real selection
@@ -265,8 +265,7 @@ def test_cached_mtp_equals_uncached_mtp():
 def test_compiled_kernels_give_the_same_logits():
     # (4 Sinkhorn iterations instead of 20: the same code, unrolled 4 times instead of 20, which
     # took inductor ~110 s to compile into an empty cache -- the slowest test of the suite)
-    torch.manual_seed(0)
-    model = perturbed(Transformer(ModelConfig.from_preset("tiny", index_topk=3, hc_sinkhorn_iters=4)), seed=7).eval()
+    model = model_with_topk(3, hc_sinkhorn_iters=4)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         eager = model(ids)
