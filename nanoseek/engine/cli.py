@@ -136,7 +136,7 @@ def cmd_chat(args) -> int:
         in_reasoning = thinking
         sys.stdout.write("assistant> ")
         for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                  args.seed, args.stop, tokenizer=tok, max_len=len(ids) + args.max_new_tokens,
+                                  args.seed, args.stop, tokenizer=tok,
                                   speculative_tokens=args.speculative, compile=args.compile):
             text += ev.text
             piece = ev.text

@@ -10,12 +10,14 @@ inductor graph, ~5x faster on the `small` config (docs/engine.md). So `generate`
 and the Python `nanoseek.generate*` compile the decode step unless told not to -- decode only,
 with compile=True as well: prefill, training and scoring stay eager (`compile_blocks(decode_only=True)`).
 
-First use compiles (about a minute for `small` on 2 cores; a second cache length -- each `generate`
-sizes its cache to its prompt + new tokens -- compiles the graphs once more with the length
-dynamic, after which every length is served; steady decode loops keep using the static graphs
-where they apply, model/dispatch.py); inductor's on-disk caches (FX graph + AOTAutograd) make
+First use compiles (about a minute for `small` on 2 cores). The graphs are specialised on the
+cache's shape, so a call that sizes its cache itself (`generate`, `chat`, RL rollouts) rounds
+the size up to a few buckets (`decode_capacity`: powers of two from 1024 tokens) and reuses
+their graphs; a second bucket in one process compiles the graphs once more with the length
+dynamic, after which every length is served (steady decode loops keep using the static graphs
+where they apply, model/dispatch.py). Inductor's on-disk caches (FX graph + AOTAutograd) make
 every later process start in seconds (~6-7 s for `small`, mostly dynamo re-tracing the graphs;
-model/precision.py keeps them cacheable). On CPU the graphs are called
+model/precision.py keeps them cacheable) -- for a bucket it has compiled before. On CPU the graphs are called
 through inductor's C++ wrapper (decode_compile_options). They live in
 ~/.cache/nanoseek/inductor (or $NANOSEEK_CACHE/inductor; an explicit $TORCHINDUCTOR_CACHE_DIR
 wins), not in /tmp where a reboot would empty them. torch keys the entries by graph, config and
@@ -79,6 +81,33 @@ def compile_for_decoding(model, compile: bool | None) -> bool:
     use_persistent_cache()
     model.compile_blocks(decode_only=True, **decode_compile_options(device))
     return True
+
+
+DECODE_MIN_CAPACITY = 1024  # the smallest cache `decode_capacity` allocates for a compiled decode step
+DECODE_CAPACITY_STEP = 8192  # above this many tokens, capacities are multiples of it (not powers of two)
+
+
+def decode_capacity(model, need: int) -> int:
+    """Cache capacity (tokens) for a call that needs `need`: exactly `need` when the model's
+    decode step runs eagerly; when it is compiled, `need` rounded up to a bucket -- the next power
+    of two, at least DECODE_MIN_CAPACITY, or a multiple of DECODE_CAPACITY_STEP beyond that.
+
+    Why: the compressed-entry tables (one entry per m tokens) follow the capacity, and the
+    compiled graphs are specialised on their shapes. Sized to each call's prompt + new tokens,
+    every new length was a new graph: a fresh process meeting a length it had not compiled
+    before spent ~50 s compiling (`small`, 2 cores) before its first token, however warm the
+    on-disk cache was for other lengths. With buckets a handful of shapes cover every call up to
+    8k tokens. The cost is memory (at most 2x the compressed tables below 8k tokens, 8k tokens'
+    worth above) and a decode step ~0-5% slower at 1024 than at 576 (a 512 + 64 call; within the
+    machine's noise in 3 process pairs). Outputs do not depend on the capacity: entries past a
+    row's position are masked."""
+    if need < 1:
+        raise ValueError(f"need must be >= 1, got {need}")
+    if not getattr(model, "blocks_compiled", False):
+        return need
+    if need <= DECODE_CAPACITY_STEP:
+        return max(DECODE_MIN_CAPACITY, 1 << (need - 1).bit_length())
+    return -(-need // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
 
 
 def decode_compile_options(device_type: str) -> dict:

@@ -34,6 +34,7 @@ from typing import Iterator
 import torch
 
 from .batch import BatchRunner, Delta, Sequence
+from .compiling import compile_for_decoding, decode_capacity
 from .sampling import SamplingParams
 from .speculative import SpecStats
 
@@ -110,7 +111,10 @@ def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop
     prompts, _ = _as_prompts(input_ids)
     stop_ids, stop_strs = _split_stop(stop, getattr(model.config, "eos_token_id", None), stop_on_eos)
     need = max(len(p) for p in prompts) + max(max_new_tokens, 1)
-    runner = BatchRunner(model, len(prompts), max_len or need, chunk_size=chunk_size, cache_dtype=cache_dtype,
+    if max_len is None:  # just enough, rounded up to a bucket if the decode step is compiled
+        compile_for_decoding(model, compile)  # (the runner would; the capacity depends on it)
+        max_len = decode_capacity(model, need)
+    runner = BatchRunner(model, len(prompts), max_len, chunk_size=chunk_size, cache_dtype=cache_dtype,
                          vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,
                          speculative_tokens=speculative_tokens, compile=compile)
     if info is not None:
@@ -164,7 +168,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     """Generated token ids: list[int] for one prompt (list of ints / 1-D tensor), list[list[int]]
     for a batch (list of lists, ragged allowed / 2-D tensor). With logprobs=True returns
     (ids, logprobs) with the same nesting. Keyword options: tokenizer (for stop strings),
-    stop_on_eos=True, chunk_size=512, max_len (cache capacity; default just enough),
+    stop_on_eos=True, chunk_size=512, max_len (cache capacity; default just enough, rounded up to a
+    bucket when the decode step is compiled: compiling.decode_capacity),
     top_logprobs, cache_dtype, speculative_tokens (MTP drafts per round, 0 = off; see
     speculative.py), compile (torch.compile the decode step: Transformer.compile_blocks; None =
     auto, on where a compiler exists, see engine/compiling.py; False = eager).
@@ -227,7 +232,8 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int 
     stop = tuple(stop_ids if stop_ids is not None else (model.config.eos_token_id,))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop_token_ids=stop)
-    runner = BatchRunner(model, 1, len(prompt) + max(max_new_tokens, 1), speculative_tokens=num_draft)
+    runner = BatchRunner(model, 1, decode_capacity(model, len(prompt) + max(max_new_tokens, 1)),
+                         speculative_tokens=num_draft)
     seq = Sequence(prompt, params)
     runner.add(seq)
     runner.run_to_completion()

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from nanoseek.engine.batch import BatchRunner, Sequence
+from nanoseek.engine.compiling import decode_capacity
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.train.objectives import Objective
 from nanoseek.train.parallelize import all_reduce, unshard
@@ -83,7 +84,7 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], *, n: int = 1, m
     eos = getattr(model.config, "eos_token_id", None)
     rows = [(g, p) for g, p in enumerate(prompts) for _ in range(n)]
     longest = max(len(p) for p in prompts)
-    runner = BatchRunner(model, min(max_batch, len(rows)), longest + max_new_tokens + 1,
+    runner = BatchRunner(model, min(max_batch, len(rows)), decode_capacity(model, longest + max_new_tokens + 1),
                          vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
     out: list[Rollout | None] = [None] * len(rows)
 
