@@ -263,6 +263,26 @@ class BatchRunner:
         self.steps = 0  # decode forwards run
         self.decoded_tokens = 0  # tokens produced by decode forwards (all rows)
 
+    # -- warm-up -----------------------------------------------------------------------------
+    def warm_up(self, prompt_token: int = 0) -> int:
+        """Compile a compiled model's decode graphs now rather than in the first requests: run
+        two greedy requests alone, then two together (batch 1 takes the static graphs, the
+        first step of a larger batch the batch-generic ones that serve every size after it),
+        and forget them (statistics and the reused prefill are reset). Returns the decode steps
+        run; 0 (nothing run) when the decode step is eager or requests are already queued."""
+        if not getattr(self.model, "blocks_compiled", False) or self.has_work():
+            return 0
+        params = SamplingParams(max_new_tokens=3)  # the prefill's token, then two decode steps
+        for rows in sorted({1, min(2, self.max_batch)}):
+            for _ in range(rows):
+                self.add(Sequence([int(prompt_token)] * 2, params))
+            self.run_to_completion()
+        steps = self.steps
+        self.steps = self.decoded_tokens = self.prefill_reused = 0
+        self.spec_stats = SpecStats()
+        self._prefix = None
+        return steps
+
     # -- bookkeeping -------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Memory held by the batch cache plus the prefill scratch cache."""

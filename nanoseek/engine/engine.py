@@ -129,6 +129,13 @@ class Engine:
         self._live: set[Sequence] = set()  # submitted and not finished (what in_flight counts)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def warm_up(self) -> int:
+        """Compile the decode graphs before serving (BatchRunner.warm_up); call before start().
+        Returns the decode steps run (0: an eager model, nothing to compile)."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() runs on the caller's thread: call it before start()")
+        return self.runner.warm_up()
+
     def start(self) -> "Engine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)

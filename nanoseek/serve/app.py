@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -203,6 +204,17 @@ def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str):
     return Server(config)
 
 
+def warm_up(engine, model) -> None:
+    """Compile the decode step before the port opens, so that no request waits for it (about a
+    minute the first time a model shape is served on a machine, seconds with inductor's cache)."""
+    if not getattr(model, "blocks_compiled", False):
+        return
+    print("nanoseek: compiling the decode step (once per model shape and machine, then cached) ...", flush=True)
+    t = time.perf_counter()
+    engine.warm_up()
+    print(f"nanoseek: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
           tokenizer_dir: str | None = None, model_name: str | None = None, max_batch: int = 8,
           max_len: int = 4096, dtype: str | None = None, threads: int | None = None,
@@ -220,7 +232,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     cfg.model_name = model_name or cfg.model_name
     cfg.api_key = api_key if api_key is not None else cfg.api_key
     engine = Engine(model, tokenizer=tok, max_batch=max_batch, max_len=max_len,
-                    speculative_tokens=speculative_tokens).start()
+                    speculative_tokens=speculative_tokens)
+    warm_up(engine, model)
+    engine.start()
     app = create_app(engine, tok, cfg)
     print(f"nanoseek: serving '{cfg.model_name}' on http://{host}:{port}/v1 "
           f"({max_batch} slots x {max_len} tokens, cache {engine.cache_bytes() / 2**20:.1f} MiB"

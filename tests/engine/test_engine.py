@@ -91,3 +91,37 @@ def test_rejects_prompt_that_cannot_fit(model):
             eng.submit(list(range(8)), SamplingParams(max_new_tokens=1))
     with pytest.raises(RuntimeError):
         eng.submit([0], SamplingParams(max_new_tokens=1))  # stopped
+
+
+def test_warm_up_compiles_what_requests_would_then_forgets_them(model):
+    """Engine.warm_up (what `serve` runs before opening its port) runs the compiled decode step
+    at batch 1 and batch 2: requests afterwards, alone or together, compile nothing more, give
+    eager's tokens, and the statistics start from zero. An eager model has nothing to warm."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from tests.engine.fixtures import make_model
+
+    assert Engine(model, max_batch=4, max_len=64).warm_up() == 0
+    ps = [prompt(n, 60 + i) for i, n in enumerate((5, 11, 8))]
+    want = [generate(model, p, 6, stop_on_eos=False) for p in ps]
+    torch._dynamo.reset()
+    compiled = make_model(0).compile_blocks(backend="eager", decode_only=True)
+    try:
+        eng = Engine(compiled, max_batch=4, max_len=64)
+        counters.clear()
+        assert eng.warm_up() >= 4  # two steps alone, two together
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        stats = eng.stats()
+        assert stats["decode_steps"] == stats["decoded_tokens"] == 0 and eng.runner._prefix is None
+        with eng:
+            with pytest.raises(RuntimeError):
+                eng.warm_up()
+            alone = [t for d in eng.submit(ps[0], SamplingParams(max_new_tokens=6)) for t in d.tokens]
+            streams = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in ps[1:]]
+            together = [[t for d in s for t in d.tokens] for s in streams]
+        assert [alone, *together] == want
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the requests
+    finally:
+        torch._dynamo.reset()

@@ -20,3 +20,30 @@ def test_positional_model_and_vllm_aliases():
     b = build_parser().parse_args(["serve", "--model", "runs/ckpt", "--max-len", "32", "--max-batch", "3",
                                    "--model-name", "m"])
     assert (b.model, b.max_len, b.max_batch, b.model_name) == ("runs/ckpt", 32, 3, "m")
+
+
+def test_serve_warms_a_compiled_decode_step_before_opening_its_port(capsys):
+    """serve() compiles the decode graphs (Engine.warm_up) before uvicorn starts, and says so;
+    an eager model starts at once, silently."""
+    import torch
+
+    from nanoseek.engine import Engine
+    from nanoseek.serve.app import warm_up
+    from tests.engine.fixtures import make_model
+
+    eager = make_model(0)
+    engine = Engine(eager, max_batch=2, max_len=32)
+    warm_up(engine, eager)
+    assert capsys.readouterr().out == "" and engine.runner.steps == 0
+    torch._dynamo.reset()
+    try:
+        compiled = make_model(0).compile_blocks(backend="eager", decode_only=True)
+        engine = Engine(compiled, max_batch=2, max_len=32)
+        calls = []
+        real = engine.runner.warm_up
+        engine.runner.warm_up = lambda: calls.append(1) or real()
+        warm_up(engine, compiled)
+        out = capsys.readouterr().out
+        assert calls == [1] and "compiling the decode step" in out and "decode step ready in" in out
+    finally:
+        torch._dynamo.reset()
