@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 
 from nanoseek._argparse import show_defaults
@@ -105,11 +106,49 @@ def _read_message() -> str | None:
             lines.append(line)
 
 
+def _background_warm_up(model, need: int) -> threading.Thread | None:
+    """A daemon thread compiling `model`'s decode step (generate.warm_up_decode), or None for an
+    eager model. Only this thread uses the model until _finish_warm_up joins it."""
+    if not getattr(model, "blocks_compiled", False):
+        return None
+    from .generate import warm_up_decode
+
+    def run():
+        try:
+            warm_up_decode(model, need)
+        except Exception:  # noqa: BLE001 -- the first turn then meets (and reports) the same error
+            pass
+
+    t = threading.Thread(target=run, name="nanoseek-warm-up", daemon=True)
+    t.start()
+    return t
+
+
+def _finish_warm_up(t: threading.Thread) -> None:
+    if t.is_alive():
+        print("[compiling the decode step: once per model shape on this machine, seconds once cached]",
+              file=sys.stderr, flush=True)
+        t.join()
+
+
 def cmd_chat(args) -> int:
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads, args.compile)
+    # the decode step compiles while the first message is being typed (a typical first turn:
+    # a short prompt + --max-new-tokens, in the same cache bucket)
+    warming = _background_warm_up(model, 64 + args.max_new_tokens)
+    try:
+        return _chat_loop(args, model, tok, warming)
+    finally:
+        # (leaving while the thread is inside torch's C++ code aborted the interpreter's exit)
+        if warming is not None and warming.is_alive():
+            print("[finishing the decode step's compilation before exiting]", file=sys.stderr, flush=True)
+            warming.join()
+
+
+def _chat_loop(args, model, tok, warming: threading.Thread | None) -> int:
     from .. import chat_format
     from .generate import generate_stream
 
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads, args.compile)
     thinking = args.think
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("nanoseek chat: end a message with an empty line. /think toggles thinking, /reset clears, /exit quits.",
@@ -132,6 +171,9 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": msg})
         mode = "thinking" if thinking else "chat"
         ids, _ = chat_format.encode_ids(messages, tok, thinking_mode=mode)  # message text stays text
+        if warming is not None:
+            _finish_warm_up(warming)
+            warming = None
         text = ""
         in_reasoning = thinking
         sys.stdout.write("assistant> ")

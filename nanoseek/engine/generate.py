@@ -219,6 +219,14 @@ def fill_in_middle(model, tokenizer, prefix: str, suffix: str, max_new_tokens: i
     return res[0].text
 
 
+def warm_up_decode(model, need: int) -> None:
+    """Compile a compiled model's decode graphs for calls of up to `need` tokens (their cache
+    bucket, compiling.decode_capacity) by generating three throwaway tokens; nothing for an eager
+    model. `nanoseek chat` runs it in the background while the first message is typed."""
+    if getattr(model, "blocks_compiled", False):
+        generate(model, [0, 0], 3, stop_on_eos=False, max_len=decode_capacity(model, need))
+
+
 @torch.no_grad()
 def speculative_generate(model, prompt_ids, max_new_tokens: int, num_draft: int = 2,
                          stop_ids: tuple[int, ...] | None = None, temperature: float = 0.0, top_p: float = 1.0,

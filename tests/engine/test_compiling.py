@@ -188,6 +188,53 @@ def test_cli_compile_flags(tmp_path, monkeypatch, flag, expected):
     assert calls == expected
 
 
+def test_chat_compiles_the_decode_step_while_the_first_message_is_typed(tmp_path, monkeypatch, capsys):
+    """`nanoseek chat` with a compiled model warms its decode step in a background thread
+    started before the first prompt, in the bucket of a short prompt + --max-new-tokens, and
+    joins it before the first turn; the answers are eager's. Eager: no thread."""
+    import importlib
+    import threading
+
+    from nanoseek import chat_format
+    from nanoseek.cli import main
+    from nanoseek.engine.generate import generate_full
+    from nanoseek.engine.loading import load_model_and_tokenizer
+    from tests.engine.fixtures import save_model_dir
+
+    gen_mod = importlib.import_module("nanoseek.engine.generate")  # (the package's `generate` is the function)
+    save_model_dir(tmp_path / "m")
+    monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiling, "has_cxx_compiler", lambda: True)
+    real_compile, real_warm = Transformer.compile_blocks, gen_mod.warm_up_decode
+    monkeypatch.setattr(Transformer, "compile_blocks",
+                        lambda self, decode_only=False, **kw: real_compile(self, backend="eager", decode_only=decode_only))
+    warmed = []
+
+    def warm(model, need):
+        warmed.append((threading.current_thread().name, need, model.blocks_compiled))
+        real_warm(model, need)
+        warmed.append("done")
+
+    monkeypatch.setattr(gen_mod, "warm_up_decode", warm)
+    turns = []
+
+    def typed(prompt=""):  # the warm-up is under way (or done) when the first message is read
+        turns.append(any(t.name == "nanoseek-warm-up" for t in threading.enumerate()) or "done" in warmed)
+        return ["hello", "", "/exit"][len(turns) - 1]
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "5"]) == 0
+    assert turns[0] and warmed[0] == ("nanoseek-warm-up", 64 + 5, True) and warmed[-1] == "done"
+    model, tok = load_model_and_tokenizer(str(tmp_path / "m"), compile=False)
+    ids = tok.encode(chat_format.encode_messages([{"role": "user", "content": "hello"}]), allow_special=True)
+    assert capsys.readouterr().out == "assistant> " + generate_full(model, ids, 5, tokenizer=tok)[0].text + "\n"
+    warmed.clear()
+    turns.clear()
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "5", "--enforce-eager"]) == 0
+    assert warmed == []
+
+
 def test_one_shot_generate_compiles_only_long_outputs():
     from nanoseek.engine.cli import ONE_SHOT_COMPILE_MIN_TOKENS, one_shot_compile
 
