@@ -149,7 +149,7 @@ class Runner:
         self.ce.append(ce)
         if self.total is None and self.steps > 1:
             self.times.append(dt)
-            if len(self.times) >= self.calibrate:   # the trainer's rule: fix the horizon after 3 timed steps
+            if len(self.times) >= self.calibrate:   # fixed after 3 timed steps (the trainer re-estimates until its decay)
                 mean = statistics.mean(self.times)
                 self.total = self.steps + max(1, int((self.budget - self.seconds) / mean))
 

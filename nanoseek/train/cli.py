@@ -111,8 +111,10 @@ _LOOP_FLAGS: dict[str, dict] = {
     "micro_batch": dict(help="rows per micro-step per rank", rows=True),
     "batch_tokens": dict(help="global tokens per optimizer step (accumulates)", none="one micro-step", rows=True),
     "max_steps": dict(flags=("--max-steps", "--steps"), help="optimizer steps", none="none: give it or --minutes"),
-    "minutes": dict(help="training-time budget (horizon fixed after a few timed steps)", none="none"),
-    "calibrate_steps": dict(help="with --minutes: steps timed before the budget fixes the horizon"),
+    "minutes": dict(help="training-time budget (the horizon follows the measured step time until the LR "
+                         "decay begins)", none="none"),
+    "calibrate_steps": dict(help="with --minutes: steps timed before the horizon's first estimate (re-estimated "
+                                 "from the last 32 steps' mean time until the LR decay begins, fixed then)"),
     "lr": dict(help="peak LR", none="from the model's width"),
     "adamw_lr": dict(help="LR of the AdamW parameters (embeddings, norms, biases)", none="from the model's width"),
     "weight_decay": dict(help="decoupled weight decay"),

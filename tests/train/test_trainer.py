@@ -336,3 +336,35 @@ def test_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
     parallelize.setup_distributed("cpu")
     assert seen[-1] == "gloo"
     monkeypatch.setattr(parallelize, "_owned_group", False)   # (nothing was made: nothing to tear down)
+
+
+def test_a_time_budget_follows_the_step_time_until_the_decay_then_stays():
+    """--minutes: the horizon is re-estimated from recent step times while the LR is constant, so
+    steps that slow down (here from 0.1 to 0.2 s) still end near the budget, with the decay; once
+    the decay has begun the horizon no longer moves. A --max-steps run is never touched."""
+    from types import SimpleNamespace
+
+    from nanoseek.train.optim import decay_start
+    from nanoseek.train.parallelize import Dist
+    from nanoseek.train.trainer import TrainState, _fix_horizon
+
+    def run_budget(times, **cfg):
+        cfg = SimpleNamespace(**{"max_steps": None, "minutes": 1.0, "calibrate_steps": 3, "decay_frac": 0.2, **cfg})
+        run = SimpleNamespace(state=TrainState(total_steps=cfg.max_steps), cfg=cfg, dist=Dist())
+        st, seen, fixed_at = run.state, [], None
+        while st.total_steps is None or st.step < st.total_steps:
+            dt = times(st.step)
+            st.step += 1
+            st.train_seconds += dt
+            _fix_horizon(run, dt, seen, None)
+            if st.horizon_fixed and fixed_at is None:
+                fixed_at = (st.step, st.total_steps)
+        return st, fixed_at
+
+    st, (step, total) = run_budget(lambda i: 0.1 if i < 100 else 0.2)
+    assert abs(st.train_seconds - 60) < 3            # fixed after 3 steps: 600 steps, 110 s
+    assert st.total_steps == total and step == decay_start(total, 0.2)   # fixed as the decay begins
+    st, _ = run_budget(lambda i: 0.1)
+    assert 590 <= st.total_steps <= 601 and abs(st.train_seconds - 60) < 1
+    st, fixed_at = run_budget(lambda i: 0.1, max_steps=50)
+    assert st.total_steps == st.step == 50 and fixed_at is None and st.train_seconds == pytest.approx(5.0)
