@@ -220,11 +220,11 @@ def fill_in_middle(model, tokenizer, prefix: str, suffix: str, max_new_tokens: i
 
 
 def warm_up_decode(model, need: int) -> None:
-    """Compile a compiled model's decode graphs for calls of up to `need` tokens (their cache
-    bucket, compiling.decode_capacity) by generating three throwaway tokens; nothing for an eager
-    model. `nanoseek chat` runs it in the background while the first message is typed."""
+    """Compile a compiled model's batch-1 decode graphs for calls of up to `need` tokens (their
+    cache bucket, compiling.decode_capacity; BatchRunner.warm_up); nothing for an eager model.
+    `nanoseek chat` runs it in the background while the first message is typed."""
     if getattr(model, "blocks_compiled", False):
-        generate(model, [0, 0], 3, stop_on_eos=False, max_len=decode_capacity(model, need))
+        BatchRunner(model, 1, decode_capacity(model, need)).warm_up()
 
 
 @torch.no_grad()
