@@ -8,10 +8,13 @@ alternating so that load drift on a shared machine hits both alike; only the pri
   * decode: batch-1 greedy decode tokens/s after a --prompt-token prompt through the engine
     (nanoseek.generate_stream, prefill excluded), eager vs compile=True; with --transformers
     also transformers' generate on the same weights in the same run (the issue's baseline).
-  * startup: seconds from a new process's start to its first 16 tokens with the compiled decode
-    graphs already in the on-disk caches, against the graphs as they were before
-    model/precision.py (autocast calls in them, refused by AOT autograd's cache), in alternating
-    subprocesses, each variant with a cache of its own.
+  * startup: seconds from a new process's start to its first 16 tokens once one earlier process
+    has compiled the decode graphs into the on-disk caches (at --prompt tokens), the later
+    processes with the prompt lengths of --then; against a baseline in alternating
+    subprocesses, each variant with a cache of its own: `exact` (the default), caches sized to
+    prompt + new tokens as before engine/compiling.decode_capacity's buckets (every new length a
+    new compilation), or `autocast`, the graphs as they were before model/precision.py
+    (autocast calls in them, refused by AOT autograd's cache).
 
     python benchmarks/bench_compile.py decode --preset small --threads 1            # ~10 min on 2 busy cores
     python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
@@ -20,7 +23,8 @@ alternating so that load drift on a shared machine hits both alike; only the pri
     python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
     python benchmarks/bench_compile.py decode --preset small --guarded         # direct steady-state steps vs guards
     python benchmarks/bench_compile.py decode --preset small --no-memory-planning   # pooled graph buffers vs not
-    python benchmarks/bench_compile.py startup --preset small                  # a new process's warm start
+    python benchmarks/bench_compile.py startup --preset small                  # warm starts at new lengths
+    python benchmarks/bench_compile.py startup --preset small --baseline autocast --reps 3   # at one length
     python benchmarks/bench_compile.py train --preset tiny --batch 4 --seq 512
     python benchmarks/bench_compile.py train --preset small --batch 4 --seq 512     # long compile on a CPU
     python benchmarks/bench_compile.py train --preset small --bf16 --reps 5   # under bf16 autocast
@@ -184,47 +188,54 @@ torch.manual_seed(0)
 config = ModelConfig.from_preset(sys.argv[2])
 model = Transformer(config).eval()
 ids = torch.randint(32, config.vocab_size, (int(sys.argv[3]),)).tolist()
+# "exact": the cache just long enough, as before the capacity buckets (engine/compiling.py)
+max_len = len(ids) + 16 if sys.argv[1] == "exact" else None
 t = time.perf_counter()
-generate(model, ids, 16, stop_on_eos=False)
+generate(model, ids, 16, stop_on_eos=False, max_len=max_len)
 first = time.perf_counter() - t
 from torch._dynamo.utils import counters
-print(json.dumps({"first": first, "process": time.perf_counter() - t0, "aot": dict(counters["aot_autograd"])}))
+print(json.dumps({"first": first, "process": time.perf_counter() - t0, "aot": dict(counters["aot_autograd"]),
+                  "graphs": counters["inductor"].get("fxgraph_cache_miss", 0)}))
 """
 
 
 def bench_startup(args) -> None:
-    """Seconds from a new process's start to its first 16 generated tokens, with the decode
-    graphs in the on-disk caches: now vs the graphs with autocast calls (see _STARTUP), each
-    first compiled once into a cache of its own, then started --reps times in alternation."""
+    """Seconds from a new process's start to its first 16 generated tokens once an earlier
+    process has compiled the decode graphs (at --prompt tokens) into the on-disk caches: the
+    default against --baseline, each first compiled once into a cache of its own, then started
+    at each length of --then (default: --prompt, --reps times) in alternation."""
     import json
     import subprocess
     import sys
 
-    def start(variant: str, cache: str) -> dict:
+    def start(variant: str, cache: str, prompt: int) -> dict:
         env = {**os.environ, "NANOSEEK_CACHE": cache, "NANOSEEK_COMPILE": "1"}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        out = subprocess.run([sys.executable, "-c", _STARTUP, variant, args.preset, str(args.prompt),
+        out = subprocess.run([sys.executable, "-c", _STARTUP, variant, args.preset, str(prompt),
                               str(args.threads or 0)], env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    print(f"process start to 16 tokens ({args.preset}, prompt {args.prompt} tokens; each variant "
-          f"compiles once into an empty cache of its own first)", flush=True)
-    caches = {v: tempfile.mkdtemp(prefix=f"nanoseek-{v}-") for v in ("now", "autocast")}
+    if args.then is None:  # `exact` recompiles for new lengths; `autocast` is compared at the same one
+        args.then = "300,411,700" if args.baseline == "exact" else ""
+    then = [int(n) for n in args.then.split(",")] if args.then else [args.prompt] * args.reps
+    print(f"process start to 16 tokens ({args.preset}; each variant compiles once into an empty cache of its "
+          f"own at a {args.prompt}-token prompt, then new processes with prompts of {then} tokens)", flush=True)
+    caches = {v: tempfile.mkdtemp(prefix=f"nanoseek-{v}-") for v in ("now", args.baseline)}
     for v, cache in caches.items():
-        cold = start(v, cache)
+        cold = start(v, cache, args.prompt)
         print(f"  {v:8s}: empty cache {cold['first']:.1f} s", flush=True)
     runs: dict[str, list] = {v: [] for v in caches}
-    for _ in range(args.reps):
+    for n in then:
         for v, cache in caches.items():
-            runs[v].append(start(v, cache))
+            runs[v].append(start(v, cache, n))
     med = {}
     for v, rs in runs.items():
         med[v] = statistics.median(r["first"] for r in rs)
-        firsts = ", ".join(f"{r['first']:.1f}" for r in rs)
-        print(f"  {v:8s}: warm cache {med[v]:.1f} s to 16 tokens (runs {firsts}; "
-              f"whole process {statistics.median(r['process'] for r in rs):.1f} s; AOT autograd cache "
-              f"{rs[-1]['aot']})")
-    print(f"  ratio warm start, autocast calls in the graphs / now: {med['autocast'] / med['now']:.2f}x")
+        firsts = ", ".join(f"{n}: {r['first']:.1f}" for n, r in zip(then, rs))
+        print(f"  {v:8s}: warm cache {med[v]:.1f} s to 16 tokens (prompt tokens: seconds {firsts}; "
+              f"whole process {statistics.median(r['process'] for r in rs):.1f} s; graphs compiled (inductor cache misses) "
+              f"{[r['graphs'] for r in rs]}; AOT autograd cache {rs[-1]['aot']})")
+    print(f"  ratio warm start, {args.baseline} / now: {med[args.baseline] / med['now']:.2f}x")
 
 
 def main() -> None:
@@ -236,6 +247,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--then", default=None,
+                    help="startup: prompt lengths of the processes after the first, comma-separated ('' = "
+                         "--prompt, --reps times; default 300,411,700 against `exact`, '' against `autocast`)")
+    ap.add_argument("--baseline", choices=["exact", "autocast"], default="exact",
+                    help="startup: caches sized exactly (before the capacity buckets) or autocast calls in the graphs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--bf16", action="store_true",
