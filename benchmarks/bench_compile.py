@@ -215,9 +215,7 @@ def bench_startup(args) -> None:
                               str(args.threads or 0)], env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    if args.then is None:  # `exact` recompiles for new lengths; `autocast` is compared at the same one
-        args.then = "300,411,700" if args.baseline == "exact" else ""
-    then = [int(n) for n in args.then.split(",")] if args.then else [args.prompt] * args.reps
+    then = args.then
     print(f"process start to 16 tokens ({args.preset}; each variant compiles once into an empty cache of its "
           f"own at a {args.prompt}-token prompt, then new processes with prompts of {then} tokens)", flush=True)
     caches = {v: tempfile.mkdtemp(prefix=f"nanoseek-{v}-") for v in ("now", args.baseline)}
@@ -236,6 +234,20 @@ def bench_startup(args) -> None:
               f"whole process {statistics.median(r['process'] for r in rs):.1f} s; graphs compiled (inductor cache misses) "
               f"{[r['graphs'] for r in rs]}; AOT autograd cache {rs[-1]['aot']})")
     print(f"  ratio warm start, {args.baseline} / now: {med[args.baseline] / med['now']:.2f}x")
+
+
+def startup_lengths(then: str | None, baseline: str, prompt: int, reps: int) -> list[int]:
+    """--then as prompt lengths (ValueError for anything but positive integers); by default new
+    lengths against `exact` (what it recompiles for), the compile length again against `autocast`."""
+    if then is None:
+        then = "300,411,700" if baseline == "exact" else ""
+    try:
+        lengths = [int(n) for n in then.split(",")] if then.strip() else [prompt] * reps
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"prompt lengths must be positive integers, comma-separated; got {then!r}")
+    return lengths
 
 
 def main() -> None:
@@ -270,6 +282,11 @@ def main() -> None:
     ap.add_argument("--no-reductions", action="store_true",
                     help="decode: also a copy compiled with gemv.reduction_in_graphs off (MKL's products in the graphs)")
     args = ap.parse_args()
+    if args.what == "startup":
+        try:
+            args.then = startup_lengths(args.then, args.baseline, args.prompt, args.reps)
+        except ValueError as e:
+            ap.error(f"--then: {e}")
     if args.fresh_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     if args.threads:
