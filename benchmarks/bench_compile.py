@@ -282,6 +282,8 @@ def main() -> None:
     ap.add_argument("--no-reductions", action="store_true",
                     help="decode: also a copy compiled with gemv.reduction_in_graphs off (MKL's products in the graphs)")
     args = ap.parse_args()
+    if args.prompt < 1:
+        ap.error(f"--prompt must be at least 1 token, got {args.prompt}")
     if args.what == "startup":
         try:
             args.then = startup_lengths(args.then, args.baseline, args.prompt, args.reps)
