@@ -203,7 +203,7 @@ def bench_startup(args) -> None:
     """Seconds from a new process's start to its first 16 generated tokens once an earlier
     process has compiled the decode graphs (at --prompt tokens) into the on-disk caches: the
     default against --baseline, each first compiled once into a cache of its own, then started
-    at each length of --then (default: --prompt, --reps times) in alternation."""
+    at each length of args.then (startup_lengths) in alternation."""
     import json
     import subprocess
     import sys
@@ -212,10 +212,13 @@ def bench_startup(args) -> None:
         env = {**os.environ, "NANOSEEK_CACHE": cache, "NANOSEEK_COMPILE": "1"}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         out = subprocess.run([sys.executable, "-c", _STARTUP, variant, args.preset, str(prompt),
-                              str(args.threads or 0)], env=env, capture_output=True, text=True, check=True)
+                              str(args.threads or 0)], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"the {variant} process ({prompt}-token prompt) failed: {last}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    then = args.then
+    then = args.then  # (prompt lengths, see startup_lengths)
     print(f"process start to 16 tokens ({args.preset}; each variant compiles once into an empty cache of its "
           f"own at a {args.prompt}-token prompt, then new processes with prompts of {then} tokens)", flush=True)
     caches = {v: tempfile.mkdtemp(prefix=f"nanoseek-{v}-") for v in ("now", args.baseline)}
