@@ -608,8 +608,8 @@ class Transformer(nn.Module):
         try:
             out = fn(*args)
         except Exception as e:  # noqa: BLE001 -- any compiler failure; eager is always correct
-            warnings.warn(f"torch.compile of the model failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          "running eagerly", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"torch.compile of the model failed ({compile_failure(e)}); running eagerly",
+                          RuntimeWarning, stacklevel=3)
             self.uncompile_blocks()
             return None
         ok.add(fn)
@@ -697,6 +697,21 @@ def _split_context(ctx: ForwardContext, at: int) -> tuple[ForwardContext, Forwar
 # kind: dynamo keeps its graph cache per code object).
 def _block_front(block: nn.Module, *args):
     return block.front(*args)
+
+
+def compile_failure(e: BaseException) -> str:
+    """Why a torch.compile call failed, in one line: the innermost exception of the chain (dynamo
+    wraps a backend's error in BackendCompilerFailed, whose own first line names only the
+    backend), and of a C++ compiler's output its first `error:` line (the command line and the
+    generated file's path come before it)."""
+    inner, seen = e, {id(e)}
+    while (nxt := getattr(inner, "inner_exception", None) or inner.__cause__) is not None and id(nxt) not in seen:
+        inner = nxt
+        seen.add(id(nxt))
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    detail = next((line[line.index("error:"):] for line in lines if "error:" in line), lines[0] if lines else "")
+    names = type(e).__name__ if inner is e else f"{type(e).__name__} <- {type(inner).__name__}"
+    return f"{names}: {detail[:300]}"
 
 
 def _block_back(block: nn.Module, *args):

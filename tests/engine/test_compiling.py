@@ -17,7 +17,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import compiling
 from nanoseek.engine.generate import generate
-from nanoseek.model.transformer import _call_block
+from nanoseek.model.transformer import _call_block, compile_failure
 
 
 @pytest.fixture(autouse=True)
@@ -90,8 +90,33 @@ def test_failing_compiler_falls_back_to_eager():
         warnings.simplefilter("always")
         got = generate(model, prompt, 6)
     assert got == expected
-    assert any(issubclass(w.category, RuntimeWarning) and "running eagerly" in str(w.message) for w in caught)
+    fallback = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "running eagerly" in str(w.message)]
+    assert fallback
+    # the warning says why: the backend's own error, not just dynamo's wrapper naming the backend
+    assert "RuntimeError: no C++ compiler here" in fallback[0], fallback[0]
     assert not model.blocks_compiled
+
+
+def test_compile_failure_names_the_compiler_error():
+    """A C++ compile error inside inductor reaches us wrapped by dynamo; the one-line reason is the
+    compiler's first `error:` line, not the wrapper's "backend='inductor' raised:"."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+
+    output = ("/root/.cache/nanoseek/inductor/mv/cmv6.main.cpp: In function 'void kernel_0()':\n"
+              "/root/.cache/nanoseek/inductor/mv/cmv6.main.cpp:4970:46: error: 'at::vec' has not been declared\n"
+              " 4970 |     auto tmp32 = at::vec::Vectorized<float>::loadu(out_ptr47);\n")
+
+    def inductor(gm, example_inputs):
+        return gm
+
+    wrapped = BackendCompilerFailed(inductor, CppCompileError(["g++", "cmv6.main.cpp"], output), None)
+    assert str(wrapped).splitlines()[0] == "backend='inductor' raised:"  # what the warning used to show
+    assert compile_failure(wrapped) == "BackendCompilerFailed <- CppCompileError: error: 'at::vec' has not been declared"
+    assert compile_failure(RuntimeError("boom\nsecond line")) == "RuntimeError: boom"
+    chained = ValueError("outer")
+    chained.__cause__ = KeyError("the cause")
+    assert compile_failure(chained) == "ValueError <- KeyError: 'the cause'"
 
 
 def test_a_later_group_failing_to_compile_finishes_the_step_eagerly():
