@@ -502,22 +502,23 @@ class BatchRunner:
             self.cache.pos[free] = 0
         self.steps += 1
         self.decoded_tokens += len(rows)
-        greedy_ids = torch.argmax(logits, dim=-1).tolist() if any(s.params.greedy for s in rows) else None
+        # every row's max (which check_logits reads: NaN if the row has one) and greedy pick, one pass
+        tops, greedy_ids = (t.tolist() for t in logits.max(dim=-1))
         lps = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in rows) else None
         for s in rows:
             try:
-                self._advance_row(s, logits[s.slot], greedy_ids, lps)
+                self._advance_row(s, logits[s.slot], greedy_ids, lps, tops[s.slot])
             except Exception as e:  # this row alone; the others keep decoding
                 self._fail_row(s, e)
 
-    def _advance_row(self, s: Sequence, row: torch.Tensor, greedy_ids, lps) -> None:
+    def _advance_row(self, s: Sequence, row: torch.Tensor, greedy_ids, lps, row_max: float) -> None:
         lp_row = lps[s.slot] if lps is not None else None
         if s.params.greedy:
-            check_logits(row)
+            check_logits(row, row_max)
             tok = greedy_ids[s.slot]
             lp, top = token_logprobs(row, tok, s.params, lp_row)
         else:
-            tok, lp, top = sample_row(row, s.params, s.generator, lp_row)
+            tok, lp, top = sample_row(row, s.params, s.generator, lp_row, row_max)
         s.append(tok, lp, top)
         if s.finished:
             self._leave(s)

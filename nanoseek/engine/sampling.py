@@ -20,6 +20,7 @@ cut) the two are the same numbers.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -105,20 +106,32 @@ class SamplingError(ValueError):
     """One row's logits cannot be sampled (NaN logits, or no token left with nonzero probability)."""
 
 
-def check_logits(logits: torch.Tensor) -> None:
-    """Raise SamplingError for logits [V] with a NaN or without a single finite value."""
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+def check_logits(logits: torch.Tensor, top: float | None = None) -> None:
+    """Raise SamplingError for logits [V] with a NaN or without a single finite value.
+
+    `top`: their max, where the caller has it (the decode loop takes every row's max and argmax
+    in one pass). One max decides: it is NaN when any logit is (max propagates NaN) and finite
+    when a finite logit is the largest; only a +inf max needs a look for a finite value. (With
+    the greedy pick, a row of 8,192 logits: 44 us as isnan + isfinite passes and an argmax, 12 us
+    as one max; a `small` decode step is ~4.5 ms.)"""
+    top = float(logits.max()) if top is None else top
+    if math.isfinite(top):
+        return
+    if math.isnan(top) or top < 0 or not bool(torch.isfinite(logits).any()):
         raise SamplingError("the model produced non-finite logits (NaN, or no finite value) for this request")
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-               logprobs_row: torch.Tensor | None = None):
-    """Pick one token from logits [V]; returns (token, logprob or None, top list or None).
-    Raises SamplingError when the row cannot be sampled; the caller ends that request alone."""
-    check_logits(logits)
+               logprobs_row: torch.Tensor | None = None, top: float | None = None):
+    """Pick one token from logits [V] (`top`: their max, if known); returns (token, logprob or
+    None, top list or None). Raises SamplingError when the row cannot be sampled; the caller
+    ends that request alone."""
     if params.greedy:
-        token = int(torch.argmax(logits))
+        best, index = logits.max(dim=-1)  # (the first of equal maxima, as torch.argmax)
+        check_logits(logits, float(best))
+        token = int(index)
     else:
+        check_logits(logits, top)
         x = filter_logits(logits, params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(x, dim=-1)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:

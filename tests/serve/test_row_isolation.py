@@ -10,7 +10,7 @@ import torch
 
 from nanoseek.engine import BatchRunner, SamplingParams, Sequence
 from nanoseek.engine.engine import Engine, EngineError
-from nanoseek.engine.sampling import SamplingError, sample_row
+from nanoseek.engine.sampling import SamplingError, check_logits, sample_row
 from tests.engine.fixtures import make_model, make_tokenizer
 
 
@@ -42,6 +42,30 @@ def test_nan_logits_raise_a_sampling_error():
         sample_row(torch.tensor([0.0, float("nan")]), SamplingParams(temperature=1.0), None)
     with pytest.raises(SamplingError):
         sample_row(torch.full((3,), float("-inf")), SamplingParams(), None)
+
+
+@pytest.mark.parametrize("values, ok", [
+    ([0.0, 1.0, -2.0], True), ([float("-inf"), -3.0], True), ([float("inf"), 1.0], True),
+    ([1.0, float("nan")], False), ([float("nan"), float("inf")], False), ([float("-inf")] * 3, False),
+    ([float("inf")] * 3, False), ([float("inf"), float("-inf")], False), ([float("nan")] * 2, False)])
+def test_check_logits_against_the_elementwise_rule(values, ok):
+    """No NaN and at least one finite logit (the rule, spelled out with math on each value),
+    whether check_logits takes the max itself or is given it; sample_row refuses the same rows
+    (greedy or sampled) and picks the argmax of the others greedily."""
+    import math
+
+    assert ok == (not any(math.isnan(v) for v in values) and any(math.isfinite(v) for v in values))
+    logits = torch.tensor(values)
+    for top in (None, float(logits.max())):
+        if ok:
+            check_logits(logits, top)
+            assert sample_row(logits, SamplingParams(), None, top=top)[0] == int(torch.argmax(logits))
+            continue
+        with pytest.raises(SamplingError, match="non-finite logits"):
+            check_logits(logits, top)
+        for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
+            with pytest.raises(SamplingError, match="non-finite logits"):
+                sample_row(logits, params, params.make_generator(), top=top)
 
 
 def test_a_failing_row_leaves_alone_and_the_others_are_exact(mt):
@@ -76,10 +100,10 @@ def test_engine_in_flight_returns_to_zero_after_a_row_fails(mt, monkeypatch):
 
     real = batch.sample_row
 
-    def flaky(logits, params, generator, lp_row=None):
+    def flaky(logits, params, generator, lp_row=None, top=None):
         if params.top_k == 13:  # the poisoned request
             raise SamplingError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, params, generator, lp_row)
+        return real(logits, params, generator, lp_row, top)
 
     monkeypatch.setattr(batch, "sample_row", flaky)
     ids = [tok.bos_id] + tok.encode("def add(a, b):")
