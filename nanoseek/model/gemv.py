@@ -23,17 +23,7 @@ about 11-13 GB/s on the 2-core EPYC we measure on; two faster routes, each where
   step. For small matrices oneDNN's per-call setup (~30 us) eats the gain, so only weights of
   `MIN_BYTES` and more take it.
 
-And one route for the other end, products of many rows (a prefill, a scoring pass):
-
-* **fp32 GEMMs without autograd** (`linear` past `MAX_ROWS` rows, and the routed experts'
-  per-expert products): oneDNN's matmul instead of MKL's sgemm, which on the AMD EPYC we measure
-  on runs these shapes 1.07-1.25x slower (`small`'s: [512, 512] x [512, 256] 1.08x, the
-  experts' ~64-row products 1.03-1.23x, [128, 512] x [512, 512] 1.25x; 2 threads, in cache). A
-  512-token `small` prefill 1.06x (16 alternating rounds, 0.84-1.15x). Training (autograd) and
-  bf16 (autocast's products already go to oneDNN) are unchanged. `onednn_gemms = False` turns
-  it off.
-
-Numerically each is the same fp32 (or bf16) product with another summation order (~1e-6
+Numerically both are the same fp32 (or bf16) product with another summation order (~1e-6
 relative; tests/model/test_fast_paths.py compares them with F.linear). oneDNN applies only
 without autograd, on CPU, outside autocast and outside a compiled graph; anything else -- or a
 oneDNN error, after which the process stops trying -- is F.linear.
@@ -53,7 +43,6 @@ MAX_ROWS = 16  # a decode step's rows (batch x new tokens); prefill is a GEMM, n
 _usable = torch.backends.mkldnn.is_available()
 
 reduction_in_graphs = True  # the compiled decode graphs' multiply + sum (False: F.linear there too)
-onednn_gemms = True  # eager fp32 products of more than MAX_ROWS rows without autograd through oneDNN
 
 
 @functools.cache
@@ -79,27 +68,14 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return onednn_linear(x, weight) if applies(x, weight) else F.linear(x, weight)
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The oneDNN product for a caller that has checked `applies` or `gemm_applies` (F.linear if
-    oneDNN refuses)."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN product for a caller that has checked `applies` (F.linear if oneDNN refuses)."""
     global _usable
     try:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
     except RuntimeError:  # an oneDNN build that refuses the shape or dtype: stop trying
         _usable = False
-        return F.linear(x, weight, bias)
-
-
-def gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` sends x @ weight^T to oneDNN as a GEMM (see top): more than MAX_ROWS rows,
-    fp32, CPU, eager, nothing recording autograd, outside autocast (whose casts F.linear does)."""
-    if not (onednn_gemms and _usable) or torch.compiler.is_compiling():
-        return False
-    if x.device.type != "cpu" or x.dtype is not torch.float32 or weight.dtype is not torch.float32:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return not torch.is_autocast_enabled("cpu") and x.numel() // max(x.shape[-1], 1) > MAX_ROWS
+        return F.linear(x, weight)
 
 
 def in_graph(rows, *tensors: torch.Tensor) -> bool:
@@ -118,10 +94,7 @@ def as_reduction(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); in a compiled decode graph, one streaming reduction; an eager
-    fp32 GEMM without autograd, oneDNN's (see top)."""
-    if gemm_applies(x, weight):
-        return onednn_linear(x, weight, bias)
+    """F.linear(x, weight, bias); in a compiled decode graph, one streaming reduction (see top)."""
     if not as_reduction(x, weight):
         return F.linear(x, weight, bias)
     y = (x.unsqueeze(-2) * weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]: never materialised

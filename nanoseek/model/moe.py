@@ -187,9 +187,8 @@ class Experts(nn.Module):
 
 def per_expert(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: list[int],
                limit: float) -> torch.Tensor:
-    """Expert-sorted tokens xs [M, D] -> [M, D], one product per expert and matrix (inference,
-    and the reference _GroupedExperts is tested against; gemv.linear: F.linear, or oneDNN's
-    GEMM for an expert's many fp32 rows without autograd)."""
+    """Expert-sorted tokens xs [M, D] -> [M, D], one F.linear per expert and matrix (inference,
+    and the reference _GroupedExperts is tested against)."""
     outs = []
     # unbind / split once: indexing w[e] or slicing xs per expert would make autograd build a
     # full-size zero gradient for every expert (O(E^2) memory traffic); the backward of
@@ -198,8 +197,8 @@ def per_expert(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     for e, xe in enumerate(xs.split(counts)):
         if xe.shape[0] == 0:
             continue
-        h = swiglu(linear(xe, w1[e]), linear(xe, w3[e]), limit)
-        outs.append(linear(h, w2[e]))
+        h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), limit)
+        outs.append(F.linear(h, w2[e]))
     return torch.cat(outs) if outs else xs
 
 
