@@ -111,9 +111,9 @@ def check_logits(logits: torch.Tensor, top: float | None = None) -> None:
 
     `top`: their max, where the caller has it (the decode loop takes every row's max and argmax
     in one pass). One max decides: it is NaN when any logit is (max propagates NaN) and finite
-    when a finite logit is the largest; only a +inf max needs a look for a finite value. (With
-    the greedy pick, a row of 8,192 logits: 44 us as isnan + isfinite passes and an argmax, 12 us
-    as one max; a `small` decode step is ~4.5 ms.)"""
+    when a finite logit is the largest; only a +inf max needs a look for a finite value.
+    (`python benchmarks/bench_sampling.py`, with the greedy pick: 8,192 logits 46 -> 13 us a step,
+    a `small` step being ~4.5 ms; 8 rows of V4's 129,280 logits 2.75 -> 0.52 ms.)"""
     top = float(logits.max()) if top is None else top
     if math.isfinite(top):
         return
