@@ -1,11 +1,16 @@
-"""Benchmark: the decode loop's per-step token pick, one max per row vs the checks it replaced.
+"""Benchmark: the decode loop's per-token sampling work against what it replaced, same run.
 
-Each decode step of `BatchRunner` checks every row's logits (no NaN, at least one finite value)
-and picks the greedy token. It used to run `isnan(...).any()`, `isfinite(...).any()` and an
-argmax; now one `max(dim=-1)` gives every row's max (NaN if the row has one, which decides the
-check, `sampling.check_logits`) and its argmax. This times both, same process, alternating, on
-logits rows of a few vocabulary sizes (`small` 8,192; 32,768; V4's 129,280) at batch 1 and 8,
-and checks the two pick the same tokens.
+* Greedy pick + logits check. Each decode step of `BatchRunner` checks every row's logits (no
+  NaN, at least one finite value) and picks the greedy token. It used to run
+  `isnan(...).any()`, `isfinite(...).any()` and an argmax; now one `max(dim=-1)` gives every
+  row's max (NaN if the row has one, which decides the check, `sampling.check_logits`) and its
+  argmax. Batch 1 and 8; the two must pick the same tokens.
+* Top-p. `sampling.nucleus` sorts only the head of the distribution (growing top-k
+  candidates) where the filter sorted the whole row; on a flat row (randn x 3: thousands of
+  tokens in the nucleus) and a peaked one (Zipf-like, as a trained model's: tens), top_p 0.95;
+  the two must keep the same number of tokens.
+
+Vocabulary sizes: `small`'s 8,192, 32,768 and V4's 129,280. Medians of alternating rounds.
 
     python benchmarks/bench_sampling.py
     python benchmarks/bench_sampling.py --reps 5000 --threads 1
@@ -19,7 +24,7 @@ import time
 
 import torch
 
-from nanoseek.engine.sampling import check_logits
+from nanoseek.engine.sampling import check_logits, nucleus
 
 
 def before(logits: torch.Tensor) -> list[int]:
@@ -36,6 +41,23 @@ def after(logits: torch.Tensor) -> list[int]:
     for row, top in zip(logits, tops):
         check_logits(row, top)
     return picks
+
+
+def sorted_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p filter before `nucleus`: a full descending sort of the row, softmax, cumsum."""
+    sorted_x, order = torch.sort(x, descending=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    drop = torch.cumsum(probs, dim=-1) - probs >= top_p
+    drop[0] = False
+    return x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+
+
+def alternate(fns: dict, reps: int, rounds: int) -> dict[str, float]:
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            runs[name].append(median_us(fn, reps))
+    return {name: statistics.median(v) for name, v in runs.items()}
 
 
 def median_us(fn, reps: int) -> float:
@@ -58,20 +80,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"per-step pick + check, median of {args.reps} calls x {args.rounds} alternating rounds, "
+    print(f"per-step greedy pick + check, median of {args.reps} calls x {args.rounds} alternating rounds, "
           f"threads={torch.get_num_threads()}")
     for vocab in (8192, 32768, 129280):
         for batch in (1, 8):
             logits = torch.randn(batch, vocab)
             logits[:, ::97] = logits.max()  # ties: both must pick the first maximum
             assert before(logits) == after(logits), "the two picks differ"
-            runs: dict[str, list[float]] = {"before": [], "after": []}
-            for _ in range(args.rounds):
-                runs["before"].append(median_us(lambda: before(logits), args.reps))
-                runs["after"].append(median_us(lambda: after(logits), args.reps))
-            b, a = statistics.median(runs["before"]), statistics.median(runs["after"])
-            print(f"  vocab {vocab:6d}, batch {batch}: isnan + isfinite + argmax {b:7.1f} us, "
-                  f"one max {a:7.1f} us: {b / a:.2f}x")
+            t = alternate({"before": lambda: before(logits), "after": lambda: after(logits)}, args.reps, args.rounds)
+            print(f"  vocab {vocab:6d}, batch {batch}: isnan + isfinite + argmax {t['before']:7.1f} us, "
+                  f"one max {t['after']:7.1f} us: {t['before'] / t['after']:.2f}x")
+    print(f"top-p 0.95 filter of one row, median of {max(1, args.reps // 10)} calls x {args.rounds} rounds")
+    for vocab in (8192, 32768, 129280):
+        rank = torch.randperm(vocab).double() + 1
+        rows = {"flat": torch.randn(vocab) * 3, "peaked": (-2.0 * rank.log()).float()}
+        for kind, x in rows.items():
+            kept = int(torch.isfinite(nucleus(x, 0.95)).sum())
+            assert abs(kept - int(torch.isfinite(sorted_top_p(x, 0.95)).sum())) <= 2, "the two cuts differ"
+            t = alternate({"sort": lambda: sorted_top_p(x, 0.95), "nucleus": lambda: nucleus(x, 0.95)},
+                          max(1, args.reps // 10), args.rounds)
+            print(f"  vocab {vocab:6d}, {kind:6s} ({kept:5d} tokens kept): full sort {t['sort']:8.1f} us, "
+                  f"nucleus {t['nucleus']:8.1f} us: {t['sort'] / t['nucleus']:.2f}x")
 
 
 if __name__ == "__main__":

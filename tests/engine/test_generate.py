@@ -7,7 +7,7 @@ import torch
 
 from nanoseek import generate, generate_stream
 from nanoseek.engine import fill_in_middle, fim_prompt, generate_full
-from nanoseek.engine.sampling import filter_logits
+from nanoseek.engine.sampling import filter_logits, nucleus
 
 # Prompt lengths straddle the tiny preset's sliding window (16) and compression rates (4, 8).
 LENGTHS = (3, 11, 29)
@@ -88,6 +88,51 @@ def test_filter_logits():
     assert keep == [False, True, True, False, False]  # .64 < p, .64+.24 >= p -> two tokens
     assert torch.isfinite(filter_logits(x, 1.0, top_p=0.5)).sum() == 1
     assert torch.allclose(filter_logits(x, 2.0), x / 2)
+
+
+def _nucleus_float64(x: torch.Tensor, top_p: float):
+    """The top-p rule by brute force in float64 over a full sort: (kept mask, mass before each)."""
+    xd = x.double()
+    order = torch.sort(xd, descending=True).indices
+    probs = torch.softmax(xd[order], -1)
+    before = torch.empty_like(xd)
+    before[order] = torch.cumsum(probs, -1) - probs
+    keep = before < top_p
+    keep[order[0]] = True
+    return keep, before
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 300, 8192, 129280])
+def test_nucleus_matches_a_float64_sort(vocab):
+    """sampling.nucleus (top-k candidates, growing) keeps what the float64 rule keeps, except
+    tokens whose mass-before is within 1e-6 of top_p (float32 logits cannot decide those), over peaked
+    and flat rows, huge logits (~100: a softmax-exact total matters there), -inf entries, and
+    top_p from 1e-300 to 0.999; kept logits are unchanged, the rest -inf."""
+    g = torch.Generator().manual_seed(vocab)
+    undecided = 0
+    for scale in (0.01, 1.0, 3.0, 10.0, 50.0):
+        for masked in (False, True):
+            x = torch.randn(vocab, generator=g) * scale
+            if masked:
+                x[torch.randint(0, vocab, (vocab // 3 + 1,), generator=g)] = float("-inf")
+                x[0] = 1.0
+            for top_p in (1e-300, 0.1, 0.5, 0.9, 0.95, 0.999):
+                out = nucleus(x, top_p)
+                kept = torch.isfinite(out)
+                torch.testing.assert_close(out[kept], x[kept], rtol=0, atol=0)
+                want, before = _nucleus_float64(x, top_p)
+                differ = kept != want
+                assert ((before[differ] - top_p).abs() < 1e-6).all(), (scale, masked, top_p, int(differ.sum()))
+                undecided += int(differ.sum())
+    assert undecided <= 2
+    # logits far from 0 (the softmax does not change): differences to the max keep the mass exact
+    # where exp(x - logsumexp(x)) lost ~1e-3 of it to the rounding of logsumexp and kept every
+    # token. (Rounded to float32 near 1e4 many logits tie, and which of a tied group straddling
+    # the cut stays is arbitrary: the number kept is what the rule fixes.)
+    x = torch.randn(vocab, generator=g) * 3 + 1e4
+    for top_p in (0.5, 0.9, 0.99):
+        want, _ = _nucleus_float64(x, top_p)
+        assert abs(int(torch.isfinite(nucleus(x, top_p)).sum()) - int(want.sum())) <= 1, top_p
 
 
 def test_logprobs_modes():
