@@ -107,14 +107,14 @@ def nucleus(x: torch.Tensor, top_p: float) -> torch.Tensor:
     Only the head of the order is sorted: the `NUCLEUS_FIRST` largest logits (`topk`), then 4x as
     many, until their mass reaches top_p -- every token after them then has at least that much
     before it and goes -- and the whole vocabulary only for a distribution that flat. A full sort
-    of every row cost 0.46 ms a step at 8,192 logits and 12 ms at V4's 129,280
-    (`python benchmarks/bench_sampling.py`). The probabilities are the whole vocabulary's softmax,
+    of every row cost 0.44 ms a step at 8,192 logits and 10.5 ms at V4's 129,280; a peaked row
+    now 0.08 and 0.37 ms (`python benchmarks/bench_sampling.py`). The probabilities are the whole vocabulary's softmax,
     computed for the candidates only."""
     v = x.shape[-1]
     k = min(NUCLEUS_FIRST, v)
     top, index = torch.topk(x, k)  # descending
     # the softmax's own arithmetic, exp of differences to the max over their sum (exp(x - lse)
-    # lost ~1e-5 of the mass to lse's rounding at logits ~100, and then kept every token), with
+    # lost ~5e-6 of the mass to lse's rounding at logits ~150, and then kept every token), with
     # the sum and the running mass in float64 (the float32 softmax + cumsum of a full sort put the
     # cut of flat 129K-token rows 1-2 tokens off the float64 rule in 6 of 150 rows, this in 0)
     total = torch.exp(x - top[0]).sum(dtype=torch.float64)
