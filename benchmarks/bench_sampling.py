@@ -9,6 +9,9 @@
   candidates) where the filter sorted the whole row; on a flat row (randn x 3: thousands of
   tokens in the nucleus) and a peaked one (Zipf-like, as a trained model's: tens), top_p 0.95;
   the two must keep the same number of tokens.
+* Drawing the token. `sampling.draw` runs torch.multinomial's exponential race with its
+  exponential variates as -log of uniform ones (PyTorch's own exponential draws are slow);
+  the two must draw alike in distribution (checked on the head of the row: 5-sigma bands).
 
 Vocabulary sizes: `small`'s 8,192, 32,768 and V4's 129,280. Medians of alternating rounds.
 
@@ -24,7 +27,7 @@ import time
 
 import torch
 
-from nanoseek.engine.sampling import check_logits, nucleus
+from nanoseek.engine.sampling import check_logits, draw, nucleus
 
 
 def before(logits: torch.Tensor) -> list[int]:
@@ -101,6 +104,24 @@ def main() -> None:
                           max(1, args.reps // 10), args.rounds)
             print(f"  vocab {vocab:6d}, {kind:6s} ({kept:5d} tokens kept): full sort {t['sort']:8.1f} us, "
                   f"nucleus {t['nucleus']:8.1f} us: {t['sort'] / t['nucleus']:.2f}x")
+    draws(max(1, args.reps // 10), args.rounds)
+
+
+def draws(reps: int, rounds: int) -> None:
+    print(f"drawing one token from a row of probabilities, median of {reps} calls x {rounds} rounds")
+    g = torch.Generator().manual_seed(0)
+    for vocab in (8192, 32768, 129280):
+        probs = torch.softmax(torch.randn(vocab) * 3, -1)
+        n = 4000  # same distribution: the most likely token's frequency under both, 5 sigma apart at most
+        top = int(torch.argmax(probs))
+        f_draw = sum(draw(probs, g) == top for _ in range(n)) / n
+        f_multi = sum(int(torch.multinomial(probs, 1, generator=g)) == top for _ in range(n)) / n
+        p = float(probs[top])
+        assert abs(f_draw - f_multi) <= 5 * (2 * p * (1 - p) / n) ** 0.5 + 1e-3, (f_draw, f_multi, p)
+        t = alternate({"multinomial": lambda: torch.multinomial(probs, 1, generator=g),
+                       "draw": lambda: draw(probs, g)}, reps, rounds)
+        print(f"  vocab {vocab:6d}: torch.multinomial {t['multinomial']:7.1f} us, draw {t['draw']:7.1f} us: "
+              f"{t['multinomial'] / t['draw']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams, filter_logits
+from .sampling import SamplingParams, draw, filter_logits
 
 
 @dataclass
@@ -82,9 +82,9 @@ def accept_sampled(main_logits: torch.Tensor, q_probs: list[torch.Tensor], draft
         residual = (p - q).clamp_min(0.0)
         if not float(residual.sum()) > 0:  # p == q up to rounding: rejection had ~0 probability
             residual = p
-        return i, drafts[:i] + [int(torch.multinomial(residual, 1, generator=generator))]
+        return i, drafts[:i] + [draw(residual, generator)]
     p = sampling_probs(main_logits[k], params)
-    return k, drafts + [int(torch.multinomial(p, 1, generator=generator))]
+    return k, drafts + [draw(p, generator)]
 
 
 Pending = list[tuple[torch.Tensor, list[int]]]  # MTP pairs not fed yet: (streams [1,m,n,d], m tokens)
@@ -117,7 +117,7 @@ def spec_round(model, cache, last_h: torch.Tensor, tok: int, k: int, params: Sam
             cur = int(torch.argmax(row))
         else:
             q = sampling_probs(row, params)
-            cur = int(torch.multinomial(q, 1, generator=generator))
+            cur = draw(q, generator)
             q_probs.append(q)
         drafts.append(cur)
         ids = [cur]
