@@ -108,8 +108,8 @@ def nucleus(x: torch.Tensor, top_p: float) -> torch.Tensor:
     many, until their mass reaches top_p -- every token after them then has at least that much
     before it and goes -- and the whole vocabulary only for a distribution that flat. A full sort
     of every row cost 0.44 ms a step at 8,192 logits and 10.5 ms at V4's 129,280; a peaked row
-    now 0.08 and 0.37 ms (`python benchmarks/bench_sampling.py`). The probabilities are the whole vocabulary's softmax,
-    computed for the candidates only."""
+    now 0.08 and 0.37 ms (`python benchmarks/bench_sampling.py`). The probabilities are the
+    whole vocabulary's softmax, computed for the candidates only."""
     v = x.shape[-1]
     k = min(NUCLEUS_FIRST, v)
     top, index = torch.topk(x, k)  # descending
@@ -182,11 +182,12 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     else:
         check_logits(logits, top)
         x = filter_logits(logits, params.temperature, params.top_k, params.top_p)
-        probs = torch.softmax(x, dim=-1)
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        try:  # (draw refuses a NaN, infinite or zero total: the one check of the distribution)
+            token = draw(torch.softmax(x, dim=-1), generator)
+        except ValueError:
             raise SamplingError("the sampling distribution is not a probability distribution "
-                                f"(temperature={params.temperature!r}, top_p={params.top_p!r}, top_k={params.top_k!r})")
-        token = draw(probs, generator)
+                                f"(temperature={params.temperature!r}, top_p={params.top_p!r}, top_k={params.top_k!r})"
+                                ) from None
     return (token, *token_logprobs(logits, token, params, logprobs_row))
 
 
