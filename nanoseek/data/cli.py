@@ -117,7 +117,20 @@ def add_subcommands(subparsers) -> None:
                                  description="Code-data pipeline (docs/data.md).")
     dsub = data.add_subparsers(dest="data_command", metavar="STEP")
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
+    _add_build(dsub)
+    _add_tokenize(dsub)
+    _add_inspect(dsub)
+    _add_tasks(dsub)
+    tok = subparsers.add_parser("tokenizer", help="train the BPE tokenizer",
+                                description="Byte-level BPE with code-aware pre-tokenization (docs/data.md).")
+    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="STEP")
+    tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
+    _add_tokenizer_train(tsub)
+    for parser in (*dsub.choices.values(), *tsub.choices.values()):
+        show_defaults(parser)
 
+
+def _add_build(dsub) -> None:
     b = dsub.add_parser("build", help="clean, deduplicate and split source code into a JSONL corpus")
     b.add_argument("--source", action="append", metavar="SRC",
                    help="repeatable: 'default' (stdlib + site-packages), 'stdlib', 'site-packages', a directory "
@@ -143,6 +156,8 @@ def add_subcommands(subparsers) -> None:
     b.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_build)
 
+
+def _add_tokenize(dsub) -> None:
     t = dsub.add_parser("tokenize", help="tokenize a corpus into memory-mapped shards")
     t.add_argument("--corpus", required=True)
     t.add_argument("--tokenizer", required=True)
@@ -153,6 +168,8 @@ def add_subcommands(subparsers) -> None:
     t.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_tokenize)
 
+
+def _add_inspect(dsub) -> None:
     i = dsub.add_parser("inspect", help="print shard statistics and decode a few documents")
     i.add_argument("shards")
     i.add_argument("--tokenizer", help="decode documents with this tokenizer")
@@ -161,6 +178,8 @@ def add_subcommands(subparsers) -> None:
     i.add_argument("--chars", type=int, default=800, help="characters to print per document")
     i.set_defaults(func=_cmd_inspect)
 
+
+def _add_tasks(dsub) -> None:
     k = dsub.add_parser(
         "tasks", help="mine verified HumanEval-shaped code tasks (and SFT examples) from source code",
         description="Mine verifiable code tasks from the sources' documented pure functions: tests from doctests "
@@ -192,10 +211,8 @@ def add_subcommands(subparsers) -> None:
     k.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=_cmd_tasks)
 
-    tok = subparsers.add_parser("tokenizer", help="train the BPE tokenizer",
-                                description="Byte-level BPE with code-aware pre-tokenization (docs/data.md).")
-    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="STEP")
-    tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
+
+def _add_tokenizer_train(tsub) -> None:
     tt = tsub.add_parser("train", help="train on a corpus built by `nanoseek data build`")
     tt.add_argument("--corpus", required=True)
     tt.add_argument("--vocab-size", type=int, default=32768, help="including the 32 special ids (default: %(default)s)")
@@ -207,7 +224,5 @@ def add_subcommands(subparsers) -> None:
     tt.add_argument("--force", action="store_true", help="retrain even if OUT holds a tokenizer")
     tt.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     tt.set_defaults(func=_cmd_tok_train)
-    for parser in (*dsub.choices.values(), *tsub.choices.values()):
-        show_defaults(parser)
 
 
