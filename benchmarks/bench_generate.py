@@ -131,22 +131,21 @@ def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens
     in the same run (alternating): the Python API (`speculative_generate`), the
     continuous-batching Engine, and the HTTP server (in-process uvicorn, /v1/completions).
     Greedy (outputs must be identical) and sampled (temperature/top-p; same distribution)."""
-    import json
-    import socket
-    import threading
-    import urllib.request
-
     from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.engine.generate import speculative_generate
 
     model = Transformer.from_pretrained(ckpt).eval()
     tok = load_tokenizer(tok_dir or ckpt)
     encoded = [tok.encode(t, add_bos=True) for t in SPEC_PROMPTS]
     print(f"MTP speculative decoding, {num_draft} drafts per round, {ckpt}: {new_tokens} new tokens per request, "
           f"{len(SPEC_PROMPTS)} code prompts x {reps} reps, threads={torch.get_num_threads()}")
+    _spec_api(model, encoded, num_draft, new_tokens, reps)
+    _spec_engine_and_server(model, tok, encoded, num_draft, new_tokens, reps, temperature, top_p)
 
-    # -- 1. Python API (batch 1): prefill included in both timings --------------------------
+
+def _spec_api(model, encoded: list[list[int]], num_draft: int, new_tokens: int, reps: int) -> None:
+    """1. The Python API (batch 1), greedy: prefill included in both timings."""
+    from nanoseek.engine.generate import speculative_generate
+
     plain_t, spec_t, toks, acc, per_call = [], [], [], [], []
     for _ in range(reps):
         for ids in encoded:
@@ -164,86 +163,115 @@ def bench_speculative(ckpt: str, tok_dir: str | None, num_draft: int, new_tokens
     print(f"  API greedy:    acceptance {statistics.mean(acc):.1%}, {statistics.mean(per_call):.2f} tokens per "
           f"main-model call (prefill counted), outputs identical; {_ratio_line(plain_t, spec_t, toks)}")
 
-    # -- 2. Engine and 3. server: one engine per setting, requests one at a time ------------
-    engines = {k: Engine(model, tokenizer=tok, max_batch=4, max_len=1024, speculative_tokens=k).start()
-               for k in (0, num_draft)}
 
-    def engine_run(k, ids, greedy, seed):
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else temperature,
-                                top_p=1.0 if greedy else top_p, seed=seed)
-        t = time.perf_counter()
-        out = [x for d in engines[k].submit(ids, params) for x in d.tokens]
-        return out, time.perf_counter() - t
+def _start_servers(engines: dict, tok) -> dict:
+    """An in-process uvicorn server per engine: {k: (server, base URL)}; {} without the server
+    extras."""
+    import socket
+    import threading
 
-    servers = {}
     try:
         import uvicorn
 
         from nanoseek.serve.app import create_app
-
-        for k, eng in engines.items():
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            srv = uvicorn.Server(uvicorn.Config(create_app(eng, tok), host="127.0.0.1", port=port,
-                                                log_level="warning"))
-            threading.Thread(target=srv.run, daemon=True).start()
-            while not srv.started:
-                time.sleep(0.05)
-            servers[k] = (srv, f"http://127.0.0.1:{port}")
     except ImportError as e:  # the server extras are not installed: engine numbers only
         print(f"  (server path skipped: {e})")
+        return {}
+    servers = {}
+    for k, eng in engines.items():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(create_app(eng, tok), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.05)
+        servers[k] = (srv, f"http://127.0.0.1:{port}")
+    return servers
 
-    def server_run(k, text, greedy, seed):
-        body = {"model": "nanoseek", "prompt": text, "max_tokens": new_tokens, "seed": seed,
-                "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p}
-        req = urllib.request.Request(servers[k][1] + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        t = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=600) as r:
-            res = json.load(r)
-        return res["choices"][0]["text"], res["usage"]["completion_tokens"], time.perf_counter() - t
 
-    def spec_counters():
-        return dict(engines[num_draft].stats()["speculative"])
+def _engine_once(engine, ids: list[int], new_tokens: int, temperature: float, top_p: float, seed: int):
+    """One request through the Engine: (tokens, how many, seconds)."""
+    from nanoseek.engine import SamplingParams
 
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    t = time.perf_counter()
+    out = [x for d in engine.submit(ids, params) for x in d.tokens]
+    return out, len(out), time.perf_counter() - t
+
+
+def _server_once(url: str, text: str, new_tokens: int, temperature: float, top_p: float, seed: int):
+    """One /v1/completions request: (text, completion tokens, seconds)."""
+    import json
+    import urllib.request
+
+    body = {"model": "nanoseek", "prompt": text, "max_tokens": new_tokens, "seed": seed,
+            "temperature": temperature, "top_p": top_p}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        res = json.load(r)
+    return res["choices"][0]["text"], res["usage"]["completion_tokens"], time.perf_counter() - t
+
+
+def _spec_engine_and_server(model, tok, encoded, num_draft: int, new_tokens: int, reps: int,
+                            temperature: float, top_p: float) -> None:
+    """2. The Engine and 3. the server: one engine per setting, requests one at a time, greedy
+    and sampled."""
+    from nanoseek.engine import Engine
+
+    engines = {k: Engine(model, tokenizer=tok, max_batch=4, max_len=1024, speculative_tokens=k).start()
+               for k in (0, num_draft)}
+    servers = _start_servers(engines, tok)
     try:
         for path in ("engine", "server") if servers else ("engine",):
             for greedy in (True, False):
-                plain_t, spec_t, toks = [], [], []
-                c0 = spec_counters()
-                for rep in range(reps):
-                    for i, (text, ids) in enumerate(zip(SPEC_PROMPTS, encoded)):
-                        seed = 1000 * rep + i
-                        if path == "engine":
-                            a, ta = engine_run(0, ids, greedy, seed)
-                            b, tb = engine_run(num_draft, ids, greedy, seed)
-                            n = len(a)
-                        else:
-                            a, na, ta = server_run(0, text, greedy, seed)
-                            b, nb, tb = server_run(num_draft, text, greedy, seed)
-                            # the server stops at EOS, so two sampled answers may differ in length:
-                            # compare time per token (scaled to new_tokens)
-                            n = new_tokens
-                            ta, tb = ta / max(na, 1) * n, tb / max(nb, 1) * n
-                        plain_t.append(ta)
-                        spec_t.append(tb)
-                        toks.append(n)
-                        if greedy and a != b:
-                            raise SystemExit(f"{path}: speculative greedy output differs from plain")
-                c1 = spec_counters()
-                drafted, accepted = c1["drafted"] - c0["drafted"], c1["accepted"] - c0["accepted"]
-                rounds = c1["rounds"] - c0["rounds"]
-                emitted = accepted + rounds  # each round emits its accepted drafts + one token
+                temp, tp = (0.0, 1.0) if greedy else (temperature, top_p)
+
+                def once(k, i, seed, path=path, temp=temp, tp=tp):
+                    if path == "engine":
+                        return _engine_once(engines[k], encoded[i], new_tokens, temp, tp, seed)
+                    return _server_once(servers[k][1], SPEC_PROMPTS[i], new_tokens, temp, tp, seed)
+
                 mode = "greedy " if greedy else f"T={temperature:g} top_p={top_p:g}"
-                print(f"  {path:6s} {mode}: acceptance {accepted / max(drafted, 1):.1%}, "
-                      f"{emitted / max(rounds, 1):.2f} tokens per verification call"
-                      f"{', outputs identical' if greedy else ''}; {_ratio_line(plain_t, spec_t, toks)}")
+                _spec_compare(path, mode, greedy, once, engines[num_draft], num_draft, new_tokens, reps)
     finally:
         for srv, _ in servers.values():
             srv.should_exit = True
         for eng in engines.values():
             eng.stop()
+
+
+def _spec_compare(path: str, mode: str, greedy: bool, once, spec_engine, num_draft: int, new_tokens: int,
+                  reps: int) -> None:
+    """Plain (k = 0) and speculative requests alternating over every prompt, `reps` times; prints
+    the acceptance (from the speculative engine's counters) and the speed-up."""
+    plain_t, spec_t, toks = [], [], []
+    c0 = dict(spec_engine.stats()["speculative"])
+    for rep in range(reps):
+        for i in range(len(SPEC_PROMPTS)):
+            seed = 1000 * rep + i
+            a, na, ta = once(0, i, seed)
+            b, nb, tb = once(num_draft, i, seed)
+            n = na
+            if path == "server":
+                # the server stops at EOS, so two sampled answers may differ in length: compare
+                # time per token (scaled to new_tokens)
+                n = new_tokens
+                ta, tb = ta / max(na, 1) * n, tb / max(nb, 1) * n
+            plain_t.append(ta)
+            spec_t.append(tb)
+            toks.append(n)
+            if greedy and a != b:
+                raise SystemExit(f"{path}: speculative greedy output differs from plain")
+    c1 = dict(spec_engine.stats()["speculative"])
+    drafted, accepted = c1["drafted"] - c0["drafted"], c1["accepted"] - c0["accepted"]
+    rounds = c1["rounds"] - c0["rounds"]
+    emitted = accepted + rounds  # each round emits its accepted drafts + one token
+    print(f"  {path:6s} {mode}: acceptance {accepted / max(drafted, 1):.1%}, "
+          f"{emitted / max(rounds, 1):.2f} tokens per verification call"
+          f"{', outputs identical' if greedy else ''}; {_ratio_line(plain_t, spec_t, toks)}")
 
 
 def bench_long_context(model, lengths: list[int], reps: int) -> None:
@@ -278,7 +306,7 @@ def bench_long_context(model, lengths: list[int], reps: int) -> None:
               f"{med[('decode', False)] / med[('decode', True)]:.2f}x)")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompt", type=int, default=512)
@@ -298,6 +326,13 @@ def main() -> None:
     ap.add_argument("--long-context", type=int, nargs="+", metavar="N",
                     help="only: prefill and decode at these prompt lengths, gathered vs masked CSA")
     args = ap.parse_args()
+    if args.long_context and min(args.long_context) < 1:
+        ap.error("--long-context lengths must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.new_tokens or (16 if args.quick else 48)
@@ -309,90 +344,102 @@ def main() -> None:
     config = ModelConfig.from_preset("small")
     model = Transformer(config).eval()
     if args.long_context:
-        if min(args.long_context) < 1:
-            ap.error("--long-context lengths must be at least 1")
         print(f"small config, threads={torch.get_num_threads()}, medians of {args.reps} alternating runs")
         bench_long_context(model, args.long_context, args.reps)
         return
     print(f"small config, threads={torch.get_num_threads()}, prompt {args.prompt} tokens, {n} new tokens")
     prompt = torch.randint(32, config.vocab_size, (args.prompt,)).tolist()
+    hf = bench_batch1_decode(model, prompt, n, args)
+    bench_aggregate(model, n, args.reps)
+    bench_cache_bytes(model, hf, args.context, args.hf_context)
 
-    # -- batch-1 decode ---------------------------------------------------------------------
-    # Decode rate = (n - 1) tokens / time from the first generated token to the last, taken from
-    # streaming timestamps, so the 512-token prefill is excluded for both. Runs alternate
-    # between the two implementations so that load drift on a shared machine hits both alike.
-    def ours_once() -> float:
-        stamps = [time.perf_counter() for ev in generate_stream(model, prompt, n, stop_on_eos=False)
-                  for _ in ev.tokens]
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
+def _stream_rate(model, prompt: list[int], n: int, **kw) -> float:
+    """Decode tok/s of one `generate_stream` call: (n - 1) tokens over the time from the first
+    generated token to the last (streaming timestamps), so the prefill is excluded."""
+    stamps = [time.perf_counter() for ev in generate_stream(model, prompt, n, stop_on_eos=False, **kw)
+              for _ in ev.tokens]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def _runs(rates: list[float]) -> str:
+    return ", ".join(f"{r:.1f}" for r in rates)
+
+
+def bench_batch1_decode(model, prompt: list[int], n: int, args):
+    """Batch-1 decode, prefill excluded for both (streaming timestamps), nanoseek (default
+    options) against transformers' `generate` and, with --compile, a compiled copy; runs
+    alternate so that load drift on a shared machine hits all alike. Returns transformers'
+    model (None when skipped)."""
     runs: dict[str, list[float]] = {"nanoseek": [], "transformers": [], "compiled": []}
-    compiled_run = None
+    compiled_model = None
     if args.compile:  # a compiled copy of the same weights (compile_blocks works in place)
         import copy
 
         compiled_model = copy.deepcopy(model)
-
-        def compiled_once() -> float:
-            stamps = [time.perf_counter() for ev in generate_stream(compiled_model, prompt, n, stop_on_eos=False,
-                                                                     compile=True) for _ in ev.tokens]
-            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-        compiled_run = compiled_once
         t_c = time.perf_counter()
-        compiled_run()
+        _stream_rate(compiled_model, prompt, n, compile=True)
         print(f"compile=True: first generation (compilation + {n} tokens) {time.perf_counter() - t_c:.1f} s")
     hf = hf_once = None
     if not args.skip_transformers:
         hf, hf_once = transformers_decode(model, prompt, n)
-
     for _ in range(args.reps):
-        runs["nanoseek"].append(ours_once())
-        if compiled_run is not None:
-            runs["compiled"].append(compiled_run())
+        runs["nanoseek"].append(_stream_rate(model, prompt, n))
+        if compiled_model is not None:
+            runs["compiled"].append(_stream_rate(compiled_model, prompt, n, compile=True))
         if hf_once is not None:
             runs["transformers"].append(hf_once())
     ours = statistics.median(runs["nanoseek"])
-    print(f"nanoseek.generate     batch-1 decode: {ours:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs['nanoseek'])})")
+    print(f"nanoseek.generate     batch-1 decode: {ours:7.1f} tok/s  (runs: {_runs(runs['nanoseek'])})")
     if hf is not None:
         theirs = statistics.median(runs["transformers"])
-        print(f"transformers.generate batch-1 decode: {theirs:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs['transformers'])})")
+        print(f"transformers.generate batch-1 decode: {theirs:7.1f} tok/s  (runs: {_runs(runs['transformers'])})")
         print(f"  ratio nanoseek / transformers: {ours / theirs:.2f}x (target >= 4x)")
     if runs["compiled"]:
         comp = statistics.median(runs["compiled"])
-        print(f"nanoseek compile=True batch-1 decode: {comp:7.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in runs['compiled'])})")
+        print(f"nanoseek compile=True batch-1 decode: {comp:7.1f} tok/s  (runs: {_runs(runs['compiled'])})")
         print(f"  ratio compiled / eager: {comp / ours:.2f}x" +
               (f", compiled / transformers: {comp / statistics.median(runs['transformers']):.2f}x (target >= 4x)"
                if runs["transformers"] else ""))
-        # Same greedy tokens? Random-init logits have near-ties (top-2 margins ~1e-4 occur), so the two
-        # implementations may part ways after a few tokens; report the agreeing prefix.
         if hf is not None:
-            with torch.no_grad():
-                ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                  pad_token_id=config.eos_token_id)[0, len(prompt):].tolist()
-            mine = generate(model, prompt, 8, stop_on_eos=False)
-            agree = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), 8)
-            print(f"  greedy tokens: first {agree} of 8 agree with transformers")
+            _greedy_agreement(model, hf, prompt)
+    return hf
 
-    # -- aggregate throughput ---------------------------------------------------------------
+
+def _greedy_agreement(model, hf, prompt: list[int]) -> None:
+    """Same greedy tokens? Random-init logits have near-ties (top-2 margins ~1e-4 occur), so the
+    two implementations may part ways after a few tokens; report the agreeing prefix."""
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                          pad_token_id=model.config.eos_token_id)[0, len(prompt):].tolist()
+    mine = generate(model, prompt, 8, stop_on_eos=False)
+    agree = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), 8)
+    print(f"  greedy tokens: first {agree} of 8 agree with transformers")
+
+
+def bench_aggregate(model, n: int, reps: int) -> None:
+    """Aggregate decode tok/s of 8 concurrent requests against 1 (64-token prompts)."""
     short = 64
-    prompts = [torch.randint(32, config.vocab_size, (short,)).tolist() for _ in range(8)]
-    one = statistics.median(aggregate_rate(model, prompts[:1], n) for _ in range(args.reps))
-    eight = statistics.median(aggregate_rate(model, prompts, n) for _ in range(args.reps))
+    prompts = [torch.randint(32, model.config.vocab_size, (short,)).tolist() for _ in range(8)]
+    one = statistics.median(aggregate_rate(model, prompts[:1], n) for _ in range(reps))
+    eight = statistics.median(aggregate_rate(model, prompts, n) for _ in range(reps))
     print(f"aggregate decode ({short}-token prompts): 1 request {one:7.1f} tok/s, 8 concurrent {eight:7.1f} tok/s")
     print(f"  ratio 8 / 1: {eight / one:.2f}x (target >= 4x)")
 
-    # -- cache bytes per token --------------------------------------------------------------
-    L = args.context
+
+def bench_cache_bytes(model, hf, context: int, hf_context: int) -> None:
+    """Decode-cache bytes per token at `context` tokens: nanoseek, transformers (measured, or
+    extrapolated from two shorter prefills), and a dense Llama of the same width."""
+    config, L = model.config, context
     ours_b = model.new_cache(1, L).nbytes() / L
     llama_b = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * 4
     print(f"cache bytes/token at {L} context: nanoseek {ours_b:8.1f} B (fp32, {model.new_cache(1, L).nbytes() / 2**20:.2f} MiB)")
     if hf is not None:
-        if args.hf_context >= L:
+        if hf_context >= L:
             hf_b = hf_cache_bytes(hf, config.vocab_size, L) / L
             how = "measured"
         else:
-            a, b = args.hf_context // 2, args.hf_context
+            a, b = hf_context // 2, hf_context
             ba, bb = hf_cache_bytes(hf, config.vocab_size, a), hf_cache_bytes(hf, config.vocab_size, b)
             slope = (bb - ba) / (b - a)
             hf_b = (bb + slope * (L - b)) / L

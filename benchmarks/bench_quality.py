@@ -194,7 +194,7 @@ def adamw_runner(name: str, model: nn.Module, loss_fn, minutes: float, lr: float
 
 # ---------------------------------------------------------------------------------------------
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=4.0, help="training-time budget of each model")
     ap.add_argument("--data", default="runs/speedrun",
@@ -210,21 +210,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="runs/bench_quality.json", help="where to write the results")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        sys.exit("bench_quality needs transformers (pip install nanoseek[dev])")
-    from nanoseek.data.shards import TokenLoader, load_index
-    from nanoseek.data.tokenizer import load_tokenizer
 
-    shard_dir, tok_dir = prepare_data(Path(args.data), args.corpus_mb, args.vocab_size)
-    vocab = int(load_index(shard_dir)["vocab_size"])
-    tok = load_tokenizer(tok_dir)
-    token_bytes = torch.as_tensor(tok.token_byte_lengths())
-
+def build_runners(args, vocab: int, llama_cls) -> tuple[list[Runner], dict, nn.Module]:
+    """nanoseek `small` (Muon, the trainer's objective), the parameter-matched dense Llama
+    (AdamW) and, with --with-adamw, nanoseek with AdamW: (runners, {name: (total, activated /
+    non-embedding parameters)}, the Llama)."""
     nano_cfg = ModelConfig.from_preset("small").replace(vocab_size=vocab)
     if nano_cfg.max_position_embeddings < args.seq:
         nano_cfg = nano_cfg.replace(max_position_embeddings=args.seq)
@@ -233,7 +225,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(args.seed)
-        llama = LlamaLM(LlamaForCausalLM(llama_config(nano_cfg, args.seq))).train()
+        llama = LlamaLM(llama_cls(llama_config(nano_cfg, args.seq))).train()
 
     def llama_loss(batch, _mtp_weight):
         logits = llama(batch["input_ids"], doc_ids=batch["doc_ids"])
@@ -256,18 +248,16 @@ def main() -> None:
         runners.append(adamw_runner("nanoseek small (AdamW)", nano_adamw, nano_adamw_loss, args.minutes, args.lr,
                                     args.warmup, after_step=lambda: nano_adamw.update_router_bias(1e-3)))
         counts["nanoseek small (AdamW)"] = counts["nanoseek small"]
+    return runners, counts, llama
 
-    print(f"data: {shard_dir} (vocab {vocab}); batch {args.batch} x {args.seq} tokens; budget "
-          f"{args.minutes:g} min of training each; threads {torch.get_num_threads()}")
-    print(f"parameters: nanoseek small {counts['nanoseek small'][0]:,} total, {counts['nanoseek small'][1]:,} "
-          f"activated (non-embedding, MTP excluded); llama intermediate {llama.hf.config.intermediate_size}: "
-          f"{counts['llama (dense)'][0]:,} total, {counts['llama (dense)'][1]:,} non-embedding", flush=True)
 
-    loader = TokenLoader(shard_dir, "train", args.batch, args.seq, rank=0, world_size=1, seed=args.seed)
-    batches: list[dict] = []        # every runner sees batch i at its step i
-    t_start = time.perf_counter()
+def train_in_turns(runners: list[Runner], loader) -> float:
+    """Step the runners in turns until each has spent its budget; every runner sees batch i at
+    its step i. Returns the wall-clock seconds."""
     from tqdm import tqdm
 
+    batches: list[dict] = []
+    t_start = time.perf_counter()
     bar = tqdm(desc="training (turns)", unit="step", file=sys.stderr, dynamic_ncols=True)
     while not all(r.done for r in runners):
         for r in runners:
@@ -283,16 +273,24 @@ def main() -> None:
         for i in range(low):
             batches[i] = None
     bar.close()
-    wall = time.perf_counter() - t_start
+    return time.perf_counter() - t_start
 
-    val_loader = TokenLoader(shard_dir, "val", args.batch, args.seq, rank=0, world_size=1, shuffle=False, loop=False)
+
+def held_out(loader, eval_tokens: int) -> list[dict]:
+    """Validation batches until they hold `eval_tokens` scored tokens."""
     val: list[dict] = []
     n = 0
-    for b in val_loader:
+    for b in loader:
         val.append(b)
         n += int((b["labels"] != -100).sum())
-        if n >= args.eval_tokens:
+        if n >= eval_tokens:
             break
+    return val
+
+
+def result_rows(runners: list[Runner], counts: dict, val: list[dict], token_bytes, args) -> tuple[list[dict], int]:
+    """One row per runner (held-out bits per byte, throughput, train CE at the step all of them
+    reached) and that common step."""
     rows = []
     common = min(r.steps for r in runners)
     for r in runners:
@@ -307,7 +305,10 @@ def main() -> None:
                      "train_ce_at_common_step": round(statistics.mean(window), 4),
                      "val_bpb": round(ev["bpb"], 4), "val_tokens": ev["tokens"],
                      "eval_seconds": round(time.perf_counter() - t0, 1)})
+    return rows, common
 
+
+def print_table(rows: list[dict], common: int, minutes: float) -> None:
     print(f"\n{'model':<24} {'optimizer':<11} {'activated':>10} {'steps':>6} {'tokens':>9} {'train s':>8} "
           f"{'tok/s':>7} {'CE@' + str(common):>8} {'val bpb':>8}")
     for row in rows:
@@ -316,7 +317,34 @@ def main() -> None:
               f"{row['train_ce_at_common_step']:>8.3f} {row['val_bpb']:>8.4f}")
     print(f"(CE@{common}: mean train cross-entropy in nats over steps {max(0, common - 5) + 1}-{common}, "
           f"the same batches for every model; val bpb on {rows[0]['val_tokens']:,} held-out tokens "
-          f"after the same {args.minutes:g}-minute budget)")
+          f"after the same {minutes:g}-minute budget)")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        sys.exit("bench_quality needs transformers (pip install nanoseek[dev])")
+    from nanoseek.data.shards import TokenLoader, load_index
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    shard_dir, tok_dir = prepare_data(Path(args.data), args.corpus_mb, args.vocab_size)
+    vocab = int(load_index(shard_dir)["vocab_size"])
+    token_bytes = torch.as_tensor(load_tokenizer(tok_dir).token_byte_lengths())
+    runners, counts, llama = build_runners(args, vocab, LlamaForCausalLM)
+    print(f"data: {shard_dir} (vocab {vocab}); batch {args.batch} x {args.seq} tokens; budget "
+          f"{args.minutes:g} min of training each; threads {torch.get_num_threads()}")
+    print(f"parameters: nanoseek small {counts['nanoseek small'][0]:,} total, {counts['nanoseek small'][1]:,} "
+          f"activated (non-embedding, MTP excluded); llama intermediate {llama.hf.config.intermediate_size}: "
+          f"{counts['llama (dense)'][0]:,} total, {counts['llama (dense)'][1]:,} non-embedding", flush=True)
+    loader = TokenLoader(shard_dir, "train", args.batch, args.seq, rank=0, world_size=1, seed=args.seed)
+    wall = train_in_turns(runners, loader)
+    val = held_out(TokenLoader(shard_dir, "val", args.batch, args.seq, rank=0, world_size=1, shuffle=False,
+                               loop=False), args.eval_tokens)
+    rows, common = result_rows(runners, counts, val, token_bytes, args)
+    print_table(rows, common, args.minutes)
     out = {"benchmark": "quality_per_compute", "minutes": args.minutes, "batch": args.batch, "seq": args.seq,
            "lr": args.lr, "threads": torch.get_num_threads(), "data": str(shard_dir), "vocab_size": vocab,
            "llama_intermediate_size": llama.hf.config.intermediate_size, "wall_seconds": round(wall, 1),
