@@ -56,6 +56,7 @@ from typing import Callable
 
 import torch
 
+from ..model.cache import ensure_fits
 from .compiling import compile_for_decoding
 from .sampling import SamplingParams, check_logits, sample_row, token_logprobs
 from .speculative import SpecStats, spec_round
@@ -251,6 +252,10 @@ class BatchRunner:
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < v else None
         # With speculation the caches keep K spare ring slots (rollback) and the MTP module's state.
         spec = dict(spec_tokens=self.spec_k, with_mtp=True) if self.spec_k else {}
+        # both caches checked against the free memory at once, before either is allocated
+        need = sum(model.new_cache(b, max_len, dtype=cache_dtype, device="meta", **spec).nbytes() for b in (max_batch, 1))
+        what = f"the decode cache for {max_batch} row(s) of up to {max_len:,} tokens (with the prefill's)"
+        ensure_fits(need, what, max_len, model.config, model.embed.weight.device)
         self.cache = model.new_cache(max_batch, max_len, dtype=cache_dtype, **spec)
         self.scratch = model.new_cache(1, max_len, dtype=cache_dtype, **spec)
         self.device = model.embed.weight.device

@@ -71,15 +71,18 @@ def cmd_generate(args) -> int:
         ids = [tok.bos_id] + tok.encode(args.prompt)
         sys.stdout.write(args.prompt)
     t0, n, info, run = time.perf_counter(), 0, None, {}
-    for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                              args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size,
-                              speculative_tokens=args.speculative, info=run, compile=args.compile):
-        sys.stdout.write(ev.text)
+    try:
+        for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                  args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size,
+                                  speculative_tokens=args.speculative, info=run, compile=args.compile):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            n += len(ev.tokens)
+            info = ev.finish_reason or info
+    finally:  # (also before an error's line: not glued to the echoed prompt)
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        n += len(ev.tokens)
-        info = ev.finish_reason or info
     dt = time.perf_counter() - t0
-    sys.stdout.write("\n")
     spec = ""
     if args.speculative and "runner" in run:
         st = run["runner"].spec_stats

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._runtime import available_memory
 from ..config import CSA, HCA, ModelConfig
 
 
@@ -70,6 +71,16 @@ class DecodeCache:
     def allocate(cls, config: ModelConfig, layer_types: list[str], batch: int, max_len: int,
                  dtype=torch.float32, device=None, spec_tokens: int = 0,
                  mtp_layer_types: list[str] = ()) -> "DecodeCache":
+        """The cache, zero-filled. Raises ValueError, before allocating anything, when it would
+        not fit in the memory available on `device` (an absurd max_len must end in a clear
+        error, not in the kernel's OOM killer)."""
+        if torch.device(device if device is not None else "cpu").type != "meta":
+            need = cls._build(config, layer_types, batch, max_len, dtype, "meta", spec_tokens, mtp_layer_types).nbytes()
+            ensure_fits(need, f"a decode cache of {batch} x {max_len:,} tokens", max_len, config, device)
+        return cls._build(config, layer_types, batch, max_len, dtype, device, spec_tokens, mtp_layer_types)
+
+    @classmethod
+    def _build(cls, config, layer_types, batch, max_len, dtype, device, spec_tokens, mtp_layer_types):
         ring = config.sliding_window + spec_tokens
         layers = []
         for t in list(layer_types) + list(mtp_layer_types):
@@ -121,3 +132,24 @@ class DecodeCache:
                     s.gate[row].fill_(float("-inf"))
                     s.entries[row].zero_()
         self.pos[row] = 0
+
+
+CHECK_BYTES = 256 << 20  # smaller caches are not checked (reading the free memory costs ~0.2 ms)
+
+
+def ensure_fits(need: int, what: str, max_len: int, config: ModelConfig, device) -> None:
+    """ValueError when `need` bytes of decode caches (`what`, for the message; rows of up to
+    `max_len` tokens) exceed what `device` has available (unknown: no check)."""
+    if need < CHECK_BYTES:
+        return
+    avail = available_memory(device if device is not None else "cpu")
+    if avail is None or need <= avail:
+        return
+    trained = config.max_position_embeddings
+    beyond = f"; the model was built for {trained:,} positions" if max_len > trained else ""
+    raise ValueError(f"{what} needs {_size(need)}, more than the {_size(avail)} of memory available: ask for "
+                     f"fewer tokens or rows{beyond}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 1 << 30 else f"{n / 2**20:.1f} MiB"

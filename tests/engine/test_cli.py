@@ -49,6 +49,19 @@ def test_generate_errors(saved, tmp_path, capsys):
     assert "config.json" in err and len(err.strip().splitlines()) == 1
 
 
+def test_generate_refuses_a_cache_beyond_the_free_memory(saved, monkeypatch, capsys):
+    """An absurd --max-new-tokens: one line and exit 2 before anything is allocated (not the
+    kernel's OOM killer); the echoed prompt ends its line."""
+    from nanoseek.model import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "available_memory", lambda device: 1 << 30)
+    assert main(["generate", "--model", str(saved[0]), "--prompt", "x = ", "--max-new-tokens", "100000000"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "x = \n"
+    assert len(out.err.strip().splitlines()) == 1
+    assert "100,000,00" in out.err and "GiB, more than the 1.0 GiB" in out.err and "built for 512 positions" in out.err
+
+
 def test_chat_session(saved, monkeypatch, capsys):
     d, model, tok = saved
     lines = iter(["/think", "hello", "there", "", "/think", "/reset", "bye", "", "/exit"])

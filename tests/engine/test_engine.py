@@ -125,3 +125,25 @@ def test_warm_up_compiles_what_requests_would_then_forgets_them(model):
         assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the requests
     finally:
         torch._dynamo.reset()
+
+
+def test_caches_that_cannot_fit_are_refused_together_before_allocating(model, monkeypatch):
+    """The batch cache and the prefill's scratch cache are checked as one sum against the free
+    memory: each alone fits here, both do not, and neither is allocated."""
+    from nanoseek.engine.batch import BatchRunner
+    from nanoseek.model import cache as cache_module
+
+    one = model.new_cache(1, 20_000).nbytes()
+    batch = model.new_cache(2, 20_000).nbytes()
+    monkeypatch.setattr(cache_module, "CHECK_BYTES", 1 << 20)
+    monkeypatch.setattr(cache_module, "available_memory", lambda device: batch + one - 1)
+    real = cache_module.DecodeCache._build.__func__
+    devices = []
+    monkeypatch.setattr(cache_module.DecodeCache, "_build",
+                        classmethod(lambda cls, *a: devices.append(str(a[5])) or real(cls, *a)))
+    with pytest.raises(ValueError, match=r"decode cache for 2 row\(s\) of up to 20,000 tokens \(with the prefill's\) "
+                                         r"needs .* MiB, more than the .* MiB of memory available"):
+        BatchRunner(model, 2, 20_000)
+    assert set(devices) == {"meta"}
+    monkeypatch.setattr(cache_module, "available_memory", lambda device: 2 * (batch + one))
+    assert BatchRunner(model, 2, 20_000).nbytes() == batch + one
