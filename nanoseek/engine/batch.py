@@ -253,7 +253,7 @@ class BatchRunner:
         # With speculation the caches keep K spare ring slots (rollback) and the MTP module's state.
         spec = dict(spec_tokens=self.spec_k, with_mtp=True) if self.spec_k else {}
         # both caches checked against the free memory at once, before either is allocated
-        need = sum(model.new_cache(b, max_len, dtype=cache_dtype, device="meta", **spec).nbytes() for b in (max_batch, 1))
+        need = model.cache_nbytes(max_batch + 1, max_len, dtype=cache_dtype, **spec)
         what = f"the decode cache for {max_batch} row(s) of up to {max_len:,} tokens (with the prefill's)"
         ensure_fits(need, what, max_len, model.config, model.embed.weight.device)
         self.cache = model.new_cache(max_batch, max_len, dtype=cache_dtype, **spec)

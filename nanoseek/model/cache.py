@@ -74,13 +74,8 @@ class DecodeCache:
         """The cache, zero-filled. Raises ValueError, before allocating anything, when it would
         not fit in the memory available on `device` (an absurd max_len must end in a clear
         error, not in the kernel's OOM killer)."""
-        if torch.device(device if device is not None else "cpu").type != "meta":
-            need = cls._build(config, layer_types, batch, max_len, dtype, "meta", spec_tokens, mtp_layer_types).nbytes()
-            ensure_fits(need, f"a decode cache of {batch} x {max_len:,} tokens", max_len, config, device)
-        return cls._build(config, layer_types, batch, max_len, dtype, device, spec_tokens, mtp_layer_types)
-
-    @classmethod
-    def _build(cls, config, layer_types, batch, max_len, dtype, device, spec_tokens, mtp_layer_types):
+        need = cache_nbytes(config, layer_types, batch, max_len, dtype.itemsize, spec_tokens, mtp_layer_types)
+        ensure_fits(need, f"a decode cache of {batch} x {max_len:,} tokens", max_len, config, device)
         ring = config.sliding_window + spec_tokens
         layers = []
         for t in list(layer_types) + list(mtp_layer_types):
@@ -101,6 +96,7 @@ class DecodeCache:
         return self.pos.shape[0]
 
     def nbytes(self) -> int:
+        """Bytes held (cache_nbytes says the same before allocating)."""
         return sum(t.numel() * t.element_size() for lc in self.layers + self.mtp_layers for t in lc.tensors())
 
     def states(self) -> list[CompressorState]:
@@ -132,6 +128,29 @@ class DecodeCache:
                     s.gate[row].fill_(float("-inf"))
                     s.entries[row].zero_()
         self.pos[row] = 0
+
+
+def cache_nbytes(config: ModelConfig, layer_types, batch: int, max_len: int, dtype_bytes: int = 4,
+                 spec_tokens: int = 0, mtp_layer_types=()) -> int:
+    """The bytes DecodeCache.allocate(config, layer_types, batch, max_len, ...) would hold (its
+    nbytes()), from the layout alone: `dtype_bytes` for the window rings and compressed entries,
+    fp32 for the compressor states."""
+    ring = config.sliding_window + spec_tokens
+    row = 0
+    for t in list(layer_types) + list(mtp_layer_types):
+        row += ring * config.head_dim * dtype_bytes
+        if t in (CSA, HCA):
+            rate = config.compress_rate(t)
+            row += _state_nbytes(rate, config.head_dim, t == CSA, max_len, dtype_bytes)
+            if t == CSA:
+                row += _state_nbytes(rate, config.index_head_dim, True, max_len, dtype_bytes)
+    return batch * row
+
+
+def _state_nbytes(rate: int, head_dim: int, overlap: bool, max_len: int, dtype_bytes: int) -> int:
+    """One row of CompressorState.allocate: fp32 kv and gate, and the entries."""
+    coff = 2 if overlap else 1
+    return 2 * (coff * rate) * (coff * head_dim) * 4 + (max_len // rate) * head_dim * dtype_bytes
 
 
 CHECK_BYTES = 256 << 20  # smaller caches are not checked (reading the free memory costs ~0.2 ms)

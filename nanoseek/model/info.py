@@ -16,6 +16,7 @@ import json
 import os
 
 from ..config import CSA, HCA, PRESETS, ModelConfig
+from .cache import cache_nbytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -30,20 +31,8 @@ def load_config(name_or_path: str) -> ModelConfig:
 
 
 def cache_bytes(config: ModelConfig, context: int, dtype_bytes: int = 4) -> int:
-    """Bytes one sequence's DecodeCache holds for `context` tokens (same layout as cache.py)."""
-    c = config
-    total = 0
-    for t in c.layer_types:
-        total += c.sliding_window * c.head_dim * dtype_bytes
-        if t in (CSA, HCA):
-            m = c.compress_rate(t)
-            coff = 2 if t == CSA else 1
-            total += 2 * (coff * m) * (coff * c.head_dim) * 4  # fp32 compressor state
-            total += (context // m) * c.head_dim * dtype_bytes
-            if t == CSA:
-                total += 2 * (2 * m) * (2 * c.index_head_dim) * 4
-                total += (context // m) * c.index_head_dim * dtype_bytes
-    return total
+    """Bytes one sequence's DecodeCache holds for `context` tokens (cache.cache_nbytes)."""
+    return cache_nbytes(config, config.layer_types, 1, context, dtype_bytes)
 
 
 def official_cache_bytes(config: ModelConfig, context: int) -> int:

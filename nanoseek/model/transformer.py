@@ -35,7 +35,7 @@ from torch import nn
 from .. import checkpoint
 from ..config import ModelConfig
 from .attention import Attention
-from .cache import DecodeCache
+from .cache import DecodeCache, cache_nbytes
 from . import dispatch, gemv
 from .context import AuxTerms, ForwardContext
 from .hyper_connections import HyperConnection, HyperHead
@@ -521,6 +521,13 @@ class Transformer(nn.Module):
         return DecodeCache.allocate(self.config, self.config.layer_types, batch_size, max_len,
                                     dtype=dtype or p.dtype, device=device or p.device, spec_tokens=spec_tokens,
                                     mtp_layer_types=self.config.mtp_layer_types if with_mtp else ())
+
+    def cache_nbytes(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, spec_tokens: int = 0,
+                     with_mtp: bool = False) -> int:
+        """The bytes new_cache(...) with these arguments would allocate (model/cache.py)."""
+        dtype = dtype or self.embed.weight.dtype
+        return cache_nbytes(self.config, self.config.layer_types, batch_size, max_len, dtype.itemsize, spec_tokens,
+                            self.config.mtp_layer_types if with_mtp else ())
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

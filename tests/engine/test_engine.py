@@ -137,13 +137,13 @@ def test_caches_that_cannot_fit_are_refused_together_before_allocating(model, mo
     batch = model.new_cache(2, 20_000).nbytes()
     monkeypatch.setattr(cache_module, "CHECK_BYTES", 1 << 20)
     monkeypatch.setattr(cache_module, "available_memory", lambda device: batch + one - 1)
-    real = cache_module.DecodeCache._build.__func__
-    devices = []
-    monkeypatch.setattr(cache_module.DecodeCache, "_build",
-                        classmethod(lambda cls, *a: devices.append(str(a[5])) or real(cls, *a)))
+    real = cache_module.DecodeCache.allocate.__func__
+    allocated = []
+    monkeypatch.setattr(cache_module.DecodeCache, "allocate",
+                        classmethod(lambda cls, *a, **k: allocated.append(a) or real(cls, *a, **k)))
     with pytest.raises(ValueError, match=r"decode cache for 2 row\(s\) of up to 20,000 tokens \(with the prefill's\) "
                                          r"needs .* MiB, more than the .* MiB of memory available"):
         BatchRunner(model, 2, 20_000)
-    assert set(devices) == {"meta"}
+    assert allocated == []
     monkeypatch.setattr(cache_module, "available_memory", lambda device: 2 * (batch + one))
     assert BatchRunner(model, 2, 20_000).nbytes() == batch + one

@@ -287,27 +287,34 @@ def test_compiled_kernels_give_the_same_logits():
     assert model.layers[0].hc_attn.fn.grad is not None
 
 
+def test_cache_nbytes_is_what_allocate_holds():
+    from nanoseek.model.cache import cache_nbytes
+
+    model = model_with_topk(3)
+    c = model.config
+    for batch, max_len, dtype, spec, mtp in itertools.product((1, 3), (5, 97, 1000), (torch.float32, torch.bfloat16),
+                                                              (0, 4), (False, True)):
+        got = model.new_cache(batch, max_len, dtype=dtype, spec_tokens=spec, with_mtp=mtp).nbytes()
+        assert model.cache_nbytes(batch, max_len, dtype=dtype, spec_tokens=spec, with_mtp=mtp) == got
+        assert cache_nbytes(c, c.layer_types, batch, max_len, dtype.itemsize, spec,
+                            c.mtp_layer_types if mtp else ()) == got
+
+
 def test_a_cache_too_big_for_the_free_memory_is_refused_before_allocating(monkeypatch):
     from nanoseek.model import cache as cache_module
 
     model = model_with_topk(3)
-    per_token = model.new_cache(1, 4096).nbytes() / 4096
-    built = []
-    real_build = cache_module.DecodeCache._build.__func__
-
-    def build(cls, *args):
-        built.append(str(args[5]))  # the device
-        return real_build(cls, *args)
-
-    monkeypatch.setattr(cache_module.DecodeCache, "_build", classmethod(build))
+    allocated = []
+    real = cache_module.CompressorState.allocate.__func__
+    monkeypatch.setattr(cache_module.CompressorState, "allocate",
+                        classmethod(lambda cls, *a: allocated.append(a) or real(cls, *a)))
     monkeypatch.setattr(cache_module, "CHECK_BYTES", 1 << 20)
     monkeypatch.setattr(cache_module, "available_memory", lambda device: 2 << 20)
     with pytest.raises(ValueError, match=r"a decode cache of 1 x 40,000 tokens needs \d\.\d MiB, more than the 2\.0 MiB"
                                          r".*built for 512 positions"):
         model.new_cache(1, 40_000)  # ~5.5 MiB
-    assert built == ["meta"]  # measured on the meta device; nothing allocated
-    built.clear()
-    assert model.new_cache(1, 8_000).nbytes() == pytest.approx(8_000 * per_token, rel=0.05)  # ~1.3 MiB: fits
-    assert built == ["meta", "cpu"]
+    assert allocated == []  # refused before anything was allocated
+    assert model.new_cache(1, 8_000).nbytes() == model.cache_nbytes(1, 8_000) < 2 << 20  # fits
+    assert allocated
     monkeypatch.setattr(cache_module, "available_memory", lambda device: None)  # unknown: not checked
     assert model.new_cache(1, 40_000).nbytes() > 2 << 20
