@@ -70,6 +70,9 @@ from nanoseek.train.parallelize import (Dist, all_reduce, all_reduce_max, barrie
                                         unshard)
 
 
+AUTOCAST_SETTINGS = ("auto", "bf16", "head", "off")   # --autocast
+
+
 @dataclass
 class TrainConfig:
     # --- where ---
@@ -138,7 +141,56 @@ class TrainConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming every out-of-range setting at once (before anything is built:
+        a zero micro-batch or log interval must not surface as a ZeroDivisionError mid-setup)."""
+        bad = [f"{name}={getattr(self, name)!r} ({rule})" for name, rule in _config_problems(self)]
+        if bad:
+            raise ValueError("invalid TrainConfig: " + "; ".join(bad))
+        return self
 
+
+# TrainConfig's numeric settings: name -> (lowest allowed, highest allowed, None allowed); floats
+# must also be finite
+_INT_RANGES = {
+    "seq_len": (1, None, False), "micro_batch": (1, None, False), "batch_tokens": (1, None, True),
+    "max_steps": (0, None, True), "calibrate_steps": (1, None, False), "warmup_steps": (0, None, True),
+    "indexer_warmup_steps": (0, None, False), "depth": (1, None, True), "eval_every": (0, None, False),
+    "eval_tokens": (0, None, False), "sample_every": (0, None, False), "sample_tokens": (0, None, False),
+    "log_every": (1, None, False), "ckpt_every": (0, None, False), "keep_last": (0, None, False),
+    "max_nonfinite_skips": (1, None, False), "seed": (0, None, False),
+}
+_FLOAT_RANGES = {
+    "minutes": (0.0, None, True), "lr": (0.0, None, True), "adamw_lr": (0.0, None, True),
+    "weight_decay": (0.0, None, False), "decay_frac": (0.0, 1.0, False), "final_lr_frac": (0.0, 1.0, False),
+    "grad_clip": (0.0, None, False), "mtp_weight": (0.0, None, False), "mtp_weight_decay": (0.0, None, False),
+    "balance_alpha": (0.0, None, False), "indexer_weight": (0.0, None, False),
+    "bias_update_speed": (0.0, None, False), "fim_rate": (0.0, 1.0, False), "peak_tflops": (0.0, None, True),
+}
+_CHOICES = {
+    "muon_ns_dtype": ("auto", "float32", "bfloat16"), "decay_shape": ("cosine", "linear"),
+    "device": ("auto", "cpu", "cuda"), "autocast": AUTOCAST_SETTINGS, "on_nonfinite": ("stop", "skip"),
+}
+
+
+def _config_problems(cfg: TrainConfig):
+    """(field name, the rule it breaks) for every setting of `cfg` out of range."""
+    for name, (lo, hi, optional) in _INT_RANGES.items():
+        v = getattr(cfg, name)
+        if v is None and optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            yield name, f"an int >= {lo}" + (" or None" if optional else "")
+    for name, (lo, hi, optional) in _FLOAT_RANGES.items():
+        v = getattr(cfg, name)
+        if v is None and optional:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+        if not ok or (hi is not None and v > hi):
+            yield name, f"a finite number in [{lo:g}, {hi:g}]" if hi is not None else f"a finite number >= {lo:g}"
+    for name, allowed in _CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            yield name, "one of " + ", ".join(allowed)
 
 
 @dataclass
@@ -409,9 +461,6 @@ def _wrap(run: Run) -> None:
 # bf16 kernels for SwiGLU, the folded attention and the residual streams took its casts away.
 # Narrower models (the tests' `tiny`, 64) are unmeasured and keep the bf16 head alone.
 CPU_BF16_MIN_WIDTH = 128
-AUTOCAST_SETTINGS = ("auto", "bf16", "head", "off")   # --autocast
-
-
 def use_bf16_autocast(setting: str, device: torch.device, config) -> bool:
     """--autocast: "bf16" / "off" as said; "auto" is bf16 on CUDA, and on CPUs with native bf16
     matmuls (AMX, AVX512-BF16) for models at least CPU_BF16_MIN_WIDTH wide; fp32 elsewhere."""
@@ -454,15 +503,11 @@ def setup(cfg: TrainConfig, objective: Objective | None = None) -> Run:
     optimizer, logging. Every rank calls it."""
     from nanoseek.model import Transformer
 
-    cfg = resolve_defaults(cfg)
+    cfg = resolve_defaults(cfg.validate())
     keep_freed_memory()  # no page faults for every re-allocated activation (nanoseek/_runtime.py)
     d = setup_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"on_nonfinite must be stop or skip, got {cfg.on_nonfinite!r}")
-    if cfg.autocast not in AUTOCAST_SETTINGS:
-        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_SETTINGS)}, got {cfg.autocast!r}")
     objective = objective or PretrainObjective(cfg.balance_alpha, cfg.indexer_weight)
     tok = _load_tokenizer(cfg)
     mc = build_model_config(cfg, _data_vocab(cfg, objective, tok))
