@@ -85,8 +85,9 @@ def _main():
     import _thread
 
     # The helpers that hold or reach the verdict are taken out of the module namespace
-    # (sys.modules["__main__"]), so a program cannot call them; those left there build closures
-    # from their arguments only and run before any untrusted code.
+    # (sys.modules["__main__"]) now, so a program cannot call them; the others (setup steps and
+    # the guard's closure builders, which _install_guard finds there) go once the guard is in
+    # place, before the program starts.
     g = sys.modules["__main__"].__dict__
     reporter, guard, run_guarded = g.pop("_reporter"), g.pop("_install_guard"), g.pop("_run_guarded")
     run_plain, wait, no_dump = g.pop("_run_unguarded"), g.pop("_await_verdict"), g.pop("_not_dumpable")
@@ -125,6 +126,9 @@ def _main():
     no_dump()
     test_cap, wait_cap = object(), object()
     guard(verdict, test_cap, wait_cap, tuple(job.get("trusted_dirs", ())))  # from here on, the hook is in force
+    function = type(wait)  # (a plain Python function, like every helper of this file)
+    for name in [n for n, v in g.items() if type(v) is function]:
+        del g[name]
     done = _thread.allocate_lock()
     done.acquire()
     trusted = tuple(bool(st.get("trusted")) for st in stages)
@@ -336,11 +340,15 @@ def _reporter(nonce, vfd, out_streams):
 
     write, exit_ = os.write, os._exit
     BaseExc, str_ = BaseException, str
+    # each stream's flush as its class defines it now: a program can shadow `flush` on the
+    # stream object (or patch a Python stream class), and would then run code inside the hook
+    type_ = type
+    flushes = tuple((type_(s).flush, s) for s in out_streams)
 
     def verdict(status, detail=""):
-        for stream in out_streams:
+        for flush, stream in flushes:
             try:
-                stream.flush()
+                flush(stream)
             except BaseExc:
                 pass
         try:

@@ -745,9 +745,10 @@ DENIED_ONLY = {
     "/dev/fd/../mem": "attempt('/dev/fd', lambda: from_memory(mem='/dev/fd/../mem'))",
     "code.replace (hand-made bytecode)": "attempt('code', lambda: [(lambda: 0).__code__.replace(co_consts=())])",
     "marshal.loads of made-up data": "import marshal\nattempt('marshal', lambda: [marshal.loads(marshal.dumps((lambda: 0).__code__))])",
-    "the harness's helpers in __main__": (
+    "the harness's helpers in __main__": (  # none is left there: "found" if any function is
         "m = sys.modules['__main__']\n"
-        "attempt('__main__', lambda: [getattr(m, n) for n in ('_reporter', '_install_guard', '_run_guarded')])"),
+        "attempt('__main__', lambda: [n for n, v in vars(m).items() if type(v).__name__ == 'function']\n"
+        "        or [getattr(m, n) for n in ('_reporter', '_install_guard', '_run_guarded')])"),
     "a forged sys.audit verdict event": (
         "attempt('audit', lambda: [sys.audit('nanoseek.verdict', object(), 'passed', '')])"),
     "sys.settrace / sys.setprofile": (
@@ -907,8 +908,11 @@ def test_ordinary_programs_do_not_notice_the_guard(any_level):
 # checks, the verdict writer, the test's private import, the waiting main thread. Each must use
 # only names bound before the program started: a builtin or module global looked up at run time
 # is one the program can rebind (`builtins.len = ...`, `sys.modules["__main__"]._x = ...`).
-RUNS_LATE = ("_await_verdict", "_reporter/", "_run_guarded/_import", "_path_resolver/", "_path_checks/",
+RUNS_LATE = ("_await_verdict", "_reporter/", "_run_guarded/", "_path_resolver/", "_path_checks/",
              "_pyc_tracker/", "_audit_hook/")
+# ... and two functions from a point on: _run_guarded once it runs the stages (the first use of
+# its pre-bound exec_), _main once it has started the test thread
+RUNS_LATE_FROM = {"_run_guarded": ("LOAD_FAST", "exec_"), "_main": ("LOAD_ATTR", "start_new_thread")}
 
 
 def _functions(code, path=""):
@@ -921,11 +925,18 @@ def _functions(code, path=""):
             yield from _functions(c, f"{path}{c.co_name}/")
 
 
-def _late_lookups(code) -> set[str]:
-    """Names `code` looks up in its globals or builtins when it runs."""
+def _late_lookups(code, start: tuple[str, str] | None = None) -> set[str]:
+    """Names `code` looks up in its globals or builtins when it runs (an import and a class
+    statement go through builtins too); with `start` (opname, argument), only from the first
+    such instruction on."""
     import dis
 
-    return {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    found, on = set(), start is None
+    for i in dis.get_instructions(code):
+        on = on or (i.opname.startswith(start[0]) and i.argval == start[1])
+        if on and i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "IMPORT_NAME", "LOAD_BUILD_CLASS"):
+            found.add(i.argval if i.opname != "LOAD_BUILD_CLASS" else "__build_class__")
+    return found
 
 
 def test_the_guard_looks_up_no_name_once_the_program_runs():
@@ -940,7 +951,13 @@ def test_the_guard_looks_up_no_name_once_the_program_runs():
                    "_path_checks/open_allowed", "_pyc_tracker/pyc_matches", "_run_guarded/_import"):
         assert needed in late, needed
     assert {name: sorted(_late_lookups(c)) for name, c in late.items() if _late_lookups(c)} == {}
-    # the check sees what it looks for: a closure calling a builtin, and one reading a global
-    sample = "def outer():\n    def a(x):\n        return len(x)\n    def b():\n        return G\n    return a, b\n"
+    for name, start in RUNS_LATE_FROM.items():
+        assert _late_lookups(funcs[name]) and not _late_lookups(funcs[name], start), (name, _late_lookups(funcs[name], start))
+    # the check sees what it looks for: a closure calling a builtin, one reading a global, an
+    # import, a class statement, and a lookup after a marker
+    sample = ("def outer():\n    def a(x):\n        return len(x)\n    def b():\n        return G\n"
+              "    def c():\n        import os\n    def d():\n        class K: pass\n"
+              "    def e(f):\n        x = len\n        f()\n        return min\n    return a, b, c, d, e\n")
     probes = dict(_functions(compile(sample, "s", "exec")))
-    assert _late_lookups(probes["outer/a"]) == {"len"} and _late_lookups(probes["outer/b"]) == {"G"}
+    assert [_late_lookups(probes[f"outer/{n}"]) for n in "abcd"] == [{"len"}, {"G"}, {"os"}, {"__build_class__"}]
+    assert _late_lookups(probes["outer/e"]) == {"len", "min"} and _late_lookups(probes["outer/e"], ("LOAD_FAST", "f")) == {"min"}
