@@ -38,6 +38,7 @@ import torch
 
 from nanoseek.chat_format import encode_ids
 from nanoseek.eval.common import read_jsonl
+from nanoseek.train.config_checks import FLOAT, INT, check_ranges
 from nanoseek.train.objectives import reverse_kl, sampled_reverse_kl_loss, step_share, teacher_weights
 from nanoseek.train.parallelize import gather_objects
 from nanoseek.train.rollouts import (RolloutLoader, RolloutObjective, RolloutStats, rollout_tensors, sample_rollouts,
@@ -68,10 +69,12 @@ class DistillConfig:
     def check(self) -> None:
         if not self.teachers:
             raise ValueError("give at least one --teacher")
-        if self.estimator not in ("full", "sampled"):
-            raise ValueError(f"estimator must be full or sampled, got {self.estimator!r}")
-        if self.kl_form not in ("mixture", "sum"):
-            raise ValueError(f"kl_form must be mixture or sum, got {self.kl_form!r}")
+        check_ranges(self, "DistillConfig",
+                     {"samples_per_prompt": INT(1), "prompts_per_step": INT(1), "micro_steps": INT(1),
+                      "max_new_tokens": INT(1), "eval_prompts": INT(0)},
+                     {"temperature": FLOAT(0, open_lo=True)},
+                     {"estimator": ("full", "sampled"), "kl_form": ("mixture", "sum"),
+                      "teacher_dtype": (None, "bf16", "bfloat16", "fp32", "float32")})
         self.weights = teacher_weights(self.weights, len(self.teachers))
 
 

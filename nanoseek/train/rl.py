@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from nanoseek.eval.chat_code import request_for
 from nanoseek.eval.common import read_jsonl
 from nanoseek.eval.passk import pass_at_ks
 from nanoseek.eval.rewards import RewardConfig, make_reward
+from nanoseek.train.config_checks import FLOAT, INT, check_ranges
 from nanoseek.train.objectives import (group_advantages, grpo_loss, overlong_filter_mask,
                                        overlong_penalty, step_share, token_logprobs)
 from nanoseek.train.parallelize import all_reduce, gather_objects
@@ -93,14 +95,25 @@ class RLConfig:
     reward_workers: int | None = None
 
     def check(self) -> None:
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages are relative to the group)")
-        if self.protocol not in ("chat", "completion"):
-            raise ValueError(f"protocol must be chat or completion, got {self.protocol!r}")
-        if self.overlong not in ("penalty", "mask", "none"):
-            raise ValueError(f"overlong must be penalty, mask or none, got {self.overlong!r}")
-        if self.updates_per_batch < 1 or self.prompts_per_step < 1 or self.micro_steps < 1:
-            raise ValueError("updates_per_batch, prompts_per_step and micro_steps must be >= 1")
+        """ValueError naming every out-of-range setting (group_size >= 2: advantages are
+        relative to the group)."""
+        check_ranges(self, "RLConfig", _RL_INTS, _RL_FLOATS, _RL_CHOICES)
+
+
+_RL_INTS = {
+    "group_size": INT(2), "prompts_per_step": INT(1), "micro_steps": INT(1), "max_new_tokens": INT(1),
+    "top_k": INT(0), "updates_per_batch": INT(1), "overlong_buffer": INT(0, optional=True),
+    "resample_zero_variance": INT(0), "eval_tasks": INT(0), "eval_samples": INT(1),
+    "reward_workers": INT(1, optional=True),
+}
+_RL_FLOATS = {
+    "temperature": FLOAT(0, open_lo=True), "top_p": FLOAT(0, 1, open_lo=True), "clip_low": FLOAT(0),
+    "clip_high": FLOAT(0), "kl_coef": FLOAT(0), "tis_cap": FLOAT(0, open_lo=True), "mtp_weight": FLOAT(0),
+    # shaping terms: any finite weight (a negative one penalises)
+    "syntax_weight": FLOAT(-math.inf), "format_weight": FLOAT(-math.inf), "length_weight": FLOAT(-math.inf),
+}
+_RL_CHOICES = {"protocol": ("chat", "completion"), "overlong": ("penalty", "mask", "none"),
+               "aggregation": ("token", "sequence")}
 
 
 def read_tasks(path: str | Path) -> list[dict]:

@@ -45,6 +45,7 @@ import torch
 
 from .. import chat_format
 from ..jsonl import INVALID, scan_jsonl
+from .config_checks import FLOAT, INT, check_ranges
 from .objectives import Objective, model_loss_terms, step_share
 
 if TYPE_CHECKING:
@@ -88,6 +89,12 @@ class SFTConfig:
     max_val: int = 256
     min_val_pool: int = 20           # fewer examples than this: no held-out split
     epochs: float | None = None      # horizon in passes over the (weighted) data, if no steps/minutes
+
+    def check(self) -> None:
+        """ValueError naming every out-of-range setting (config_checks.py)."""
+        check_ranges(self, "SFTConfig", {"max_val": INT(0), "min_val_pool": INT(0)},
+                     {"thinking_ratio": FLOAT(0, 1), "val_fraction": FLOAT(0, 1),
+                      "epochs": FLOAT(0, optional=True, open_lo=True)})
 
 
 def parse_data_spec(spec: str) -> tuple[str, float]:
@@ -392,6 +399,7 @@ class SFTObjective(Objective):
     name = "sft"
 
     def __init__(self, cfg: SFTConfig, balance_alpha: float = 1e-4, indexer_weight: float = 1.0):
+        cfg.check()
         self.cfg = cfg
         self.balance_alpha, self.indexer_weight = balance_alpha, indexer_weight
         self.data: SFTData | None = None

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from nanoseek._runtime import keep_freed_memory
+from nanoseek.train.config_checks import FLOAT, INT, check_ranges
 from nanoseek.eval.bpb import bits_per_byte_sums  # noqa: F401  (re-exported: one definition of bpb)
 from nanoseek.eval.bpb import evaluate_bpb as eval_bpb
 from nanoseek.train.checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_model_state, load_tree,
@@ -142,55 +143,29 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming every out-of-range setting at once (before anything is built:
-        a zero micro-batch or log interval must not surface as a ZeroDivisionError mid-setup)."""
-        bad = [f"{name}={getattr(self, name)!r} ({rule})" for name, rule in _config_problems(self)]
-        if bad:
-            raise ValueError("invalid TrainConfig: " + "; ".join(bad))
+        """Raise ValueError naming every out-of-range setting at once (config_checks.py), before
+        anything is built."""
+        check_ranges(self, "TrainConfig", _TRAIN_INTS, _TRAIN_FLOATS, _TRAIN_CHOICES)
         return self
 
 
-# TrainConfig's numeric settings: name -> (lowest allowed, highest allowed, None allowed); floats
-# must also be finite
-_INT_RANGES = {
-    "seq_len": (1, None, False), "micro_batch": (1, None, False), "batch_tokens": (1, None, True),
-    "max_steps": (0, None, True), "calibrate_steps": (1, None, False), "warmup_steps": (0, None, True),
-    "indexer_warmup_steps": (0, None, False), "depth": (1, None, True), "eval_every": (0, None, False),
-    "eval_tokens": (0, None, False), "sample_every": (0, None, False), "sample_tokens": (0, None, False),
-    "log_every": (1, None, False), "ckpt_every": (0, None, False), "keep_last": (0, None, False),
-    "max_nonfinite_skips": (1, None, False), "seed": (0, None, False),
+_TRAIN_INTS = {
+    "seq_len": INT(1), "micro_batch": INT(1), "batch_tokens": INT(1, optional=True), "max_steps": INT(0, optional=True),
+    "calibrate_steps": INT(1), "warmup_steps": INT(0, optional=True), "indexer_warmup_steps": INT(0),
+    "depth": INT(1, optional=True), "eval_every": INT(0), "eval_tokens": INT(0), "sample_every": INT(0),
+    "sample_tokens": INT(0), "log_every": INT(1), "ckpt_every": INT(0), "keep_last": INT(0),
+    "max_nonfinite_skips": INT(1), "seed": INT(0),
 }
-_FLOAT_RANGES = {
-    "minutes": (0.0, None, True), "lr": (0.0, None, True), "adamw_lr": (0.0, None, True),
-    "weight_decay": (0.0, None, False), "decay_frac": (0.0, 1.0, False), "final_lr_frac": (0.0, 1.0, False),
-    "grad_clip": (0.0, None, False), "mtp_weight": (0.0, None, False), "mtp_weight_decay": (0.0, None, False),
-    "balance_alpha": (0.0, None, False), "indexer_weight": (0.0, None, False),
-    "bias_update_speed": (0.0, None, False), "fim_rate": (0.0, 1.0, False), "peak_tflops": (0.0, None, True),
+_TRAIN_FLOATS = {
+    "minutes": FLOAT(0, optional=True), "lr": FLOAT(0, optional=True), "adamw_lr": FLOAT(0, optional=True),
+    "weight_decay": FLOAT(0), "decay_frac": FLOAT(0, 1), "final_lr_frac": FLOAT(0, 1), "grad_clip": FLOAT(0),
+    "mtp_weight": FLOAT(0), "mtp_weight_decay": FLOAT(0), "balance_alpha": FLOAT(0), "indexer_weight": FLOAT(0),
+    "bias_update_speed": FLOAT(0), "fim_rate": FLOAT(0, 1), "peak_tflops": FLOAT(0, optional=True, open_lo=True),
 }
-_CHOICES = {
+_TRAIN_CHOICES = {
     "muon_ns_dtype": ("auto", "float32", "bfloat16"), "decay_shape": ("cosine", "linear"),
     "device": ("auto", "cpu", "cuda"), "autocast": AUTOCAST_SETTINGS, "on_nonfinite": ("stop", "skip"),
 }
-
-
-def _config_problems(cfg: TrainConfig):
-    """(field name, the rule it breaks) for every setting of `cfg` out of range."""
-    for name, (lo, hi, optional) in _INT_RANGES.items():
-        v = getattr(cfg, name)
-        if v is None and optional:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            yield name, f"an int >= {lo}" + (" or None" if optional else "")
-    for name, (lo, hi, optional) in _FLOAT_RANGES.items():
-        v = getattr(cfg, name)
-        if v is None and optional:
-            continue
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
-        if not ok or (hi is not None and v > hi):
-            yield name, f"a finite number in [{lo:g}, {hi:g}]" if hi is not None else f"a finite number >= {lo:g}"
-    for name, allowed in _CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            yield name, "one of " + ", ".join(allowed)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_head_precision_run(train_data, tmp_path, monkeypatch):
     assert seen == {"head": None, "param": torch.float32}
     start = json.loads((tmp_path / "head" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["autocast"] == "head-bf16"
-    with pytest.raises(ValueError, match="autocast must be one of auto, bf16, head, off, got 'bf61'"):
+    with pytest.raises(ValueError, match=r"invalid TrainConfig: autocast='bf61' \(one of auto, bf16, head, off\)"):
         train(tiny_cfg(train_data, tmp_path / "typo", autocast="bf61"))
     h, f = records(tmp_path / "head"), records(tmp_path / "fp32")
     assert h[0]["ce"] != f[0]["ce"] and abs(h[0]["ce"] - f[0]["ce"]) < 0.02 * f[0]["ce"]
