@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 SCALAR_TYPES = {"int": int, "float": float, "str": str}
@@ -67,6 +68,44 @@ def float_list(s: str) -> list[float]:
         return [float(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r}: give numbers separated by commas") from None
+
+
+def int_at_least(lo: int, hi: int | None = None):
+    """argparse type: an integer >= lo (and <= hi), else a one-line usage error naming the flag."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {_bounds(lo, hi, False, False)}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def number_in(lo: float, hi: float | None = None, open_lo: bool = False, open_hi: bool = False):
+    """argparse type: a finite number >= lo (> lo where open_lo; and <= / < hi), else a one-line
+    usage error naming the flag."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        low_ok = v > lo if open_lo else v >= lo
+        high_ok = hi is None or (v < hi if open_hi else v <= hi)
+        if not (math.isfinite(v) and low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(lo, hi, open_lo, open_hi)}, got {s}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _bounds(lo, hi, open_lo: bool, open_hi: bool) -> str:
+    low = f"{'>' if open_lo else '>='} {lo:g}"
+    return low if hi is None else f"{low} and {'<' if open_hi else '<='} {hi:g}"
 
 
 def add_config_flags(p, cls, table: dict[str, dict]) -> None:

@@ -207,3 +207,50 @@ def test_sft_command_gets_one_epoch_only_without_another_horizon(tmp_path, monke
     (c1, s1), (c2, s2) = seen
     assert (s1.epochs, s1.max_val, c1.max_steps) == (1.0, 9, None)
     assert (s2.epochs, s2.max_val, c2.max_steps) == (None, 256, 5)
+
+
+# (command line, the out-of-range flag and value): argparse refuses each with one usage line that
+# names the flag, before the command runs (before, --limit -1 scored all but the last problem,
+# --max-mb -1 built an empty corpus, --port 99999 was a traceback)
+OUT_OF_RANGE = [
+    ("data build --out o", "--max-mb", "-1"),
+    ("data build --out o", "--val-fraction", "2"),
+    ("data build --out o", "--workers", "0"),
+    ("data tokenize --corpus c --tokenizer t --out o", "--chunk-mb", "0"),
+    ("data tasks --out o", "--held-out-fraction", "1"),
+    ("tokenizer train --corpus c --out o", "--min-frequency", "0"),
+    ("generate --model m --prompt x", "--threads", "0"),
+    ("generate --model m --prompt x", "--chunk-size", "0"),
+    ("serve m", "--port", "99999"),
+    ("serve m", "--max-num-seqs", "0"),
+    ("serve m", "--shutdown-timeout", "nan"),
+    ("eval humaneval", "--limit", "-1"),
+    ("eval humaneval", "--timeout", "0"),
+    ("eval bpb --model m --shards s", "--seq-len", "0"),
+    ("speedrun", "--minutes", "0"),
+    ("info tiny", "--max-model-len", "0"),
+]
+
+
+@pytest.mark.parametrize("prefix,flag,value", OUT_OF_RANGE)
+def test_out_of_range_numbers_are_usage_errors(prefix, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*prefix.split(), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and "must be" in err and f"got {value}" in err, err
+    assert "Traceback" not in err
+
+
+def test_range_types():
+    import argparse
+
+    from nanoseek._argparse import int_at_least, number_in
+
+    assert int_at_least(1)("3") == 3 and int_at_least(0, 5)("5") == 5 and number_in(0, 1)("1") == 1.0
+    assert number_in(0, open_lo=True)("1e-9") == 1e-9
+    for parse, text, says in ((int_at_least(1), "0", "an integer >= 1"), (int_at_least(0, 5), "6", "<= 5"),
+                              (int_at_least(1), "1.5", "not an integer"), (number_in(0, 1, open_hi=True), "1", "< 1"),
+                              (number_in(0, open_lo=True), "0", "> 0"), (number_in(0), "inf", "finite"),
+                              (number_in(0), "nan", "finite"), (number_in(0), "x", "not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse(text)

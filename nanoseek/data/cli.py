@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from nanoseek._argparse import show_defaults
+from nanoseek._argparse import int_at_least, number_in, show_defaults
 
 
 def _err(msg: str) -> int:
@@ -140,18 +140,18 @@ def _add_build(dsub) -> None:
     b.add_argument("--languages", help="comma-separated languages to keep (default: all known)")
     b.add_argument("--license-policy", default="permissive", choices=["permissive", "permissive+weak", "open", "any"],
                    help="license categories to keep (default: %(default)s)")
-    b.add_argument("--max-mb", type=float, help="read at most ~this many MB of source (deterministic sample)")
-    b.add_argument("--min-bytes", type=int, default=32, help="drop smaller files (default: %(default)s)")
-    b.add_argument("--max-kb", type=float, default=1024, help="drop larger files (default: %(default)s)")
+    b.add_argument("--max-mb", type=number_in(0, open_lo=True), help="read at most ~this many MB of source (deterministic sample)")
+    b.add_argument("--min-bytes", type=int_at_least(0), default=32, help="drop smaller files (default: %(default)s)")
+    b.add_argument("--max-kb", type=number_in(0, open_lo=True), default=1024, help="drop larger files (default: %(default)s)")
     b.add_argument("--max-bytes", dest="max_kb", type=lambda v: int(v) / 1024, default=argparse.SUPPRESS,
                    metavar="N", help="--max-kb in bytes, next to --min-bytes (default: 1048576)")
-    b.add_argument("--near-dup-threshold", type=float, default=0.7, help="MinHash Jaccard threshold (default: %(default)s)")
+    b.add_argument("--near-dup-threshold", type=number_in(0, 1), default=0.7, help="MinHash Jaccard threshold (default: %(default)s)")
     b.add_argument("--no-near-dedup", action="store_true", help="exact dedup only")
     b.add_argument("--no-decontaminate", action="store_true", help="keep benchmark overlaps")
     b.add_argument("--decontam-extra", action="append", metavar="JSONL", help="extra evaluation set to exclude")
-    b.add_argument("--val-fraction", type=float, default=0.05, help="share of bytes (whole groups) in val (default: %(default)s)")
+    b.add_argument("--val-fraction", type=number_in(0, 1, open_hi=True), default=0.05, help="share of bytes (whole groups) in val (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
-    b.add_argument("--workers", type=int, help="processes (default: all cores)")
+    b.add_argument("--workers", type=int_at_least(1), help="processes (default: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds a finished corpus")
     b.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_build)
@@ -162,8 +162,8 @@ def _add_tokenize(dsub) -> None:
     t.add_argument("--corpus", required=True)
     t.add_argument("--tokenizer", required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--workers", type=int, help="processes (default: all cores)")
-    t.add_argument("--chunk-mb", type=float, default=16.0, help="corpus MB per shard (default: %(default)s)")
+    t.add_argument("--workers", type=int_at_least(1), help="processes (default: all cores)")
+    t.add_argument("--chunk-mb", type=number_in(0, open_lo=True), default=16.0, help="corpus MB per shard (default: %(default)s)")
     t.add_argument("--force", action="store_true", help="redo even if OUT holds finished shards")
     t.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_tokenize)
@@ -174,8 +174,8 @@ def _add_inspect(dsub) -> None:
     i.add_argument("shards")
     i.add_argument("--tokenizer", help="decode documents with this tokenizer")
     i.add_argument("--split", default="val")
-    i.add_argument("--show", type=int, default=1, help="documents to decode")
-    i.add_argument("--chars", type=int, default=800, help="characters to print per document")
+    i.add_argument("--show", type=int_at_least(0), default=1, help="documents to decode")
+    i.add_argument("--chars", type=int_at_least(0), default=800, help="characters to print per document")
     i.set_defaults(func=_cmd_inspect)
 
 
@@ -195,9 +195,9 @@ def _add_tasks(dsub) -> None:
     k.add_argument("--out", required=True, help="train split, e.g. runs/tasks/tasks.jsonl (held-out and manifest "
                                                 "are written next to it)")
     k.add_argument("--sft-out", help="also write SFT conversations (train-split functions) to this JSONL")
-    k.add_argument("--max-tasks", type=int, help="stop after this many verified tasks (sources are read in a "
+    k.add_argument("--max-tasks", type=int_at_least(1), help="stop after this many verified tasks (sources are read in a "
                                                  "seeded order, so a capped run samples every package)")
-    k.add_argument("--held-out-fraction", type=float, default=0.1,
+    k.add_argument("--held-out-fraction", type=number_in(0, 1, open_hi=True), default=0.1,
                    help="share of tasks (whole packages) in the held-out split (default: %(default)s)")
     k.add_argument("--seed", type=int, default=0, help="file order, generated inputs, split (default: %(default)s)")
     k.add_argument("--license-policy", default="permissive", choices=["permissive", "permissive+weak", "open", "any"],
@@ -205,7 +205,7 @@ def _add_tasks(dsub) -> None:
     k.add_argument("--no-decontaminate", action="store_true", help="keep functions that overlap HumanEval")
     k.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "unshare", "none"],
                    help="sandbox isolation for running mined code (default: strongest available)")
-    k.add_argument("--workers", type=int, help="extraction processes; sandboxed programs run one more in "
+    k.add_argument("--workers", type=int_at_least(1), help="extraction processes; sandboxed programs run one more in "
                                                "parallel (default: all cores)")
     k.add_argument("--force", action="store_true", help="redo even if OUT holds a finished run with these settings")
     k.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
@@ -215,12 +215,12 @@ def _add_tasks(dsub) -> None:
 def _add_tokenizer_train(tsub) -> None:
     tt = tsub.add_parser("train", help="train on a corpus built by `nanoseek data build`")
     tt.add_argument("--corpus", required=True)
-    tt.add_argument("--vocab-size", type=int, default=32768, help="including the 32 special ids (default: %(default)s)")
+    tt.add_argument("--vocab-size", type=int_at_least(1), default=32768, help="including the 32 special ids (default: %(default)s)")
     tt.add_argument("--out", required=True)
     tt.add_argument("--pretokenizer", default="code", choices=["code", "plain"],
                     help="'plain' = GPT-2 byte-level regex, the baseline (default: %(default)s)")
-    tt.add_argument("--max-train-mb", type=float, default=100.0, help="train on a sample of this size, 0 = all (default: %(default)s)")
-    tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: %(default)s)")
+    tt.add_argument("--max-train-mb", type=number_in(0), default=100.0, help="train on a sample of this size, 0 = all (default: %(default)s)")
+    tt.add_argument("--min-frequency", type=int_at_least(1), default=2, help="minimum pair count for a merge (default: %(default)s)")
     tt.add_argument("--force", action="store_true", help="retrain even if OUT holds a tokenizer")
     tt.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     tt.set_defaults(func=_cmd_tok_train)

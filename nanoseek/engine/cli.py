@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from nanoseek._argparse import show_defaults
+from nanoseek._argparse import int_at_least, number_in, show_defaults
 
 from .loading import add_loading_args
 from .loading import load_model_and_tokenizer  # noqa: F401  (re-exported: callers import it from here)
@@ -29,17 +29,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=max_new)
+    p.add_argument("--temperature", type=number_in(0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=number_in(0, 1, open_lo=True), default=1.0)
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     _add_speculative_arg(p)
 
 
 def _add_speculative_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
+    p.add_argument("--speculative", type=int_at_least(0), default=0, metavar="K",
                    help="MTP speculative decoding: K draft tokens per round (0 = off; greedy output is "
                         "unchanged, sampling keeps its distribution; see docs/engine.md)")
 
@@ -206,7 +206,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--prompt", default=None, help="prompt text (BOS is prepended)")
     p.add_argument("--fim-prefix", default=None, help="fill-in-the-middle: code before the hole")
     p.add_argument("--fim-suffix", default=None, help="fill-in-the-middle: code after the hole")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk (tokens)")
+    p.add_argument("--chunk-size", type=int_at_least(1), default=512, help="prefill chunk (tokens)")
     _add_sampling_args(p, 128)
     p.set_defaults(func=cmd_generate)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._argparse import int_at_least
 from .compiling import compile_for_decoding
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -62,7 +63,7 @@ def add_loading_args(p) -> None:
     argument): --tokenizer, --dtype, --threads and the decode-step compilation switches."""
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as saved)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="torch.compile the decode step even where auto would not (default: auto -- compiled "
                         "where a C++ compiler exists, cached on disk; see docs/engine.md)")

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from nanoseek._argparse import show_defaults
+from nanoseek._argparse import int_at_least, number_in, show_defaults
 
 from .. import chat_format
 
@@ -34,10 +34,10 @@ def _sandbox_args(p: argparse.ArgumentParser) -> None:
                    help="isolation level (default: the strongest that works here)")
     g.add_argument("--require-isolation", choices=["bwrap", "unshare", "none"], default=None,
                    help="fail instead of running with a weaker isolation level")
-    g.add_argument("--workers", type=int, default=None, help="parallel programs (default: cores+1)")
-    g.add_argument("--timeout", type=float, default=3.0,
+    g.add_argument("--workers", type=int_at_least(1), default=None, help="parallel programs (default: cores+1)")
+    g.add_argument("--timeout", type=number_in(0, open_lo=True), default=3.0,
                    help="per-program timeout in seconds (reference harness: 3.0)")
-    g.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
+    g.add_argument("--memory-mb", type=int_at_least(1), default=2048, help="address-space limit per program")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -52,17 +52,17 @@ def _model_args(p: argparse.ArgumentParser, seed_flag: bool = True) -> None:
     g = p.add_argument_group("generation (with --model)")
     g.add_argument("--model", help="checkpoint directory to generate samples with")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
-    g.add_argument("--n", type=int, default=1, help="samples per problem")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--n", type=int_at_least(1), default=1, help="samples per problem")
+    g.add_argument("--temperature", type=number_in(0), default=0.0)
+    g.add_argument("--top-p", type=number_in(0, 1, open_lo=True), default=1.0)
     # `--seed` is the sampling seed, except in insecure-code where it already seeds the prompt sample
     g.add_argument(*(("--seed", "--gen-seed") if seed_flag else ("--gen-seed",)), dest="gen_seed", type=int, metavar="SEED",
                    default=0, help="sampling seed")
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--limit", type=int, default=None, help="only the first N problems (per subset)")
-    g.add_argument("--max-num-seqs", "--batch-size", dest="batch_size", type=int, default=8, metavar="N",
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
+    g.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N problems (per subset)")
+    g.add_argument("--max-num-seqs", "--batch-size", dest="batch_size", type=int_at_least(1), default=8, metavar="N",
                    help="sequences decoded together")
-    g.add_argument("--threads", type=int, default=None, help="torch threads for generation")
+    g.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads for generation")
 
 
 def _generate_and_score(args, task, special_prompts: bool) -> int:
@@ -126,10 +126,10 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--shards", required=True, help="token shards written by `nanoseek data tokenize`")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
     p.add_argument("--split", default="val")
-    p.add_argument("--micro-batch", "--batch-size", dest="batch_size", type=int, default=4, metavar="N",
+    p.add_argument("--micro-batch", "--batch-size", dest="batch_size", type=int_at_least(1), default=4, metavar="N",
                    help="rows per forward pass")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many scored tokens")
+    p.add_argument("--seq-len", type=int_at_least(1), default=512)
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="stop after this many scored tokens")
     p.add_argument("--out", help="directory for summary.json")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bpb)
@@ -138,7 +138,7 @@ def add_subcommands(subparsers) -> None:
     _common(p)
     p.add_argument("--corpus", nargs="+", help="directories / .py / JSONL corpus files to build prompts from")
     p.add_argument("--prompts", help="prompts JSONL (from --write-prompts) the samples continue")
-    p.add_argument("--max-prompts", type=int, default=1000)
+    p.add_argument("--max-prompts", type=int_at_least(1), default=1000)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
     p.add_argument("--min-severity", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH"])
     p.add_argument("--min-confidence", default="LOW", choices=["LOW", "MEDIUM", "HIGH"])

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 
+from .._argparse import int_at_least
 from ..config import CSA, HCA, PRESETS, ModelConfig
 from .cache import cache_nbytes
 
@@ -117,7 +118,7 @@ def add_subcommands(sub) -> None:
                        description="Show config, total/activated parameters and KV-cache bytes per token "
                                    "for a checkpoint directory, a config.json or a preset name.")
     p.add_argument("model", help=f"checkpoint dir, config.json, or preset ({', '.join(PRESETS)})")
-    p.add_argument("--max-model-len", "--context", dest="context", metavar="N", type=int, default=8192, help="context length for the cache size (default 8192)")
+    p.add_argument("--max-model-len", "--context", dest="context", metavar="N", type=int_at_least(1), default=8192, help="context length for the cache size (default 8192)")
     p.add_argument("--cache-dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", action="store_true", help="also print the full config.json")

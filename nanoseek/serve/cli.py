@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from nanoseek._argparse import show_defaults
+from nanoseek._argparse import int_at_least, number_in, show_defaults
 from nanoseek.engine.loading import add_loading_args
 
 
@@ -50,7 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--model", default=None, help="the same, as an option")
     add_loading_args(p)
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
+    p.add_argument("--speculative", type=int_at_least(0), default=0, metavar="K",
                    help="MTP speculative decoding: K draft tokens per round (0 = off; see docs/engine.md)")
 
 
@@ -58,19 +58,19 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_at_least(0, 65535), default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $NANOSEEK_API_KEY)")
     p.add_argument("--served-model-name", "--model-name", dest="model_name", metavar="NAME", default=None,
                    help="model id clients use (default: nanoseek)")
-    p.add_argument("--max-num-seqs", "--max-batch", dest="max_batch", metavar="N", type=int, default=8,
+    p.add_argument("--max-num-seqs", "--max-batch", dest="max_batch", metavar="N", type=int_at_least(1), default=8,
                    help="decode slots (requests decoding together)")
-    p.add_argument("--max-model-len", "--max-len", dest="max_len", metavar="N", type=int, default=4096,
+    p.add_argument("--max-model-len", "--max-len", dest="max_len", metavar="N", type=int_at_least(2), default=4096,
                    help="tokens per slot (prompt + completion); at most the checkpoint's max_position_embeddings")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-prompt-tokens", type=int, default=None)
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
-    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--max-body-bytes", type=int_at_least(1), default=1 << 20)
+    p.add_argument("--max-prompt-tokens", type=int_at_least(1), default=None)
+    p.add_argument("--max-tokens-limit", type=int_at_least(1), default=4096, help="largest max_tokens accepted")
+    p.add_argument("--max-concurrent", type=int_at_least(1), default=64, help="requests in flight; more get HTTP 429")
+    p.add_argument("--shutdown-timeout", type=number_in(0), default=10.0,
                    help="on SIGTERM: seconds running requests get to finish before they are ended (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

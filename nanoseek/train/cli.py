@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from nanoseek._argparse import (SCALAR_TYPES, add_config_flags, config_from_flags, field_default, float_list,
-                                show_defaults, type_name)
+                                int_at_least, number_in, show_defaults, type_name)
 
 from nanoseek.train.trainer import AUTOCAST_SETTINGS, TrainConfig
 
@@ -460,19 +460,19 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("speedrun", help="corpus -> tokenizer -> pre-training -> mined tasks -> SFT -> GRPO -> "
                                                "report, in one go (under torchrun: data-parallel training)")
     p.add_argument("--out", default="runs/speedrun", help="directory for every stage (default runs/speedrun)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (default 10)")
-    p.add_argument("--depth", type=int, default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
-    p.add_argument("--max-mb", "--corpus-mb", dest="corpus_mb", metavar="MB", type=float, default=None,
+    p.add_argument("--minutes", type=number_in(0, open_lo=True), default=10.0, help="training-time budget (default 10)")
+    p.add_argument("--depth", type=int_at_least(1), default=None, help="model dial (default: 3 on CPU, 8 on GPU)")
+    p.add_argument("--max-mb", "--corpus-mb", dest="corpus_mb", metavar="MB", type=number_in(0, open_lo=True), default=None,
                    help="source MB to read for the corpus (default: 16 on CPU, 400 on GPU)")
-    p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None,
+    p.add_argument("--vocab-size", dest="vocab_size", type=int_at_least(1), default=None,
                    help="tokenizer vocabulary (default: 4096 on CPU, 16384 on GPU)")
     p.add_argument("--retrain", action="store_true", help="pre-train again even if a finished run exists")
     p.add_argument("--no-sft", action="store_true", help="stop after pre-training (no tasks, SFT or GRPO)")
     p.add_argument("--no-rl", action="store_true", help="stop after SFT (no GRPO)")
-    p.add_argument("--sft-minutes", type=float, default=None, help="SFT budget (default 2.5 on CPU, 10 on GPU)")
-    p.add_argument("--rl-minutes", type=float, default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
-    p.add_argument("--max-tasks", "--tasks", dest="tasks", metavar="N", type=int, default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
-    p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for the before/after table (default 32)")
+    p.add_argument("--sft-minutes", type=number_in(0), default=None, help="SFT budget (default 2.5 on CPU, 10 on GPU)")
+    p.add_argument("--rl-minutes", type=number_in(0), default=None, help="GRPO budget (default 2.5 on CPU, 10 on GPU)")
+    p.add_argument("--max-tasks", "--tasks", dest="tasks", metavar="N", type=int_at_least(1), default=None, help="verified tasks to mine (default 400 on CPU, 2000 on GPU)")
+    p.add_argument("--eval-tasks", type=int_at_least(0), default=32, help="held-out tasks for the before/after table (default 32)")
     p.set_defaults(func=lambda a, f=_cmd_speedrun: _guarded(f, a))
     show_defaults(subparsers.choices["speedrun"])     # its flags mirror no dataclass
 
