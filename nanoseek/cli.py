@@ -15,8 +15,11 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from nanoseek import _extras
+
+_python_format_warning = warnings.formatwarning
 
 # Modules that contribute subcommands. Each defines `add_subcommands(subparsers)` and sets
 # `func` on the parsers it adds; the function receives the parsed `argparse.Namespace`.
@@ -45,12 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """nanoseek's own warnings as one "nanoseek: warning: ..." line (no file and source line, which
+    mean nothing to a command-line user); others as Python formats them."""
+    if category is UserWarning and f"{os.sep}nanoseek{os.sep}" in filename:
+        return f"nanoseek: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _run(args)
+    finally:  # (main called in-process, e.g. by tests, leaves Python's format as it was)
+        warnings.formatwarning = previous
+
+
+def _run(args) -> int:
+    """The subcommand, with user errors as one line (exit 2) and Ctrl-C as exit 130."""
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

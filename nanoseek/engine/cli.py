@@ -65,23 +65,17 @@ def cmd_generate(args) -> int:
         return 2
     args.compile = one_shot_compile(args.compile, args.max_new_tokens)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.threads, args.compile)
+    echo = ""
     if args.fim_prefix is not None or args.fim_suffix is not None:
         ids = fim_prompt(tok, args.fim_prefix or "", args.fim_suffix or "")
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
-        sys.stdout.write(args.prompt)
-    t0, n, info, run = time.perf_counter(), 0, None, {}
-    try:
-        for ev in generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                  args.seed, args.stop, tokenizer=tok, chunk_size=args.chunk_size,
-                                  speculative_tokens=args.speculative, info=run, compile=args.compile):
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-            n += len(ev.tokens)
-            info = ev.finish_reason or info
-    finally:  # (also before an error's line: not glued to the echoed prompt)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        echo = args.prompt
+    t0, run = time.perf_counter(), {}
+    stream = generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                             args.stop, tokenizer=tok, chunk_size=args.chunk_size,
+                             speculative_tokens=args.speculative, info=run, compile=args.compile)
+    n, info = _print_stream(stream, echo)
     dt = time.perf_counter() - t0
     spec = ""
     if args.speculative and "runner" in run:
@@ -91,6 +85,30 @@ def cmd_generate(args) -> int:
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, prompt {len(ids)} tokens, "
           f"finish: {info}{spec}]", file=sys.stderr)
     return 0
+
+
+def _print_stream(stream, echo: str) -> tuple[int, str | None]:
+    """Write `echo` (the prompt) once the stream has started, so that a warning or an error of
+    its set-up comes first and alone, then each delta's text, then a newline. Returns (tokens,
+    finish reason)."""
+    n, info, started = 0, None, False
+    try:
+        for ev in stream:
+            if not started:
+                sys.stdout.write(echo)
+                started = True
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            n += len(ev.tokens)
+            info = ev.finish_reason or info
+        if not started:
+            sys.stdout.write(echo)
+            started = True
+    finally:
+        if started:  # (also before the line of an error met mid-stream)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return n, info
 
 
 def _read_message() -> str | None:

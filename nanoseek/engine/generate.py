@@ -28,6 +28,7 @@ FIM (PSM layout, as the tokenizer's FIM_LAYOUTS and DeepSeek-Coder):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -111,6 +112,7 @@ def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop
     prompts, _ = _as_prompts(input_ids)
     stop_ids, stop_strs = _split_stop(stop, getattr(model.config, "eos_token_id", None), stop_on_eos)
     need = max(len(p) for p in prompts) + max(max_new_tokens, 1)
+    _warn_past_context(model, need)
     if max_len is None:  # just enough, rounded up to a bucket if the decode step is compiled
         compile_for_decoding(model, compile)  # (the runner would; the capacity depends on it)
         max_len = decode_capacity(model, need)
@@ -140,6 +142,16 @@ def _run(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop
         model.train(was_training)
         for s in seqs:  # a closed stream cancels the rest
             s.cancel()
+
+
+def _warn_past_context(model, need: int) -> None:
+    """A warning when a call may run past the positions the model was built for (as the
+    server's --max-model-len warning; transformers warns alike)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and need > limit:
+        warnings.warn(f"the prompt and max_new_tokens can reach position {need:,}, past the model's "
+                      f"max_position_embeddings={limit:,}: positions beyond it are untrained extrapolation",
+                      stacklevel=4)
 
 
 def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

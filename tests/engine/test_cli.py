@@ -51,13 +51,14 @@ def test_generate_errors(saved, tmp_path, capsys):
 
 def test_generate_refuses_a_cache_beyond_the_free_memory(saved, monkeypatch, capsys):
     """An absurd --max-new-tokens: one line and exit 2 before anything is allocated (not the
-    kernel's OOM killer); the echoed prompt ends its line."""
+    kernel's OOM killer), and before the prompt is echoed."""
     from nanoseek.model import cache as cache_module
 
     monkeypatch.setattr(cache_module, "available_memory", lambda device: 1 << 30)
-    assert main(["generate", "--model", str(saved[0]), "--prompt", "x = ", "--max-new-tokens", "100000000"]) == 2
+    with pytest.warns(UserWarning, match="past the model's max_position_embeddings"):
+        assert main(["generate", "--model", str(saved[0]), "--prompt", "x = ", "--max-new-tokens", "100000000"]) == 2
     out = capsys.readouterr()
-    assert out.out == "x = \n"
+    assert out.out == ""  # nothing written: the error comes before the echoed prompt
     assert len(out.err.strip().splitlines()) == 1
     assert "100,000,00" in out.err and "GiB, more than the 1.0 GiB" in out.err and "built for 512 positions" in out.err
 
@@ -78,3 +79,23 @@ def test_chat_session(saved, monkeypatch, capsys):
         [{"role": "user", "content": "bye"}]), allow_special=True), 5, tokenizer=tok)[0].text
     assert cap.out == "assistant> " + first.replace("</think>", "\n--- answer ---\n") + "\n" \
         + "assistant> " + second + "\n"
+
+
+def test_generate_warns_past_the_models_positions(saved, capsys):
+    """tiny is built for 512 positions: a call that can run past them warns (the CLI prints
+    nanoseek's warnings as one "nanoseek: warning:" line); one that cannot does not."""
+    import os
+    import warnings
+
+    from nanoseek.cli import _format_warning
+
+    d = str(saved[0])
+    with pytest.warns(UserWarning, match="can reach position 60.*max_position_embeddings=512"):
+        assert main(["generate", "--model", d, "--prompt", "x = ", "--max-new-tokens", "600"]) == 0
+    assert capsys.readouterr().out.startswith("x = ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["generate", "--model", d, "--prompt", "x = ", "--max-new-tokens", "4"]) == 0
+    ours = os.path.join(os.sep, "x", "nanoseek", "engine", "cli.py")
+    assert _format_warning("past it", UserWarning, ours, 7) == "nanoseek: warning: past it\n"
+    assert "theirs.py:7: UserWarning: past it" in _format_warning("past it", UserWarning, "/x/theirs.py", 7)

@@ -311,3 +311,16 @@ def test_repeated_prompts_reuse_the_prefill_exactly(model):
         alone, lps = generate(model, r, 9, temperature=1.0, seed=40 + i, stop_on_eos=False, logprobs=True)
         assert s.tokens == alone
         assert s.logprobs == pytest.approx(lps, abs=1e-5)
+
+
+def test_a_call_past_the_models_positions_warns(model):
+    import warnings
+
+    from nanoseek.engine import generate
+
+    limit = model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"reach position {limit + 3:,}, past the model's max_position_embeddings={limit}"):
+        generate(model, [1, 2, 3], limit, stop_on_eos=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, [1, 2, 3], 4, stop_on_eos=False)
