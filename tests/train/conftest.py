@@ -21,7 +21,10 @@ def torchrun(args: list[str], cwd: Path, port: int, *, timeout: int = 300, **env
            "-m", "nanoseek.cli", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # (on failure: whether the ranks got to their end -- stdout -- and both ends of stderr, where a
+    # rank's own traceback precedes torchrun's summary)
+    assert r.returncode == 0, (f"exit {r.returncode}\n--- stdout (end)\n{r.stdout[-1500:]}\n--- stderr (start)\n"
+                               f"{r.stderr[:2000]}\n--- stderr (end)\n{r.stderr[-3000:]}")
     return r
 
 
