@@ -714,17 +714,23 @@ def _reference_conditions():
     import io
     import os
     import sys
+    from importlib.machinery import PathFinder  # (~0.5 ms; shutil and subprocess would be ~40)
+
+    # What the sink and the import finder below use while the program runs is bound now: a
+    # builtin looked up then is one the program may have rebound (`builtins.len = ...`).
+    tell, put, length, error = io.StringIO.tell, io.StringIO.write, len, OSError
+    path_spec, set_attr = PathFinder.find_spec, setattr
 
     class _Sink(io.StringIO):
         # Writes are accepted and dropped once large, so a program cannot exhaust memory by
         # printing; reads raise like in the reference.
         def write(self, s):
-            if self.tell() < (1 << 20):
-                return super().write(s)
-            return len(s)
+            if tell(self) < (1 << 20):
+                return put(self, s)
+            return length(s)
 
         def read(self, *a, **k):
-            raise OSError
+            raise error
 
         readline = readlines = read
 
@@ -750,6 +756,20 @@ def _reference_conditions():
 
     nulled = {"shutil": ("rmtree", "move", "chown"), "subprocess": ("Popen",)}
 
+    class _Loader:
+        """The module's own loader, then the names above set to None."""
+
+        def __init__(self, inner, names):
+            self.inner, self.names = inner, names
+
+        def create_module(self, spec):
+            return self.inner.create_module(spec)
+
+        def exec_module(self, module):
+            self.inner.exec_module(module)
+            for n in self.names:
+                set_attr(module, n, None)
+
     class _NullOnImport:
         """Meta-path finder: loads shutil/subprocess normally, then sets the names above to None."""
 
@@ -757,23 +777,10 @@ def _reference_conditions():
         def find_spec(name, path=None, target=None):
             if name not in nulled:
                 return None
-            from importlib.machinery import PathFinder
-
-            spec = PathFinder.find_spec(name, path)
+            spec = path_spec(name, path)
             if spec is None:
                 return None
-            inner, names = spec.loader, nulled[name]
-
-            class Loader:
-                def create_module(self, spec):
-                    return inner.create_module(spec)
-
-                def exec_module(self, module):
-                    inner.exec_module(module)
-                    for n in names:
-                        setattr(module, n, None)
-
-            spec.loader = Loader()
+            spec.loader = _Loader(spec.loader, nulled[name])
             return spec
 
     sys.meta_path.insert(0, _NullOnImport)

@@ -16,7 +16,6 @@ Used by the speedrun's before/after-SFT table and by RL's code reward (issue "Po
 
 from __future__ import annotations
 
-import ast
 import re
 import textwrap
 
@@ -37,14 +36,9 @@ def extract_code(text: str) -> str:
 
 
 def syntax_valid(code: str) -> bool:
-    """True when `code` is non-empty Python that parses."""
-    if not code.strip():
-        return False
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False
-    return True
+    """True when `code` is non-empty Python that parses (humaneval.parse_error: a degenerate
+    answer nested past the parser's limits is invalid, not a crash of the evaluation)."""
+    return bool(code.strip()) and humaneval.parse_error(code) is None
 
 
 def stub_prompt(problem: dict) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import os
+import warnings
 from collections import defaultdict
 from typing import Iterable
 
@@ -44,15 +45,44 @@ def data_path() -> str:
 PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
 
 
+def problem_error(p: dict) -> str | None:
+    """Why `p` cannot be scored (a missing string field, a test that is not Python, an entry
+    point that is not a name), or None: checked when problems or code tasks are loaded, so a
+    bad file fails up front instead of at its first sample."""
+    missing = [k for k in PROBLEM_KEYS if not isinstance(p.get(k), str)]
+    if missing:
+        return f"a problem needs string fields {', '.join(missing)}"
+    if not p["entry_point"].isidentifier():
+        return f"entry_point {p['entry_point']!r} is not a Python name"
+    why = parse_error(p["test"])
+    return f"its test is not valid Python ({why})" if why else None
+
+
+def parse_error(source: str) -> str | None:
+    """Why `source` does not parse as a module (None when it does), within this interpreter's
+    limits: a few thousand nested operators (`-` * 3000 + `1`) exhaust the parser's recursion
+    or memory, which is reported like a syntax error. Python's SyntaxWarnings for odd but valid
+    code (`1if x else 2`) are not printed: the text is often a model's."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(source)
+    except SyntaxError as e:
+        return f"{e.msg}, line {e.lineno}"
+    except (ValueError, RecursionError, MemoryError) as e:  # ValueError: a NUL byte
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
 def load_problems(path: str | None = None) -> dict[str, dict]:
     """task_id -> {task_id, prompt, canonical_solution, test, entry_point}, in file order."""
     path = path or data_path()
     # the one JSONL reader (nanoseek.jsonl): a bad line is a user error naming file:line
     problems = {}
     for p in read_jsonl(path, error=EvalInputError, line_key="_line"):
-        missing = [k for k in PROBLEM_KEYS if not isinstance(p.get(k), str)]
-        if missing:
-            raise EvalInputError(f"{path}:{p['_line']}: a problem needs string fields {', '.join(missing)}")
+        why = problem_error(p)
+        if why:
+            raise EvalInputError(f"{path}:{p['_line']}: {why}")
         del p["_line"]
         problems[p["task_id"]] = p
     return problems

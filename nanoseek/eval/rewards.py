@@ -138,7 +138,7 @@ def split_test(test: str) -> tuple[str, ...]:
     test has no top-level `check` function or fewer than 2 units (score it binary)."""
     try:
         tree = ast.parse(test)
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return ()
     checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
     if not checks:

@@ -166,9 +166,12 @@ class RLObjective(RolloutObjective):
                           format=c.format_weight, length=c.length_weight, workers=c.reward_workers)
         self.reward = make_reward(c.reward, rc)
         if c.reward == "code":
-            missing = [t["task_id"] for t in self.tasks if not {"entry_point", "test"} <= t.keys()]
-            if missing:
-                raise ValueError(f"the code reward needs tasks with entry_point and test (first without: {missing[0]})")
+            # every task scorable before the first rollout: a broken test would otherwise stop
+            # the run with a traceback at its first reward
+            for t in (*self.tasks, *self.held_out):
+                why = humaneval.problem_error(t)
+                if why:
+                    raise ValueError(f"the code reward cannot score task {t['task_id']!r}: {why}")
         if c.kl_coef > 0:   # the frozen initial policy
             self.ref = copy.deepcopy(run.model).eval().requires_grad_(False)
         self.prepare_sampling(run)

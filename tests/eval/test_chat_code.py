@@ -15,6 +15,29 @@ def test_extract_code_takes_the_first_python_fence():
     assert syntax_valid("def h(): pass") and not syntax_valid("def h(:") and not syntax_valid("  \n")
 
 
+def test_syntax_valid_survives_degenerate_answers():
+    """A model stuck repeating an operator writes code nested past the parser's limits: ast.parse
+    then raises RecursionError or MemoryError (from ~3,000 nested unary minus signs), which must
+    count as invalid instead of ending the evaluation. Valid code that Python warns about
+    (`1if`) stays valid without a SyntaxWarning on the user's terminal."""
+    import ast
+    import warnings
+
+    import pytest
+
+    deep = ["-" * 3000 + "1", "a" + "+a" * 3000, "f" + "()" * 3000, "not " * 12000 + "x"]
+    for code in deep:
+        with pytest.raises((RecursionError, MemoryError)):  # the oracle: the parser itself gives up
+            ast.parse(code)
+        assert not syntax_valid(code) and not syntax_valid(f"```python\nx = {code}\n```".split("\n")[1])
+    assert syntax_valid("-" * 100 + "1") and syntax_valid("a" + "+a" * 500)   # deep but within limits
+    assert not syntax_valid("x = 1\0")                                         # NUL: ValueError in ast
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert syntax_valid("x = 1if 1 else 2")
+    assert not seen, [str(w.message) for w in seen]
+
+
 def test_stub_prompt_is_a_complete_failing_definition():
     p = humaneval.load_problems()["HumanEval/2"]
     stub = stub_prompt(p)

@@ -172,6 +172,17 @@ def test_problem_file_errors_are_clear(tmp_path):
         humaneval.load_problems(str(bad))
     bad.write_text(json.dumps(good) + "\n\n")
     assert humaneval.load_problems(str(bad)) == {"t/0": good}
+    # a test that is not Python, or an entry point that is not a name, fails at load time (not
+    # at the first sample's sandbox run, which parses the test for its imports)
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "task_id": "t/1", "test": "def check(c):\n  assert (\n"}))
+    with pytest.raises(EvalInputError, match=r"problems.jsonl:2: its test is not valid Python \(.*line 2\)"):
+        humaneval.load_problems(str(bad))
+    bad.write_text(json.dumps({**good, "entry_point": "f()"}) + "\n")
+    with pytest.raises(EvalInputError, match=r"problems.jsonl:1: entry_point 'f\(\)' is not a Python name"):
+        humaneval.load_problems(str(bad))
+    bad.write_text(json.dumps({**good, "test": "x = " + "-" * 3000 + "1\n"}) + "\n")
+    with pytest.raises(EvalInputError, match=r"problems.jsonl:1: its test is not valid Python \((RecursionError|MemoryError)"):
+        humaneval.load_problems(str(bad))
 
 
 def test_a_sandbox_that_cannot_run_is_no_score_and_is_retried(problems, tmp_path):

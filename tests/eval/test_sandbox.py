@@ -905,11 +905,13 @@ def test_ordinary_programs_do_not_notice_the_guard(any_level):
 
 
 # What runs while (or after) the program runs in a guarded job: the audit hook and its path
-# checks, the verdict writer, the test's private import, the waiting main thread. Each must use
-# only names bound before the program started: a builtin or module global looked up at run time
-# is one the program can rebind (`builtins.len = ...`, `sys.modules["__main__"]._x = ...`).
+# checks, the verdict writer, the test's private import, the waiting main thread, and in
+# humaneval mode the reference conditions' output sink and import finder. Each must use only
+# names bound before the program started: a builtin or module global looked up at run time is
+# one the program can rebind (`builtins.len = ...`, `sys.modules["__main__"]._x = ...`).
 RUNS_LATE = ("_await_verdict", "_reporter/", "_run_guarded/", "_path_resolver/", "_path_checks/",
-             "_pyc_tracker/", "_audit_hook/")
+             "_pyc_tracker/", "_audit_hook/", "_reference_conditions/_Sink/", "_reference_conditions/_Loader/",
+             "_reference_conditions/_NullOnImport/")
 # ... and two functions from a point on: _run_guarded once it runs the stages (the first use of
 # its pre-bound exec_), _main once it has started the test thread
 RUNS_LATE_FROM = {"_run_guarded": ("LOAD_FAST", "exec_"), "_main": ("LOAD_ATTR", "start_new_thread")}
@@ -948,7 +950,9 @@ def test_the_guard_looks_up_no_name_once_the_program_runs():
             if any(name == p or (p.endswith("/") and name.startswith(p)) for p in RUNS_LATE)}
     # the list names real functions: the hook, the verdict writer, the waiter at least
     for needed in ("_audit_hook/hook", "_reporter/verdict", "_await_verdict", "_path_resolver/resolve",
-                   "_path_checks/open_allowed", "_pyc_tracker/pyc_matches", "_run_guarded/_import"):
+                   "_path_checks/open_allowed", "_pyc_tracker/pyc_matches", "_run_guarded/_import",
+                   "_reference_conditions/_Sink/write", "_reference_conditions/_NullOnImport/find_spec",
+                   "_reference_conditions/_Loader/exec_module"):
         assert needed in late, needed
     assert {name: sorted(_late_lookups(c)) for name, c in late.items() if _late_lookups(c)} == {}
     for name, start in RUNS_LATE_FROM.items():

@@ -223,6 +223,23 @@ def test_rl_torchrun_two_processes_match_one(setup, tmp_path, mode):
     assert_same_model(tmp_path / mode / "model", tmp_path / "single" / "model")
 
 
+def test_rl_code_reward_refuses_unscorable_tasks_before_training(setup, tmp_path):
+    """A task whose test is not Python (or which has none) stops the code reward at set-up with
+    the task's id, before any model work, instead of a traceback at its first reward."""
+    from nanoseek.eval import humaneval
+
+    base, _, _ = setup
+    good = list(humaneval.load_problems().values())[0]
+    for bad, why in ((dict(good, task_id="mine/7", test="def check(c):\n    assert c(\n"), "not valid Python"),
+                     ({k: v for k, v in good.items() if k != "test"} | {"task_id": "mine/8"}, "string fields test")):
+        (tmp_path / "t.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        rl = RLConfig(tasks=str(tmp_path / "t.jsonl"), group_size=2, prompts_per_step=1, max_new_tokens=4)
+        cfg = rl_train_config(str(base), str(tmp_path / "run"), rl, max_steps=1, progress=False, tensorboard=False)
+        with pytest.raises(ValueError, match=rf"cannot score task '{bad['task_id']}': .*{why}"):
+            train(cfg, RLObjective(rl))
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_rl_code_reward_end_to_end(setup, tmp_path):
     """Chat protocol on two HumanEval problems with the sandboxed code reward: the loop runs,
     every term is logged, held-out pass@k is evaluated."""
