@@ -251,7 +251,7 @@ def _arguments_dict(arguments: Any) -> dict[str, Any]:
         raise TypeError(f"tool call arguments must be a JSON string, got {type(arguments).__name__}")
     try:
         parsed = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested past json's recursion limit: not parsed either)
         parsed = None
     return parsed if isinstance(parsed, dict) else {"arguments": arguments}
 
@@ -661,7 +661,7 @@ def _argument_fragment(raw: str, is_string: bool) -> str:
         try:
             json.loads(raw)
             return raw
-        except ValueError:
+        except (ValueError, RecursionError):  # a model's "[[[[..." past json's recursion limit too
             pass
     return _json(raw)
 

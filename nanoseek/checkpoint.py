@@ -37,6 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .jsonl import read_json
+
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -140,9 +142,10 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_bytes: int = DEFAU
 # ------------------------------------------------------------------------------ load
 def _shard_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).exists():
-        with open(path / INDEX_NAME, encoding="utf-8") as f:
-            index = json.load(f)
-        names = sorted(set(index["weight_map"].values()))
+        weight_map = read_json(path / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{path / INDEX_NAME}: its weight_map must map tensor names to file names")
+        names = sorted(set(weight_map.values()))
         root = path.resolve()
         for name in names:
             # an index is data from whoever wrote the checkpoint: it names files of this directory only

@@ -23,6 +23,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .jsonl import read_json
+
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"
 HCA = "heavily_compressed_attention"
@@ -299,11 +301,7 @@ class ModelConfig:
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)  # ValueError naming the file: not JSON, nested too deeply, too large
         if data.get("model_type") not in (None, "deepseek_v4"):
             raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a DeepSeek-V4 config")
         return cls.from_dict(data)

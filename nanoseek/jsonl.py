@@ -11,6 +11,8 @@ imports nothing of nanoseek).
         else:
             use(ln.obj)
 
+    cfg = read_json("model/config.json")                          # one JSON document: ValueError naming
+                                                                  # the file when it is not one
     with open(p, "rb") as f:                                      # a byte range of a big file, lines
         for ln in iter_lines(f, start=a, end=b, max_bytes=1 << 20):   # of at most 1 MiB held at once
             ...
@@ -136,3 +138,26 @@ def read_jsonl(path: str | os.PathLike, *, error: type[Exception] = ValueError, 
             if line_key and isinstance(ln.obj, dict):
                 ln.obj[line_key] = ln.lineno
             yield ln.obj
+
+
+MAX_JSON_FILE = 64 << 20  # read_json's default cap: config.json and weight indexes are far smaller
+
+
+def read_json(path: str | os.PathLike, *, objects: bool = True, max_bytes: int = MAX_JSON_FILE,
+              error: type[Exception] = ValueError) -> Any:
+    """One JSON document from a file someone else may have written (a model directory's
+    config.json or weight index): `error` naming the file when it is missing, larger than
+    max_bytes (checked before reading), not UTF-8, not JSON, nested deeper than the parser goes
+    (json raises RecursionError there, not a JSONDecodeError) or, with objects, not an object."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    if size > max_bytes:
+        raise error(f"{path}: {size:,} bytes, more than the {max_bytes:,} a JSON file here may have")
+    with open(path, "rb") as f:
+        obj, why, kind = parse_line(f.read(max_bytes + 1), objects)
+    if why is not None:
+        raise error(f"{path}: {'expected a JSON object' if kind == NOT_OBJECT else why}")
+    return obj

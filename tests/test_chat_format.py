@@ -385,6 +385,22 @@ def test_parse_non_json_value_marked_non_string_becomes_a_string():
     assert json.loads(tc["function"]["arguments"]) == {"n": 12, "bad": "not json"}
 
 
+def test_json_nested_past_the_recursion_limit_is_text_not_a_crash():
+    """json.loads raises RecursionError (not ValueError) for ~1,000 nested brackets: a model stuck
+    on "[" in a parameter, or a client's tool-call arguments nested that deep, used to crash the
+    parser and the encoder (a 500 in the server). Both now take it as text that is not JSON."""
+    deep = "[" * 3000 + "]" * 3000
+    with pytest.raises(RecursionError):  # the premise: json itself gives up
+        json.loads(deep)
+    text = (f"\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"x\" string=\"false\">{deep}"
+            f"</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>")
+    (tc,) = parse_completion(text, "chat")["tool_calls"]
+    assert tc["function"]["arguments"] == json.dumps({"x": deep})    # the value kept whole, as a string
+    args = '{"a": ' + deep + "}"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call("f", args)]}]
+    assert f'<{D}parameter name="arguments" string="true">{args}</{D}parameter>' in encode_messages(msgs, "chat")
+
+
 def test_parse_keeps_text_after_a_tool_block():
     text = f"A\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n\n</{D}invoke>\n</{D}tool_calls> trailing" + EOS
     out = parse_completion(text, "chat")

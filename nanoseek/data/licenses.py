@@ -260,7 +260,9 @@ def from_manifest(name: str, text: str) -> str | None:
         if name == "setup.cfg":
             m = re.search(r"^license\s*=\s*(.+)$", text, re.MULTILINE)
             return normalize(m.group(1)) if m else None
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError, MemoryError):
+        # (json and tomllib raise RecursionError for arrays nested ~1,000 deep: a manifest
+        # that does not parse declares nothing, it does not stop the corpus build)
         return None
     return None
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.chat_format import VOCABULARY_SPECIALS
+from nanoseek.jsonl import read_json
 
 # (attribute name, token string). Order = id. One definition: the chat format's vocabulary
 # (DeepSeek's strings: full-width "｜" (U+FF5C) and "▁" (U+2581)).
@@ -306,7 +307,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not f.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}; train one with `nanoseek tokenizer train`")
     meta_path = f.parent / _META
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    # (a model directory is data from whoever wrote it: a bad file is a ValueError naming it)
+    meta = read_json(meta_path) if meta_path.is_file() else {}
     return Tokenizer(HFTokenizer.from_file(str(f)), meta)
 
 

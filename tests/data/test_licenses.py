@@ -59,6 +59,24 @@ def test_manifests_and_headers():
     assert from_manifest("pyproject.toml", '[project]\nlicense = {text = "MIT"}\n') == "MIT"
     assert from_manifest("Cargo.toml", '[package]\nname = "x"\nlicense = "MIT OR Apache-2.0"\n') == "MIT OR Apache-2.0"
     assert from_manifest("pyproject.toml", "not toml [") is None
+
+
+def test_a_manifest_nested_past_the_parsers_limits_declares_nothing(tmp_path):
+    """json and tomllib raise RecursionError (not ValueError) for arrays ~1,000 deep: such a
+    package.json or pyproject.toml in a corpus directory stopped the build with a traceback.
+    Now it declares no license, and the directory's license file still counts."""
+    import json
+
+    from nanoseek.data.sources import _dir_license
+
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(RecursionError):  # the premise
+        json.loads(deep)
+    assert from_manifest("package.json", '{"license": "ISC", "x": ' + deep + "}") is None
+    assert from_manifest("pyproject.toml", f'[project]\nlicense = "MIT"\nx = {deep}\n') is None
+    (tmp_path / "package.json").write_text('{"license": "ISC", "x": ' + deep + "}")
+    (tmp_path / "LICENSE").write_text(MIT_TEXT)
+    assert _dir_license(str(tmp_path)) == "MIT"
     assert from_spdx_header("// SPDX-License-Identifier: GPL-2.0-only\nint x;\n") == "GPL-2.0-only"
     assert from_spdx_header("/* SPDX-License-Identifier: MIT */\n") == "MIT"
     assert from_spdx_header("x = 1\n" * 10) is None

@@ -123,6 +123,15 @@ def test_save_load_and_metadata(tmp_path, tok, tokenizer_dir):
     assert "{prefix}" in meta["fim_layouts"]["psm"]
 
 
+def test_a_hostile_metadata_file_is_a_clear_error(tmp_path, tok):
+    """nanoseek_tokenizer.json comes with a model directory someone else wrote: JSON nested past
+    json's recursion limit was a RecursionError traceback; now a ValueError naming the file."""
+    tok.save(tmp_path / "copy")
+    (tmp_path / "copy" / "nanoseek_tokenizer.json").write_text('{"val": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"nanoseek_tokenizer\.json: not valid JSON \(nested too deeply\)"):
+        load_tokenizer(tmp_path / "copy")
+
+
 def test_hf_fallback_when_tiktoken_disabled(monkeypatch, tokenizer_dir, tok):
     monkeypatch.setenv("NANOSEEK_NO_TIKTOKEN", "1")
     slow = load_tokenizer(tokenizer_dir)

@@ -57,6 +57,39 @@ def test_hostile_sizes_are_refused_before_anything_is_built(bad):
         ModelConfig.from_dict(cfg)
 
 
+def test_hostile_config_and_index_files_are_clear_errors(tmp_path):
+    """config.json and the weight index are read as data from whoever wrote them: JSON nested
+    past the parser's recursion limit (json raises RecursionError, not a JSONDecodeError), a
+    file too large to be one, a non-object, or a weight_map that does not map names to files is
+    a ValueError naming the file, never a traceback or a read of gigabytes."""
+    import json
+
+    from nanoseek import Transformer
+    from nanoseek.jsonl import read_json
+
+    cfg = tmp_path / "config.json"
+    for text, why in (('{"a": ' + "[" * 5000 + "]" * 5000 + "}", r"not valid JSON \(nested too deeply"), ("[1, 2]", "expected a JSON object"),
+                      ("{oops", "not valid JSON"), (b'{"a": "\xff"}', "not valid UTF-8")):
+        cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=rf"config\.json: {why}"):
+            ModelConfig.from_json(cfg)
+    cfg.write_text(json.dumps({"pad": "x" * 200}))
+    with pytest.raises(ValueError, match=r"config\.json: 2\d\d bytes, more than the 100"):
+        read_json(cfg, max_bytes=100)
+    with pytest.raises(ValueError, match=r"nope\.json: no such file"):
+        read_json(tmp_path / "nope.json")
+    # a model directory whose index is hostile
+    ModelConfig.from_preset("tiny").save_json(cfg)
+    index = tmp_path / "model.safetensors.index.json"
+    for text, why in (('{"weight_map": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+                      ('{"weight_map": {"a": ["x"]}}', "its weight_map must map tensor names to file names"),
+                      ('{"metadata": {}}', "its weight_map must map"),
+                      ('{"weight_map": {"a": "../x.safetensors"}}', "not a file of the model directory")):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"index\.json: .*{why}"):
+            Transformer.from_pretrained(tmp_path)
+
+
 def test_flash_and_pro_parameter_counts_match_the_release():
     flash = describe(ModelConfig.from_preset("flash"), 8192)
     assert abs(flash["parameters_total_without_mtp"] / 284e9 - 1) < 0.01

@@ -121,3 +121,17 @@ def test_non_finite_numbers_are_400(app_parts):
     for lit in (b"NaN", b"Infinity"):
         r = post(client(app_parts), b'{"model": "m", "prompt": "x", "temperature": ' + lit + b"}")
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_tool_call_arguments_nested_past_json_recursion_limit_are_not_a_500(app_parts):
+    """The history's tool-call arguments are re-encoded by the chat format, which parsed them
+    with json.loads: 3,000 nested brackets raised RecursionError there (a 500). Now they are
+    kept as one string argument, and the request goes on (here: to the prompt-length check)."""
+    args = '{"a": ' + "[" * 3000 + "]" * 3000 + "}"
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    r = post(client(app_parts, max_body_bytes=1 << 16), {"model": "m", "messages": msgs, "max_tokens": 2},
+             path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
