@@ -87,7 +87,10 @@ def load_tree(path: str | os.PathLike):
         if meta.get("format") != "nanoseek-train-state":
             raise ValueError(f"{path} is not a nanoseek training-state file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _decode(json.loads(meta["tree"]), tensors)
+    try:  # (a tree nested ~1,000 deep is a RecursionError in json or in _decode: malformed too)
+        return _decode(json.loads(meta.get("tree", "")), tensors)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed checkpoint tree ({type(e).__name__}: {e})"[:500]) from None
 
 
 def _fsync_dir(d: Path) -> None:

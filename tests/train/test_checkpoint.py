@@ -40,6 +40,13 @@ def test_not_a_state_file_is_rejected(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match="not a nanoseek training-state file"):
         ck.load_tree(tmp_path / "m.safetensors")
+    # a state file whose tree is not JSON, nested past the parser's depth, or missing: one
+    # ValueError naming the file (a RecursionError or KeyError traceback before)
+    for tree in ("{oops", "[" * 5000 + "]" * 5000, None):
+        meta = {"format": "nanoseek-train-state", **({"tree": tree} if tree is not None else {})}
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "t.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=r"t\.safetensors: malformed checkpoint tree"):
+            ck.load_tree(tmp_path / "t.safetensors")
 
 
 def _tiny():
