@@ -31,7 +31,8 @@ indexer KL, what the trainer runs) with each fast-path switch off and on in alte
 `cpu_kernels.enabled`: all the C kernels, `HyperConnection.stream_kernels`: the C mHC stream passes,
 `HyperConnection.collapse_function`: the collapse as one Function, `HyperConnection.mix_kernels`: its
 mix products as C passes, `Experts.fused`: the routed
-experts as one Function, `Experts.bucket_rows`: their row counts padded to a multiple of 32,
+experts as one Function, `grouped_mm.enabled`: their products as MKL grouped GEMMs (fp32),
+`Experts.bucket_rows`: their row counts padded to a multiple of 32,
 `cpu_kernels.swiglu_bf16`, `Attention.fold_heads`, `Attention.bmm_softmax` and `Attention.reuse_lse` (the indexer's KL target
 from the attention kernel's log-normaliser), `Transformer.autocast_streams` (bf16 residual streams): bf16 only;
 `loss.use_kernel`: the head's
@@ -70,7 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import PRESETS
-from nanoseek.model import cpu_kernels, hyper_connections, moe, norm, rope
+from nanoseek.model import cpu_kernels, grouped_mm, hyper_connections, moe, norm, rope
 from nanoseek.model import loss as model_loss
 from nanoseek.model.attention import Attention
 
@@ -79,6 +80,7 @@ def set_mode(fast: bool) -> None:
     Attention.use_sdpa = fast
     hyper_connections.HyperConnection.fused = fast
     cpu_kernels.enabled = fast
+    grouped_mm.enabled = fast
 
 
 def train_step(model, ids, fast: bool):
@@ -328,6 +330,7 @@ SWITCHES = {  # name -> (object, attribute) of the fast-path switches (True = th
     "HyperConnection.collapse_function": (hyper_connections.HyperConnection, "collapse_function"),
     "HyperConnection.mix_kernels": (hyper_connections.HyperConnection, "mix_kernels"),
     "Experts.fused": (moe.Experts, "fused"),
+    "grouped_mm.enabled": (grouped_mm, "enabled"),   # (fp32 only: bf16 products go to oneDNN one by one)
     "Experts.bucket_rows": (moe.Experts, "bucket_rows"),   # (bf16 autocast only: use --bf16)
     "cpu_kernels.swiglu_bf16": (cpu_kernels, "swiglu_bf16"),   # (bf16 autocast only: use --bf16)
     "Attention.fold_heads": (Attention, "fold_heads"),   # (bf16 autocast only: use --bf16)

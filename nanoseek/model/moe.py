@@ -35,6 +35,7 @@ from ..config import HASH_MOE, ModelConfig
 from . import cpu_kernels
 from .context import ForwardContext
 from .gemv import Linear, linear
+from .grouped_mm import mm_many
 from .precision import fp32_region
 
 
@@ -132,7 +133,7 @@ class _SwiGLU(torch.autograd.Function):
 class Experts(nn.Module):
     """E routed experts as stacked weights w1/w3 [E, I, D], w2 [E, D, I]."""
 
-    fused = True  # training's grouped pass as one autograd Function (_GroupedExperts); False: per_expert
+    fused = True  # the grouped pass (training, prefill) as one autograd Function (_GroupedExperts); False: per_expert
     bucket_rows = True  # in it, bf16/fp16 on a CPU: rows padded to _GroupedExperts.row_bucket (see there)
 
     def __init__(self, n: int, dim: int, inter: int, limit: float):
@@ -176,8 +177,9 @@ class Experts(nn.Module):
         # tokens sorted by expert: each expert reads one contiguous slice (index_select, not
         # x[token]: its backward is one index_add instead of an accumulating index_put, ~5%
         # of the layer's forward + backward)
-        if Experts.fused and torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.w1, self.w2, self.w3)):
-            # (the Function gathers the rows itself: after its cast, into its padded layout)
+        if Experts.fused:
+            # (the Function gathers the rows itself: after its cast, into its padded layout; with
+            # no gradient to record -- a prefill -- it is the same grouped forward, nothing kept)
             ys = _GroupedExperts.apply(x, self.w1, self.w2, self.w3, counts, self.limit, token)
         else:
             ys = per_expert(x.index_select(0, token), self.w1, self.w2, self.w3, counts, self.limit)
@@ -187,8 +189,8 @@ class Experts(nn.Module):
 
 def per_expert(xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: list[int],
                limit: float) -> torch.Tensor:
-    """Expert-sorted tokens xs [M, D] -> [M, D], one F.linear per expert and matrix (inference,
-    and the reference _GroupedExperts is tested against)."""
+    """Expert-sorted tokens xs [M, D] -> [M, D], one F.linear per expert and matrix: the plain
+    path (`Experts.fused = False`), which _GroupedExperts is tested against."""
     outs = []
     # unbind / split once: indexing w[e] or slicing xs per expert would make autograd build a
     # full-size zero gradient for every expert (O(E^2) memory traffic); the backward of
@@ -254,14 +256,13 @@ class _GroupedExperts(torch.autograd.Function):
             m, inter = x.shape[0], w1.shape[1]
             gate, up = x.new_empty(m, inter), x.new_empty(m, inter)
             ys = x.new_empty(m, w2.shape[1])
-            for e, (a, b) in _slices(counts):
-                torch.mm(x[a:b], w1c[e].t(), out=gate[a:b])
-                torch.mm(x[a:b], w3c[e].t(), out=up[a:b])
+            # every expert's products as one grouped GEMM (grouped_mm: MKL's batch call in fp32)
+            sl = list(_slices(counts))
+            mm_many([(x[a:b], w.t(), out[a:b]) for e, (a, b) in sl for w, out in ((w1c[e], gate), (w3c[e], up))])
             # elementwise: one call over every expert's rows (the slices tile the buffers) instead
             # of one per expert and layer, each with its checks and views
             act = swiglu(gate, up, limit)
-            for e, (a, b) in _slices(counts):
-                torch.mm(act[a:b], w2c[e].t(), out=ys[a:b])
+            mm_many([(act[a:b], w2c[e].t(), ys[a:b]) for e, (a, b) in sl])
         # the activation is kept (one more [rows, inter] tensor) for W2's gradient: recomputing
         # it in the backward cost a SwiGLU pass
         ctx.save_for_backward(x, w1c, w2c, w3c, gate, up, act, rows, gather, pad)
@@ -284,18 +285,20 @@ class _GroupedExperts(torch.autograd.Function):
                 if g is not None and idle:
                     g[idle] = 0
             d_act = gy.new_empty(gate.shape)
-            for e, (a, b) in _slices(ctx.counts):
-                if gw[1] is not None:
-                    torch.mm(gy[a:b].t(), act[a:b], out=gw[1][e])
-                torch.mm(gy[a:b], w2c[e], out=d_act[a:b])
+            sl = list(_slices(ctx.counts))
+            # each list holds independent products: grouped_mm runs it as one grouped GEMM
+            products = [(gy[a:b], w2c[e], d_act[a:b]) for e, (a, b) in sl]
+            if gw[1] is not None:
+                products += [(gy[a:b].t(), act[a:b], gw[1][e]) for e, (a, b) in sl]
+            mm_many(products)
             d_gate, d_up = swiglu_backward(gate, up, d_act, ctx.limit)   # (one call, as the forward's)
-            for e, (a, b) in _slices(ctx.counts):
-                if gw[0] is not None:
-                    torch.mm(d_gate[a:b].t(), x[a:b], out=gw[0][e])
-                if gw[2] is not None:
-                    torch.mm(d_up[a:b].t(), x[a:b], out=gw[2][e])
-                if gx is not None:
-                    torch.mm(d_gate[a:b], w1c[e], out=gx[a:b]).addmm_(d_up[a:b], w3c[e])
+            products = [(d[a:b].t(), x[a:b], g[e]) for d, g in ((d_gate, gw[0]), (d_up, gw[2])) if g is not None
+                        for e, (a, b) in sl]
+            if gx is not None:
+                products += [(d_gate[a:b], w1c[e], gx[a:b]) for e, (a, b) in sl]
+            mm_many(products)
+            if gx is not None:  # gx = d_gate W1 + d_up W3, the second product added as before
+                mm_many([(d_up[a:b], w3c[e], gx[a:b]) for e, (a, b) in sl], accumulate=True)
         grads = [None if g is None else g.to(dt) for g, dt in zip(gw, ctx.param_dtypes)]
         return _input_grad(gx, rows, gather, pad, ctx.x_shape, ctx.x_dtype), *grads, None, None, None
 
