@@ -81,6 +81,9 @@ PLANTED = [  # (line, placeholder kind, the secret that must disappear)
     ('API_KEY = "a8f5f167f44f4964e6c998dee827110c"', "SECRET", "a8f5f167f44f4964e6c998dee827110c"),
     ("config = {'client_secret': 'Zq8vN2mX5pL9kR3tW7yB1cF4'}", "SECRET", "Zq8vN2mX5pL9kR3tW7yB1cF4"),
     ("# Contact: jane.doe@corp-mail.com", "EMAIL", "jane.doe@corp-mail.com"),
+    # a long name: up to 80 identifier characters may follow the stem ("passw" here)
+    ("DB_PASSWORD_OF_THE_PRIMARY_REPLICA_IN_THE_EU_WEST_REGION_FOR_NIGHTLY_BATCH_JOBS_V2 = 'Tr0ub4dor&3x'",
+     "PASSWORD", "Tr0ub4dor&3x"),
 ]
 
 
