@@ -64,9 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
-        return _run(args)
+        code = _run(args)
     finally:  # (main called in-process, e.g. by tests, leaves Python's format as it was)
         warnings.formatwarning = previous
+    if argv is None:  # the program's own command line (not an in-process call): a torchrun rank
+        # whose command tore down its group ends here, without interpreter finalization
+        # (train/parallelize.py exit_after_distributed); looked up, not imported: torch-free commands
+        dist = sys.modules.get("nanoseek.train.parallelize")
+        if dist is not None:
+            dist.exit_after_distributed(code)
+    return code
 
 
 def _run(args) -> int:

@@ -60,6 +60,7 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 _owned_group = False  # setup_distributed made the process group (not the caller)
+_ended_group = False  # shutdown_distributed tore that group down (exit_after_distributed applies)
 
 
 def process_group_backend(dev: torch.device) -> str:
@@ -71,16 +72,47 @@ def process_group_backend(dev: torch.device) -> str:
 
 def shutdown_distributed() -> None:
     """End of a torchrun command: wait for every rank, then tear down the process group if
-    setup_distributed made it (a caller's own group is left alone). Without this a rank can exit
-    while a peer's communication threads still talk to it, and the C++ runtime aborts at exit
-    ("terminate called without an active exception") after the run itself succeeded. For the
-    process's owner (the `nanoseek` commands) only: gloo cannot re-initialise a group in the
-    same process, so `train()` itself leaves the group up for a caller that trains twice."""
-    global _owned_group
+    setup_distributed made it (a caller's own group is left alone), so no rank exits while a
+    peer's communication threads still talk to it. For the process's owner (the `nanoseek`
+    commands) only: gloo cannot re-initialise a group in the same process, so `train()` itself
+    leaves the group up for a caller that trains twice. The command then ends through
+    exit_after_distributed."""
+    global _owned_group, _ended_group
     if _owned_group and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        _ended_group = True
     _owned_group = False
+
+
+def exit_after_distributed(code: int) -> None:
+    """End the process now, with `code`, if this process's command ran (and shut down) its own
+    torchrun group; otherwise return. Called by the `nanoseek` program once its command is done
+    and has closed what it opened (files, progress bars, reward workers).
+
+    Why not a normal interpreter exit: a gloo worker thread (PyTorch's C++ ProcessGroupGloo)
+    releases a finished collective's tensors after the waiting rank has moved on, and when that
+    happens after interpreter finalization has begun, releasing a tensor that has a Python object
+    needs the GIL, the thread is torn down instead and the C++ runtime aborts the process
+    ("terminate called without an active exception", SIGABRT) after the run itself succeeded.
+    Seen in 1 of ~30 CI runs of the 2-process FSDP RL test and 1 of 23 runs of that command with
+    two CPU hogs beside it (core dump: the abort in ProcessGroupGloo::runLoop destroying an
+    AsyncWork while the main thread was in Py_FinalizeEx; the same PyTorch issue as
+    pytorch/pytorch#179291, whose atexit fix was abandoned, and destroy_process_group does not
+    stop those threads). Skipping finalization leaves the threads nothing to race with; what it
+    would have done for a finished command is flushing output, done here."""
+    if not _ended_group:
+        return
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can be written
+            pass
+    os._exit(code)
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:

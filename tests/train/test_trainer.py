@@ -298,12 +298,42 @@ def test_torchrun_two_processes_match_one(train_data, tmp_path, mode, request):
         for term in ("indexer", "balance"):                # per-block FSDP units keep every aux term
             assert x[term] == pytest.approx(y[term], rel=1e-4, abs=1e-6)
         assert x["expert_load"] == y["expert_load"]      # all-reduced load = one process' load
+    # the ranks end through exit_after_distributed: rank 0's last line still reaches its stdout
+    assert "done: 4 steps" in r.stdout, r.stdout[-500:]
     # written once (rank 0) and loadable in one process: as a model, and to resume the run
     ckpt = latest_checkpoint(tmp_path / "ddp")
     assert ckpt.name == "step-00000004"
     Transformer.from_pretrained(ckpt)
     s = train(tiny_cfg(train_data, tmp_path / "ddp", max_steps=5, batch_tokens=256, resume=True))
     assert s["steps"] == 5 and [r["step"] for r in records(tmp_path / "ddp")] == [1, 2, 3, 4, 5]
+
+
+def test_a_torchrun_command_ends_without_interpreter_teardown(monkeypatch, capsys):
+    """A command that shut down its own torchrun group ends with os._exit(its exit code) once it
+    has returned (parallelize.exit_after_distributed: gloo's worker threads can otherwise abort
+    the process during finalization); output written before is flushed; nothing else exits
+    early: a process without such a group, or an in-process call of the program (argv given)."""
+    import sys
+
+    from nanoseek import cli
+    from nanoseek.train import parallelize as par
+
+    exits = []
+    monkeypatch.setattr(par.os, "_exit", exits.append)
+    par.exit_after_distributed(3)
+    assert exits == []                                   # no group was ended here
+    monkeypatch.setattr(par, "_ended_group", True)
+    flushed = []
+    monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append("out"))
+    par.exit_after_distributed(3)
+    assert exits == [3] and flushed == ["out"]
+    exits.clear()
+    assert cli.main(["info", "tiny"]) == 0 and exits == []          # in-process: never
+    monkeypatch.setattr(sys, "argv", ["nanoseek", "info", "tiny"])
+    assert cli.main() == 0 and exits == [0]                          # the program itself: its code
+    monkeypatch.setattr(cli, "_run", lambda args: 5)                 # a failing command's code
+    assert cli.main() == 5 and exits == [0, 5]
+    capsys.readouterr()
 
 
 def test_batches_reach_the_device_with_their_nested_stats():
