@@ -8,6 +8,7 @@ vs its fast paths, in one run (the tables in docs/model.md "Speed" come from her
     python benchmarks/profile_model.py --switches --bf16              # the same under bf16 autocast
     python benchmarks/profile_model.py --switches --switch HyperConnection.stream_kernels   # one switch
     python benchmarks/profile_model.py --switches --switch Experts.fused --processes 3    # whole runs per mode
+    python benchmarks/profile_model.py --switches --switch grouped_mm.enabled --prefill  # a prefill instead
     python benchmarks/profile_model.py --op-times --bf16  # every aten op of a fast step timed, by op and shape
     python benchmarks/profile_model.py --op-times --v4 --preset speedrun   # the same, the trainer's objective
     python benchmarks/profile_model.py --by-module --v4 --preset speedrun  # the same step's time by module
@@ -349,23 +350,30 @@ def fresh_batches(model, ids: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [torch.randint(0, model.config.vocab_size, ids.shape, generator=g) for _ in range(n)]
 
 
-def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None = None) -> None:
+def switch_ab(model, ids, reps: int, bf16: bool = False, only: list[str] | None = None, prefill: bool = False) -> None:
     """Median forward + backward of the V4 objective with each switch off vs on (the others on),
-    under bf16 autocast with `bf16`; a new batch each round, the same one for both modes."""
+    under bf16 autocast with `bf16`; a new batch each round, the same one for both modes. With
+    `prefill`: a cached, gradient-free prefill of each batch's first row instead (what the
+    engine runs before decoding; the head for the last position only)."""
     def step(name: str, on: bool, ids: torch.Tensor) -> float:
         obj, attr = SWITCHES[name]
         setattr(obj, attr, on)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+            if prefill:
+                with torch.no_grad():
+                    model(ids[:1], cache=model.new_cache(1, ids.shape[1]), logits_to_keep=1)
+            else:
+                model.loss(ids).loss.backward()
+                model.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
         setattr(obj, attr, True)
         return dt
 
-    print(f"V4 objective forward + backward{' (bf16 autocast)' if bf16 else ''}, batch {tuple(ids.shape)}, "
-          f"threads={torch.get_num_threads()}, median of {reps} alternating rounds")
+    what = f"prefill of {ids.shape[1]} tokens (cached, no gradients)" if prefill else \
+        f"V4 objective forward + backward, batch {tuple(ids.shape)}"
+    print(f"{what}{' (bf16 autocast)' if bf16 else ''}, threads={torch.get_num_threads()}, "
+          f"median of {reps} alternating rounds")
     for name in only or SWITCHES:
         times = {False: [], True: []}
         for on in (False, True):
@@ -448,6 +456,8 @@ def main() -> None:
                     help="with --op-times, --by-module or --switches: steps under bf16 autocast")
     ap.add_argument("--switch", action="append", choices=list(SWITCHES), default=None,
                     help="with --switches: only this switch (repeatable)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="with --switches (in one process): time a cached 1-row prefill of --seq tokens instead")
     ap.add_argument("--processes", type=int, default=0, metavar="PAIRS",
                     help="with --switches: each mode in processes of its own, PAIRS alternating pairs")
     ap.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)   # (a --processes child: NAME=0|1)
@@ -461,6 +471,8 @@ def main() -> None:
         ap.error("--bf16 applies to --op-times, --by-module and --switches only (the profiler tables time fp32 steps)")
     if args.processes < 0 or (args.processes and not args.switches):
         ap.error("--processes takes a number of pairs >= 1, with --switches")
+    if args.prefill and (not args.switches or args.processes):
+        ap.error("--prefill applies to --switches in one process (no --processes)")
     if args.preset == "speedrun" and args.seq == 512:   # (the speedrun's own sequence length)
         args.seq = 256
     if args.threads:
@@ -474,7 +486,8 @@ def main() -> None:
         one_mode(model.train(), ids, name, on == "1", args.reps, args.bf16)
         return
     if args.switches:
-        switch_ab(model, ids, max(args.reps, 8), args.bf16, args.switch)
+        switch_ab(model.eval() if args.prefill else model, ids, max(args.reps, 8), args.bf16, args.switch,
+                  args.prefill)
         return
     if args.op_times:
         op_times(model.train(), ids, args.bf16, args.rows, args.v4)

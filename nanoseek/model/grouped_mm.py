@@ -10,10 +10,11 @@ Why: a 512-token prefill of `small` gives each of 16 experts ~64 rows, and MKL r
 [64, 512] x [512, 256] products one by one at ~60% of its large-GEMM rate: each call splits one
 small product over the threads and synchronises them. PyTorch's CPU build carries MKL, whose
 `cblas_sgemm_batch` takes a whole group of products of different shapes at once and spreads the
-products, not their pieces, over the threads. The same per-product kernels compute the same
-sums: the results equal torch.mm's bit for bit in the cases tests/model/test_grouped_mm.py
-checks (forward and backward layouts at 1 and 2 threads). One layer's routed experts in a
-`small` prefill: 8.0 -> 6.9 ms; the 512-token prefill 1.045x (docs/model.md "Speed").
+products, not their pieces, over the threads. The sums are MKL's own: a prefill's expert products
+came out bit for bit as torch.mm's, while a product torch.mm splits over threads or takes as a
+matrix-vector one (a single row) can round differently, within fp32 rounding
+(tests/model/test_grouped_mm.py: every layout against float64). One layer's routed experts in a
+`small` prefill: 8.0 -> 6.9 ms; a 512-token prefill 1.02-1.11x (docs/model.md).
 (`torch._grouped_mm` on a CPU is a loop of the same per-product calls: no faster.)
 
 Where it does not apply, the products run through torch.mm one by one, with the same results
