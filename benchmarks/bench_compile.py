@@ -20,6 +20,7 @@ alternating so that load drift on a shared machine hits both alike; only the pri
     python benchmarks/bench_compile.py decode --preset small --threads 1 --transformers
     python benchmarks/bench_compile.py decode --preset small --python-wrapper   # C++ vs Python graph wrapper
     python benchmarks/bench_compile.py decode --preset small --no-reductions   # gemv.linear's reductions vs MKL
+    python benchmarks/bench_compile.py decode --preset small --flash-decode    # attention as reductions vs the flash kernel
     python benchmarks/bench_compile.py decode --preset small --per-block       # 2-block decode graphs vs 1 per block
     python benchmarks/bench_compile.py decode --preset small --guarded         # direct steady-state steps vs guards
     python benchmarks/bench_compile.py decode --preset small --no-memory-planning   # pooled graph buffers vs not
@@ -48,6 +49,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import generate_stream
 from nanoseek.engine.compiling import decode_compile_options
 from nanoseek.model import dispatch, gemv
+from nanoseek.model.attention import Attention
 
 
 def _batch(vocab: int, b: int, s: int, seed: int = 0):
@@ -108,6 +110,7 @@ def bench_decode(args) -> None:
     def once(model, compile_: bool):
         # the copy compiled without the reductions traced (and guards) the switch off
         gemv.reduction_in_graphs = model is not nored
+        Attention.decode_reductions = model is not flash  # (that copy: the CPU flash kernel in its graphs)
         dispatch.enabled = model is not guarded  # that copy checks dynamo's guards at every step
         stamps, toks = [], []
         for ev in generate_stream(model, prompt, n, stop_on_eos=False, compile=compile_):
@@ -120,7 +123,7 @@ def bench_decode(args) -> None:
           f"threads={torch.get_num_threads()}, backend={args.backend})", flush=True)
     # the engine's options (on CPU: inductor's C++ wrapper, engine/compiling.py)
     options = decode_compile_options("cpu") if args.backend == "inductor" else {}
-    nored = guarded = None
+    nored = guarded = flash = None
     compiled.compile_blocks(backend=args.backend, **options)
     t0 = time.perf_counter()
     _, toks_c = once(compiled, True)
@@ -131,6 +134,8 @@ def bench_decode(args) -> None:
         variants["Python wrapper"] = copy.deepcopy(eager).compile_blocks(backend=args.backend)
     if args.no_reductions:  # the same graphs with MKL's products instead of gemv.linear's reductions
         variants["no reductions"] = nored = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
+    if args.flash_decode:  # the same graphs with the CPU flash kernel instead of the one-query attention's reductions
+        variants["flash attention"] = flash = copy.deepcopy(eager).compile_blocks(backend=args.backend, **options)
     if args.per_block:  # one decode graph per block (+ one for the tail's) instead of decode_groups' runs
         variants["per-block graphs"] = copy.deepcopy(eager).compile_blocks(
             backend=args.backend, decode_group_size=1, **options)
@@ -284,6 +289,8 @@ def main() -> None:
                     help="decode: also a copy compiled with inductor's Python wrapper (the engine uses the C++ one on CPU)")
     ap.add_argument("--no-reductions", action="store_true",
                     help="decode: also a copy compiled with gemv.reduction_in_graphs off (MKL's products in the graphs)")
+    ap.add_argument("--flash-decode", action="store_true",
+                    help="decode: also a copy compiled with Attention.decode_reductions off (the CPU flash kernel in the graphs)")
     args = ap.parse_args()
     if args.prompt < 1:
         ap.error(f"--prompt must be at least 1 token, got {args.prompt}")

@@ -312,6 +312,19 @@ class Attention(nn.Module):
     # (`small`'s V4 step under bf16: ~150 ms of logsumexp alone, docs/model.md "Speed").
     reuse_lse = True
 
+    # One query per row inside a compiled CPU graph (a decode step): the joint sink-softmax as
+    # reductions that inductor fuses into its own loops (`one_query_attention`), instead of an
+    # external call to the CPU flash kernel -- whose per-call set-up, the sink channel's copies
+    # of the query, keys and mask, and its blocks sized for many queries dominate at one query
+    # (~25-50 us a layer). A compiled `small` decode step 1.07-1.08x faster, same greedy tokens
+    # (docs/model.md "Speed"). GPUs keep the fused kernel (unmeasured there); False: the flash
+    # kernel everywhere (a benchmark switch: bench_compile.py decode --flash-decode).
+    decode_reductions = True
+
+    def _one_query_in_graph(self, q_blocks: torch.Tensor) -> bool:
+        return (self.decode_reductions and q_blocks.shape[1] == 1 and q_blocks.shape[2] == self.h
+                and q_blocks.device.type == "cpu" and torch.compiler.is_compiling())
+
     def _attend_sdpa(self, q_blocks, keys_t, win_bias, comp, comp_bias, s):
         """The same joint softmax as `_attend_reference` in one fused attention call.
 
@@ -322,6 +335,11 @@ class Attention(nn.Module):
         double as values (K == V in V4): the sink's value is 0 on the D real channels, so it
         only adds to the denominator; the extra output channel is dropped."""
         dev = q_blocks.device.type
+        if self._one_query_in_graph(q_blocks):
+            with fp32_region(dev):
+                out = one_query_attention(fp32_or_wider(q_blocks), keys_t, win_bias, comp, comp_bias,
+                                          fp32_or_wider(self.attn_sink), self.d**-0.5)
+            return out.to(q_blocks.dtype), None
         # The kernel's inputs are fp32 (the reference keeps the softmax in fp32), except under
         # autocast on a CPU, for blocks of several queries: there the heads are folded (below)
         # and the kernel takes the autocast dtype, which is then the faster one (CPU flash
@@ -474,6 +492,37 @@ class Attention(nn.Module):
             p_c = torch.exp(logits_c - lse.unsqueeze(-1))
             out = out + torch.matmul(p_c.flatten(1, 2).to(comp.dtype), comp).unflatten(1, (s, h)).to(out.dtype)
         return out, p_c, raw_c
+
+
+def one_query_attention(q, keys_t, win_bias, comp, comp_bias, sink, scale: float) -> torch.Tensor:
+    """The joint sink-softmax of `Attention._attend_reference` for one query per row, written as
+    broadcast products and sums (what inductor fuses into reduction loops) -> out [B, 1, H, D].
+
+    q [B, 1, H, D] (the softmax's dtype); keys_t [B, 1, D, Kw] (the window, K == V);
+    win_bias [B|1, 1, 1, Kw]; comp [B, N, D] or None; comp_bias [B, 1, N]; sink [H]:
+
+        m = max(window logits, compressed logits, sink)
+        out = (sum_w e^(l_w - m) k_w + sum_c e^(l_c - m) c) / (sum_w e^(l_w - m) + sum_c e^(l_c - m) + e^(sink - m))
+    """
+    b, _, h, _ = q.shape
+    q = q[:, 0]  # [B, H, D]
+    keys = keys_t[:, 0].to(q.dtype)  # [B, D, Kw]
+    logits_w = (q.unsqueeze(-1) * keys.unsqueeze(1)).sum(2) * scale + win_bias.reshape(win_bias.shape[0], 1, -1)
+    sink = sink.to(q.dtype).view(1, h, 1)
+    m = torch.maximum(logits_w.amax(-1, keepdim=True), sink)  # [B, H, 1]
+    has_comp = comp is not None and comp.shape[1] > 0
+    if has_comp:
+        comp = comp.to(q.dtype)
+        logits_c = (q.unsqueeze(2) * comp.unsqueeze(1)).sum(-1) * scale + comp_bias.reshape(comp_bias.shape[0], 1, -1)
+        m = torch.maximum(m, logits_c.amax(-1, keepdim=True))
+    p_w = torch.exp(logits_w - m)  # [B, H, Kw]
+    denom = p_w.sum(-1, keepdim=True) + torch.exp(sink - m)
+    out = (p_w.unsqueeze(2) * keys.unsqueeze(1)).sum(-1)  # [B, H, D]
+    if has_comp:
+        p_c = torch.exp(logits_c - m)  # [B, H, N]
+        denom = denom + p_c.sum(-1, keepdim=True)
+        out = out + (p_c.unsqueeze(-1) * comp.unsqueeze(1)).sum(2)
+    return (out / denom).unsqueeze(1)
 
 
 # the folded path calls PyTorch's CPU flash-attention ops directly (private, stable over the torch

@@ -334,7 +334,8 @@ class Transformer(nn.Module):
             return None
         dev = input_ids.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        switches = (gemv.reduction_in_graphs, HyperConnection.fused, Attention.use_sdpa, RMSNorm.fused)
+        switches = (gemv.reduction_in_graphs, HyperConnection.fused, Attention.use_sdpa, Attention.decode_reductions,
+                    RMSNorm.fused)
         # (dynamo's global-state guard also covers the thread count, deterministic algorithms and
         # the torch-function mode stack, e.g. a FlopCounterMode entered mid-loop)
         state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),

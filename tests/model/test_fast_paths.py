@@ -799,27 +799,128 @@ def test_linear_in_a_compiled_graph_is_a_reduction():
 
 def test_compiled_decode_products_with_inductor():
     """The code inductor generates for the reductions (the engine's decode step on CPU): a
-    Linear, the mHC mix / weighted sum / stream mix of one decode token, against float64."""
+    Linear, the mHC mix / weighted sum / stream mix of one decode token and the one-query
+    attention, against float64."""
     torch.manual_seed(0)
     layer = gemv.Linear(64, 48, bias=False)
     site = hc.HyperConnection(16, 4, 3, 1e-6, 1e-6)
     with torch.no_grad():
         site.fn.normal_(0, 0.1)
     x, streams, y = torch.randn(2, 1, 64), torch.randn(2, 1, 4, 16), torch.randn(2, 1, 16)
+    attn_args = _one_query_inputs(torch.float32)
 
-    def step(x, streams, y):
+    def step(x, streams, y, attn_args):
         mixed, post, comb, streams = site.collapse(streams)
-        return layer(x), mixed, site.expand(y, streams, post, comb)
+        return layer(x), mixed, site.expand(y, streams, post, comb), attention.one_query_attention(*attn_args)
 
     torch._dynamo.reset()
     with torch.no_grad():
-        want = [t.double() for t in step(x, streams, y)]
-        got = torch.compile(step, backend="inductor", fullgraph=True)(x, streams, y)
+        want = [t.double() for t in step(x, streams, y, attn_args)]
+        got = torch.compile(step, backend="inductor", fullgraph=True)(x, streams, y, attn_args)
     torch._dynamo.reset()
     for g, e in zip(got, want):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # and the float64 product itself
+    with torch.no_grad():  # and the float64 products themselves
         torch.testing.assert_close(got[0].double(), x.double() @ layer.weight.double().t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[3].double(), _one_query_brute_force(*_one_query_inputs(torch.float64)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _one_query_inputs(dtype, comp: bool = True):
+    """A decode step's attention inputs (one_query_attention's layout), B=3, H=4, D=8, a window
+    of 10 slots and 6 compressed entries: row 0 sees only some of each, row 1 none of its window
+    (its first token) and none of the entries, row 2 everything; NEG-masked logits as the model
+    writes them."""
+    g = torch.Generator().manual_seed(3)
+    b, h, d, kw, n = 3, 4, 8, 10, 6
+    q = torch.randn(b, 1, h, d, generator=g, dtype=torch.float64).to(dtype)   # (the same values in every dtype)
+    keys_t = torch.randn(b, 1, d, kw, generator=g, dtype=torch.float64).to(dtype)
+    win = torch.ones(b, kw, dtype=torch.bool)
+    win[0, ::3] = False
+    win[1] = False
+    win_bias = torch.zeros(b, kw, dtype=dtype).masked_fill(~win, attention.NEG)[:, None, None, :]
+    entries = torch.randn(b, n, d, generator=g, dtype=torch.float64).to(dtype) if comp else None
+    seen = torch.ones(b, 1, n, dtype=torch.bool)
+    seen[0, 0, 2:5] = False
+    seen[1] = False
+    comp_bias = torch.zeros(b, 1, n, dtype=dtype).masked_fill(~seen, attention.NEG) if comp else None
+    sink = torch.randn(h, generator=g, dtype=torch.float64).to(dtype)
+    return q, keys_t, win_bias, entries, comp_bias, sink, d**-0.5
+
+
+def _one_query_brute_force(q, keys_t, win_bias, comp, comp_bias, sink, scale):
+    """The joint sink-softmax spelled out in float64: every visible key's logit and the sink's
+    in one softmax, the sink's value zero."""
+    b, _, h, d = q.shape
+    out = torch.zeros(b, 1, h, d, dtype=torch.float64)
+    for r in range(b):
+        keys = keys_t[r, 0].double().t()  # [Kw, D]
+        bias = win_bias.expand(b, 1, 1, -1)[r, 0, 0].double()
+        if comp is not None:
+            keys = torch.cat([keys, comp[r].double()])
+            bias = torch.cat([bias, comp_bias[r, 0].double()])
+        visible = bias > -1
+        for head in range(h):
+            z = torch.cat([keys[visible] @ q[r, 0, head].double() * scale, sink[head:head + 1].double()])
+            p = torch.softmax(z, 0)
+            out[r, 0, head] = p[:-1] @ keys[visible]
+    return out
+
+
+@pytest.mark.parametrize("comp", [True, False])
+def test_one_query_attention_equals_the_joint_softmax_float64(comp):
+    """one_query_attention (the compiled decode step's attention as reductions) against the joint
+    softmax written out per row and head in float64, and against the fused kernel path
+    (`Attention._sdpa`, what eager decode steps run) in fp32; a row that sees only the sink
+    gets exactly 0."""
+    args = _one_query_inputs(torch.float64, comp)
+    got = attention.one_query_attention(*args)
+    torch.testing.assert_close(got, _one_query_brute_force(*args), rtol=1e-12, atol=1e-12)
+    if comp:
+        assert got[1].abs().max() == 0
+    q, keys_t, win_bias, entries, comp_bias, sink, _ = _one_query_inputs(torch.float32, comp)
+    layer = Attention(_tiny(), "compressed_sparse_attention")
+    layer.h, layer.d = q.shape[2], q.shape[3]
+    with torch.no_grad():
+        layer.attn_sink = torch.nn.Parameter(sink)
+        fused, _ = layer._sdpa(q, keys_t, win_bias, entries, comp_bias, 1)
+    torch.testing.assert_close(fused.double(), got, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reductions", [True, False])
+def test_compiled_decode_attention_is_reductions(plain_paths, monkeypatch, reductions):
+    """Inside the compiled decode graphs (CPU) attention is multiply + sum reductions, no fused
+    attention call (with `Attention.decode_reductions` off: the fused call, as eager runs); the
+    steps' logits equal an eager twin's past compressed-entry boundaries, sliding, CSA and HCA
+    layers alike."""
+    monkeypatch.setattr(Attention, "decode_reductions", reductions)
+    ops: set[str] = set()
+
+    def capture(gm, example_inputs):
+        ops.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch.manual_seed(4)
+    model = Transformer(_tiny()).eval()
+    twin = Transformer(_tiny()).eval()
+    twin.load_state_dict(model.state_dict())
+    assert {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"} <= set(
+        model.config.layer_types)
+    model.compile_blocks(backend=capture, fullgraph=True, decode_only=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    outs = []
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for m in (twin, model):
+                cache = m.new_cache(2, 64)
+                m(ids[:, :21], cache=cache)
+                outs.append(torch.cat([m(ids[:, i : i + 1], cache=cache) for i in range(21, 30)], dim=1))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    fused = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"} & ops
+    assert bool(fused) != reductions, ops
 
 
 def _experts(dtype=torch.float64, n=5, dim=12, inter=7):
