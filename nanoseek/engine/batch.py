@@ -489,9 +489,10 @@ class BatchRunner:
                     self._fail_row(s, e)
                 return
         k = 1 + max(s.slot for s in rows)
-        ids = torch.zeros(k, 1, dtype=torch.long)
+        toks = [0] * k  # (one tensor from a list: a decode step's Python runs on cold caches, each op counts)
         for s in rows:
-            ids[s.slot, 0] = s.next_token
+            toks[s.slot] = s.next_token
+        ids = torch.tensor(toks, dtype=torch.long).view(k, 1)
         if self.spec_k:
             out, streams = self.model(ids.to(self.device), cache=self._rows(k), return_streams=True)
             for s in rows:  # what the MTP would have consumed at pos-1; fed when the row drafts

@@ -81,8 +81,18 @@ def mode_stack_depth() -> int:
     return _mode_stack_depth() if _mode_stack_depth is not None else -1
 
 
-def _meta(tensors: list[torch.Tensor]) -> tuple:
-    return tuple((t.dtype, t.device) for t in tensors)
+# torch's grouping of tensors by (device, dtype) for its foreach optimizers: one C++ pass
+_group_by_device_and_dtype = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
+
+
+def _meta(tensors: list[torch.Tensor]):
+    """Every tensor's dtype and device as one comparable value: which tensors (by index) have each
+    (device, dtype). Read in one C++ pass: within a decode step, after the graphs have streamed
+    the weights through the caches, reading ~265 parameters' dtype and device in Python took
+    ~140 us (~3% of a `small` step), this ~60."""
+    if _group_by_device_and_dtype is None:  # pragma: no cover -- another torch: the same, in Python
+        return tuple((t.dtype, t.device) for t in tensors)
+    return {key: indices for key, (_, indices) in _group_by_device_and_dtype([tensors], True).items()}
 
 
 def _state_meta(tensors: list[torch.Tensor]) -> tuple:
@@ -94,7 +104,7 @@ class _Learned:
     cache: weakref.ref
     key: tuple
     weights: list[torch.Tensor]  # the parameters and buffers the graphs read ...
-    meta: tuple  # ... and their dtypes and devices when the guards last passed
+    meta: object  # ... and their dtypes and devices when the guards last passed (_meta)
     state_meta: tuple  # the cache tensors' dtypes, devices and shapes then
     calls: list[Callable]
 

@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         pos = cache.pos if pos is None else pos
         if pos.shape[0] != b:
             raise ValueError(f"cache was allocated for batch {pos.shape[0]}, got batch {b}")
-        if bool((pos + s > cache.max_len).any()):
+        if pos.numel() and int(pos.max()) + s > cache.max_len:
             raise ValueError(f"cache max_len={cache.max_len} too small for {int(pos.max()) + s} tokens (cache is full)")
         if s == 1:
             # contiguous ids: a compiled decode step guards on strides, and a sliced [B,1] id
