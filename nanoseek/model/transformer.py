@@ -293,10 +293,13 @@ class Transformer(nn.Module):
         """A one-token decode step of a compiled model -> (logits, final streams).
 
         The blocks run as a few graphs of consecutive blocks (`decode_groups`: `small`'s eight
-        blocks as 1 + 2 + 2 + 2 + 1), the last one with the step's tail (hyper head, final norm,
-        LM head): each graph entry costs ~0.1 ms of guards, wrappers and argument handling on a
-        2-core CPU, which one graph per block paid nine times a step. Should a graph fail to
-        compile, that group and everything after it run eagerly (`_compiled_call`).
+        blocks as 1 + 2 + 2 + 2 + 1), the first one with the step's head (the embedding and the
+        streams' expansion), the last one with its tail (hyper head, final norm, LM head): each
+        graph entry costs ~0.1 ms of guards, wrappers and argument handling on a 2-core CPU,
+        which one graph per block paid nine times a step, and every eager op between the graphs
+        runs on caches the graphs have just filled with weights (~4 eager ops of the head cost
+        ~65 us there). Should a graph fail to compile, that group and everything after it run
+        eagerly (`_compiled_call`).
 
         Once a step has run with dynamo's guards checked, later steps with the same cache, batch
         and state call the graphs' compiled code directly (model/dispatch.py: ~0.15 ms less per
@@ -306,11 +309,11 @@ class Transformer(nn.Module):
         state = [ctx.positions, *(t for lc in ctx.cache.layers for t in lc.tensors())]
         direct = steps.calls(ctx.cache, key, state)
         learned = []
-        streams = self._input_streams(input_ids)
+        x = ctx.input_ids  # the first graph's input (contiguous: see _context); then each graph's streams
         for n, (group, blocks, entry, fn, raw) in enumerate(self.__dict__["_decode_plan"]):
             caches = tuple(ctx.cache.layers[i] for i in group)
-            last = entry is _decode_last
-            args = (self, blocks, streams, ctx, caches) if last else (blocks, streams, ctx, caches)
+            last = entry is _decode_last or entry is _decode_only
+            args = (blocks, x, ctx, caches) if entry is _decode_group else (self, blocks, x, ctx, caches)
             if direct is not None:
                 out = direct[n](*args)
             else:
@@ -323,7 +326,7 @@ class Transformer(nn.Module):
                 if direct is None and "_compiled_blocks" in self.__dict__:
                     steps.learn(ctx.cache, key, state, self._step_tensors(), learned)
                 return out
-            streams = out
+            x = out
         raise AssertionError("unreachable: decode_groups covers every layer")
 
     def _step_key(self, input_ids: torch.Tensor, ctx: ForwardContext) -> tuple | None:
@@ -346,7 +349,7 @@ class Transformer(nn.Module):
 
     def _step_tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers a compiled decode step's graphs read."""
-        mods = [*self.layers, self.hc_head, self.norm, self.head]
+        mods = [self.embed, *self.layers, self.hc_head, self.norm, self.head]
         return [t for m in mods for t in (*m.parameters(), *m.buffers())]
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
@@ -594,7 +597,8 @@ class Transformer(nn.Module):
         plan = []
         for n, group in enumerate(groups):
             blocks = tuple(self.layers[i] for i in group)
-            entry = _decode_last if n == len(groups) - 1 else _decode_group
+            first, last = n == 0, n == len(groups) - 1
+            entry = (_decode_only if last else _decode_first) if first else (_decode_last if last else _decode_group)
             plan.append((group, blocks, entry, *compiled(entry, blocks)))
         self.__dict__["_decode_plan"] = plan
         self.__dict__["_dispatch"] = dispatch.StepDispatch()  # steady-state steps skip dynamo's guards
@@ -741,27 +745,36 @@ def _decode_group(blocks: tuple, streams: torch.Tensor, ctx: ForwardContext, cac
     return streams
 
 
+def _decode_first(model: Transformer, blocks: tuple, input_ids: torch.Tensor, ctx: ForwardContext, caches: tuple):
+    return _decode_group(blocks, model._input_streams(input_ids), ctx, caches)
+
+
 def _decode_last(model: Transformer, blocks: tuple, streams: torch.Tensor, ctx: ForwardContext, caches: tuple):
     streams = _decode_group(blocks, streams, ctx, caches)
     return model.logits_from_streams(streams), streams
 
 
+def _decode_only(model: Transformer, blocks: tuple, input_ids: torch.Tensor, ctx: ForwardContext, caches: tuple):
+    return _decode_last(model, blocks, model._input_streams(input_ids), ctx, caches)
+
+
 def decode_groups(kinds: list, size: int = 2) -> list[tuple[int, ...]]:
     """How a compiled decode step splits the blocks into graphs: runs of `size` consecutive
     blocks, the first run possibly shorter. Of the `size` possible alignments it takes the one
-    whose distinct runs hold the fewest blocks (what inductor compiles; the last run, which also
-    computes the step's tail, always counts as distinct), then the one with fewer runs.
+    whose distinct runs hold the fewest blocks (what inductor compiles; the first run, which also
+    computes the step's head, and the last, which computes its tail, always count as distinct),
+    then the one with fewer runs.
 
     `small` ([sliding, CSA, HCA, CSA, HCA, CSA, HCA, CSA]): [0], [1, 2], [3, 4], [5, 6], [7]: five
     graph entries a step instead of nine (eight blocks + the tail), and four blocks' worth of
-    graphs to compile (sliding, CSA + HCA, CSA + tail) instead of three."""
+    graphs to compile (head + sliding, CSA + HCA, CSA + tail) instead of three."""
     n = len(kinds)
     best = None
     for offset in range(min(size, n)):
         starts = sorted({0, *range(offset, n, size)})
         groups = [tuple(range(a, b)) for a, b in zip(starts, starts[1:] + [n])]
-        distinct = {(tuple(kinds[i] for i in g), i == len(groups) - 1) for i, g in enumerate(groups)}
-        cost = (sum(len(k) for k, _ in distinct), len(groups))
+        distinct = {(tuple(kinds[i] for i in g), i == 0, i == len(groups) - 1) for i, g in enumerate(groups)}
+        cost = (sum(len(k) for k, _, _ in distinct), len(groups))
         if best is None or cost < best[0]:
             best = (cost, groups)
     return best[1]
