@@ -316,7 +316,7 @@ class Attention(nn.Module):
     # reductions that inductor fuses into its own loops (`one_query_attention`), instead of an
     # external call to the CPU flash kernel -- whose per-call set-up, the sink channel's copies
     # of the query, keys and mask, and its blocks sized for many queries dominate at one query
-    # (~25-50 us a layer). A compiled `small` decode step 1.07-1.08x faster, same greedy tokens
+    # (~25-50 us a layer). A compiled `small` decode step 1.04-1.08x faster, same greedy tokens
     # (docs/model.md "Speed"). GPUs keep the fused kernel (unmeasured there); False: the flash
     # kernel everywhere (a benchmark switch: bench_compile.py decode --flash-decode).
     decode_reductions = True
